@@ -1,0 +1,118 @@
+"""Flax NNX capsule layers: Conv2D (fast lowerings), PrimaryCaps, RoutedCaps, Decoder.
+
+Why NNX: it is the API Flax points new users to, and its modules are plain Python
+objects researchers can subclass and poke at (`model.digit_caps.w[...]`). The training
+step still uses NNX's functional form (split/merge around a pure `jax.jit` step, see
+`capsjax.train`), so there is no `nnx.jit` overhead in the hot loop.
+
+Every layer takes a `dtype` for its matmuls/convs ('float32' or 'bfloat16'); parameters
+are always float32 and squash/routing run in float32 (capsjax.caps_ops upcasts).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from capsjax import caps_ops
+from capsjax import conv as conv_lib
+
+# PyTorch's default for conv/linear layers (uniform, bound 1/sqrt(fan_in)), as in both
+# reference projects' PyTorch/Keras ports.
+_torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class Conv2D(nnx.Module):
+  """VALID 2-D convolution with bias, lowered through `capsjax.conv.conv2d`."""
+
+  def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
+               impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+    self.stride = stride
+    self.impl = impl
+    self.dtype = jnp.dtype(dtype)
+    self.kernel = nnx.Param(_torch_default_init(
+        rngs.params(), (kernel, kernel, in_channels, out_channels), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C_in] -> [B, H', W', C_out] in float32."""
+    y = conv_lib.conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                        stride=self.stride, impl=self.impl)
+    return y.astype(jnp.float32) + self.bias[...]
+
+
+class PrimaryCaps(nnx.Module):
+  """Conv -> capsules -> squash: `types` capsule types of `dim` dimensions per pixel.
+
+  The `dim` consecutive channels at one pixel form one capsule (channel
+  t*dim + d is dimension d of type t), the grouping of the authors' code.
+  """
+
+  def __init__(self, in_channels: int, types: int, dim: int, kernel: int, stride: int, *,
+               impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+    self.types = types
+    self.dim = dim
+    self.conv = Conv2D(in_channels, types * dim, kernel, stride=stride, impl=impl,
+                       dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> u: [B, N_in, D_in] with N_in = H' * W' * types."""
+    y = self.conv(x)                                                   # [B, H', W', types*D_in]
+    u = y.reshape(y.shape[0], -1, self.dim)                            # [B, N_in, D_in]
+    return caps_ops.squash(u)                                          # [B, N_in, D_in]
+
+
+class RoutedCaps(nnx.Module):
+  """Fully connected capsule layer with dynamic routing (DigitCaps).
+
+  A weight matrix W_ij per (input capsule, output capsule), no bias, as in the paper.
+  """
+
+  def __init__(self, num_in: int, in_dim: int, num_out: int, out_dim: int, *,
+               routing_iterations: int, stop_gradient: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    caps_ops._check_iterations(routing_iterations)  # fail at construction, not in jit.
+    self.routing_iterations = routing_iterations
+    self.stop_gradient = stop_gradient
+    self.dtype = jnp.dtype(dtype)
+    # The authors' code draws W from a normal with stddev 0.01.
+    self.w = nnx.Param(0.01 * jax.random.normal(
+        rngs.params(), (num_in, num_out, in_dim, out_dim), jnp.float32))
+
+  def predictions(self, u: jax.Array) -> jax.Array:
+    """u: [B, N_in, D_in] -> u_hat: [B, N_in, N_out, D_out] in float32."""
+    u_hat = jnp.einsum('bni,nmio->bnmo', u.astype(self.dtype), self.w[...].astype(self.dtype),
+                       preferred_element_type=jnp.float32)             # [B, N_in, N_out, D_out]
+    return u_hat
+
+  def __call__(self, u: jax.Array, *, return_couplings: bool = False):
+    """u: [B, N_in, D_in] -> v: [B, N_out, D_out] (and c: [B, N_in, N_out])."""
+    return caps_ops.dynamic_routing(
+        self.predictions(u), self.routing_iterations, stop_gradient=self.stop_gradient,
+        return_couplings=return_couplings)
+
+
+class Decoder(nnx.Module):
+  """Masked-capsule decoder: [B, N_out, D_out] -> hidden ReLU layers -> sigmoid image."""
+
+  def __init__(self, num_caps: int, caps_dim: int, hidden: Sequence[int],
+               image_shape: Sequence[int], *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.image_shape = tuple(int(d) for d in image_shape)
+    sizes = [num_caps * caps_dim, *hidden, math.prod(self.image_shape)]
+    self.layers = nnx.List([
+        nnx.Linear(a, b, kernel_init=_torch_default_init, dtype=dtype,
+                   param_dtype=jnp.float32, rngs=rngs)
+        for a, b in zip(sizes[:-1], sizes[1:])])
+
+  def __call__(self, v: jax.Array, mask_class: jax.Array) -> jax.Array:
+    """v: [B, N_out, D_out], mask_class: [B] int -> reconstruction [B, H, W, C] in [0, 1]."""
+    mask = jax.nn.one_hot(mask_class, v.shape[-2], dtype=v.dtype)      # [B, N_out]
+    x = (v * mask[..., None]).reshape(v.shape[0], -1)                  # [B, N_out*D_out]
+    for layer in self.layers[:-1]:
+      x = jax.nn.relu(layer(x))                                        # [B, hidden]
+    x = jax.nn.sigmoid(self.layers[-1](x).astype(jnp.float32))         # [B, H*W*C]
+    return x.reshape(x.shape[0], *self.image_shape)                    # [B, H, W, C]

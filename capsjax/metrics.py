@@ -1,0 +1,156 @@
+"""Metrics: pure accuracy/averaging helpers, and the host-side CSV + TensorBoard writer.
+
+Files a run writes into its workdir (only process 0 writes):
+  metrics.csv        one row per logged step: step, epoch, split, and the metric columns
+  tensorboard/       TensorBoard event files (`tensorboard --logdir WORKDIR/tensorboard`)
+  plots/curves.png   accuracy and loss curves, redrawn after every epoch
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+CSV_NAME = "metrics.csv"
+CSV_FIELDS = ("step", "epoch", "split", "loss", "margin_loss", "recon_loss", "accuracy",
+              "learning_rate", "grad_norm", "images_per_s", "wall_s")
+
+
+def accuracy(lengths: jax.Array, labels: jax.Array) -> jax.Array:
+  """Fraction of examples whose longest capsule is the label. lengths [B, K], labels [B]."""
+  return jnp.mean(jnp.argmax(lengths, axis=-1) == labels)
+
+
+class Averager:
+  """Host-side running mean of dicts of scalars (device arrays are fetched lazily)."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._pending: list[Mapping[str, jax.Array]] = []
+    self.count = 0
+
+  def add(self, metrics: Mapping[str, jax.Array]) -> None:
+    # Keep device arrays; converting here would block the host on every step.
+    self._pending.append(metrics)
+    self.count += 1
+
+  def result(self) -> dict[str, float]:
+    for m in jax.device_get(self._pending):
+      for k, v in m.items():
+        self._sums[k] = self._sums.get(k, 0.0) + float(v)
+    self._pending = []
+    return {k: v / max(self.count, 1) for k, v in self._sums.items()}
+
+
+class MetricWriter:
+  """Appends metric rows to metrics.csv and TensorBoard; a no-op on processes != 0."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, CSV_NAME)
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      truncate_csv(self.path, resume_step)
+    if not os.path.exists(self.path):
+      with open(self.path, "w", newline="") as f:
+        csv.DictWriter(f, CSV_FIELDS).writeheader()
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # tensorboardX is a dependency; keep training if it is broken.
+      logging.warning("tensorboardX is not importable; writing CSV metrics only")
+
+  def write(self, step: int, epoch: float, split: str, values: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": step, "epoch": f"{epoch:.4f}", "split": split}
+    row.update({k: f"{float(v):.6g}" for k, v in values.items() if k in CSV_FIELDS})
+    with open(self.path, "a", newline="") as f:
+      csv.DictWriter(f, CSV_FIELDS).writerow(row)
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def truncate_csv(path: str, max_step: int) -> None:
+  """Drops rows logged after `max_step`: a resumed run recomputes those steps."""
+  if not os.path.exists(path):
+    return
+  rows = read_csv(path)
+  kept = [r for r in rows if int(r["step"]) <= max_step]
+  if len(kept) == len(rows):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, CSV_FIELDS)
+    w.writeheader()
+    w.writerows(kept)
+  os.replace(tmp, path)
+
+
+def read_csv(path: str) -> list[dict[str, str]]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _series(rows: Iterable[Mapping[str, str]], split: str, key: str):
+  xs, ys = [], []
+  for r in rows:
+    if r["split"] == split and r.get(key) not in (None, ""):
+      xs.append(float(r["epoch"]))
+      ys.append(float(r[key]))
+  return np.array(xs), np.array(ys)
+
+
+def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str:
+  """Draws accuracy and loss vs epoch (train and test) from metrics.csv into a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = read_csv(csv_path)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for split, style in (("train", "-"), ("test", "o-")):
+    x, y = _series(rows, split, "accuracy")
+    if len(x):
+      axes[0].plot(x, 100 * y, style, label=split)
+    x, y = _series(rows, split, "loss")
+    if len(x):
+      axes[1].plot(x, y, style, label=split)
+  axes[0].set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+  axes[1].set(xlabel="epoch", ylabel="loss (margin + recon)", title="Loss")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path
+
+
+def finite_or_raise(values: Mapping[str, float], step: int) -> None:
+  """Raises FloatingPointError naming the first non-finite metric (loss terms first)."""
+  for k in ("margin_loss", "recon_loss", "loss", *values):
+    if k in values and not math.isfinite(values[k]):
+      raise FloatingPointError(
+          f"non-finite {k}={values[k]} at step {step}; training stopped, the last "
+          "checkpoint is kept")

@@ -1,0 +1,93 @@
+"""The only device-aware module: the data-parallel mesh, state replication, batch sharding.
+
+capsjax writes the pmap model (batch split over devices, parameters replicated,
+gradients averaged) as a plain `jax.jit` over a 1-D ('data',) mesh with Explicit axis
+types: the state is placed with `NamedSharding(mesh, P())`, batches with `P('data')`,
+and the compiler inserts the gradient all-reduce. There are no hand-written collectives,
+so the `shard_map` + `pmean(grads)` trap (N x the gradient, STYLE.md 4.4) cannot occur.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  """A 1-D data-parallel mesh over the first `num_devices` devices (default: all).
+
+  Covers the devices of every process when running under `jax.distributed`.
+  """
+  devices = jax.devices()
+  n = len(devices) if num_devices is None else int(num_devices)
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Explicit,),
+                       devices=devices[:n])
+
+
+def num_devices(mesh: jax.sharding.Mesh) -> int:
+  return int(mesh.devices.size)
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_size"):
+  """Raises ValueError unless `batch_size` splits evenly over the mesh's devices."""
+  n = num_devices(mesh)
+  if batch_size <= 0 or batch_size % n:
+    raise ValueError(
+        f"{name}={batch_size} must be a positive multiple of the number of devices ({n}); "
+        f"try {name}={max(n, batch_size // n * n)}")
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places every array of `tree` on every device of `mesh` (parameters, optimizer state)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Splits a host batch along its leading axis over the mesh.
+
+  With one process `batch` is the global batch; under `jax.distributed` each process
+  passes its own slice (global batch / process count) of the same step.
+  """
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    for k, x in batch.items():
+      check_batch_size(x.shape[0], mesh, name=f"batch['{k}'] leading size")
+    return jax.device_put(batch, sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+          for k, x in batch.items()}
+
+
+def set_mesh(mesh: jax.sharding.Mesh):
+  """Context manager making `mesh` the ambient mesh (needed by Explicit sharding)."""
+  return jax.set_mesh(mesh)
+
+
+def prefetch(batches, mesh: jax.sharding.Mesh, size: int = 2):
+  """Yields device batches, keeping `size` transfers in flight (double buffering).
+
+  `jax.device_put` is asynchronous, so the next batch is copied while the current
+  step runs.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(shard_batch(batch, mesh))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

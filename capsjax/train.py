@@ -1,0 +1,496 @@
+"""Training and evaluation: the pure train/eval steps and `train_and_evaluate`.
+
+Flax NNX in its functional form: `graphdef, state = nnx.split((model, optimizer))` once,
+then a `jax.jit` step `(state, batch, key) -> (state, metrics)` merges, differentiates,
+updates and splits again (STYLE.md 3, "Training-step shape"). The state is donated; the
+routing iteration count is part of `graphdef`, so it is static.
+
+Workdir layout (everything a run writes; only process 0 writes files):
+  config.json            the config of the run (a rerun with another config is refused)
+  checkpoints/<step>/    Orbax checkpoints (latest N + best test accuracy), see checkpoint.py
+  metrics.csv, tensorboard/, plots/curves.png   see metrics.py
+  summary.json           final test metrics of the last completed run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from capsjax import augment
+from capsjax import checkpoint as ckpt_lib
+from capsjax import input_pipeline
+from capsjax import losses
+from capsjax import metrics as metrics_lib
+from capsjax import models
+from capsjax import optim
+from capsjax import parallel
+
+# A run stopped by SIGTERM/SIGINT after saving a checkpoint exits with this code, so a
+# SLURM script can tell preemption (requeue) from failure. 75 is EX_TEMPFAIL.
+PREEMPTED_EXIT_CODE = 75
+
+# Config fields that define a run: resuming with different values would silently mix
+# two experiments, so a workdir keeps its values unless `overwrite` is set.
+_RUN_DEFINING = ("seed", "dataset", "train_examples", "batch_size", "model", "optim", "loss",
+                 "augment")
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after writing a checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Plain (hashable) loss hyperparameters pulled out of the config."""
+  m_plus: float = 0.9
+  m_minus: float = 0.1
+  lam: float = 0.5
+  recon_weight: float = 0.392
+
+  @classmethod
+  def from_config(cls, loss_cfg) -> "LossWeights":
+    return cls(float(loss_cfg.m_plus), float(loss_cfg.m_minus), float(loss_cfg.lam),
+               float(loss_cfg.recon_weight))
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+  max_shift: int = 0
+  flip: bool = False
+  cutout_size: int = 0
+
+  @classmethod
+  def from_config(cls, aug_cfg) -> "AugmentSpec":
+    return cls(int(aug_cfg.max_shift), bool(aug_cfg.flip), int(aug_cfg.cutout_size))
+
+
+# ----------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------
+def validate_config(config) -> None:
+  """Checks values that would otherwise fail deep inside JAX, with messages naming them."""
+  if config.mode not in ("train", "eval"):
+    raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+  input_pipeline.dataset_info(config.dataset)  # raises for an unknown dataset.
+  it = config.model.routing_iterations
+  if not isinstance(it, int) or isinstance(it, bool) or it < 1:
+    raise ValueError(f"config.model.routing_iterations must be an int >= 1, got {it!r}")
+  for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_epochs"):
+    if config[name] < 1:
+      raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+  if config.num_epochs < 0:
+    raise ValueError(f"config.num_epochs must be >= 0, got {config.num_epochs}")
+  if config.augment.max_shift < 0 or config.augment.cutout_size < 0:
+    raise ValueError(
+        "config.augment.max_shift and cutout_size must be >= 0, got "
+        f"{config.augment.max_shift} and {config.augment.cutout_size}")
+
+
+def _config_view(config) -> dict:
+  d = json.loads(config.to_json_best_effort())
+  return {k: d[k] for k in _RUN_DEFINING if k in d}
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} (saved) vs {b!r} (now)"]
+
+
+def check_workdir_config(config, workdir: str) -> None:
+  """Refuses to reuse a workdir trained with a different run-defining config.
+
+  With `config.overwrite`, the earlier run's files are moved to
+  `WORKDIR/previous-<time>/` (never deleted) and training starts fresh.
+  """
+  path = os.path.join(workdir, "config.json")
+  now = _config_view(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    diffs = _diff(saved, now)
+    if diffs and not config.overwrite:
+      raise ValueError(
+          f"workdir {workdir} was used by a run with a different config ("
+          + "; ".join(diffs[:5]) + "). Use another --workdir, or "
+          "--config.overwrite=True to move the earlier run aside and start fresh")
+    if diffs:
+      backup = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
+      os.makedirs(backup)
+      for name in os.listdir(workdir):
+        if not name.startswith("previous-") and name != ".lock":
+          shutil.move(os.path.join(workdir, name), os.path.join(backup, name))
+      logging.warning("config differs from the earlier run; moved its files to %s", backup)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(now, f, indent=2, sort_keys=True)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """An exclusive lock: a second process training in the same workdir fails at once."""
+  os.makedirs(workdir, exist_ok=True)
+  # Every process of a multi-process run shares the workdir: lock per process index.
+  path = os.path.join(workdir, f".lock.{jax.process_index()}")
+  f = open(path, "w")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.close()
+    raise RuntimeError(
+        f"workdir {workdir} is in use by another capsjax process (lock {path}); wait for it "
+        "to finish or use another --workdir") from None
+  try:
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
+  finally:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Model, optimizer and the pure steps.
+# ----------------------------------------------------------------------------------------
+def create_model_and_optimizer(config, info: input_pipeline.DatasetInfo, steps_per_epoch: int,
+                               init_key: jax.Array):
+  """Builds (model, nnx.Optimizer) from the config. Returns (graphdef, state)."""
+  model = models.create_model(config.model, image_shape=info.image_shape,
+                              num_classes=info.num_classes, rngs=nnx.Rngs(params=init_key))
+  tx = optim.make_optimizer(config.optim, steps_per_epoch)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return nnx.split((model, optimizer))
+
+
+def compute_losses(model: models.CapsNet, images: jax.Array, labels: jax.Array,
+                   weights: LossWeights) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean total loss over the batch and a dict of float32 batch metrics.
+
+  images [B, H, W, C], labels [B] -> (loss [], {'loss', 'margin_loss', 'recon_loss',
+  'accuracy'} scalars).
+  """
+  out = model(images, labels)
+  margin = losses.margin_loss(out["lengths"], labels, m_plus=weights.m_plus,
+                              m_minus=weights.m_minus, lam=weights.lam)       # [B]
+  if "reconstruction" in out:
+    recon = losses.reconstruction_loss(images, out["reconstruction"], reduction="mean")
+  else:
+    recon = jnp.zeros_like(margin)                                             # [B]
+  loss = jnp.mean(margin + weights.recon_weight * recon)
+  aux = {"loss": loss, "margin_loss": jnp.mean(margin), "recon_loss": jnp.mean(recon),
+         "accuracy": metrics_lib.accuracy(out["lengths"], labels)}
+  return loss, aux
+
+
+def loss_and_grads(graphdef, state, batch, key, *, weights: LossWeights,
+                   aug: AugmentSpec):
+  """Pure: (loss, aux, grads) of the model in `state` on one (augmented) batch."""
+  model, optimizer = nnx.merge(graphdef, state)
+  images = augment.augment_batch(
+      jax.random.fold_in(key, optimizer.step[...]), batch["image"],
+      max_shift=aug.max_shift, flip=aug.flip, cutout_size=aug.cutout_size)
+  grad_fn = nnx.value_and_grad(
+      lambda m: compute_losses(m, images, batch["label"], weights), has_aux=True)
+  (loss, aux), grads = grad_fn(model)
+  return loss, aux, grads
+
+
+def train_step(graphdef, state, batch, key, *, weights: LossWeights, aug: AugmentSpec,
+               schedule: optax.Schedule):
+  """One Adam step. state: nnx.State of (model, optimizer); batch: {'image','label'}.
+
+  The augmentation key is `fold_in(key, step)`, so a resumed run draws the same
+  augmentations as an uninterrupted one.
+  """
+  _, aux, grads = loss_and_grads(graphdef, state, batch, key, weights=weights, aug=aug)
+  model, optimizer = nnx.merge(graphdef, state)
+  aux["learning_rate"] = schedule(optimizer.step[...])
+  aux["grad_norm"] = optax.global_norm(grads)
+  optimizer.update(model, grads)
+  return nnx.state((model, optimizer)), aux
+
+
+def eval_step(graphdef, state, batch, *, weights: LossWeights):
+  """Masked sums over one padded eval batch: {'correct','margin_loss','recon_loss','count'}.
+
+  The decoder is masked by the predicted class, as at test time in the paper.
+  """
+  model, _ = nnx.merge(graphdef, state)
+  images, labels, mask = batch["image"], batch["label"], batch["mask"]
+  out = model(images)
+  margin = losses.margin_loss(out["lengths"], labels, m_plus=weights.m_plus,
+                              m_minus=weights.m_minus, lam=weights.lam)       # [B]
+  recon = (losses.reconstruction_loss(images, out["reconstruction"], reduction="mean")
+           if "reconstruction" in out else jnp.zeros_like(margin))            # [B]
+  m = mask.astype(jnp.float32)
+  return {"correct": jnp.sum((out["pred"] == labels) * m),
+          "margin_loss": jnp.sum(margin * m), "recon_loss": jnp.sum(recon * m),
+          "count": jnp.sum(m)}
+
+
+def make_steps(graphdef, config, steps_per_epoch: int):
+  """Jitted (train_step, eval_step) closed over the static graphdef and hyperparameters."""
+  weights = LossWeights.from_config(config.loss)
+  aug = AugmentSpec.from_config(config.augment)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch)
+  train = jax.jit(
+      lambda state, batch, key: train_step(graphdef, state, batch, key, weights=weights,
+                                           aug=aug, schedule=schedule),
+      donate_argnums=0)
+  evaluate = jax.jit(lambda state, batch: eval_step(graphdef, state, batch, weights=weights))
+  return train, evaluate
+
+
+def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *,
+             batch_size: int, mesh, weights: LossWeights | None = None) -> dict[str, float]:
+  """Accuracy and mean losses over every example of (images, labels) exactly once."""
+  del weights
+  totals: dict[str, float] = {}
+  batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)
+  for batch in parallel.prefetch(batches, mesh):
+    for k, v in jax.device_get(eval_fn(state, batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  n = totals["count"]
+  margin, recon = totals["margin_loss"] / n, totals["recon_loss"] / n
+  return {"accuracy": totals["correct"] / n, "margin_loss": margin, "recon_loss": recon,
+          "count": n}
+
+
+# ----------------------------------------------------------------------------------------
+# The driver.
+# ----------------------------------------------------------------------------------------
+def _subset(images, labels, n: int):
+  return (images[:n], labels[:n]) if n and n < len(labels) else (images, labels)
+
+
+def _load_data(config, split: str, limit: int):
+  images, labels = input_pipeline.load_split(config.dataset, split, data_dir=config.data_dir,
+                                             manual_dir=config.manual_dir)
+  return _subset(images, labels, limit)
+
+
+class _StopFlag:
+  """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. called from a notebook worker).
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once.
+    self.signal = signum
+    logging.warning("received signal %d: saving a checkpoint at the next step boundary",
+                    signum)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def restore_or_init(config, workdir: str, ckpt: ckpt_lib.Checkpointer, state):
+  """Restores the latest checkpoint of `workdir`, or `init_from` weights, or keeps `state`.
+
+  Returns (state, step).
+  """
+  step = ckpt.latest_step()
+  if step is not None:
+    state, _ = ckpt.restore(step, state)
+    logging.info("resumed from %s at step %d", ckpt.directory, step)
+    return state, step
+  if config.init_from:
+    src_dir, src_step = ckpt_lib.find_checkpoint(config.init_from)
+    src = ckpt_lib.Checkpointer(src_dir, read_only=True)
+    restored, _ = src.restore(src_step, state)
+    # Only the weights: the optimizer (step count, moments) starts fresh.
+    state = nnx.State({0: restored[0], 1: state[1]})
+    logging.info("initialised weights from %s step %d", src.directory, src_step)
+  return state, 0
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains (resuming from `workdir`) and evaluates on the whole test split.
+
+  Returns the final test metrics. In `config.mode == 'eval'` it only evaluates.
+  """
+  validate_config(config)
+  if config.mode == "eval":
+    return evaluate_checkpoint(config, workdir)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  with workdir_lock(workdir):
+    check_workdir_config(config, workdir)
+    return _train(config, workdir)
+
+
+def _setup(config, steps_per_epoch: int):
+  info = input_pipeline.dataset_info(config.dataset)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh, name="config.batch_size")
+  parallel.check_batch_size(config.eval_batch_size, mesh, name="config.eval_batch_size")
+  init_key, aug_key = jax.random.split(jax.random.key(config.seed))
+  graphdef, state = create_model_and_optimizer(config, info, steps_per_epoch, init_key)
+  logging.info("mesh: %s over %d device(s): %s", dict(mesh.shape), parallel.num_devices(mesh),
+               jax.devices())
+  model, _ = nnx.merge(graphdef, state)
+  n_params = models.count_params(model)
+  logging.info("CapsNet parameters: %s", f"{n_params:,}")
+  return info, mesh, graphdef, state, aug_key, n_params
+
+
+def _train(config, workdir: str) -> dict[str, float]:
+  train_images, train_labels = _load_data(config, "train", config.train_examples)
+  test_images, test_labels = _load_data(config, "test", config.eval_examples)
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_labels), config.batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is larger than the training set "
+        f"({len(train_labels)} examples)")
+  info, mesh, graphdef, state, aug_key, n_params = _setup(config, steps_per_epoch)
+  print(f"CapsNet: {n_params:,} parameters; {info.name}: {len(train_labels)} train / "
+        f"{len(test_labels)} test examples; {steps_per_epoch} steps/epoch on "
+        f"{parallel.num_devices(mesh)} device(s)", flush=True)
+  total_steps = config.num_epochs * steps_per_epoch
+  is_main = jax.process_index() == 0
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state, step = restore_or_init(config, workdir, ckpt, state)
+  state = parallel.replicate(state, mesh)
+  train_fn, eval_fn = make_steps(graphdef, config, steps_per_epoch)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
+  meta = {"dataset": config.dataset, "model": json.loads(config.model.to_json_best_effort()),
+          "image_shape": list(info.image_shape), "num_classes": info.num_classes,
+          "steps_per_epoch": steps_per_epoch}
+  test_metrics: dict[str, float] = {}
+  weights = LossWeights.from_config(config.loss)
+
+  def save(step, epoch_done, test_acc=None):
+    ckpt.save(step, state, dict(meta, epoch=epoch_done),
+              metrics=None if test_acc is None else {"test_accuracy": test_acc})
+
+  try:
+    with _StopFlag() as stop, parallel.set_mesh(mesh):
+      while step < total_steps:
+        epoch, start = divmod(step, steps_per_epoch)
+        avg = metrics_lib.Averager()
+        t0 = time.time()
+        batches = input_pipeline.train_batches(
+            train_images, train_labels, batch_size=config.batch_size, seed=config.seed,
+            epoch=epoch, start_step=start)
+        bar = _progress(steps_per_epoch, start, f"epoch {epoch + 1}/{config.num_epochs}",
+                        enabled=config.progress_bar and is_main)
+        for batch in parallel.prefetch(batches, mesh):
+          state, m = train_fn(state, batch, aug_key)
+          step += 1
+          avg.add(m)
+          bar.update(1)
+          if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+            values = avg.result()
+            metrics_lib.finite_or_raise(values, step)
+            dt = time.time() - t0
+            values["images_per_s"] = avg.count * config.batch_size / max(dt, 1e-9)
+            writer.write(step, step / steps_per_epoch, "train", values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
+            avg, t0 = metrics_lib.Averager(), time.time()
+          if stop.signal is not None:
+            save(step, step / steps_per_epoch)
+            ckpt.close()
+            raise Preempted(
+                f"stopped by signal {stop.signal} at step {step} (epoch "
+                f"{step / steps_per_epoch:.2f}); checkpoint saved in {ckpt.directory}. "
+                "Rerun the same command to resume.")
+        bar.close()
+        epoch_done = step // steps_per_epoch
+        test_metrics = evaluate(eval_fn, state, test_images, test_labels,
+                                batch_size=config.eval_batch_size, mesh=mesh)
+        test_metrics["loss"] = (test_metrics["margin_loss"]
+                                + weights.recon_weight * test_metrics["recon_loss"])
+        metrics_lib.finite_or_raise(test_metrics, step)
+        writer.write(step, epoch_done, "test", test_metrics)
+        logging.info("epoch %d step %d: test accuracy %.4f, loss %.4f", epoch_done, step,
+                     test_metrics["accuracy"], test_metrics["loss"])
+        print(f"epoch {epoch_done}: test accuracy {100 * test_metrics['accuracy']:.2f}% "
+              f"(loss {test_metrics['loss']:.4f})", flush=True)
+        if epoch_done % config.checkpoint_every_epochs == 0 or step == total_steps:
+          save(step, epoch_done, test_metrics["accuracy"])
+        if is_main:
+          metrics_lib.plot_curves(writer.path, os.path.join(workdir, "plots", "curves.png"),
+                                  title=f"CapsNet on {info.name}")
+  finally:
+    writer.close()
+  ckpt.close()
+  if not test_metrics:  # Nothing left to train (a finished run rerun): evaluate once.
+    with parallel.set_mesh(mesh):
+      test_metrics = evaluate(eval_fn, state, test_images, test_labels,
+                              batch_size=config.eval_batch_size, mesh=mesh)
+  summary = dict(test_metrics, step=step, epochs=step / steps_per_epoch)
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """`mode=eval`: evaluates the latest checkpoint of `workdir` (or `init_from`) on test."""
+  source = config.init_from or workdir
+  src_dir, src_step = ckpt_lib.find_checkpoint(source)
+  test_images, test_labels = _load_data(config, "test", config.eval_examples)
+  src = ckpt_lib.Checkpointer(src_dir, read_only=True)
+  meta = src.read_meta(src_step)
+  info, mesh, graphdef, state, _, _ = _setup(config, meta.get("steps_per_epoch", 1))
+  state, _ = src.restore(src_step, state)
+  state = parallel.replicate(state, mesh)
+  _, eval_fn = make_steps(graphdef, config, meta.get("steps_per_epoch", 1))
+  with parallel.set_mesh(mesh):
+    result = evaluate(eval_fn, state, test_images, test_labels,
+                      batch_size=config.eval_batch_size, mesh=mesh)
+  weights = LossWeights.from_config(config.loss)
+  result["loss"] = result["margin_loss"] + weights.recon_weight * result["recon_loss"]
+  result["step"] = src_step
+  print(f"{info.name} test accuracy {100 * result['accuracy']:.2f}% over "
+        f"{int(result['count'])} examples (checkpoint {src.directory}/{src_step})", flush=True)
+  return result
+
+
+class _NoBar:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kw):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress(total: int, initial: int, desc: str, *, enabled: bool):
+  if not enabled:
+    return _NoBar()
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
