@@ -29,3 +29,12 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") ->
   return lax.conv_general_dilated(
       x, w, window_strides=(stride, stride), padding="VALID",
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps 'auto' to the lowering used on the default backend; validates names."""
+  if impl == "auto":
+    return "xla"
+  if impl not in IMPLS:
+    raise ValueError(f"conv impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+  return impl
