@@ -1,10 +1,17 @@
 """The only device-aware module: the data-parallel mesh, state replication, batch sharding.
 
 capsjax writes the pmap model (batch split over devices, parameters replicated,
-gradients averaged) as a plain `jax.jit` over a 1-D ('data',) mesh with Explicit axis
-types: the state is placed with `NamedSharding(mesh, P())`, batches with `P('data')`,
-and the compiler inserts the gradient all-reduce. There are no hand-written collectives,
-so the `shard_map` + `pmean(grads)` trap (N x the gradient, STYLE.md 4.4) cannot occur.
+gradients averaged) as a plain `jax.jit` over a 1-D ('data',) mesh: the state is placed
+with `NamedSharding(mesh, P())`, batches with `P('data')`, the jitted step's outputs are
+pinned to `P()`, and the compiler inserts the gradient all-reduce. There are no
+hand-written collectives, so the `shard_map` + `pmean(grads)` trap (N x the gradient,
+STYLE.md 4.4) cannot occur.
+
+Deviation from STYLE.md (which suggests Explicit axes): the mesh axis is `AxisType.Auto`.
+Under Explicit axes every reshape of a batch-sharded array (PrimaryCaps' [B, H, W, C] ->
+[B, N_in, D_in], im2col patches, the decoder's flatten) must be given an `out_sharding`,
+which would make the model, the conv lowerings and users' research code device-aware.
+With Auto the compiler propagates the batch sharding through them unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   n = len(devices) if num_devices is None else int(num_devices)
   if not 1 <= n <= len(devices):
     raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
-  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Explicit,),
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                        devices=devices[:n])
 
 
@@ -73,9 +80,13 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[s
           for k, x in batch.items()}
 
 
-def set_mesh(mesh: jax.sharding.Mesh):
-  """Context manager making `mesh` the ambient mesh (needed by Explicit sharding)."""
-  return jax.set_mesh(mesh)
+def jit_data_parallel(fn, mesh: jax.sharding.Mesh, *, donate_argnums=()):
+  """`jax.jit(fn)` whose outputs (new state, metrics) are replicated over `mesh`.
+
+  Inputs keep the shardings they were placed with (state by `replicate`, batches by
+  `shard_batch`).
+  """
+  return jax.jit(fn, out_shardings=replicated(mesh), donate_argnums=donate_argnums)
 
 
 def prefetch(batches, mesh: jax.sharding.Mesh, size: int = 2):

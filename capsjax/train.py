@@ -247,16 +247,17 @@ def eval_step(graphdef, state, batch, *, weights: LossWeights):
           "count": jnp.sum(m)}
 
 
-def make_steps(graphdef, config, steps_per_epoch: int):
+def make_steps(graphdef, config, steps_per_epoch: int, mesh):
   """Jitted (train_step, eval_step) closed over the static graphdef and hyperparameters."""
   weights = LossWeights.from_config(config.loss)
   aug = AugmentSpec.from_config(config.augment)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
-  train = jax.jit(
+  train = parallel.jit_data_parallel(
       lambda state, batch, key: train_step(graphdef, state, batch, key, weights=weights,
                                            aug=aug, schedule=schedule),
-      donate_argnums=0)
-  evaluate = jax.jit(lambda state, batch: eval_step(graphdef, state, batch, weights=weights))
+      mesh, donate_argnums=0)
+  evaluate = parallel.jit_data_parallel(
+      lambda state, batch: eval_step(graphdef, state, batch, weights=weights), mesh)
   return train, evaluate
 
 
@@ -382,7 +383,7 @@ def _train(config, workdir: str) -> dict[str, float]:
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   state, step = restore_or_init(config, workdir, ckpt, state)
   state = parallel.replicate(state, mesh)
-  train_fn, eval_fn = make_steps(graphdef, config, steps_per_epoch)
+  train_fn, eval_fn = make_steps(graphdef, config, steps_per_epoch, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
   meta = {"dataset": config.dataset, "model": json.loads(config.model.to_json_best_effort()),
           "image_shape": list(info.image_shape), "num_classes": info.num_classes,
@@ -395,7 +396,7 @@ def _train(config, workdir: str) -> dict[str, float]:
               metrics=None if test_acc is None else {"test_accuracy": test_acc})
 
   try:
-    with _StopFlag() as stop, parallel.set_mesh(mesh):
+    with _StopFlag() as stop:
       while step < total_steps:
         epoch, start = divmod(step, steps_per_epoch)
         avg = metrics_lib.Averager()
@@ -446,9 +447,8 @@ def _train(config, workdir: str) -> dict[str, float]:
     writer.close()
   ckpt.close()
   if not test_metrics:  # Nothing left to train (a finished run rerun): evaluate once.
-    with parallel.set_mesh(mesh):
-      test_metrics = evaluate(eval_fn, state, test_images, test_labels,
-                              batch_size=config.eval_batch_size, mesh=mesh)
+    test_metrics = evaluate(eval_fn, state, test_images, test_labels,
+                            batch_size=config.eval_batch_size, mesh=mesh)
   summary = dict(test_metrics, step=step, epochs=step / steps_per_epoch)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -466,10 +466,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   info, mesh, graphdef, state, _, _ = _setup(config, meta.get("steps_per_epoch", 1))
   state, _ = src.restore(src_step, state)
   state = parallel.replicate(state, mesh)
-  _, eval_fn = make_steps(graphdef, config, meta.get("steps_per_epoch", 1))
-  with parallel.set_mesh(mesh):
-    result = evaluate(eval_fn, state, test_images, test_labels,
-                      batch_size=config.eval_batch_size, mesh=mesh)
+  _, eval_fn = make_steps(graphdef, config, meta.get("steps_per_epoch", 1), mesh)
+  result = evaluate(eval_fn, state, test_images, test_labels,
+                    batch_size=config.eval_batch_size, mesh=mesh)
   weights = LossWeights.from_config(config.loss)
   result["loss"] = result["margin_loss"] + weights.recon_weight * result["recon_loss"]
   result["step"] = src_step
