@@ -224,7 +224,7 @@ def train_step(graphdef, state, batch, key, *, weights: LossWeights, aug: Augmen
   _, aux, grads = loss_and_grads(graphdef, state, batch, key, weights=weights, aug=aug)
   model, optimizer = nnx.merge(graphdef, state)
   aux["learning_rate"] = schedule(optimizer.step[...])
-  aux["grad_norm"] = optax.global_norm(grads)
+  aux["grad_norm"] = optax.tree.norm(grads)
   optimizer.update(model, grads)
   return nnx.state((model, optimizer)), aux
 
