@@ -51,10 +51,15 @@ def squash(s: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.Array:
   # the exact gradient because v(s) does not depend on it.
   scale = jax.lax.stop_gradient(
       jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1.0))   # [..., 1, ...]
-  inv_sq = jnp.square(1.0 / scale)                                     # [..., 1, ...]
-  t = x / scale                                                        # [..., D, ...]
+  # Divide by `scale` as two multiplications by 1/sqrt(scale). XLA rewrites `x / scale`
+  # into `x * (1 / scale)`, and 1/scale is subnormal (flushed to 0) for |s| >= ~1e38 in
+  # float32, which turned v into 0/0 = NaN; 1/sqrt(scale) stays a normal number.
+  r = jax.lax.rsqrt(scale)                                             # [..., 1, ...]
+  k = r * r                                                            # [..., 1, ...], ~1/scale
+  inv_sq = jnp.square(k)                                               # [..., 1, ...]
+  t = (x * r) * r                                                      # [..., D, ...]
   sq = jnp.sum(jnp.square(t), axis=axis, keepdims=True)                # [..., 1, ...]
-  # |s|^2/(1+|s|^2) / |s| written in the rescaled t = s/scale.
+  # |s|^2/(1+|s|^2) / |s| written in the rescaled t = s*k (exactly invariant to k).
   v = t * sq / ((inv_sq + sq) * jnp.sqrt(sq + eps * inv_sq))           # [..., D, ...]
   return v.astype(s.dtype)
 
@@ -120,6 +125,10 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
   """
   num_iterations = _check_iterations(num_iterations)
   u_hat = jnp.asarray(u_hat)
+  if not jnp.issubdtype(u_hat.dtype, jnp.floating):
+    # The output is cast back to the input dtype, and |v| < 1 would truncate to 0.
+    raise TypeError(
+        f"dynamic_routing expects a floating-point u_hat, got dtype {u_hat.dtype}")
   if u_hat.ndim < 3:
     raise ValueError(
         "u_hat must have shape [..., N_in, N_out, D] (at least 3 dims), got shape "
