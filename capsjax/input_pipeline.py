@@ -37,7 +37,9 @@ passed as Fashion-MNIST) is rejected.
 Cache: an uncompressed `.npz` holding `image`, `label` and a `fingerprint` string: the size
 and mtime of the TFDS `dataset_info.json` (TFDS source) or of every original file read
 (file source). Any rebuild, replacement or deletion of the source changes the fingerprint,
-and the cache is rebuilt. Delete `<data_dir>/capsjax_cache` to drop it by hand.
+and the cache is rebuilt. Data that TFDS serves without files on disk
+(`tfds.testing.mock_data`) is never cached. Delete `<data_dir>/capsjax_cache` to drop the
+cache by hand.
 
 Batching is deterministic and resumable: the order of epoch `e` is
 `np.random.default_rng([seed, e]).permutation(N)`, so a run resumed at `start_step`
@@ -568,9 +570,9 @@ def _stat_fingerprint(paths: Sequence[str]) -> list[list[Any]]:
   return out
 
 
-def _tfds_fingerprint(prepared: str | None) -> str:
-  if prepared is None:  # Data served by TFDS without files (e.g. tfds.testing.mock_data).
-    return json.dumps({'source': 'tfds', 'files': None})
+def _tfds_fingerprint(prepared: str | None) -> str | None:
+  if prepared is None:  # Nothing on disk to fingerprint: never cached.
+    return None
   return json.dumps({'source': 'tfds', 'files': _stat_fingerprint(
       [os.path.join(prepared, 'dataset_info.json')])})
 
@@ -579,8 +581,8 @@ def _files_fingerprint(paths: Sequence[str]) -> str:
   return json.dumps({'source': 'files', 'files': _stat_fingerprint(paths)})
 
 
-def _read_cache(path: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
-  if not os.path.isfile(path):
+def _read_cache(path: str, fingerprint: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+  if fingerprint is None or not os.path.isfile(path):
     return None
   try:
     with np.load(path) as z:
@@ -695,6 +697,7 @@ def load_split(
     elif download:
       _download(dataset, root)
       prepared = _prepared_dir(root, dataset)
+      builder = tfds.builder(dataset, data_dir=root, file_format='array_record')
     try:  # Not prepared: only works where TFDS serves data itself (mock_data).
       ds = builder.as_data_source(split=split)
     except Exception as e:  # pylint: disable=broad-except
@@ -703,6 +706,8 @@ def load_split(
             f'{prepared} has no split {split!r} (has {list(builder.info.splits)}).') from e
       raise DatasetNotFoundError(_not_found_message(dataset, split, root, manual_dir)) from e
     images, labels = _read_data_source(ds, info)
+    if prepared is None:  # Served by TFDS without files on disk (mock_data): no cache,
+      return images, labels  # so fake data can never be mistaken for real data later.
     fingerprint = _tfds_fingerprint(prepared)
   if use_cache:
     _write_cache(cache, images, labels, fingerprint)

@@ -119,25 +119,24 @@ def test_bad_split_is_a_value_error(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_load_split_under_mock_data_and_second_load_reads_cache(tmp_path, monkeypatch):
+def test_load_split_under_mock_data_reads_tfds_and_never_caches_fake_data(tmp_path, monkeypatch):
   calls = []
   real_read = ip._read_data_source
   monkeypatch.setattr(ip, '_read_data_source',
                       lambda ds, info: calls.append(1) or real_read(ds, info))
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-    images, labels = ip.load_split('mnist', 'train', data_dir=tmp_path)
-    assert images.shape == (16, 28, 28, 1) and images.dtype == np.uint8
-    assert labels.shape == (16,) and labels.dtype == np.int32
-    assert labels.min() >= 0 and labels.max() < 10
-    assert len(calls) == 1
-    cache = tmp_path / 'capsjax_cache' / 'mnist' / '3.0.1' / 'train.npz'
-    assert cache.is_file()
-    images2, labels2 = ip.load_split('mnist', 'train', data_dir=tmp_path)
-    assert len(calls) == 1  # served from the cache, TFDS not read again
-    np.testing.assert_array_equal(images2, images)
-    np.testing.assert_array_equal(labels2, labels)
-    ip.load_split('mnist', 'train', data_dir=tmp_path, use_cache=False)
-    assert len(calls) == 2
+    for dataset in ('mnist', 'kmnist', 'fashion_mnist'):
+      images, labels = ip.load_split(dataset, 'train', data_dir=tmp_path)
+      assert images.shape == (16, 28, 28, 1) and images.dtype == np.uint8
+      assert labels.shape == (16,) and labels.dtype == np.int32
+      assert labels.min() >= 0 and labels.max() < 10
+    images, _ = ip.load_split('cifar10', 'test', data_dir=tmp_path)
+    assert images.shape == (16, 32, 32, 3)
+    ip.load_split('mnist', 'train', data_dir=tmp_path)
+  assert len(calls) == 5  # every load went through tfds.data_source
+  assert not (tmp_path / 'capsjax_cache').exists()  # mock data is never cached
+  with pytest.raises(ip.DatasetNotFoundError):  # ... so it cannot leak into a real load
+    ip.load_split('mnist', 'train', data_dir=tmp_path)
 
 
 def test_offline_build_from_idx_then_tfds_data_source_and_cache(tmp_path, monkeypatch):
@@ -157,6 +156,7 @@ def test_offline_build_from_idx_then_tfds_data_source_and_cache(tmp_path, monkey
 
   # load_split reads the prepared dataset, then the cache (TFDS untouched).
   images, labels = ip.load_split('mnist', 'test', data_dir=data_dir)
+  assert (data_dir / 'capsjax_cache' / 'mnist' / '3.0.1' / 'test.npz').is_file()
   assert _as_set(images, labels) == _as_set(*fixture['test'])
   monkeypatch.setattr(ip.tfds, 'builder', lambda *a, **k: pytest.fail('TFDS used'))
   t0 = time.perf_counter()
