@@ -24,9 +24,18 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model it is being loaded into."""
 
 
+def _key_name(entry) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
 def _param_shapes(tree: Any) -> dict[str, list[int]]:
+  """{'0/digit_caps/w': [1152, 10, 8, 16], ...} for every array leaf of `tree`."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): list(np.shape(x)) for path, x in flat}
+  return {"/".join(n for n in map(_key_name, path) if n != "value"): list(np.shape(x))
+          for path, x in flat}
 
 
 def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source: str) -> None:

@@ -285,7 +285,8 @@ def _subset(images, labels, n: int):
 
 def _load_data(config, split: str, limit: int):
   images, labels = input_pipeline.load_split(config.dataset, split, data_dir=config.data_dir,
-                                             manual_dir=config.manual_dir)
+                                             manual_dir=config.manual_dir,
+                                             download=config.download)
   return _subset(images, labels, limit)
 
 
