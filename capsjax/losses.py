@@ -30,6 +30,9 @@ def margin_loss(lengths: jax.Array, labels: jax.Array, *, m_plus: float = 0.9,
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+  if lengths.ndim < 1:
+    raise ValueError(
+        f"lengths must have shape [..., K] (a class axis), got shape {lengths.shape}")
   if labels.shape != lengths.shape[:-1]:
     raise ValueError(
         f"labels shape {labels.shape} must equal lengths shape without the class axis "
@@ -58,11 +61,19 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, *,
   """
   images = jnp.asarray(images)
   reconstructions = jnp.asarray(reconstructions)
+  if (isinstance(batch_dims, bool) or not isinstance(batch_dims, int)
+      or not 0 <= batch_dims <= images.ndim):
+    raise ValueError(
+        f"batch_dims must be an int in [0, images.ndim={images.ndim}], got {batch_dims!r}")
   if reconstructions.shape != images.shape:
-    if reconstructions.size != images.size:
+    # Only the per-example axes may be flattened; the batch axes must match, otherwise
+    # a reshape would silently mix pixels of different examples.
+    if (reconstructions.size != images.size
+        or reconstructions.shape[:batch_dims] != images.shape[:batch_dims]):
       raise ValueError(
           f"reconstructions shape {reconstructions.shape} does not match images shape "
-          f"{images.shape}")
+          f"{images.shape} (the first batch_dims={batch_dims} axes must be equal and "
+          "the sizes must match)")
     reconstructions = reconstructions.reshape(images.shape)
   if reduction not in ("sum", "mean"):
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
