@@ -27,9 +27,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError)
 
 
+class _QuietLibraries:
+  """Drops INFO records of Orbax/TFDS/JAX internals (dozens per checkpoint save).
+
+  Warnings and errors still pass; `--verbosity=1` shows everything.
+  """
+
+  _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/", "/etils/")
+
+  def filter(self, record) -> bool:
+    return (record.levelno >= 30 or flags.FLAGS.verbosity >= 1
+            or not any(p in record.pathname for p in self._NOISY))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors do not pay for the JAX import.
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
