@@ -252,10 +252,12 @@ def _not_found_message(dataset: str, split: str, data_dir: str,
     if dataset == 'fashion_mnist':
       lines.append('  * or install them: sudo apt-get install dataset-fashion-mnist '
                    '(puts them in /usr/share/datasets/fashion-mnist/);')
-    lines.append(f'  * or, with internet: load_split({dataset!r}, {split!r}, download=True).')
+    lines.append(f'  * or, with internet: load_split({dataset!r}, {split!r}, download=True) '
+                 '(command line: --config.download=True).')
   else:
     lines.append(f'  (no offline build for {dataset!r}: it is available through plain TFDS only)')
-    lines.append('To fix, with internet: load_split(..., download=True), or prepare it with '
+    lines.append('To fix, with internet: --config.download=True (load_split(..., download=True)), '
+                 'or prepare it with '
                  f'`tfds build {dataset} --file_format=array_record --data_dir={data_dir}`.')
   if extra:
     lines.append(extra)
