@@ -1,0 +1,340 @@
+r"""Routing-iteration sweep: one training run per (iterations, seed), then a results table.
+
+  python -m experiments.routing_sweep --config=configs/fashion.py:quick \
+      --iterations=1,2,3,5 --seeds=0,1 --workdir=/tmp/sweep
+  # any config override works as for capsjax.main:
+  python -m experiments.routing_sweep --config=configs/fashion.py:smoke \
+      --config.dataset=fashion_mnist --iterations=1,3 --seeds=0 --workdir=/tmp/sweep_smoke
+
+Each run trains through `capsjax.train.train_and_evaluate` (the code behind
+`capsjax.main`) in `WORKDIR/iter{N}_seed{S}/`, with `config.model.routing_iterations=N` and
+`config.seed=S`. Rerunning the command skips finished runs (`summary.json` reports
+`num_epochs` epochs and the run's `config.json` matches) and resumes killed ones from their
+latest checkpoint. The single-run form stays
+`python -m capsjax.main ... --config.model.routing_iterations=N`.
+
+Written into WORKDIR:
+  iter{N}_seed{S}/          a normal capsjax run dir, plus sweep_run.json (wall time of the
+                            invocations that trained it, coupling entropy)
+  runs.csv                  one row per run (RUN_FIELDS)
+  results.csv, results.md   one row per iteration count (RESULT_FIELDS): test accuracy mean
+                            and std over seeds, final test losses, training images/s, wall
+                            time, and the mean entropy of the final coupling coefficients
+  accuracy_vs_iterations.png
+
+Definitions: images/s is the median over a run's logged training intervals in
+metrics.csv (the first interval includes compilation); wall time is measured around each
+`train_and_evaluate` call that trained (time of an invocation that was killed is lost);
+coupling entropy is -sum_j c_ij log c_ij over the classes (nats), averaged over primary
+capsules i and the first `--entropy_examples` test images, for the final checkpoint.
+log(10) = 2.303 is uniform routing, which is exactly what 1 iteration gives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from capsjax import input_pipeline
+from capsjax import metrics as metrics_lib
+from capsjax import train
+from capsjax import visualize
+
+RUN_FIELDS = ("iterations", "seed", "accuracy", "loss", "margin_loss", "recon_loss", "step",
+              "epochs", "images_per_s", "wall_s", "coupling_entropy", "skipped", "workdir")
+RESULT_FIELDS = ("iterations", "num_seeds", "accuracy_mean", "accuracy_std", "loss",
+                 "margin_loss", "recon_loss", "images_per_s", "wall_s", "coupling_entropy",
+                 "coupling_entropy_std", "epochs")
+RUN_JSON = "sweep_run.json"
+
+
+def run_dir(workdir: str, iterations: int, seed: int) -> str:
+  return os.path.join(workdir, f"iter{iterations}_seed{seed}")
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def run_config(config, iterations: int, seed: int):
+  """A copy of `config` with the run's routing iterations and seed."""
+  cfg = config.copy_and_resolve_references()
+  cfg.model.routing_iterations = int(iterations)
+  cfg.seed = int(seed)
+  return cfg
+
+
+def is_finished(cfg, rdir: str) -> bool:
+  """True if `rdir` holds a completed run of `cfg`: summary.json at `num_epochs` epochs and
+  a config.json whose every saved field equals `cfg`'s."""
+  summary = _read_json(os.path.join(rdir, "summary.json"))
+  saved = _read_json(os.path.join(rdir, "config.json"))
+  if summary is None or saved is None:
+    return False
+  now = json.loads(cfg.to_json_best_effort())
+  if any(now.get(k) != v for k, v in saved.items()):
+    return False  # train_and_evaluate will refuse it with a message naming the field.
+  return summary.get("epochs", -1) >= cfg.num_epochs - 1e-9
+
+
+def images_per_second(rdir: str) -> float:
+  """Median training images/s over the logged intervals of metrics.csv (nan if none)."""
+  path = os.path.join(rdir, metrics_lib.CSV_NAME)
+  if not os.path.exists(path):
+    return float("nan")
+  vals = [float(r["images_per_s"]) for r in metrics_lib.read_csv(path)
+          if r["split"] == "train" and r.get("images_per_s")]
+  return statistics.median(vals) if vals else float("nan")
+
+
+def coupling_entropy_of_run(rdir: str, images: np.ndarray) -> tuple[float, int]:
+  """Mean entropy (nats) of the final checkpoint's couplings on `images`; (value, step)."""
+  run = visualize.load_run(rdir)
+  ent = []
+  for start in range(0, len(images), 64):
+    c = visualize.couplings(run.model, images[start:start + 64])     # [b, N_in, N_out]
+    ent.append(visualize.coupling_entropy(c).mean(axis=-1))           # [b]
+  return float(np.concatenate(ent).mean()), run.step
+
+
+def run_one(config, workdir: str, iterations: int, seed: int, *,
+            entropy_images: np.ndarray | None = None) -> dict:
+  """Trains (or skips/resumes) one run of the sweep and returns its RUN_FIELDS row."""
+  cfg = run_config(config, iterations, seed)
+  rdir = run_dir(workdir, iterations, seed)
+  record = _read_json(os.path.join(rdir, RUN_JSON)) or {
+      "iterations": iterations, "seed": seed, "wall_s": 0.0, "calls": []}
+  skipped = is_finished(cfg, rdir)
+  if skipped:
+    logging.info("iter=%d seed=%d: finished run in %s, skipped", iterations, seed, rdir)
+    summary = _read_json(os.path.join(rdir, "summary.json"))
+  else:
+    logging.info("iter=%d seed=%d: training in %s", iterations, seed, rdir)
+    t0 = time.time()
+    summary = train.train_and_evaluate(cfg, rdir)
+    wall = time.time() - t0
+    record["wall_s"] = float(record["wall_s"]) + wall
+    record["calls"].append({"wall_s": wall, "end_step": int(summary["step"]),
+                            "host": platform.node(), "finished": time.strftime("%F %T")})
+  if entropy_images is not None and (record.get("entropy_step") != summary["step"]
+                                     or record.get("entropy_examples") != len(entropy_images)):
+    record["coupling_entropy"], record["entropy_step"] = coupling_entropy_of_run(
+        rdir, entropy_images)
+    record["entropy_examples"] = len(entropy_images)
+  _write_json(os.path.join(rdir, RUN_JSON), record)
+  row = {k: summary.get(k) for k in ("accuracy", "loss", "margin_loss", "recon_loss", "step",
+                                     "epochs")}
+  row.update(iterations=iterations, seed=seed, images_per_s=images_per_second(rdir),
+             wall_s=record["wall_s"], coupling_entropy=record.get("coupling_entropy"),
+             skipped=skipped, workdir=rdir)
+  return row
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+  xs = [float(x) for x in xs if x is not None]
+  if not xs:
+    return float("nan"), float("nan")
+  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+  """Per-iteration-count aggregates (RESULT_FIELDS) of `run_one` rows, sorted by iterations."""
+  out = []
+  for it in sorted({r["iterations"] for r in rows}):
+    group = [r for r in rows if r["iterations"] == it]
+    acc, acc_std = _mean_std([r["accuracy"] for r in group])
+    ent, ent_std = _mean_std([r["coupling_entropy"] for r in group])
+    out.append({
+        "iterations": it, "num_seeds": len(group), "accuracy_mean": acc,
+        "accuracy_std": acc_std, "coupling_entropy": ent, "coupling_entropy_std": ent_std,
+        **{k: _mean_std([r[k] for r in group])[0]
+           for k in ("loss", "margin_loss", "recon_loss", "images_per_s", "wall_s", "epochs")}})
+  return out
+
+
+def _write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fields)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in fields})
+
+
+def _hardware() -> str:
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import jax  # pylint: disable=g-import-not-at-top
+  devs = jax.devices()
+  return f"{model}, {os.cpu_count()} cores; JAX {jax.default_backend()} x{len(devs)}"
+
+
+def write_markdown(path: str, config, results: Sequence[dict], rows: Sequence[dict]) -> None:
+  info = input_pipeline.dataset_info(config.dataset)
+  m = config.model
+  lines = [
+      f"# Routing-iteration sweep: CapsNet on {info.name}", "",
+      f"- epochs: {config.num_epochs}; train examples: "
+      f"{config.train_examples or info.num_train}; test examples: "
+      f"{config.eval_examples or info.num_test}; batch {config.batch_size}",
+      f"- model: conv1 {m.conv1_channels}x{m.conv1_kernel}, PrimaryCaps {m.primary_types} "
+      f"types x {m.primary_dim}D, class capsules {m.digit_dim}D, decoder "
+      f"{'on' if m.use_decoder else 'off'}",
+      f"- hardware: {_hardware()}", "",
+      "| routing iterations | seeds | test accuracy (%) | test loss | margin loss | "
+      "recon loss | train images/s | wall time / run (s) | coupling entropy (nats) |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in results:
+    lines.append(
+        f"| {r['iterations']} | {r['num_seeds']} | {100 * r['accuracy_mean']:.2f} ± "
+        f"{100 * r['accuracy_std']:.2f} | {r['loss']:.4f} | {r['margin_loss']:.4f} | "
+        f"{r['recon_loss']:.4f} | {r['images_per_s']:.1f} | {r['wall_s']:.1f} | "
+        f"{r['coupling_entropy']:.4f} ± {r['coupling_entropy_std']:.4f} |")
+  lines += ["", "± is the standard deviation over seeds (0 with one seed). Coupling entropy: "
+            f"mean over primary capsules of the entropy of their coupling distribution "
+            f"over the classes; uniform = ln {info.num_classes} = "
+            f"{np.log(info.num_classes):.4f}.", "", "Runs:", ""]
+  lines += [f"- `{os.path.basename(r['workdir'])}`: {100 * r['accuracy']:.2f}% after "
+            f"{r['epochs']:g} epochs, {r['wall_s']:.1f} s" for r in rows]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot_results(path: str, results: Sequence[dict], rows: Sequence[dict], *,
+                 title: str = "") -> str:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  its = [r["iterations"] for r in results]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  ax = axes[0]
+  ax.errorbar(its, [100 * r["accuracy_mean"] for r in results],
+              yerr=[100 * r["accuracy_std"] for r in results], fmt="o-", capsize=4,
+              label="mean ± std over seeds")
+  ax.scatter([r["iterations"] for r in rows], [100 * r["accuracy"] for r in rows],
+             color="gray", s=12, zorder=3, label="single runs")
+  ax.set(xlabel="routing iterations", ylabel="test accuracy (%)",
+         title="Test accuracy vs routing iterations")
+  ax.set_xticks(its)
+  ax.legend()
+  ax = axes[1]
+  ax.errorbar(its, [r["coupling_entropy"] for r in results],
+              yerr=[r["coupling_entropy_std"] for r in results], fmt="s-", capsize=4,
+              color="tab:green")
+  ax.set(xlabel="routing iterations", ylabel="mean coupling entropy (nats)",
+         title="Coupling entropy vs routing iterations")
+  ax.set_xticks(its)
+  for a in axes:
+    a.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def run_sweep(config, workdir: str, iterations: Sequence[int], seeds: Sequence[int], *,
+              entropy_examples: int = 256) -> list[dict]:
+  """Trains every (iterations, seed) run and writes the tables and the plot.
+
+  Args:
+    config: a training config (as for `capsjax.main`); routing_iterations and seed are
+      set per run.
+    workdir: the sweep directory.
+    iterations: routing iteration counts (ints >= 1).
+    seeds: seeds.
+    entropy_examples: test images for the coupling entropy (0: skip it).
+
+  Returns:
+    The per-run rows (RUN_FIELDS), in (iterations, seed) order.
+  """
+  iterations = [int(i) for i in iterations]
+  seeds = [int(s) for s in seeds]
+  if not iterations or any(i < 1 for i in iterations):
+    raise ValueError(f"iterations must be a non-empty list of ints >= 1, got {iterations}")
+  if not seeds:
+    raise ValueError("seeds must be a non-empty list of ints")
+  if len(set(iterations)) != len(iterations) or len(set(seeds)) != len(seeds):
+    raise ValueError(f"iterations {iterations} and seeds {seeds} must not repeat")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  images = None
+  if entropy_examples:
+    images, _ = visualize.load_test_images(config.dataset, entropy_examples,
+                                           data_dir=config.data_dir,
+                                           manual_dir=config.manual_dir)
+  rows = []
+  for it in iterations:
+    for seed in seeds:
+      rows.append(run_one(config, workdir, it, seed, entropy_images=images))
+      r = rows[-1]
+      logging.info("iter=%d seed=%d: test accuracy %.4f, %.1f s", it, seed, r["accuracy"],
+                   r["wall_s"])
+  results = summarize(rows)
+  _write_csv(os.path.join(workdir, "runs.csv"), RUN_FIELDS, rows)
+  _write_csv(os.path.join(workdir, "results.csv"), RESULT_FIELDS, results)
+  write_markdown(os.path.join(workdir, "results.md"), config, results, rows)
+  plot_results(os.path.join(workdir, "accuracy_vs_iterations.png"), results, rows,
+               title=f"CapsNet on {config.dataset}, {config.num_epochs} epochs")
+  return rows
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  rows = run_sweep(f.config, f.workdir, [int(x) for x in f.iterations],
+                   [int(x) for x in f.seeds], entropy_examples=f.entropy_examples)
+  with open(os.path.join(os.path.abspath(f.workdir), "results.md")) as fh:
+    print(fh.read(), flush=True)
+  logging.info("%d runs; results in %s", len(rows), f.workdir)
+
+
+def _define_flags(flag_values=None) -> None:
+  """Registers the command-line flags on `flag_values` (default: absl's global FLAGS)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if flag_values is None else flag_values
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, e.g. configs/fashion.py:quick.", flag_values=fv,
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Sweep directory (one sub-directory per run).",
+                      flag_values=fv)
+  flags.DEFINE_list("iterations", ["1", "2", "3"], "Routing iteration counts.",
+                    flag_values=fv)
+  flags.DEFINE_list("seeds", ["0"], "Seeds.", flag_values=fv)
+  flags.DEFINE_integer("entropy_examples", 256,
+                       "Test images for the coupling entropy (0: skip).", flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)
