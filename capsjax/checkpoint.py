@@ -5,11 +5,21 @@ A checkpoint is a directory `WORKDIR/checkpoints/<step>/` with two items:
   meta    JSON: step, epoch, dataset, model config, parameter shapes, metrics
 Saves are asynchronous; `Checkpointer.close()` waits for them. The latest
 `keep` checkpoints and the best by test accuracy are kept.
+
+Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames
+it to `<step>/` only when every item is on disk, so a run killed mid-save leaves a
+temporary directory, never a half-written `<step>/`. Such leftovers are ignored with a
+warning (and removed when the workdir is opened for training); the previous complete
+checkpoints stay untouched, as they do when a save fails (e.g. disk full), which raises
+`CheckpointSaveError` naming the directory and the steps still available.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 from typing import Any
 
 import jax
@@ -22,6 +32,20 @@ CKPT_DIR = "checkpoints"
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model it is being loaded into."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (disk full, permissions, ...); earlier ones are intact."""
+
+
+_TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+def incomplete_checkpoints(directory: str) -> list[str]:
+  """Temporary directories of saves that never finished (a crash or kill mid-save)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(os.path.join(directory, n) for n in os.listdir(directory) if _TMP_RE.match(n))
 
 
 def _key_name(entry) -> str:
@@ -63,6 +87,9 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
+    for path in incomplete_checkpoints(self.directory):
+      logging.warning("ignoring incomplete checkpoint %s (a save that was interrupted)%s",
+                      path, "" if read_only else "; removing it")
     policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -70,9 +97,11 @@ class Checkpointer:
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "meta"))
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -86,10 +115,28 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> bool:
     """Starts an asynchronous save of `state` (any pytree of arrays) with JSON `meta`."""
     meta = dict(meta, step=int(step), param_shapes=_param_shapes(state))
-    return self._mngr.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        metrics=metrics)
+    with self._save_errors(step):
+      return self._mngr.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+          metrics=metrics)
+
+  @contextlib.contextmanager
+  def _save_errors(self, step):
+    """Turns an OSError of a (possibly earlier, asynchronous) save into one clear error."""
+    try:
+      yield
+    except OSError as e:
+      reason = ("the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else f"{type(e).__name__}: {e}")
+      try:
+        kept = sorted(self._mngr.all_steps())
+      except Exception:  # pylint: disable=broad-except
+        kept = []
+      raise CheckpointSaveError(
+          f"could not write checkpoint (step {step}) in {self.directory}: {reason}. "
+          f"Earlier checkpoints are kept (steps {kept}); free space and rerun the same "
+          "command to resume from the latest") from e
 
   def read_meta(self, step: int) -> dict:
     return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -108,11 +155,34 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored["state"], meta
 
+  def restore_latest(self, target: Any) -> tuple[Any, dict, int] | None:
+    """Restores the newest checkpoint that can be read: (state, meta, step), or None.
+
+    A checkpoint that cannot be read (e.g. damaged by a full disk) is skipped with a
+    warning in favour of the one before; one of another architecture raises.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, target)
+        return state, meta, step
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("cannot read checkpoint %s/%d (%s: %s); trying the previous one",
+                        self.directory, step, type(e).__name__, e)
+    return None
+
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    with self._save_errors(self.latest_step()):
+      self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
+    """Waits for saves in flight, then releases the manager (idempotent)."""
+    if self._closed:
+      return
+    self._closed = True
+    with self._save_errors(self.latest_step()):
+      self._mngr.wait_until_finished()
     self._mngr.close()
 
 

@@ -65,19 +65,41 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Splits a host batch along its leading axis over the mesh.
+def process_rows(global_rows: int, mesh: jax.sharding.Mesh) -> slice:
+  """The rows of a global batch that this process's devices hold under `P('data')`.
 
-  With one process `batch` is the global batch; under `jax.distributed` each process
-  passes its own slice (global batch / process count) of the same step.
+  Every process builds the same global batch on the host (same seed, epoch and step)
+  and feeds only these rows. With one process this is every row.
+  """
+  check_batch_size(global_rows, mesh, name="global batch size")
+  if jax.process_count() == 1:
+    return slice(0, global_rows)
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+  rows = sorted({(idx[0].start or 0, idx[0].stop) for idx in index_map.values()})
+  lo, hi = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != hi - lo:
+    raise ValueError(f"this process's devices hold non-contiguous rows {rows} of the batch; "
+                     "order the mesh devices by process")
+  return slice(lo, hi)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Places a global host batch on the mesh, split along its leading axis.
+
+  Every process passes the same global batch; under `jax.distributed` each one
+  transfers only its own rows (`process_rows`) to its own devices and
+  `jax.make_array_from_process_local_data` assembles the global array.
   """
   sharding = batch_sharding(mesh)
+  for k, x in batch.items():
+    check_batch_size(x.shape[0], mesh, name=f"batch['{k}'] leading size")
   if jax.process_count() == 1:
-    for k, x in batch.items():
-      check_batch_size(x.shape[0], mesh, name=f"batch['{k}'] leading size")
     return jax.device_put(batch, sharding)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(x))
-          for k, x in batch.items()}
+  out = {}
+  for k, x in batch.items():
+    rows = process_rows(x.shape[0], mesh)
+    out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(x[rows]), x.shape)
+  return out
 
 
 def jit_data_parallel(fn, mesh: jax.sharding.Mesh, *, donate_argnums=()):

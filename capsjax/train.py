@@ -132,17 +132,35 @@ def check_workdir_config(config, workdir: str) -> None:
           f"workdir {workdir} was used by a run with a different config ("
           + "; ".join(diffs[:5]) + "). Use another --workdir, or "
           "--config.overwrite=True to move the earlier run aside and start fresh")
-    if diffs:
+    if diffs and jax.process_index() == 0:
       backup = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
       os.makedirs(backup)
       for name in os.listdir(workdir):
-        if not name.startswith("previous-") and name != ".lock":
+        if not name.startswith(("previous-", ".lock")):
           shutil.move(os.path.join(workdir, name), os.path.join(backup, name))
       logging.warning("config differs from the earlier run; moved its files to %s", backup)
+  # Every process has read the saved config (and raised alike) before process 0 rewrites it.
+  _sync_processes("capsjax_config_checked")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
       json.dump(now, f, indent=2, sort_keys=True)
+  _sync_processes("capsjax_config_written")
+
+
+def _sync_processes(name: str) -> None:
+  """A barrier across the processes of a `jax.distributed` run; a no-op with one."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any of them (a collective: call in step)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 @contextlib.contextmanager
@@ -323,9 +341,9 @@ def restore_or_init(config, workdir: str, ckpt: ckpt_lib.Checkpointer, state):
 
   Returns (state, step).
   """
-  step = ckpt.latest_step()
-  if step is not None:
-    state, _ = ckpt.restore(step, state)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, _, step = restored
     logging.info("resumed from %s at step %d", ckpt.directory, step)
     return state, step
   if config.init_from:
@@ -367,6 +385,15 @@ def _setup(config, steps_per_epoch: int):
   return info, mesh, graphdef, state, aug_key, n_params
 
 
+def _first_non_finite(recent: list[tuple[int, dict]]) -> tuple[int, str, float] | None:
+  """(step, metric, value) of the first non-finite loss term / gradient norm, if any."""
+  for step, m in jax.device_get(recent):
+    for k in ("margin_loss", "recon_loss", "loss", "grad_norm", *m):
+      if k in m and not np.isfinite(m[k]):
+        return step, k, float(m[k])
+  return None
+
+
 def _train(config, workdir: str) -> dict[str, float]:
   train_images, train_labels = _load_data(config, "train", config.train_examples)
   test_images, test_labels = _load_data(config, "test", config.eval_examples)
@@ -376,12 +403,30 @@ def _train(config, workdir: str) -> dict[str, float]:
         f"config.batch_size={config.batch_size} is larger than the training set "
         f"({len(train_labels)} examples)")
   info, mesh, graphdef, state, aug_key, n_params = _setup(config, steps_per_epoch)
-  print(f"CapsNet: {n_params:,} parameters; {info.name}: {len(train_labels)} train / "
-        f"{len(test_labels)} test examples; {steps_per_epoch} steps/epoch on "
-        f"{parallel.num_devices(mesh)} device(s)", flush=True)
-  total_steps = config.num_epochs * steps_per_epoch
   is_main = jax.process_index() == 0
+  if is_main:
+    print(f"CapsNet: {n_params:,} parameters; {info.name}: {len(train_labels)} train / "
+          f"{len(test_labels)} test examples; {steps_per_epoch} steps/epoch on "
+          f"{parallel.num_devices(mesh)} device(s) in {jax.process_count()} process(es)",
+          flush=True)
+  total_steps = config.num_epochs * steps_per_epoch
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:
+    return _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
+                       steps_per_epoch, total_steps, is_main,
+                       (train_images, train_labels, test_images, test_labels))
+  except BaseException:
+    # Let a save already in flight (the last good checkpoint) finish before leaving.
+    try:
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("while stopping: %s", e)
+    raise
+
+
+def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
+                steps_per_epoch, total_steps, is_main, data):
+  train_images, train_labels, test_images, test_labels = data
   state, step = restore_or_init(config, workdir, ckpt, state)
   state = parallel.replicate(state, mesh)
   train_fn, eval_fn = make_steps(graphdef, config, steps_per_epoch, mesh)
@@ -391,16 +436,39 @@ def _train(config, workdir: str) -> dict[str, float]:
           "steps_per_epoch": steps_per_epoch}
   test_metrics: dict[str, float] = {}
   weights = LossWeights.from_config(config.loss)
+  # Under jax.distributed the processes must agree on when to stop (a signal may reach
+  # them at different steps): they compare flags at logging steps. One process: every step.
+  multi = jax.process_count() > 1
 
   def save(step, epoch_done, test_acc=None):
     ckpt.save(step, state, dict(meta, epoch=epoch_done),
               metrics=None if test_acc is None else {"test_accuracy": test_acc})
+
+  def check_finite(recent, step):
+    bad = _first_non_finite(recent)
+    if bad is not None:
+      at, name, value = bad
+      last = ckpt.latest_step()
+      raise FloatingPointError(
+          f"non-finite {name}={value} at step {at} (epoch {at / steps_per_epoch:.2f}); "
+          "training stopped without saving. " + (
+              f"The last good checkpoint is {ckpt.directory}/{last}" if last is not None
+              else "No checkpoint was written yet")
+          + f" (config.optim.learning_rate={config.optim.learning_rate}; try a lower one)")
+
+  def preempt(step, signum):
+    ckpt.close()
+    raise Preempted(
+        f"stopped by {f'signal {signum}' if signum else 'a signal to another process'} at step {step} (epoch {step / steps_per_epoch:.2f}); "
+        f"checkpoint saved in {ckpt.directory}/{step}. Rerun the same command to resume "
+        f"(exit code {PREEMPTED_EXIT_CODE})")
 
   try:
     with _StopFlag() as stop:
       while step < total_steps:
         epoch, start = divmod(step, steps_per_epoch)
         avg = metrics_lib.Averager()
+        recent: list[tuple[int, dict]] = []
         t0 = time.time()
         batches = input_pipeline.train_batches(
             train_images, train_labels, batch_size=config.batch_size, seed=config.seed,
@@ -411,22 +479,24 @@ def _train(config, workdir: str) -> dict[str, float]:
           state, m = train_fn(state, batch, aug_key)
           step += 1
           avg.add(m)
+          recent.append((step, m))
           bar.update(1)
-          if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+          log_now = step % config.log_every_steps == 0 or step % steps_per_epoch == 0
+          if log_now:
+            check_finite(recent, step)
+            recent = []
             values = avg.result()
-            metrics_lib.finite_or_raise(values, step)
             dt = time.time() - t0
             values["images_per_s"] = avg.count * config.batch_size / max(dt, 1e-9)
             writer.write(step, step / steps_per_epoch, "train", values)
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
             avg, t0 = metrics_lib.Averager(), time.time()
-          if stop.signal is not None:
+          # Mid-epoch stop; at an epoch end the epoch's evaluation and checkpoint come first.
+          if step % steps_per_epoch and (log_now or not multi) and _any_process(
+              stop.signal is not None):
+            check_finite(recent, step)  # never checkpoint non-finite parameters.
             save(step, step / steps_per_epoch)
-            ckpt.close()
-            raise Preempted(
-                f"stopped by signal {stop.signal} at step {step} (epoch "
-                f"{step / steps_per_epoch:.2f}); checkpoint saved in {ckpt.directory}. "
-                "Rerun the same command to resume.")
+            preempt(step, stop.signal)
         bar.close()
         epoch_done = step // steps_per_epoch
         test_metrics = evaluate(eval_fn, state, test_images, test_labels,
@@ -437,13 +507,18 @@ def _train(config, workdir: str) -> dict[str, float]:
         writer.write(step, epoch_done, "test", test_metrics)
         logging.info("epoch %d step %d: test accuracy %.4f, loss %.4f", epoch_done, step,
                      test_metrics["accuracy"], test_metrics["loss"])
-        print(f"epoch {epoch_done}: test accuracy {100 * test_metrics['accuracy']:.2f}% "
-              f"(loss {test_metrics['loss']:.4f})", flush=True)
-        if epoch_done % config.checkpoint_every_epochs == 0 or step == total_steps:
+        if is_main:
+          print(f"epoch {epoch_done}: test accuracy {100 * test_metrics['accuracy']:.2f}% "
+                f"(loss {test_metrics['loss']:.4f})", flush=True)
+        stopping = step < total_steps and _any_process(stop.signal is not None)
+        if (epoch_done % config.checkpoint_every_epochs == 0 or step == total_steps
+            or stopping):
           save(step, epoch_done, test_metrics["accuracy"])
         if is_main:
           metrics_lib.plot_curves(writer.path, os.path.join(workdir, "plots", "curves.png"),
                                   title=f"CapsNet on {info.name}")
+        if stopping:
+          preempt(step, stop.signal)
   finally:
     writer.close()
   ckpt.close()
