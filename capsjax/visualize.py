@@ -281,8 +281,8 @@ def plot_reconstructions(images, recons, labels, preds, class_names: Sequence[st
   n = len(images)
   cols = min(n, per_row)
   blocks = -(-n // cols)
-  fig, axes = plt.subplots(2 * blocks, cols, figsize=(1.3 * cols + 0.8, 2.9 * blocks),
-                           squeeze=False)
+  fig, axes = plt.subplots(2 * blocks, cols, figsize=(1.3 * cols + 0.8, 3.0 * blocks + 0.4),
+                           squeeze=False, layout="constrained")
   for ax in axes.ravel():
     ax.axis("off")
   for i in range(n):
@@ -303,27 +303,31 @@ def plot_reconstructions(images, recons, labels, preds, class_names: Sequence[st
 
 
 def plot_perturbations(grid, deltas, path: str, *, image=None, title: str = "") -> str:
-  """grid [D_out, K, H, W, C] -> D_out rows (capsule dims) x K columns (offsets)."""
+  """grid [D_out, K, H, W, C] -> D_out rows (capsule dims) x K columns (offsets).
+
+  The input `image` [H, W, C], if given, is drawn in an extra column on the right.
+  """
   plt = _plt()
   d_out, k = grid.shape[:2]
   extra = 0 if image is None else 1
-  fig, axes = plt.subplots(d_out, k + extra, figsize=(0.75 * (k + extra) + 0.8, 0.75 * d_out + 0.9),
-                           squeeze=False)
+  fig, axes = plt.subplots(d_out, k + extra, squeeze=False, layout="constrained",
+                           figsize=(0.8 * (k + extra) + 0.8, 0.8 * d_out + 1.0))
   for d in range(d_out):
     for j in range(k):
-      ax = axes[d, j + extra]
+      ax = axes[d, j]
       _show(ax, grid[d, j])
       if d == 0:
-        ax.set_title(f"{deltas[j]:+.2f}", fontsize=7)
+        ax.set_title(f"{deltas[j]:+.2f}", fontsize=8)
       if j == 0:
-        ax.set_ylabel(f"dim {d}", fontsize=7, rotation=0, ha="right", va="center")
+        ax.set_ylabel(f"dim {d}", fontsize=8, rotation=0, ha="right", va="center")
     if extra:
-      axes[d, 0].axis("off")
+      axes[d, k].axis("off")
   if extra:
-    _show(axes[0, 0], image)
-    axes[0, 0].axis("on")
-    axes[0, 0].set_title("input", fontsize=7)
-  fig.supxlabel("offset added to the capsule dimension", fontsize=9)
+    _show(axes[0, k], image)
+    axes[0, k].axis("on")
+    axes[0, k].set_title("input", fontsize=8)
+  fig.supxlabel("offset added to the capsule dimension (column) / capsule dimension (row)",
+                fontsize=9)
   fig.suptitle(title or "Capsule dimension perturbations")
   return _save(fig, path)
 

@@ -213,7 +213,7 @@ def write_markdown(path: str, config, results: Sequence[dict], rows: Sequence[di
         f"| {r['iterations']} | {r['num_seeds']} | {100 * r['accuracy_mean']:.2f} ± "
         f"{100 * r['accuracy_std']:.2f} | {r['loss']:.4f} | {r['margin_loss']:.4f} | "
         f"{r['recon_loss']:.4f} | {r['images_per_s']:.1f} | {r['wall_s']:.1f} | "
-        f"{r['coupling_entropy']:.4f} ± {r['coupling_entropy_std']:.4f} |")
+        f"{r['coupling_entropy']:.4f} ± {r['coupling_entropy_std']:.2g} |")
   lines += ["", "± is the standard deviation over seeds (0 with one seed). Coupling entropy: "
             f"mean over primary capsules of the entropy of their coupling distribution "
             f"over the classes; uniform = ln {info.num_classes} = "
