@@ -6,6 +6,20 @@
   python -m capsjax.main --config=configs/fashion.py --workdir=... --config.mode=eval
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
+
+Multi-process (one process per GPU, or per host): `jax.distributed.initialize()` runs
+when --distributed=on, when --coordinator_address/--num_processes/--process_id are
+given, or (--distributed=auto, the default) under a SLURM step with more than one task,
+where JAX reads the coordinator, process count and id from SLURM's environment.
+  python -m capsjax.main ... --coordinator_address=host0:12345 --num_processes=2 --process_id=0
+
+Exit codes:
+  0   finished
+  1   a bug (Python traceback)
+  2   a user error (bad flag/config value, missing data, wrong checkpoint, non-finite
+      loss, disk full, workdir in use): one line `capsjax: error: ...` on stderr
+  75  preempted: SIGTERM/SIGINT received, a checkpoint was saved at the next step
+      boundary; rerun the same command to resume (EX_TEMPFAIL; see experiments/slurm/)
 """
 
 import os
@@ -21,6 +35,18 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fashion.py or configs/fashion.py:quick.",
     lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Call jax.distributed.initialize(): 'auto' = when the flags below are given or under a "
+    "multi-task SLURM step (JAX then reads SLURM_* variables); 'on' = always (JAX "
+    "auto-detects SLURM/Open MPI/cloud TPU settings the flags leave unset); 'off' = never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator service (also JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.",
+                                   lower_bound=0)
 
 # User mistakes (a bad config value, missing data, a wrong checkpoint) end with one line
 # naming the problem instead of a traceback.
@@ -40,6 +66,34 @@ class _QuietLibraries:
             or not any(p in record.pathname for p in self._NOISY))
 
 
+def _slurm_tasks() -> int:
+  return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def _maybe_init_distributed(jax) -> None:
+  """Starts JAX's distributed runtime; must run before any JAX computation."""
+  explicit = (_COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
+              or _PROCESS_ID.value is not None)
+  mode = _DISTRIBUTED.value
+  if mode == "off" or (mode == "auto" and not explicit and _slurm_tasks() <= 1
+                       and "JAX_COORDINATOR_ADDRESS" not in os.environ):
+    return
+  # Cross-process collectives on CPU hosts (tests, CPU clusters); GPUs use NCCL.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  except (ValueError, RuntimeError) as e:
+    raise RuntimeError(
+        f"jax.distributed.initialize(coordinator_address={_COORDINATOR.value!r}, "
+        f"num_processes={_NUM_PROCESSES.value}, process_id={_PROCESS_ID.value}) failed: "
+        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -49,10 +103,11 @@ def main(argv):
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
-  logging.info("config:\n%s", config)
-  logging.info("JAX %s, backend %s, devices: %s", jax.__version__, jax.default_backend(),
-               jax.devices())
   try:
+    _maybe_init_distributed(jax)
+    logging.info("config:\n%s", config)
+    logging.info("JAX %s, backend %s, devices: %s", jax.__version__, jax.default_backend(),
+                 jax.devices())
     train.train_and_evaluate(config, _WORKDIR.value)
   except train.Preempted as e:
     print(f"capsjax: {e}", file=sys.stderr, flush=True)
