@@ -1,0 +1,138 @@
+"""Exact resume after SIGKILL (after a checkpoint, and mid async save) and after SIGTERM.
+
+Each run is a real `capsjax.main` process (via `experiments.fault_injection child`, which
+adds test-only hooks that pause the child at a chosen point so the kill lands there) on
+TFDS mock MNIST data with the `:smoke` config: 32 examples / batch 8 = 4 steps per epoch,
+3 epochs. The final parameters, read back from the final checkpoint, must be
+bit-identical to an uninterrupted run. Child processes share a JAX compilation cache.
+"""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from capsjax import checkpoint as ckpt_lib
+from capsjax import input_pipeline
+from capsjax import train
+from experiments import fault_injection as fi
+from tests import helpers
+
+CONFIG = "configs/fashion.py:smoke"
+OVERRIDES = ("--config.dataset=mnist", "--config.train_examples=32", "--config.num_epochs=3")
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _env(cache, **hooks):
+  return fi.child_env(devices=1, cache_dir=cache, mock_examples=48, **hooks)
+
+
+def _start(workdir, cache, **hooks):
+  os.makedirs(workdir, exist_ok=True)
+  return fi.start(fi.child_cmd(CONFIG, workdir, *OVERRIDES), _env(cache, **hooks),
+                  os.path.join(workdir, "..", os.path.basename(workdir) + ".log"))
+
+
+def _log(workdir):
+  with open(os.path.join(workdir, "..", os.path.basename(workdir) + ".log")) as f:
+    return f.read()
+
+
+def _finish(workdir, cache, **hooks):
+  proc = _start(workdir, cache, **hooks)
+  rc = proc.wait(timeout=TIMEOUT)
+  assert rc == 0, _log(workdir)[-3000:]
+
+
+def _final_params(workdir):
+  """The model parameters of the latest checkpoint in `workdir`, as NumPy arrays."""
+  config = helpers.smoke_config(dataset="mnist")
+  info = input_pipeline.dataset_info("mnist")
+  _, state = train.create_model_and_optimizer(config, info, 4, jax.random.key(0))
+  restored, meta, step = ckpt_lib.Checkpointer(workdir, read_only=True).restore_latest(state)
+  return jax.device_get(restored), step
+
+
+def _assert_identical(workdir, reference):
+  (ref_state, ref_step), (state, step) = reference, _final_params(workdir)
+  assert step == ref_step == 12
+  jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, jax_cache):
+  workdir = str(tmp_path_factory.mktemp("ref") / "run")
+  _finish(workdir, jax_cache)
+  return _final_params(workdir)
+
+
+def _checkpoints(workdir):
+  return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, jax_cache, reference):
+  workdir = str(tmp_path / "run")
+  marker = str(tmp_path / "marker")
+  # 1. SIGTERM in the middle of epoch 2 (after step 6): checkpoint at the step boundary,
+  #    exit code 75.
+  proc = _start(workdir, jax_cache, hold_at_step=6, marker=marker)
+  assert fi.wait_for(marker, proc, TIMEOUT), _log(workdir)[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=TIMEOUT) == train.PREEMPTED_EXIT_CODE == 75, _log(workdir)[-3000:]
+  assert "capsjax: stopped by signal 15 at step 6 (epoch 1.50)" in _log(workdir)
+  assert _checkpoints(workdir) == ["4", "6"]
+  os.remove(marker)
+  # 2. Resume mid-epoch; SIGKILL once the next (epoch-end) checkpoint is complete.
+  proc = _start(workdir, jax_cache, hold_after_save=8, marker=marker)
+  assert fi.wait_for(marker, proc, TIMEOUT), _log(workdir)[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=TIMEOUT)
+  assert _checkpoints(workdir)[-1] == "8"
+  # 3. Resume to the end.
+  _finish(workdir, jax_cache)
+  _assert_identical(workdir, reference)
+  # Every step was logged once, and each epoch's evaluation too.
+  rows = [line.split(",")[:3] for line in open(os.path.join(workdir, "metrics.csv"))][1:]
+  assert [int(s) for s, _, split in rows if split == "test"] == [4, 8, 12]
+  train_steps = [int(s) for s, _, split in rows if split == "train"]
+  assert train_steps == sorted(set(train_steps)), train_steps
+
+
+def test_sigkill_during_async_save_then_resume_is_bit_identical(tmp_path, jax_cache,
+                                                                 reference):
+  workdir = str(tmp_path / "run")
+  marker = str(tmp_path / "marker")
+  # Hang inside the save of step 8, before Orbax renames its temporary directory.
+  proc = _start(workdir, jax_cache, hold_in_save=8, marker=marker)
+  assert fi.wait_for(marker, proc, TIMEOUT), _log(workdir)[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=TIMEOUT)
+  names = _checkpoints(workdir)
+  assert "4" in names and "8" not in names, names
+  assert any(n.startswith("8.orbax-checkpoint-tmp") for n in names), names
+  _finish(workdir, jax_cache)
+  log = _log(workdir)
+  assert "ignoring incomplete checkpoint" in log and "8.orbax-checkpoint-tmp" in log
+  assert "resumed from" in log and "at step 4" in log
+  assert not [n for n in _checkpoints(workdir) if "tmp" in n]
+  _assert_identical(workdir, reference)
+
+
+@pytest.mark.slow
+def test_fault_injection_script_reports_no_divergence(tmp_path, capfd):
+  bad = fi.run(2, seed=1, config=CONFIG, overrides=OVERRIDES, mock_examples=48,
+               root=str(tmp_path), verbose=True)
+  assert bad == 0
+  assert "2 resumes, 0 divergences" in capfd.readouterr().out
+
+
+def test_preempted_exit_code_is_documented():
+  from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
+  assert "75  preempted" in main_lib.__doc__
