@@ -1,0 +1,148 @@
+"""Tests for capsjax.conv: every lowering equals `lax.conv_general_dilated`.
+
+The reference is `lax.conv_general_dilated` itself (impl 'xla' is a thin wrapper), and
+each lowering is compared with it in the output and in both gradients (w.r.t. x and w,
+through `jax.vjp` with a random cotangent), all under `jax.jit`. Shapes are tiny.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+from capsjax import conv
+
+LOWERINGS = [i for i in conv.IMPLS if i != "auto"]
+# (x shape [B, H, W, C_in], w shape [kh, kw, C_in, C_out], stride)
+CASES = [
+    ((2, 12, 12, 1), (9, 9, 1, 4), 1),      # Conv1-like, 1 input channel
+    ((2, 20, 20, 6), (9, 9, 6, 8), 2),      # PrimaryCaps-like
+    ((3, 11, 14, 3), (3, 5, 3, 5), 2),      # non-square image and kernel, 3 channels
+    ((2, 10, 13, 3), (4, 2, 3, 2), 3),      # stride 3, odd sizes
+    ((2, 7, 9, 2), (1, 1, 2, 3), 3),        # kernel smaller than the stride
+    ((1, 5, 5, 2), (5, 5, 2, 2), 2),        # kernel == image, 1x1 output
+    ((2, 9, 8, 3), (2, 3, 3, 4), 1),        # small kernel, stride 1
+]
+
+
+def reference(x, w, stride):
+  return lax.conv_general_dilated(x, w, (stride, stride), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def value_and_grads(fn, x, w, g):
+  y, vjp = jax.vjp(fn, x, w)
+  return (y, *vjp(g))                                      # y, dx, dw
+
+
+def random_case(x_shape, w_shape, stride, seed=0, dtype=jnp.float32):
+  """NumPy random x, w and output cotangent g (no per-shape compiles of jax.random)."""
+  rng = np.random.default_rng(seed)
+  ho = (x_shape[1] - w_shape[0]) // stride + 1
+  wo = (x_shape[2] - w_shape[1]) // stride + 1
+  g_shape = (x_shape[0], ho, wo, w_shape[3])
+  return tuple(jnp.asarray(rng.standard_normal(s), dtype)
+               for s in (x_shape, w_shape, g_shape))
+
+
+@pytest.mark.parametrize("impl", LOWERINGS)
+@pytest.mark.parametrize("x_shape,w_shape,stride", CASES)
+def test_matches_reference_values_and_grads(impl, x_shape, w_shape, stride):
+  x, w, g = random_case(x_shape, w_shape, stride)
+  expected = jax.jit(lambda x, w, g: value_and_grads(
+      lambda x, w: reference(x, w, stride), x, w, g))(x, w, g)
+  actual = jax.jit(lambda x, w, g: value_and_grads(
+      lambda x, w: conv.conv2d(x, w, stride=stride, impl=impl), x, w, g))(x, w, g)
+  for name, a, e in zip(("y", "dx", "dw"), actual, expected):
+    assert a.shape == e.shape and a.dtype == e.dtype, name
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", LOWERINGS)
+def test_bfloat16(impl):
+  x, w, g = random_case((2, 11, 11, 4), (5, 5, 4, 8), 2)
+  xb, wb, gb = (a.astype(jnp.bfloat16) for a in (x, w, g))
+  y, dx, dw = jax.jit(lambda x, w, g: value_and_grads(
+      lambda x, w: conv.conv2d(x, w, stride=2, impl=impl), x, w, g))(xb, wb, gb)
+  assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
+  # Compared with float32 maths on the same (bf16-rounded) inputs: only the output
+  # rounding to bfloat16 differs, since accumulation is in float32.
+  xf, wf, gf = (a.astype(jnp.float32) for a in (xb, wb, gb))
+  expected = value_and_grads(lambda x, w: reference(x, w, 2), xf, wf, gf)
+  for name, a, e in zip(("y", "dx", "dw"), (y, dx, dw), expected):
+    np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=2e-2,
+                               atol=2e-2 * float(jnp.max(jnp.abs(e))), err_msg=name)
+
+
+@pytest.mark.parametrize("impl", LOWERINGS)
+def test_vmap_and_grad(impl):
+  x, w, _ = random_case((6, 10, 10, 2), (3, 3, 2, 3), 2)
+
+  def loss(w, x):
+    return jnp.sum(jnp.square(conv.conv2d(x, w, stride=2, impl=impl)))
+
+  # vmap over an extra leading axis == the flat batch.
+  xs = x.reshape(2, 3, 10, 10, 2)
+  per_group = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, xs)
+  flat = jax.jit(jax.grad(loss))(w, x)
+  np.testing.assert_allclose(per_group.sum(0), flat, rtol=1e-5, atol=1e-4)
+  expected = jax.grad(lambda w, x: jnp.sum(jnp.square(reference(x, w, 2))))(w, x)
+  np.testing.assert_allclose(flat, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", LOWERINGS)
+def test_batch_sharded_on_explicit_mesh(impl):
+  """A jitted grad step with the batch sharded over 4 devices keeps the batch sharding."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 CPU devices (tests/conftest.py)")
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+  x, w, _ = random_case((8, 13, 13, 3), (5, 5, 3, 4), 2)
+
+  def loss(w, x):
+    y = conv.conv2d(x, w, stride=2, impl=impl)             # [B, 5, 5, 4]
+    return jnp.mean(jnp.square(y)), y
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (l_ref, _), (gw_ref, gx_ref) = step(w, x)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    wr = jax.device_put(w, NamedSharding(mesh, P()))
+    (l, y), (gw, gx) = step(wr, xs)
+  assert y.sharding.spec == P("data", None, None, None)
+  assert gx.sharding.spec == P("data", None, None, None)
+  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  np.testing.assert_allclose(gw, gw_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_impls_and_auto():
+  assert "xla" in conv.IMPLS and "auto" in conv.IMPLS
+  assert conv.resolve_impl("auto") in LOWERINGS
+  if jax.default_backend() == "cpu":
+    assert conv.resolve_impl("auto") == "im2col"
+  for impl in LOWERINGS:
+    assert conv.resolve_impl(impl) == impl
+  x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)
+  np.testing.assert_allclose(conv.conv2d(x, w, stride=2, impl="auto"),
+                             reference(x, w, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_impl_raises_naming_it():
+  x, w, _ = random_case((1, 5, 5, 1), (3, 3, 1, 1), 1)
+  with pytest.raises(ValueError, match="'cudnn'"):
+    conv.conv2d(x, w, impl="cudnn")
+  with pytest.raises(ValueError, match="'fast'"):
+    conv.resolve_impl("fast")
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,match", [
+    ((5, 5, 1), (3, 3, 1, 1), 1, "x must have shape"),
+    ((1, 5, 5, 2), (3, 3, 1, 1), 1, "C_in"),
+    ((1, 3, 5, 1), (4, 3, 1, 1), 1, "larger than the image"),
+    ((1, 5, 5, 1), (3, 3, 1, 1), 0, "stride"),
+])
+def test_bad_shapes_raise(x_shape, w_shape, stride, match):
+  with pytest.raises(ValueError, match=match):
+    conv.conv2d(jnp.zeros(x_shape), jnp.zeros(w_shape), stride=stride, impl="im2col")
