@@ -129,10 +129,8 @@ class Checkpointer:
     except OSError as e:
       reason = ("the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
                 else f"{type(e).__name__}: {e}")
-      try:
-        kept = sorted(self._mngr.all_steps())
-      except Exception:  # pylint: disable=broad-except
-        kept = []
+      kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if (
+          os.path.isdir(self.directory)) else []
       raise CheckpointSaveError(
           f"could not write checkpoint (step {step}) in {self.directory}: {reason}. "
           f"Earlier checkpoints are kept (steps {kept}); free space and rerun the same "
@@ -161,7 +159,8 @@ class Checkpointer:
     A checkpoint that cannot be read (e.g. damaged by a full disk) is skipped with a
     warning in favour of the one before; one of another architecture raises.
     """
-    for step in sorted(self.all_steps(), reverse=True):
+    steps = sorted(self.all_steps(), reverse=True)
+    for step in steps:
       try:
         state, meta = self.restore(step, target)
         return state, meta, step
@@ -170,6 +169,10 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("cannot read checkpoint %s/%d (%s: %s); trying the previous one",
                         self.directory, step, type(e).__name__, e)
+    if steps:  # Never silently start over next to checkpoints that exist.
+      raise RuntimeError(
+          f"none of the checkpoints {sorted(steps)} in {self.directory} can be read (see the "
+          "warnings above); move the directory aside to start over")
     return None
 
   def wait(self) -> None:

@@ -23,6 +23,7 @@ Exit codes:
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -94,6 +95,21 @@ def _maybe_init_distributed(jax) -> None:
                jax.device_count())
 
 
+def _parse_flags(argv):
+  """absl's parser, but a misspelt `--config.` field is a one-line error, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # raised by ml_collections for unknown fields.
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
+    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    what = (f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint
+            else text.strip("'\"").splitlines()[0])
+    print(f"capsjax: error: unknown config field {what} in: {overrides}", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -121,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -125,9 +125,9 @@ def child_main(argv):
   if n:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     with tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE):
-      app.run(main_lib.main, argv=argv)
+      app.run(main_lib.main, argv=argv, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
   else:
-    app.run(main_lib.main, argv=argv)
+    app.run(main_lib.main, argv=argv, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""Checkpoint safety and the user-error guards (one line, exit code 2, no traceback).
+
+Runs in-process on TFDS mock MNIST with the `:smoke` config (4 steps per epoch); the
+CLI checks call `capsjax.main.main` with parsed flags, or a real process where flag
+parsing itself is under test.
+"""
+
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+
+from capsjax import checkpoint as ckpt_lib
+from capsjax import losses
+from capsjax import metrics as metrics_lib
+from capsjax import train
+from tests import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def mock():
+  with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+def _config(**overrides):
+  return helpers.smoke_config(**{"dataset": "mnist", "train_examples": 32, **overrides})
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory, mock):
+  """A finished 2-epoch run: checkpoints 4 and 8."""
+  workdir = str(tmp_path_factory.mktemp("src") / "run")
+  train.train_and_evaluate(_config(), workdir)
+  return workdir
+
+
+def _copy(src, tmp_path):
+  dst = str(tmp_path / "run")
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _cli(capsys, *argv):
+  """Runs capsjax.main.main in-process with `--workdir=...` and `--config.k=v` flags.
+
+  The flags are applied to the `:smoke` config here (flag parsing itself is tested in
+  a real process below); returns (exit code, 'capsjax' lines of stderr, stderr).
+  """
+  from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
+  values = dict(a[2:].split("=", 1) for a in argv)
+  config = _config(**{k[len("config."):]: _parse(v) for k, v in values.items()
+                      if k.startswith("config.")})
+  holder = lambda v: types.SimpleNamespace(value=v)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(main_lib, "flags", types.SimpleNamespace(
+        FLAGS=types.SimpleNamespace(config=config, verbosity=0)))
+    mp.setattr(main_lib, "_WORKDIR", holder(values["workdir"]))
+    for name in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
+      mp.setattr(main_lib, name, holder(None))
+    mp.setattr(main_lib, "_DISTRIBUTED", holder("off"))
+    handler = absl_logging.get_absl_handler()
+    filters = list(handler.filters)
+    try:
+      with pytest.raises(SystemExit) as e:
+        main_lib.main(["capsjax"])
+    finally:
+      handler.filters[:] = filters
+  err = capsys.readouterr().err
+  return e.value.code, [l for l in err.splitlines() if l.startswith("capsjax")], err
+
+
+def _parse(v):
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return v
+
+
+def _one_line_error(capsys, expected, *argv):
+  code, lines, err = _cli(capsys, *argv)
+  assert code == 2, err
+  assert len(lines) == 1 and lines[0].startswith("capsjax: error: "), err
+  assert "Traceback" not in err
+  for part in expected:
+    assert part in lines[0], lines[0]
+
+
+def test_cli_unknown_config_field_fails_at_flag_parsing(tmp_path):
+  r = subprocess.run(
+      [sys.executable, "-m", "capsjax.main", "--config=configs/fashion.py:smoke",
+       f"--workdir={tmp_path}", "--config.model.routing_iteration=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr
+  assert r.stderr.strip() == (
+      'capsjax: error: unknown config field "routing_iteration" (did you mean '
+      '"routing_iterations"?) in: --config.model.routing_iteration=1'), r.stderr
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (("--config.dataset=mnist_typo",), ("mnist_typo",)),
+    (("--config.model.routing_iterations=0",),
+     ("config.model.routing_iterations must be an int >= 1, got 0",)),
+    (("--config.batch_size=6",),
+     ("config.batch_size=6 must be a positive multiple of the number of devices (4)",)),
+])
+def test_cli_config_guards(capsys, tmp_path, mock, argv, expected):
+  _one_line_error(capsys, expected, f"--workdir={tmp_path}", *argv)
+
+
+def test_cli_init_from_missing_and_other_architecture(capsys, tmp_path, src):
+  _one_line_error(capsys, ("does not exist", str(tmp_path / "nothing")),
+                  f"--workdir={tmp_path / 'a'}", f"--config.init_from={tmp_path / 'nothing'}")
+  _one_line_error(capsys, ("parameter 0/decoder/layers/0/kernel has shape (80, 32) in the "
+                           "checkpoint but (40, 32) in the model",),
+                  f"--workdir={tmp_path / 'b'}", f"--config.init_from={src}",
+                  "--config.model.digit_dim=4")
+
+
+def test_cli_workdir_with_other_config_and_locked_workdir(capsys, tmp_path, src):
+  workdir = _copy(src, tmp_path)
+  _one_line_error(capsys, ("was used by a run with a different config",
+                           "seed: 0 (saved) vs 1 (now)", "--config.overwrite=True"),
+                  f"--workdir={workdir}", "--config.seed=1", "--config.keep_checkpoints=1")
+  with open(os.path.join(workdir, ".lock.0"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process trains here.
+    _one_line_error(capsys, ("is in use by another capsjax process",),
+                    f"--workdir={workdir}", "--config.keep_checkpoints=1")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, src, monkeypatch):
+  workdir = _copy(src, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))  # resume from step 4.
+  good = ckpt_lib.Checkpointer(workdir, read_only=True).all_steps()
+  orig = losses.margin_loss
+  monkeypatch.setattr(losses, "margin_loss", lambda *a, **k: orig(*a, **k) * jnp.nan)
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite margin_loss=nan at step 5 \(epoch 1.25\); training "
+                           r"stopped without saving. The last good checkpoint is .*/4"):
+    train.train_and_evaluate(_config(), workdir)
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == good == [4]
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoints(tmp_path, src, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  workdir = _copy(src, tmp_path)
+  orig = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    if self._final_path.name == "12":  # pylint: disable=protected-access
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return await orig(self)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  with pytest.raises(ckpt_lib.CheckpointSaveError,
+                     match=r"could not write checkpoint \(step 12\) in .*: the disk is full. "
+                           r"Earlier checkpoints are kept \(steps \[4, 8\]\)"):
+    train.train_and_evaluate(_config(keep_checkpoints=1, num_epochs=3), workdir)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", orig)
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [4, 8]
+  # With space again, the same command resumes at step 8 and finishes.
+  summary = train.train_and_evaluate(_config(keep_checkpoints=1, num_epochs=3), workdir)
+  assert summary["step"] == 12
+
+
+def test_incomplete_checkpoint_ignored_and_best_never_deleted(tmp_path, src, caplog):
+  workdir = _copy(src, tmp_path)
+  tmp_dir = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-123")
+  os.makedirs(os.path.join(tmp_dir, "state"))  # a save killed half-way.
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  assert ckpt.latest_step() == 8
+  rows = metrics_lib.read_csv(os.path.join(workdir, "metrics.csv"))
+  tests = [(float(r["accuracy"]), int(r["step"])) for r in rows if r["split"] == "test"]
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(_config(keep_checkpoints=1, num_epochs=4), workdir)
+  assert "ignoring incomplete checkpoint" in caplog.text and "9.orbax-checkpoint-tmp" in caplog.text
+  assert not os.path.exists(tmp_dir)
+  rows = metrics_lib.read_csv(os.path.join(workdir, "metrics.csv"))
+  tests = [(float(r["accuracy"]), int(r["step"])) for r in rows if r["split"] == "test"]
+  best = max(acc for acc, _ in tests)
+  steps = ckpt_lib.Checkpointer(workdir, read_only=True).all_steps()
+  # keep_checkpoints=1: the latest, plus a checkpoint with the best test accuracy.
+  assert steps[-1] == 16 and any(acc == best and s in steps for acc, s in tests), (tests, steps)
+
+
+def test_restore_falls_back_to_previous_readable_checkpoint(tmp_path, src, caplog):
+  workdir = _copy(src, tmp_path)
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "8", "state")):
+    for name in files:
+      os.remove(os.path.join(root, name))  # damaged (e.g. by a full disk in a copy).
+  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  _, state = train.create_model_and_optimizer(
+      _config(), input_pipeline.dataset_info("mnist"), 4, jax.random.key(0))
+  with caplog.at_level("WARNING"):
+    _, meta, step = ckpt_lib.Checkpointer(workdir, read_only=True).restore_latest(state)
+  assert step == 4 and meta["step"] == 4
+  assert "cannot read checkpoint" in caplog.text
