@@ -11,7 +11,8 @@
   followed by col2im. col2im is split by stride phase (dx[s*a + p] only receives taps
   i = p + s*m), so it sums shifted, zero-padded slices of no more than
   ceil(kh/s)*ceil(kw/s) taps per phase, and interleaves the s*s phases. Forward and both
-  gradients are a GEMM each, plus memory-bound slicing.
+  gradients are a GEMM each, plus memory-bound slicing. Being a `jax.custom_vjp`, it
+  supports reverse mode (grad, vjp, grad-of-grad) but not forward mode (jvp, jacfwd).
 * 's2d': space-to-depth: pad to a multiple of the stride, fold each s x s block into the
   channels and run a stride-1 `lax` conv with a ceil(kh/s) x ceil(kw/s) kernel (the
   original kernel zero-padded and folded the same way). Stride 1 is plain 'xla'.
