@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from typing import Iterable, Mapping
 
 import jax
@@ -56,6 +57,10 @@ class MetricWriter:
     self.enabled = enabled
     self.path = os.path.join(workdir, CSV_NAME)
     self._tb = None
+    # wall_s counts the run's seconds across resumed invocations: it continues from the
+    # last row kept at the resume step.
+    self._t0 = time.time()
+    self._wall_offset = 0.0
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -64,6 +69,9 @@ class MetricWriter:
     if not os.path.exists(self.path):
       with open(self.path, "w", newline="") as f:
         csv.DictWriter(f, CSV_FIELDS).writeheader()
+    else:
+      walls = [float(r["wall_s"]) for r in read_csv(self.path) if r.get("wall_s")]
+      self._wall_offset = max(walls, default=0.0)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -73,6 +81,7 @@ class MetricWriter:
   def write(self, step: int, epoch: float, split: str, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
+    values = {"wall_s": self._wall_offset + time.time() - self._t0, **values}
     row = {"step": step, "epoch": f"{epoch:.4f}", "split": split}
     row.update({k: f"{float(v):.6g}" for k, v in values.items() if k in CSV_FIELDS})
     with open(self.path, "a", newline="") as f:

@@ -27,10 +27,18 @@ def test_writer_truncates_rows_after_resume_step_and_plots(tmp_path):
   rows = metrics.read_csv(w.path)
   assert [r["step"] for r in rows] == ["10", "20", "30", "30"]
   assert "junk" not in rows[0]
-  # A run resumed from step 20 recomputes step 30: its old rows go.
+  walls = [float(r["wall_s"]) for r in rows]
+  assert walls == sorted(walls) and walls[0] >= 0
+  # A run resumed from step 20 recomputes step 30: its old rows go, and wall time
+  # continues from the last kept row.
   w = metrics.MetricWriter(str(tmp_path), resume_step=20)
+  w.write(30, 3, "train", {"loss": 0.2, "wall_s": 123.0})
+  w.write(40, 4, "train", {"loss": 0.2})
   w.close()
-  assert [r["step"] for r in metrics.read_csv(w.path)] == ["10", "20"]
+  rows = metrics.read_csv(w.path)
+  assert [r["step"] for r in rows] == ["10", "20", "30", "40"]
+  assert float(rows[2]["wall_s"]) == 123.0  # an explicit value wins.
+  assert float(rows[3]["wall_s"]) >= float(rows[1]["wall_s"])
   out = metrics.plot_curves(w.path, str(tmp_path / "plots" / "c.png"), title="t")
   assert os.path.getsize(out) > 1000
 
