@@ -90,9 +90,17 @@ class RoutedCaps(nnx.Module):
     return u_hat
 
   def __call__(self, u: jax.Array, *, return_couplings: bool = False):
-    """u: [B, N_in, D_in] -> v: [B, N_out, D_out] (and c: [B, N_in, N_out])."""
-    return caps_ops.dynamic_routing(
-        self.predictions(u), self.routing_iterations, stop_gradient=self.stop_gradient,
+    """u: [B, N_in, D_in] -> v: [B, N_out, D_out] (and c: [B, N_in, N_out]).
+
+    Equal to `dynamic_routing(self.predictions(u), ...)`, computed by
+    `caps_ops.predict_and_route`, which never builds u_hat in the [B, N_in, N_out, D_out]
+    layout (~4x faster forward and backward on CPU). With a bfloat16 dtype, u and W are
+    rounded to bfloat16 and their products accumulated in float32, as in `predictions`.
+    """
+    f32 = jnp.float32
+    return caps_ops.predict_and_route(
+        u.astype(self.dtype).astype(f32), self.w[...].astype(self.dtype).astype(f32),
+        self.routing_iterations, stop_gradient=self.stop_gradient,
         return_couplings=return_couplings)
 
 

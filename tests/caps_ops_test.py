@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
+from capsjax import caps_ops
 from capsjax.caps_ops import RoutingResult, capsule_lengths, dynamic_routing, squash
 
 
@@ -423,3 +424,47 @@ class TestDynamicRouting:
     with jax.enable_x64(True):
       u_hat = jnp.asarray(random_u_hat((4, 3, 2), seed=25, dtype=np.float64))
       check_grads(jit_routing(num_iterations), (u_hat,), order=1, modes=["fwd", "rev"])
+
+
+class TestPredictAndRoute:
+  """`predict_and_route(u, w)` equals `dynamic_routing(einsum(u, w))`: values and grads."""
+
+  @pytest.mark.parametrize("num_iterations", [1, 2, 3, 4])
+  @pytest.mark.parametrize("stop_gradient", [False, True])
+  def test_matches_dynamic_routing_values_and_grads(self, num_iterations, stop_gradient):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(7)
+      u = jnp.asarray(rng.standard_normal((3, 7, 5)) * 0.5)            # [B, N_in, D_in]
+      w = jnp.asarray(rng.standard_normal((7, 4, 5, 6)) * 0.5)         # [N_in, N_out, D_in, D_out]
+      gv = jnp.asarray(rng.standard_normal((3, 4, 6)))
+      gc = jnp.asarray(rng.standard_normal((3, 7, 4)))
+
+      def objective(fn):
+        def f(u, w):
+          r = fn(u, w)
+          return jnp.sum(r.v * gv) + jnp.sum(r.c * gc)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+      kw = dict(stop_gradient=stop_gradient, return_couplings=True)
+      expected = objective(lambda u, w: caps_ops.dynamic_routing(
+          jnp.einsum('bni,nmio->bnmo', u, w), num_iterations, **kw))(u, w)
+      actual = objective(lambda u, w: caps_ops.predict_and_route(
+          u, w, num_iterations, **kw))(u, w)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+                   actual, expected)
+
+  def test_float32_plain_call_and_finite_grads(self):
+    rng = np.random.default_rng(8)
+    u = jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 3, 4, 5)) * 0.1, jnp.float32)
+    v = jax.jit(lambda u, w: caps_ops.predict_and_route(u, w, 3))(u, w)
+    np.testing.assert_allclose(
+        v, caps_ops.dynamic_routing(jnp.einsum('bni,nmio->bnmo', u, w), 3),
+        rtol=1e-5, atol=1e-6)
+    grads = jax.jit(jax.grad(lambda u, w: jnp.sum(caps_ops.predict_and_route(u, w, 3)),
+                             argnums=(0, 1)))(u, w)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+  def test_bad_shapes_raise(self):
+    with pytest.raises(ValueError, match="N_in"):
+      caps_ops.predict_and_route(jnp.ones((2, 6, 4)), jnp.ones((5, 3, 4, 5)), 2)
