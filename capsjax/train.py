@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -280,9 +280,8 @@ def make_steps(graphdef, config, steps_per_epoch: int, mesh):
 
 
 def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *,
-             batch_size: int, mesh, weights: LossWeights | None = None) -> dict[str, float]:
+             batch_size: int, mesh) -> dict[str, float]:
   """Accuracy and mean losses over every example of (images, labels) exactly once."""
-  del weights
   totals: dict[str, float] = {}
   batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)
   for batch in parallel.prefetch(batches, mesh):

@@ -3,7 +3,6 @@
 import importlib
 
 import pytest
-from ml_collections import config_dict
 
 from capsjax import input_pipeline
 from capsjax import optim
