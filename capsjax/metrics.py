@@ -2,6 +2,8 @@
 
 Files a run writes into its workdir (only process 0 writes):
   metrics.csv        one row per logged step: step, epoch, split, and the metric columns
+  epochs.csv         one row per epoch: train (mean over the epoch) and test losses and
+                     accuracy, learning rate, seconds and images/s (as Keras' CSVLogger)
   tensorboard/       TensorBoard event files (`tensorboard --logdir WORKDIR/tensorboard`)
   plots/curves.png   accuracy and loss curves, redrawn after every epoch
 """
@@ -12,7 +14,7 @@ import csv
 import math
 import os
 import time
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,10 @@ from absl import logging
 CSV_NAME = "metrics.csv"
 CSV_FIELDS = ("step", "epoch", "split", "loss", "margin_loss", "recon_loss", "accuracy",
               "learning_rate", "grad_norm", "images_per_s", "wall_s")
+EPOCH_CSV_NAME = "epochs.csv"
+_TERMS = ("loss", "margin_loss", "recon_loss", "accuracy")
+EPOCH_FIELDS = ("epoch", "step", *(f"train_{k}" for k in _TERMS),
+                *(f"test_{k}" for k in _TERMS), "learning_rate", "seconds", "images_per_s")
 
 
 def accuracy(lengths: jax.Array, labels: jax.Array) -> jax.Array:
@@ -56,6 +62,7 @@ class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, CSV_NAME)
+    self.epoch_path = os.path.join(workdir, EPOCH_CSV_NAME)
     self._tb = None
     # wall_s counts the run's seconds across resumed invocations: it continues from the
     # last row kept at the resume step.
@@ -66,6 +73,10 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     if resume_step is not None:
       truncate_csv(self.path, resume_step)
+      truncate_csv(self.epoch_path, resume_step, EPOCH_FIELDS)
+    if not os.path.exists(self.epoch_path):
+      with open(self.epoch_path, "w", newline="") as f:
+        csv.DictWriter(f, EPOCH_FIELDS).writeheader()
     if not os.path.exists(self.path):
       with open(self.path, "w", newline="") as f:
         csv.DictWriter(f, CSV_FIELDS).writeheader()
@@ -91,12 +102,26 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{k}", float(v), step)
       self._tb.flush()
 
+  def write_epoch(self, epoch: int, step: int, train: Mapping[str, float],
+                  test: Mapping[str, float], *, seconds: float, images: int) -> None:
+    """One epochs.csv row. `train` averages this invocation's steps of the epoch."""
+    if not self.enabled:
+      return
+    row = {"epoch": epoch, "step": step, "seconds": f"{seconds:.3f}",
+           "images_per_s": f"{images / max(seconds, 1e-9):.6g}"}
+    if "learning_rate" in train:
+      row["learning_rate"] = f"{train['learning_rate']:.6g}"
+    for prefix, values in (("train", train), ("test", test)):
+      row.update({f"{prefix}_{k}": f"{float(values[k]):.6g}" for k in _TERMS if k in values})
+    with open(self.epoch_path, "a", newline="") as f:
+      csv.DictWriter(f, EPOCH_FIELDS).writerow(row)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
 
 
-def truncate_csv(path: str, max_step: int) -> None:
+def truncate_csv(path: str, max_step: int, fields: Sequence[str] = CSV_FIELDS) -> None:
   """Drops rows logged after `max_step`: a resumed run recomputes those steps."""
   if not os.path.exists(path):
     return
@@ -106,7 +131,7 @@ def truncate_csv(path: str, max_step: int) -> None:
     return
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, CSV_FIELDS)
+    w = csv.DictWriter(f, fields)
     w.writeheader()
     w.writerows(kept)
   os.replace(tmp, path)

@@ -6,9 +6,10 @@ updates and splits again (STYLE.md 3, "Training-step shape"). The state is donat
 routing iteration count is part of `graphdef`, so it is static.
 
 Workdir layout (everything a run writes; only process 0 writes files):
-  config.json            the config of the run (a rerun with another config is refused)
+  config.json            the resolved config of the run (a rerun that changes a run-defining
+                         field, e.g. the model or dataset, is refused)
   checkpoints/<step>/    Orbax checkpoints (latest N + best test accuracy), see checkpoint.py
-  metrics.csv, tensorboard/, plots/curves.png   see metrics.py
+  metrics.csv, epochs.csv, tensorboard/, plots/curves.png   see metrics.py
   summary.json           final test metrics of the last completed run
 """
 
@@ -126,7 +127,7 @@ def check_workdir_config(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    diffs = _diff(saved, now)
+    diffs = _diff({k: saved[k] for k in _RUN_DEFINING if k in saved}, now)
     if diffs and not config.overwrite:
       raise ValueError(
           f"workdir {workdir} was used by a run with a different config ("
@@ -143,8 +144,9 @@ def check_workdir_config(config, workdir: str) -> None:
   _sync_processes("capsjax_config_checked")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+    # The whole resolved config; only the run-defining fields are compared on reruns.
     with open(path, "w") as f:
-      json.dump(now, f, indent=2, sort_keys=True)
+      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
   _sync_processes("capsjax_config_written")
 
 
@@ -466,7 +468,7 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
     with _StopFlag() as stop:
       while step < total_steps:
         epoch, start = divmod(step, steps_per_epoch)
-        avg = metrics_lib.Averager()
+        avg, epoch_avg, epoch_t0 = metrics_lib.Averager(), metrics_lib.Averager(), time.time()
         recent: list[tuple[int, dict]] = []
         t0 = time.time()
         batches = input_pipeline.train_batches(
@@ -478,6 +480,7 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
           state, m = train_fn(state, batch, aug_key)
           step += 1
           avg.add(m)
+          epoch_avg.add(m)
           recent.append((step, m))
           bar.update(1)
           log_now = step % config.log_every_steps == 0 or step % steps_per_epoch == 0
@@ -488,7 +491,8 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
             dt = time.time() - t0
             values["images_per_s"] = avg.count * config.batch_size / max(dt, 1e-9)
             writer.write(step, step / steps_per_epoch, "train", values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
+                            img_s=f"{values['images_per_s']:.1f}")
             avg, t0 = metrics_lib.Averager(), time.time()
           # Mid-epoch stop; at an epoch end the epoch's evaluation and checkpoint come first.
           if step % steps_per_epoch and (log_now or not multi) and _any_process(
@@ -498,12 +502,16 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
             preempt(step, stop.signal)
         bar.close()
         epoch_done = step // steps_per_epoch
+        epoch_s = time.time() - epoch_t0
+        train_epoch = epoch_avg.result()
         test_metrics = evaluate(eval_fn, state, test_images, test_labels,
                                 batch_size=config.eval_batch_size, mesh=mesh)
         test_metrics["loss"] = (test_metrics["margin_loss"]
                                 + weights.recon_weight * test_metrics["recon_loss"])
         metrics_lib.finite_or_raise(test_metrics, step)
         writer.write(step, epoch_done, "test", test_metrics)
+        writer.write_epoch(epoch_done, step, train_epoch, test_metrics, seconds=epoch_s,
+                           images=epoch_avg.count * config.batch_size)
         logging.info("epoch %d step %d: test accuracy %.4f, loss %.4f", epoch_done, step,
                      test_metrics["accuracy"], test_metrics["loss"])
         if is_main:

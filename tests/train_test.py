@@ -51,8 +51,8 @@ def _run(workdir, **overrides):
   return train.train_and_evaluate(config, workdir)
 
 
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.csv")) as f:
+def _rows(workdir, name="metrics.csv"):
+  with open(os.path.join(workdir, name)) as f:
     return list(csv.DictReader(f))
 
 
@@ -70,6 +70,17 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["step"] == 8
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["model"]["routing_iterations"] == 2 and saved["num_epochs"] == 2
+  epochs = _rows(workdir, "epochs.csv")
+  assert [(r["epoch"], r["step"]) for r in epochs] == [("1", "4"), ("2", "8")]
+  test_rows = [r for r in rows if r["split"] == "test"]
+  for e, t in zip(epochs, test_rows):
+    assert e["test_accuracy"] == t["accuracy"] and e["test_loss"] == t["loss"]
+    assert float(e["seconds"]) > 0 and float(e["images_per_s"]) > 0
+    assert 0 <= float(e["train_accuracy"]) <= 1 and float(e["learning_rate"]) > 0
+  assert float(epochs[1]["learning_rate"]) == pytest.approx(0.9e-3)
 
   # Rerunning with more epochs resumes at step 8 instead of starting over.
   summary = _run(workdir, num_epochs=3)
@@ -77,6 +88,7 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
   steps = [int(r["step"]) for r in _rows(workdir) if r["split"] == "train"]
   assert steps == sorted(steps) and len(steps) == len(set(steps)), steps
   assert [int(r["step"]) for r in _rows(workdir) if r["split"] == "test"] == [4, 8, 12]
+  assert [r["epoch"] for r in _rows(workdir, "epochs.csv")] == ["1", "2", "3"]
 
   # mode=eval reproduces the logged test accuracy of the latest checkpoint.
   logged = [r for r in _rows(workdir) if r["split"] == "test"][-1]
