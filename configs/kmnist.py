@@ -12,6 +12,8 @@ from configs import common
 def get_config(arg=None):
   config = common.get_base_config()
   config.dataset = "kmnist"
+  config.num_epochs = 50           # the TF2 seed: 50 epochs, batch 100, x0.9 lr per epoch.
+  config.batch_size = 100
   config.augment.max_shift = 2
   config.augment.flip = False
   config.augment.cutout_size = 8
