@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from capsjax import checkpoint
 from capsjax import input_pipeline
 from capsjax import parallel
 from capsjax import train
@@ -136,3 +137,15 @@ def test_workdir_guards(tmp_path, mock_fashion):
     _run(str(tmp_path / "b"), batch_size=6)
   with pytest.raises(ValueError, match="Unknown dataset|unknown dataset|not one of|supported"):
     _run(str(tmp_path / "c"), dataset="cifar100")
+
+
+def test_cifar10_smoke_run_on_mock_data(tmp_path):
+  # 32x32x3 inputs (the seeds' CIFAR-10 TODO): an 8x8 PrimaryCaps grid, a 3072-pixel decoder.
+  with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+    summary = _run(str(tmp_path / "cifar"), dataset="cifar10", num_epochs=1)
+  assert summary["step"] == 4 and summary["count"] == 24
+  assert 0.0 <= summary["accuracy"] <= 1.0 and np.isfinite(summary["loss"])
+  meta = checkpoint.Checkpointer(str(tmp_path / "cifar"), read_only=True).read_meta(4)
+  assert meta["image_shape"] == [32, 32, 3]
+  # An 8x8 PrimaryCaps grid of the smoke model's 4 types of 4-D capsules.
+  assert meta["param_shapes"]["0/digit_caps/w"] == [8 * 8 * 4, 10, 4, 8]
