@@ -5,14 +5,21 @@
 * 'xla': `lax.conv_general_dilated` (cuDNN on GPU). On XLA:CPU its input gradient for
   strided convs is very slow: ~22 s for the PrimaryCaps conv at batch 100, ~30x its
   forward.
-* 'im2col': patches from kh*kw strided slices, one dot_general against the kernel
-  reshaped to [kh*kw*C_in, C_out], with a custom VJP: dw is one dot of the patches with
-  the cotangent, and dx is one dot (cotangent x kernel^T, giving per-patch gradients)
-  followed by col2im. col2im is split by stride phase (dx[s*a + p] only receives taps
-  i = p + s*m), so it sums shifted, zero-padded slices of no more than
-  ceil(kh/s)*ceil(kw/s) taps per phase, and interleaves the s*s phases. Forward and both
-  gradients are a GEMM each, plus memory-bound slicing. Being a `jax.custom_vjp`, it
-  supports reverse mode (grad, vjp, grad-of-grad) but not forward mode (jvp, jacfwd).
+* 'im2col': explicit patches + GEMMs with a custom VJP, in one of two forms chosen by
+  C_in (`_use_taps`):
+  - per tap (C_in >= 32, PrimaryCaps): y = sum over the kh*kw taps of one GEMM
+    [B*Ho*Wo, C_in] x [C_in, C_out] on that tap's strided slice; dw[i, j] = g^T tap (one
+    GEMM per tap); dx: per tap g w[i, j]^T, accumulated in place into the s*s stride
+    phases of the image (tap (i, j) lands in phase (i % s, j % s) at offset
+    (i // s, j // s)), which are then interleaved. No patch matrix (stacking 81 slices is
+    a slow fused loop on XLA:CPU, ~0.4 s at batch 100) and no scatter.
+  - whole patch matrix (few channels, Conv1): patches from kh*kw strided slices, one
+    dot_general against the kernel reshaped to [kh*kw*C_in, C_out]; dw is one dot of the
+    patches with the cotangent, and dx is one dot (cotangent x kernel^T) followed by
+    col2im, split by stride phase (dx[s*a + p] only receives taps i = p + s*m). At
+    stride 1 the forward is XLA's conv, faster there than the patch GEMM.
+  Being a `jax.custom_vjp`, it supports reverse mode (grad, vjp, grad-of-grad) but not
+  forward mode (jvp, jacfwd).
 * 's2d': space-to-depth: pad to a multiple of the stride, fold each s x s block into the
   channels and run a stride-1 `lax` conv with a ceil(kh/s) x ceil(kw/s) kernel (the
   original kernel zero-padded and folded the same way). Stride 1 is plain 'xla'.
@@ -74,16 +81,20 @@ def _check(x: jax.Array, w: jax.Array, stride) -> None:
     raise ValueError(f"stride must be a Python int >= 1, got {stride!r}")
 
 
+def _batch_sharding(a: jax.Array, ndim: int):
+  """a's sharding with only the batch axis (axis 0) kept, for an ndim-d result."""
+  sharding = jax.typeof(a).sharding
+  spec = sharding.spec
+  return sharding.update(spec=P(spec[0] if len(spec) else None, *([None] * (ndim - 1))))
+
+
 def _reshape(a: jax.Array, shape) -> jax.Array:
   """Reshape that keeps the batch axis 0 and its mesh sharding (other axes replicated).
 
   Under an Explicit mesh, reshapes that merge or split axes next to a sharded batch axis
   need an explicit output sharding.
   """
-  sharding = jax.typeof(a).sharding
-  spec = sharding.spec
-  out = sharding.update(spec=P(spec[0] if len(spec) else None, *([None] * (len(shape) - 1))))
-  return lax.reshape(a, tuple(shape), out_sharding=out)
+  return lax.reshape(a, tuple(shape), out_sharding=_batch_sharding(a, len(shape)))
 
 
 def _xla(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
@@ -146,31 +157,108 @@ def _col2im(dp: jax.Array, x_shape, kh: int, kw: int, stride: int) -> jax.Array:
   return dx
 
 
-def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+# Below this many input channels 'im2col' builds the whole patch matrix (Conv1: C_in=1,
+# K = kh*kw); from it on, it runs one GEMM per kernel tap (PrimaryCaps: C_in=256). See
+# `_use_taps` and benchmarks/conv.py.
+_TAPS_MIN_C_IN = 32
+
+
+def _use_taps(c_in: int) -> bool:
+  """Whether 'im2col' lowers a conv with c_in input channels per tap (K = C_in GEMMs)."""
+  return c_in >= _TAPS_MIN_C_IN
+
+
+def _tap(x: jax.Array, i: int, j: int, ho: int, wo: int, stride: int) -> jax.Array:
+  """The input pixels that kernel tap (i, j) meets: [B, H, W, C] -> [B, Ho, Wo, C]."""
+  b, _, _, c = x.shape
+  return lax.slice(x, (0, i, j, 0),
+                   (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                   (1, stride, stride, 1))                 # [B, Ho, Wo, C]
+
+
+def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int, taps: bool) -> jax.Array:
   kh, kw, c_in, c_out = w.shape
-  p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
-  y = lax.dot_general(p, w.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
-                      preferred_element_type=_accum_dtype(x.dtype))
-  return y.astype(x.dtype)                                 # [B, Ho, Wo, C_out]
+  acc = _accum_dtype(x.dtype)
+  if not taps:
+    if stride == 1:
+      # Few input channels (Conv1): XLA's own forward conv beats the patch GEMM here
+      # (benchmarks/conv.py); the VJP below still uses the patches.
+      return _xla(x, w, stride)
+    p = _patches(x, kh, kw, stride)                        # [B, Ho, Wo, K]
+    y = lax.dot_general(p, w.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
+                        preferred_element_type=acc)
+    return y.astype(x.dtype)                               # [B, Ho, Wo, C_out]
+  # One GEMM per tap, [B*Ho*Wo, C_in] x [C_in, C_out], summed in the accumulation dtype.
+  # Stacking kh*kw strided slices into one patch matrix costs more than the GEMM's
+  # packing (XLA:CPU fuses the stack into one slow gather-like loop).
+  _, h, wd, _ = x.shape
+  ho, wo = _out_size(h, kh, stride), _out_size(wd, kw, stride)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      t = lax.dot_general(_tap(x, i, j, ho, wo, stride), w[i, j],
+                          (((3,), (0,)), ((), ())), preferred_element_type=acc)
+      y = t if y is None else y + t                        # [B, Ho, Wo, C_out]
+  return y.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-  return _im2col_fwd_math(x, w, stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _im2col(x: jax.Array, w: jax.Array, stride: int, taps: bool) -> jax.Array:
+  return _im2col_fwd_math(x, w, stride, taps)
 
 
-def _im2col_fwd(x, w, stride):
-  # Only x and w are saved; the backward pass rebuilds the patches (under jit, XLA
-  # shares them with the forward pass's copy when that is cheaper).
-  return _im2col_fwd_math(x, w, stride), (x, w)
+def _im2col_fwd(x, w, stride, taps):
+  # Only x and w are saved; the backward pass rebuilds the patches (taps) from them.
+  return _im2col_fwd_math(x, w, stride, taps), (x, w)
 
 
-def _im2col_bwd(stride, res, g):
+def _taps_bwd(x, w, g, stride):
+  """dx, dw of the per-tap lowering; g: [B, Ho, Wo, C_out] in x's dtype."""
+  kh, kw, c_in, c_out = w.shape
+  b, h, wd, _ = x.shape
+  _, ho, wo, _ = g.shape
+  s = stride
+  acc = _accum_dtype(x.dtype)
+  # dw[i, j] = tap^T g. Written as g^T tap ([C_out, C_in]), then transposed once: XLA:CPU
+  # runs this orientation ~1.5x faster (benchmarks/conv.py).
+  dwt = jnp.stack([
+      lax.dot_general(g, _tap(x, i, j, ho, wo, s), (((0, 1, 2), (0, 1, 2)), ((), ())),
+                      preferred_element_type=acc,
+                      out_sharding=jax.typeof(w).sharding)  # [C_out, C_in]
+      for i in range(kh) for j in range(kw)])              # [kh*kw, C_out, C_in]
+  dw = dwt.transpose(0, 2, 1).reshape(kh, kw, c_in, c_out).astype(w.dtype)
+  # dx: tap (i, j) sends g w[i, j]^T to pixels (i + s*a, j + s*e), i.e. to the stride
+  # phase (i % s, j % s) at offset (i // s, j // s). Each phase [B, ceil(H/s), ceil(W/s),
+  # C_in] is accumulated in place (dynamic_update_slice), then the s*s phases are
+  # interleaved: no scatter, no patch-sized buffer.
+  hc, wc = -(-h // s), -(-wd // s)
+  phases = {}
+  for i in range(kh):
+    for j in range(kw):
+      d = lax.dot_general(g, w[i, j], (((3,), (1,)), ((), ())),
+                          preferred_element_type=acc)      # [B, Ho, Wo, C_in]
+      key, start = (i % s, j % s), (0, i // s, j // s, 0)
+      if key not in phases:
+        phases[key] = jnp.zeros((b, hc, wc, c_in), acc, out_sharding=_batch_sharding(x, 4))
+      a = phases[key]
+      phases[key] = lax.dynamic_update_slice(
+          a, lax.dynamic_slice(a, start, d.shape) + d, start)  # [B, Hc, Wc, C_in]
+  zero = jnp.zeros((b, hc, wc, c_in), acc, out_sharding=_batch_sharding(x, 4))
+  rows = [jnp.stack([phases.get((pi, pj), zero) for pj in range(s)], axis=3)
+          for pi in range(s)]                              # s x [B, Hc, Wc, s, C_in]
+  dx = jnp.stack(rows, axis=2)                             # [B, Hc, s, Wc, s, C_in]
+  dx = _reshape(dx, (b, hc * s, wc * s, c_in))[:, :h, :wd, :]  # [B, H, W, C_in]
+  return dx.astype(x.dtype), dw
+
+
+def _im2col_bwd(stride, taps, res, g):
   x, w = res                                               # g: [B, Ho, Wo, C_out]
+  g = g.astype(x.dtype)
+  if taps:
+    return _taps_bwd(x, w, g, stride)
   kh, kw, c_in, c_out = w.shape
   acc = _accum_dtype(x.dtype)
   p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
-  g = g.astype(x.dtype)
   b, ho, wo, _ = g.shape
   p = _reshape(p, (b, ho, wo, kh, kw, c_in))               # [B, Ho, Wo, kh, kw, C_in]
   # Contracting the (possibly sharded) batch axis: under an Explicit mesh the output
@@ -241,5 +329,5 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") ->
   if impl == "xla":
     return _xla(x, w, stride)
   if impl == "im2col":
-    return _im2col(x, w, stride)
+    return _im2col(x, w, stride, _use_taps(x.shape[3]))
   return _s2d(x, w, stride)

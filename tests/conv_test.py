@@ -15,6 +15,17 @@ import pytest
 from capsjax import conv
 
 LOWERINGS = [i for i in conv.IMPLS if i != "auto"]
+# 'im2col' picks its per-tap or whole-patch-matrix form by C_in (conv._use_taps); the
+# tests' channel counts are small, so both forms are also forced here.
+VARIANTS = LOWERINGS + ["im2col:taps", "im2col:patches"]
+
+
+def conv_fn(variant, stride):
+  """(x, w) -> conv output for an impl name or a forced 'im2col:<form>' variant."""
+  if variant.startswith("im2col:"):
+    taps = variant == "im2col:taps"
+    return lambda x, w: conv._im2col(x, w, stride, taps)  # pylint: disable=protected-access
+  return lambda x, w: conv.conv2d(x, w, stride=stride, impl=variant)
 # (x shape [B, H, W, C_in], w shape [kh, kw, C_in, C_out], stride)
 CASES = [
     ((2, 12, 12, 1), (9, 9, 1, 4), 1),      # Conv1-like, 1 input channel
@@ -47,25 +58,23 @@ def random_case(x_shape, w_shape, stride, seed=0, dtype=jnp.float32):
                for s in (x_shape, w_shape, g_shape))
 
 
-@pytest.mark.parametrize("impl", LOWERINGS)
+@pytest.mark.parametrize("impl", VARIANTS)
 @pytest.mark.parametrize("x_shape,w_shape,stride", CASES)
 def test_matches_reference_values_and_grads(impl, x_shape, w_shape, stride):
   x, w, g = random_case(x_shape, w_shape, stride)
   expected = jax.jit(lambda x, w, g: value_and_grads(
       lambda x, w: reference(x, w, stride), x, w, g))(x, w, g)
-  actual = jax.jit(lambda x, w, g: value_and_grads(
-      lambda x, w: conv.conv2d(x, w, stride=stride, impl=impl), x, w, g))(x, w, g)
+  actual = jax.jit(lambda x, w, g: value_and_grads(conv_fn(impl, stride), x, w, g))(x, w, g)
   for name, a, e in zip(("y", "dx", "dw"), actual, expected):
     assert a.shape == e.shape and a.dtype == e.dtype, name
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("impl", LOWERINGS)
+@pytest.mark.parametrize("impl", VARIANTS)
 def test_bfloat16(impl):
   x, w, g = random_case((2, 11, 11, 4), (5, 5, 4, 8), 2)
   xb, wb, gb = (a.astype(jnp.bfloat16) for a in (x, w, g))
-  y, dx, dw = jax.jit(lambda x, w, g: value_and_grads(
-      lambda x, w: conv.conv2d(x, w, stride=2, impl=impl), x, w, g))(xb, wb, gb)
+  y, dx, dw = jax.jit(lambda x, w, g: value_and_grads(conv_fn(impl, 2), x, w, g))(xb, wb, gb)
   assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
   # Compared with float32 maths on the same (bf16-rounded) inputs: only the output
   # rounding to bfloat16 differs, since accumulation is in float32.
@@ -76,12 +85,12 @@ def test_bfloat16(impl):
                                atol=2e-2 * float(jnp.max(jnp.abs(e))), err_msg=name)
 
 
-@pytest.mark.parametrize("impl", LOWERINGS)
+@pytest.mark.parametrize("impl", VARIANTS)
 def test_vmap_and_grad(impl):
   x, w, _ = random_case((6, 10, 10, 2), (3, 3, 2, 3), 2)
 
   def loss(w, x):
-    return jnp.sum(jnp.square(conv.conv2d(x, w, stride=2, impl=impl)))
+    return jnp.sum(jnp.square(conv_fn(impl, 2)(x, w)))
 
   # vmap over an extra leading axis == the flat batch.
   xs = x.reshape(2, 3, 10, 10, 2)
@@ -92,7 +101,7 @@ def test_vmap_and_grad(impl):
   np.testing.assert_allclose(flat, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", LOWERINGS)
+@pytest.mark.parametrize("impl", VARIANTS)
 def test_batch_sharded_on_explicit_mesh(impl):
   """A jitted grad step with the batch sharded over 4 devices keeps the batch sharding."""
   if jax.device_count() < 4:
@@ -101,7 +110,7 @@ def test_batch_sharded_on_explicit_mesh(impl):
   x, w, _ = random_case((8, 13, 13, 3), (5, 5, 3, 4), 2)
 
   def loss(w, x):
-    y = conv.conv2d(x, w, stride=2, impl=impl)             # [B, 5, 5, 4]
+    y = conv_fn(impl, 2)(x, w)                             # [B, 5, 5, 4]
     return jnp.mean(jnp.square(y)), y
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -127,6 +136,11 @@ def test_impls_and_auto():
   x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)
   np.testing.assert_allclose(conv.conv2d(x, w, stride=2, impl="auto"),
                              reference(x, w, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_im2col_form_by_channels():
+  assert not conv._use_taps(1)                             # Conv1: whole patch matrix
+  assert conv._use_taps(256)                               # PrimaryCaps: per tap
 
 
 def test_bad_impl_raises_naming_it():
