@@ -7,17 +7,16 @@
   forward.
 * 'im2col': explicit patches + GEMMs with a custom VJP, in one of two forms chosen by
   C_in (`_use_taps`):
-  - per tap (C_in >= 32, PrimaryCaps): y = sum over the kh*kw taps of one GEMM
+  - per tap (C_in >= _TAPS_MIN_C_IN; off by default, see there): y = sum over the kh*kw taps of one GEMM
     [B*Ho*Wo, C_in] x [C_in, C_out] on that tap's strided slice; dw[i, j] = g^T tap (one
     GEMM per tap); dx: per tap g w[i, j]^T, accumulated in place into the s*s stride
     phases of the image (tap (i, j) lands in phase (i % s, j % s) at offset
     (i // s, j // s)), which are then interleaved. No patch matrix (stacking 81 slices is
     a slow fused loop on XLA:CPU, ~0.4 s at batch 100) and no scatter.
-  - whole patch matrix (few channels, Conv1): patches from kh*kw strided slices, one
+  - whole patch matrix (the default): patches from kh*kw strided slices, one
     dot_general against the kernel reshaped to [kh*kw*C_in, C_out]; dw is one dot of the
     patches with the cotangent, and dx is one dot (cotangent x kernel^T) followed by
-    col2im, split by stride phase (dx[s*a + p] only receives taps i = p + s*m). At
-    stride 1 the forward is XLA's conv, faster there than the patch GEMM.
+    col2im, split by stride phase (dx[s*a + p] only receives taps i = p + s*m).
   Being a `jax.custom_vjp`, it supports reverse mode (grad, vjp, grad-of-grad) but not
   forward mode (jvp, jacfwd).
 * 's2d': space-to-depth: pad to a multiple of the stride, fold each s x s block into the
@@ -157,15 +156,16 @@ def _col2im(dp: jax.Array, x_shape, kh: int, kw: int, stride: int) -> jax.Array:
   return dx
 
 
-# Below this many input channels 'im2col' builds the whole patch matrix (Conv1: C_in=1,
-# K = kh*kw); from it on, it runs one GEMM per kernel tap (PrimaryCaps: C_in=256). See
-# `_use_taps` and benchmarks/conv.py.
-_TAPS_MIN_C_IN = 32
+# From this many input channels on, 'im2col' would run one GEMM per kernel tap instead of
+# building the whole patch matrix. Off (None): the per-tap form is ~10% faster on the
+# PrimaryCaps conv alone, but inside the jitted CapsNet train/eval steps it measured 2.3x
+# (train) and 3.3x (eval) slower than the patch matrix, same run (cause not yet found).
+_TAPS_MIN_C_IN = None
 
 
 def _use_taps(c_in: int) -> bool:
   """Whether 'im2col' lowers a conv with c_in input channels per tap (K = C_in GEMMs)."""
-  return c_in >= _TAPS_MIN_C_IN
+  return _TAPS_MIN_C_IN is not None and c_in >= _TAPS_MIN_C_IN
 
 
 def _tap(x: jax.Array, i: int, j: int, ho: int, wo: int, stride: int) -> jax.Array:
@@ -180,10 +180,6 @@ def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int, taps: bool) -> jax
   kh, kw, c_in, c_out = w.shape
   acc = _accum_dtype(x.dtype)
   if not taps:
-    if stride == 1:
-      # Few input channels (Conv1): XLA's own forward conv beats the patch GEMM here
-      # (benchmarks/conv.py); the VJP below still uses the patches.
-      return _xla(x, w, stride)
     p = _patches(x, kh, kw, stride)                        # [B, Ho, Wo, K]
     y = lax.dot_general(p, w.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
                         preferred_element_type=acc)
