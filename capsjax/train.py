@@ -476,13 +476,19 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
             epoch=epoch, start_step=start)
         bar = _progress(steps_per_epoch, start, f"epoch {epoch + 1}/{config.num_epochs}",
                         enabled=config.progress_bar and is_main)
+        in_flight = None
         for batch in parallel.prefetch(batches, mesh):
           state, m = train_fn(state, batch, aug_key)
           step += 1
           avg.add(m)
           epoch_avg.add(m)
           recent.append((step, m))
-          bar.update(1)
+          # Dispatch is asynchronous: tick the bar when the previous step has finished,
+          # keeping one step queued, so it shows computed steps, not dispatched ones.
+          if in_flight is not None:
+            jax.block_until_ready(in_flight)
+            bar.update(1)
+          in_flight = m["loss"]
           log_now = step % config.log_every_steps == 0 or step % steps_per_epoch == 0
           if log_now:
             check_finite(recent, step)
@@ -500,6 +506,8 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
             check_finite(recent, step)  # never checkpoint non-finite parameters.
             save(step, step / steps_per_epoch)
             preempt(step, stop.signal)
+        if in_flight is not None:
+          bar.update(1)
         bar.close()
         epoch_done = step // steps_per_epoch
         epoch_s = time.time() - epoch_t0
