@@ -96,6 +96,9 @@ class Checkpointer:
           get_metric_fn=lambda m: m["test_accuracy"], reverse=False, n=1,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
+        # best_fn is what makes Orbax write each step's metrics to disk: without it a
+        # reopened manager (a resumed run) sees no metrics, and BestN protects nothing.
+        best_fn=lambda m: m["test_accuracy"], best_mode="max",
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)

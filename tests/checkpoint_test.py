@@ -15,6 +15,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
@@ -209,3 +210,21 @@ def test_restore_falls_back_to_previous_readable_checkpoint(tmp_path, src, caplo
     _, meta, step = ckpt_lib.Checkpointer(workdir, read_only=True).restore_latest(state)
   assert step == 4 and meta["step"] == 4
   assert "cannot read checkpoint" in caplog.text
+
+
+def test_best_checkpoint_survives_reopening(tmp_path):
+  # keep=1: only the latest and the best by test accuracy stay, also after the manager is
+  # reopened (a resumed run), which must still see the saved metrics.
+  state = {"w": np.arange(3.0)}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(1, state, {}, metrics={"test_accuracy": 0.9})
+  ckpt.save(2, state, {}, metrics={"test_accuracy": 0.5})
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(3, state, {}, metrics={"test_accuracy": 0.4})
+  ckpt.save(4, state, {})  # a preemption save has no metrics.
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
+  assert ckpt.all_steps() == [1, 4]
+  assert ckpt.best_step() == 1
+  ckpt.close()
