@@ -27,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from capsjax import errors
+
 CKPT_DIR = "checkpoints"
 
 
@@ -34,7 +36,11 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model it is being loaded into."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointReadError(errors.CapsjaxError, RuntimeError):
+  """Checkpoints exist but none of them can be restored."""
+
+
+class CheckpointSaveError(errors.CapsjaxError, RuntimeError):
   """Writing a checkpoint failed (disk full, permissions, ...); earlier ones are intact."""
 
 
@@ -173,7 +179,7 @@ class Checkpointer:
         logging.warning("cannot read checkpoint %s/%d (%s: %s); trying the previous one",
                         self.directory, step, type(e).__name__, e)
     if steps:  # Never silently start over next to checkpoints that exist.
-      raise RuntimeError(
+      raise CheckpointReadError(
           f"none of the checkpoints {sorted(steps)} in {self.directory} can be read (see the "
           "warnings above); move the directory aside to start over")
     return None

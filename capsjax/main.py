@@ -51,7 +51,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 
 # User mistakes (a bad config value, missing data, a wrong checkpoint) end with one line
 # naming the problem instead of a traceback.
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError)
+# Bugs and JAX/XLA runtime failures (RuntimeError, TypeError, ...) keep their traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 class _QuietLibraries:
@@ -86,7 +87,8 @@ def _maybe_init_distributed(jax) -> None:
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   except (ValueError, RuntimeError) as e:
-    raise RuntimeError(
+    from capsjax import errors  # pylint: disable=g-import-not-at-top
+    raise errors.DistributedInitError(
         f"jax.distributed.initialize(coordinator_address={_COORDINATOR.value!r}, "
         f"num_processes={_NUM_PROCESSES.value}, process_id={_PROCESS_ID.value}) failed: "
         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
@@ -116,6 +118,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors do not pay for the JAX import.
   import jax  # pylint: disable=g-import-not-at-top
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
@@ -128,7 +131,7 @@ def main(argv):
   except train.Preempted as e:
     print(f"capsjax: {e}", file=sys.stderr, flush=True)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  except _USER_ERRORS as e:
+  except (errors.CapsjaxError, *_USER_ERRORS) as e:
     if os.environ.get("CAPSJAX_TRACEBACK"):
       raise
     print(f"capsjax: error: {e}", file=sys.stderr, flush=True)

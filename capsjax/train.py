@@ -16,12 +16,14 @@ Workdir layout (everything a run writes; only process 0 writes files):
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import json
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -31,9 +33,11 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from ml_collections import config_dict
 
 from capsjax import augment
 from capsjax import checkpoint as ckpt_lib
+from capsjax import errors
 from capsjax import input_pipeline
 from capsjax import losses
 from capsjax import metrics as metrics_lib
@@ -47,8 +51,12 @@ PREEMPTED_EXIT_CODE = 75
 
 # Config fields that define a run: resuming with different values would silently mix
 # two experiments, so a workdir keeps its values unless `overwrite` is set.
-_RUN_DEFINING = ("seed", "dataset", "train_examples", "batch_size", "model", "optim", "loss",
-                 "augment")
+RUN_DEFINING_FIELDS = ("seed", "dataset", "train_examples", "batch_size", "model", "optim",
+                       "loss", "augment")
+
+
+class WorkdirInUseError(errors.CapsjaxError, RuntimeError):
+  """Another process holds the workdir's lock."""
 
 
 class Preempted(Exception):
@@ -94,8 +102,11 @@ def validate_config(config) -> None:
   for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_epochs"):
     if config[name] < 1:
       raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
-  if config.num_epochs < 0:
-    raise ValueError(f"config.num_epochs must be >= 0, got {config.num_epochs}")
+  for name in ("num_epochs", "train_examples", "eval_examples"):
+    if config[name] < 0:
+      raise ValueError(f"config.{name} must be >= 0 (0 = all), got {config[name]}"
+                       if name != "num_epochs" else
+                       f"config.num_epochs must be >= 0, got {config[name]}")
   if config.augment.max_shift < 0 or config.augment.cutout_size < 0:
     raise ValueError(
         "config.augment.max_shift and cutout_size must be >= 0, got "
@@ -104,7 +115,7 @@ def validate_config(config) -> None:
 
 def _config_view(config) -> dict:
   d = json.loads(config.to_json_best_effort())
-  return {k: d[k] for k in _RUN_DEFINING if k in d}
+  return {k: d[k] for k in RUN_DEFINING_FIELDS if k in d}
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -127,7 +138,7 @@ def check_workdir_config(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    diffs = _diff({k: saved[k] for k in _RUN_DEFINING if k in saved}, now)
+    diffs = _diff({k: saved[k] for k in RUN_DEFINING_FIELDS if k in saved}, now)
     if diffs and not config.overwrite:
       raise ValueError(
           f"workdir {workdir} was used by a run with a different config ("
@@ -176,7 +187,7 @@ def workdir_lock(workdir: str):
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     f.close()
-    raise RuntimeError(
+    raise WorkdirInUseError(
         f"workdir {workdir} is in use by another capsjax process (lock {path}); wait for it "
         "to finish or use another --workdir") from None
   try:
@@ -282,8 +293,12 @@ def make_steps(graphdef, config, steps_per_epoch: int, mesh):
 
 
 def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *,
-             batch_size: int, mesh) -> dict[str, float]:
-  """Accuracy and mean losses over every example of (images, labels) exactly once."""
+             batch_size: int, mesh, weights: LossWeights) -> dict[str, float]:
+  """Accuracy and mean losses over every example of (images, labels) exactly once.
+
+  Returns {'accuracy', 'margin_loss', 'recon_loss', 'loss' (margin + weighted recon),
+  'count'}.
+  """
   totals: dict[str, float] = {}
   batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)
   for batch in parallel.prefetch(batches, mesh):
@@ -292,7 +307,7 @@ def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *
   n = totals["count"]
   margin, recon = totals["margin_loss"] / n, totals["recon_loss"] / n
   return {"accuracy": totals["correct"] / n, "margin_loss": margin, "recon_loss": recon,
-          "count": n}
+          "loss": margin + weights.recon_weight * recon, "count": n}
 
 
 # ----------------------------------------------------------------------------------------
@@ -513,9 +528,8 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
         epoch_s = time.time() - epoch_t0
         train_epoch = epoch_avg.result()
         test_metrics = evaluate(eval_fn, state, test_images, test_labels,
-                                batch_size=config.eval_batch_size, mesh=mesh)
-        test_metrics["loss"] = (test_metrics["margin_loss"]
-                                + weights.recon_weight * test_metrics["recon_loss"])
+                                batch_size=config.eval_batch_size, mesh=mesh,
+                                weights=weights)
         metrics_lib.finite_or_raise(test_metrics, step)
         writer.write(step, epoch_done, "test", test_metrics)
         writer.write_epoch(epoch_done, step, train_epoch, test_metrics, seconds=epoch_s,
@@ -539,7 +553,7 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
   ckpt.close()
   if not test_metrics:  # Nothing left to train (a finished run rerun): evaluate once.
     test_metrics = evaluate(eval_fn, state, test_images, test_labels,
-                            batch_size=config.eval_batch_size, mesh=mesh)
+                            batch_size=config.eval_batch_size, mesh=mesh, weights=weights)
   summary = dict(test_metrics, step=step, epochs=step / steps_per_epoch)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -547,21 +561,49 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
   return summary
 
 
+def _with_checkpoint_model(config, meta: dict, source: str):
+  """A copy of `config` whose model and dataset are the checkpoint's own.
+
+  Settings that leave parameter shapes unchanged (routing iterations, stop_gradient,
+  dtype, a dataset of the same image size) cannot be caught by the shape check, so eval
+  mode takes them from the checkpoint and says what differed from the command line.
+  """
+  config = copy.deepcopy(config)
+  saved_model, saved_dataset = meta.get("model"), meta.get("dataset")
+  diffs = []
+  if saved_model is not None:
+    diffs += _diff(saved_model, json.loads(config.model.to_json_best_effort()), "model.")
+  if saved_dataset is not None and saved_dataset != config.dataset:
+    diffs.append(f"dataset: {saved_dataset!r} (saved) vs {config.dataset!r} (now)")
+  if diffs:
+    print(f"capsjax: evaluating {source} with the model and dataset it was trained with; "
+          "ignoring the command line's " + "; ".join(diffs), file=sys.stderr, flush=True)
+    with config.unlocked():
+      if saved_model is not None:
+        config.model = config_dict.ConfigDict(saved_model)
+      if saved_dataset is not None:
+        config.dataset = saved_dataset
+  return config
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
-  """`mode=eval`: evaluates the latest checkpoint of `workdir` (or `init_from`) on test."""
+  """`mode=eval`: evaluates the latest checkpoint of `workdir` (or `init_from`) on test.
+
+  The model and dataset come from the checkpoint's metadata (see _with_checkpoint_model).
+  """
   source = config.init_from or workdir
   src_dir, src_step = ckpt_lib.find_checkpoint(source)
-  test_images, test_labels = _load_data(config, "test", config.eval_examples)
   src = ckpt_lib.Checkpointer(src_dir, read_only=True)
   meta = src.read_meta(src_step)
+  config = _with_checkpoint_model(config, meta, f"{src.directory}/{src_step}")
+  test_images, test_labels = _load_data(config, "test", config.eval_examples)
   info, mesh, graphdef, state, _, _ = _setup(config, meta.get("steps_per_epoch", 1))
   state, _ = src.restore(src_step, state)
   state = parallel.replicate(state, mesh)
   _, eval_fn = make_steps(graphdef, config, meta.get("steps_per_epoch", 1), mesh)
   result = evaluate(eval_fn, state, test_images, test_labels,
-                    batch_size=config.eval_batch_size, mesh=mesh)
-  weights = LossWeights.from_config(config.loss)
-  result["loss"] = result["margin_loss"] + weights.recon_weight * result["recon_loss"]
+                    batch_size=config.eval_batch_size, mesh=mesh,
+                    weights=LossWeights.from_config(config.loss))
   result["step"] = src_step
   print(f"{info.name} test accuracy {100 * result['accuracy']:.2f}% over "
         f"{int(result['count'])} examples (checkpoint {src.directory}/{src_step})", flush=True)

@@ -32,6 +32,7 @@ from capsjax import caps_ops
 from capsjax import layers
 from capsjax import losses
 from capsjax import metrics as metrics_lib
+from capsjax import models
 
 HEADS = ("routed", "shared")
 
@@ -150,7 +151,7 @@ def train(*, steps: int, batch_size: int = 32, head: str = "routed",
   model, _ = nnx.merge(graphdef, state)
   logging.info("TinyCapsNet (%s head, %d routing iterations): %d parameters", head,
                routing_iterations,
-               sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+               models.count_params(model))
   step_fn = make_train_step(graphdef)
   batch = synthetic_batch(batch_size, seed=seed)
   out = []

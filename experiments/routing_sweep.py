@@ -89,9 +89,11 @@ def is_finished(cfg, rdir: str) -> bool:
   saved = _read_json(os.path.join(rdir, "config.json"))
   if summary is None or saved is None:
     return False
+  # Only the run-defining fields: changing e.g. progress_bar or eval_batch_size must not
+  # rerun a finished run (train_and_evaluate refuses changes to the others, naming them).
   now = json.loads(cfg.to_json_best_effort())
-  if any(now.get(k) != v for k, v in saved.items()):
-    return False  # train_and_evaluate will refuse it with a message naming the field.
+  if any(now.get(k) != saved.get(k) for k in train.RUN_DEFINING_FIELDS):
+    return False
   return summary.get("epochs", -1) >= cfg.num_epochs - 1e-9
 
 

@@ -57,7 +57,7 @@ def _rows(workdir, name="metrics.csv"):
     return list(csv.DictReader(f))
 
 
-def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion):
+def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion, capsys):
   workdir = str(tmp_path / "run")
   summary = _run(workdir)
   # 32 examples / batch 8 = 4 steps per epoch, 2 epochs.
@@ -97,6 +97,11 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
   assert result["step"] == 12
   np.testing.assert_allclose(result["accuracy"], float(logged["accuracy"]), atol=1e-6)
   np.testing.assert_allclose(result["loss"], float(logged["loss"]), rtol=1e-4)
+  # A model setting that keeps parameter shapes (routing iterations) is taken from the
+  # checkpoint, not the command line, and the difference is reported.
+  other = _run(workdir, num_epochs=3, mode="eval", **{"model.routing_iterations": 3})
+  assert other == result
+  assert "model.routing_iterations: 2 (saved) vs 3 (now)" in capsys.readouterr().err
 
 
 def test_two_identical_runs_are_identical(tmp_path, mock_fashion):
