@@ -20,6 +20,8 @@ import contextlib
 import errno
 import os
 import re
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -93,6 +95,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
+    self._read_only = read_only
     for path in incomplete_checkpoints(self.directory):
       logging.warning("ignoring incomplete checkpoint %s (a save that was interrupted)%s",
                       path, "" if read_only else "; removing it")
@@ -169,9 +172,11 @@ class Checkpointer:
     warning in favour of the one before; one of another architecture raises.
     """
     steps = sorted(self.all_steps(), reverse=True)
-    for step in steps:
+    for i, step in enumerate(steps):
       try:
         state, meta = self.restore(step, target)
+        if i and not self._read_only:
+          self._set_aside(steps[:i])
         return state, meta, step
       except CheckpointMismatchError:
         raise
@@ -183,6 +188,25 @@ class Checkpointer:
           f"none of the checkpoints {sorted(steps)} in {self.directory} can be read (see the "
           "warnings above); move the directory aside to start over")
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable checkpoints to `checkpoints-unreadable/` (kept, never deleted).
+
+    The resumed run will reach those steps again and must be able to save them.
+    """
+    aside = self.directory + "-unreadable"
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        dst = os.path.join(aside, str(step))
+        if os.path.exists(dst):
+          dst += time.strftime("-%Y%m%d-%H%M%S")
+        shutil.move(os.path.join(self.directory, str(step)), dst)
+        logging.warning("moved unreadable checkpoint %s/%d to %s", self.directory, step, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("capsjax_checkpoints_set_aside")
+    self._mngr.reload()
 
   def wait(self) -> None:
     with self._save_errors(self.latest_step()):

@@ -210,6 +210,15 @@ def test_restore_falls_back_to_previous_readable_checkpoint(tmp_path, src, caplo
     _, meta, step = ckpt_lib.Checkpointer(workdir, read_only=True).restore_latest(state)
   assert step == 4 and meta["step"] == 4
   assert "cannot read checkpoint" in caplog.text
+  # A writable manager (a resumed run) moves the unreadable step aside, keeping it, so
+  # that the run can save that step again when it gets there.
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  state, _, step = ckpt.restore_latest(state)
+  assert step == 4 and ckpt.all_steps() == [4]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints-unreadable", "8"))
+  ckpt.save(8, state, {"epoch": 2})
+  ckpt.close()
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [4, 8]
 
 
 def test_best_checkpoint_survives_reopening(tmp_path):
