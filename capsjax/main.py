@@ -135,7 +135,8 @@ def main(argv):
     if os.environ.get("CAPSJAX_TRACEBACK"):
       raise
     print(f"capsjax: error: {e}", file=sys.stderr, flush=True)
-    logging.info("traceback (set CAPSJAX_TRACEBACK=1 to raise it)", exc_info=True)
+    # The traceback only with --verbosity=1: user mistakes get the one line above.
+    logging.debug("traceback (set CAPSJAX_TRACEBACK=1 to raise it)", exc_info=True)
     sys.exit(2)
 
 

@@ -100,6 +100,19 @@ def _one_line_error(capsys, expected, *argv):
     assert part in lines[0], lines[0]
 
 
+def test_cli_user_error_in_a_real_process_has_no_traceback(tmp_path):
+  # In-process tests cannot see absl's stderr handler; a real process shows what users see.
+  r = subprocess.run(
+      [sys.executable, "-m", "capsjax.main", "--config=configs/fashion.py:smoke",
+       f"--workdir={tmp_path}", "--config.model.routing_iterations=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr, r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("capsjax: error: ")]
+  assert errors == ["capsjax: error: config.model.routing_iterations must be an int >= 1, "
+                    "got 0"], r.stderr
+
+
 def test_cli_unknown_config_field_fails_at_flag_parsing(tmp_path):
   r = subprocess.run(
       [sys.executable, "-m", "capsjax.main", "--config=configs/fashion.py:smoke",
