@@ -100,29 +100,33 @@ def _one_line_error(capsys, expected, *argv):
     assert part in lines[0], lines[0]
 
 
-def test_cli_user_error_in_a_real_process_has_no_traceback(tmp_path):
-  # In-process tests cannot see absl's stderr handler; a real process shows what users see.
+def _cli_process_error(tmp_path, override: str) -> str:
+  """Runs the smoke CLI in a real process with one override; returns its stderr.
+
+  In-process tests cannot see absl's stderr handler; a real process shows what users see.
+  Asserts the user-error exit code and that no traceback reached the console.
+  """
   r = subprocess.run(
       [sys.executable, "-m", "capsjax.main", "--config=configs/fashion.py:smoke",
-       f"--workdir={tmp_path}", "--config.model.routing_iterations=0"],
+       f"--workdir={tmp_path}", override],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2, r.stderr
   assert "Traceback" not in r.stderr, r.stderr
-  errors = [l for l in r.stderr.splitlines() if l.startswith("capsjax: error: ")]
+  return r.stderr
+
+
+def test_cli_user_error_in_a_real_process_has_no_traceback(tmp_path):
+  err = _cli_process_error(tmp_path, "--config.model.routing_iterations=0")
+  errors = [l for l in err.splitlines() if l.startswith("capsjax: error: ")]
   assert errors == ["capsjax: error: config.model.routing_iterations must be an int >= 1, "
-                    "got 0"], r.stderr
+                    "got 0"], err
 
 
 def test_cli_unknown_config_field_fails_at_flag_parsing(tmp_path):
-  r = subprocess.run(
-      [sys.executable, "-m", "capsjax.main", "--config=configs/fashion.py:smoke",
-       f"--workdir={tmp_path}", "--config.model.routing_iteration=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert r.returncode == 2, r.stderr
-  assert "Traceback" not in r.stderr
-  assert r.stderr.strip() == (
+  err = _cli_process_error(tmp_path, "--config.model.routing_iteration=1")
+  assert err.strip() == (
       'capsjax: error: unknown config field "routing_iteration" (did you mean '
-      '"routing_iterations"?) in: --config.model.routing_iteration=1'), r.stderr
+      '"routing_iterations"?) in: --config.model.routing_iteration=1'), err
 
 
 @pytest.mark.parametrize("argv,expected", [
