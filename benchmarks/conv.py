@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capsjax import conv
+from capsjax import parallel
 
 # name: (image [H, W, C_in], kernel [kh, kw, C_in, C_out], stride)
 SHAPES = {
@@ -126,9 +127,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--impls", default="xla,im2col,s2d")
+  parser.add_argument("--impls", default="xla,im2col,s2d,hybrid")
   parser.add_argument("--shapes", default=",".join(SHAPES))
+  parser.add_argument("--no-library-dots", action="store_true",
+                      help="XLA:CPU's own emitters (skip parallel.enable_cpu_library_dots)")
   args = parser.parse_args(argv)
+  if not args.no_library_dots:
+    parallel.enable_cpu_library_dots()
   impls = tuple(args.impls.split(","))
   for impl in impls:
     conv.resolve_impl(impl)   # fail early on a bad name
@@ -136,7 +141,8 @@ def main(argv=None):
 
   peak = out["matmul_gflops"]
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
-        f"batch {args.batch}; 'auto' -> {conv.resolve_impl('auto')}")
+        f"batch {args.batch}; 'auto' -> {conv.resolve_impl('auto')}; YNNPACK dots "
+        f"{'on' if parallel.cpu_library_dots_enabled() else 'off'}")
   print(f"f32 matmul 2048^3: {peak:.1f} GFLOP/s median "
         f"({out['matmul_gflops_best']:.1f} best), timed interleaved with the convs")
   print(f"{'shape':<12}{'impl':<8}" + "".join(f"{m:>17}" for m in MODES))

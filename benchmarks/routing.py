@@ -26,6 +26,7 @@ import time
 import jax
 import numpy as np
 
+from capsjax import parallel
 from capsjax.caps_ops import dynamic_routing
 
 N_IN, N_OUT, D_OUT = 1152, 10, 16
@@ -147,6 +148,7 @@ def main(argv=None) -> None:
                       help="comma-separated routing iteration counts")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
+  parallel.enable_cpu_library_dots()
   result = run(args.batch, args.repeats, args.iterations, args.seed)
   print(format_table(result))
   print(json.dumps(result, sort_keys=True))

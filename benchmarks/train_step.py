@@ -35,6 +35,9 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement (after a 
 _PEER = flags.DEFINE_bool("peer", False, "Also time the PyTorch peer (benchmarks/torch_peer.py).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _CONV = flags.DEFINE_string("conv_impl", "auto", "capsjax.conv implementation.")
+_LIBRARY_DOTS = flags.DEFINE_bool(
+    "library_dots", True, "parallel.enable_cpu_library_dots() (YNNPACK dots on CPU) unless "
+    "XLA_FLAGS sets it; --nolibrary_dots times XLA:CPU's own emitters.")
 _LAYERS = flags.DEFINE_bool("layers", True, "Per-layer forward/backward breakdown.")
 
 
@@ -210,6 +213,9 @@ def measure(batch_size: int, steps: int, dtype: str, conv_impl: str, layers: boo
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+  from capsjax import parallel  # pylint: disable=g-import-not-at-top
+  if _LIBRARY_DOTS.value:
+    parallel.enable_cpu_library_dots()
   backend = jax.default_backend()
   threads = os.cpu_count()
   peaks = PeakTracker()

@@ -19,11 +19,17 @@
     col2im, split by stride phase (dx[s*a + p] only receives taps i = p + s*m).
   Being a `jax.custom_vjp`, it supports reverse mode (grad, vjp, grad-of-grad) but not
   forward mode (jvp, jacfwd).
+* 'hybrid': 'xla' for the forward pass and the weight gradient, the per-tap GEMMs of
+  'im2col' for the input gradient of strided convs (custom VJP, reverse mode only).
+  With XLA:CPU's YNNPACK dot fusions on (`capsjax.parallel.enable_cpu_library_dots`,
+  which `capsjax.main` calls) XLA's conv and its weight gradient run near GEMM speed on
+  CPU, but the input gradient of a strided conv does not (~20 s at batch 100).
 * 's2d': space-to-depth: pad to a multiple of the stride, fold each s x s block into the
   channels and run a stride-1 `lax` conv with a ceil(kh/s) x ceil(kw/s) kernel (the
   original kernel zero-padded and folded the same way). Stride 1 is plain 'xla'.
 * 'auto': `resolve_impl('auto')`, the fastest measured lowering for
-  `jax.default_backend()`: 'im2col' on CPU, 'xla' (cuDNN/TPU convs) elsewhere.
+  `jax.default_backend()`: on CPU 'hybrid' with YNNPACK dots on, else 'im2col';
+  'xla' (cuDNN/TPU convs) elsewhere.
 
 All lowerings keep the batch axis in front and never merge it with another axis, so a
 batch sharded over a mesh axis (`P('data')`) stays sharded. Low-precision inputs
@@ -40,18 +46,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-IMPLS = ("xla", "im2col", "s2d", "auto")
+from capsjax import parallel
+
+IMPLS = ("xla", "im2col", "s2d", "hybrid", "auto")
 _DIMS = ("NHWC", "HWIO", "NHWC")
-# Fastest lowering per `jax.default_backend()`; see benchmarks/conv.py.
-_AUTO = {"cpu": "im2col"}
 
 
 def resolve_impl(impl: str) -> str:
-  """Maps an impl name (one of IMPLS) to a concrete lowering; 'auto' by backend."""
+  """Maps an impl name (one of IMPLS) to a concrete lowering; 'auto' by backend.
+
+  'auto' is the fastest lowering measured (benchmarks/conv.py): on CPU 'hybrid' when
+  XLA:CPU runs dots through YNNPACK (`parallel.enable_cpu_library_dots`), else 'im2col';
+  'xla' (cuDNN, TPU convs) on other backends.
+  """
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return _AUTO.get(jax.default_backend(), "xla")
+    if jax.default_backend() != "cpu":
+      return "xla"
+    return "hybrid" if parallel.cpu_library_dots_enabled() else "im2col"
   return impl
 
 
@@ -223,6 +236,18 @@ def _taps_bwd(x, w, g, stride):
                       out_sharding=jax.typeof(w).sharding)  # [C_out, C_in]
       for i in range(kh) for j in range(kw)])              # [kh*kw, C_out, C_in]
   dw = dwt.transpose(0, 2, 1).reshape(kh, kw, c_in, c_out).astype(w.dtype)
+  return _taps_dx(x, w, g, stride), dw
+
+
+def _taps_dx(x, w, g, stride):
+  """dx of a conv by one GEMM per tap, without a patch-sized buffer: [B, H, W, C_in].
+
+  g: [B, Ho, Wo, C_out] in x's dtype.
+  """
+  kh, kw, c_in, _ = w.shape
+  b, h, wd, _ = x.shape
+  s = stride
+  acc = _accum_dtype(x.dtype)
   # dx: tap (i, j) sends g w[i, j]^T to pixels (i + s*a, j + s*e), i.e. to the stride
   # phase (i % s, j % s) at offset (i // s, j // s). Each phase [B, ceil(H/s), ceil(W/s),
   # C_in] is accumulated in place (dynamic_update_slice), then the s*s phases are
@@ -244,7 +269,7 @@ def _taps_bwd(x, w, g, stride):
           for pi in range(s)]                              # s x [B, Hc, Wc, s, C_in]
   dx = jnp.stack(rows, axis=2)                             # [B, Hc, s, Wc, s, C_in]
   dx = _reshape(dx, (b, hc * s, wc * s, c_in))[:, :h, :wd, :]  # [B, H, W, C_in]
-  return dx.astype(x.dtype), dw
+  return dx.astype(x.dtype)
 
 
 def _im2col_bwd(stride, taps, res, g):
@@ -270,6 +295,41 @@ def _im2col_bwd(stride, taps, res, g):
 
 
 _im2col.defvjp(_im2col_fwd, _im2col_bwd)
+
+
+# ----------------------------------------------------------------------------------------
+# Hybrid: XLA's conv forward and weight gradient, im2col's input gradient.
+# ----------------------------------------------------------------------------------------
+# XLA's conv runs through YNNPACK when `parallel.enable_cpu_library_dots` is on: the
+# PrimaryCaps forward at ~190 GFLOP/s (~0.2 s at batch 100) and its weight gradient at
+# ~170, against 0.4 s and 0.43 s for im2col, whose patch matrix build costs as much as the
+# GEMM. Its input gradient (a conv with lhs dilation) stays slow, so it is per tap.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _hybrid(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+  return _xla(x, w, stride)
+
+
+def _hybrid_fwd(x, w, stride):
+  return _xla(x, w, stride), (x, w)
+
+
+def _hybrid_bwd(stride, res, g):
+  x, w = res                                               # g: [B, Ho, Wo, C_out]
+  g = g.astype(x.dtype)
+  _, vjp_w = jax.vjp(lambda w: _xla(x, w, stride), w)
+  (dw,) = vjp_w(g)                                         # [kh, kw, C_in, C_out]
+  if stride == 1:
+    _, vjp_x = jax.vjp(lambda x: _xla(x, w, 1), x)
+    (dx,) = vjp_x(g)                                       # [B, H, W, C_in]
+  else:
+    # XLA:CPU's own input gradient of a strided conv runs at ~2 GFLOP/s. One GEMM per tap
+    # (no patch-sized buffer) measured 0.30 s for PrimaryCaps at batch 100 against 0.37 s
+    # for one patch-matrix GEMM + col2im (the 300 MB output costs page faults).
+    dx = _taps_dx(x, w, g, stride)                         # [B, H, W, C_in]
+  return dx, dw
+
+
+_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,4 +386,6 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") ->
     return _xla(x, w, stride)
   if impl == "im2col":
     return _im2col(x, w, stride, _use_taps(x.shape[3]))
+  if impl == "hybrid":
+    return _hybrid(x, w, stride)
   return _s2d(x, w, stride)

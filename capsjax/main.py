@@ -119,9 +119,11 @@ def main(argv):
   # Imported here so that `--help` and flag errors do not pay for the JAX import.
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import errors  # pylint: disable=g-import-not-at-top
+  from capsjax import parallel  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
+  parallel.enable_cpu_library_dots()   # before JAX starts its backends.
   try:
     _maybe_init_distributed(jax)
     logging.info("config:\n%s", config)

@@ -310,6 +310,8 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
+  from capsjax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.enable_cpu_library_dots()   # before JAX starts its backends.
   f = flags.FLAGS
   rows = run_sweep(f.config, f.workdir, [int(x) for x in f.iterations],
                    [int(x) for x in f.seeds], entropy_examples=f.entropy_examples)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from capsjax import conv
+from capsjax import parallel
 
 LOWERINGS = [i for i in conv.IMPLS if i != "auto"]
 # 'im2col' picks its per-tap or whole-patch-matrix form by C_in (conv._use_taps); both
@@ -126,11 +127,28 @@ def test_batch_sharded_on_explicit_mesh(impl):
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_shape,w_shape,stride", CASES[:4])
+def test_reference_matches_numpy(x_shape, w_shape, stride):
+  """The reference itself (XLA's conv, YNNPACK on CPU in these tests) vs float64 NumPy."""
+  x, w, _ = random_case(x_shape, w_shape, stride)
+  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  kh, kw = wn.shape[:2]
+  ho, wo = (xn.shape[1] - kh) // stride + 1, (xn.shape[2] - kw) // stride + 1
+  expected = np.zeros((xn.shape[0], ho, wo, wn.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      tap = xn[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      expected += tap @ wn[i, j]
+  np.testing.assert_allclose(jax.jit(reference, static_argnums=2)(x, w, stride), expected,
+                             rtol=1e-5, atol=1e-4)
+
+
 def test_impls_and_auto():
   assert "xla" in conv.IMPLS and "auto" in conv.IMPLS
   assert conv.resolve_impl("auto") in LOWERINGS
   if jax.default_backend() == "cpu":
-    assert conv.resolve_impl("auto") == "im2col"
+    expected = "hybrid" if parallel.cpu_library_dots_enabled() else "im2col"
+    assert conv.resolve_impl("auto") == expected
   for impl in LOWERINGS:
     assert conv.resolve_impl(impl) == impl
   x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)

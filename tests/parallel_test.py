@@ -6,6 +6,9 @@ Adam hides a constant gradient scale) and updated parameters must match.
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -113,3 +116,39 @@ def test_indivisible_batch_is_a_clear_error():
     parallel.check_batch_size(10, mesh, name="config.batch_size")
   with pytest.raises(ValueError, match=r"num_devices must be in \[1, 4\], got 5"):
     parallel.make_mesh(5)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot", True),
+    ("--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type=individual_dot", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=eltwise,+dot", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=", False),             # user switched it off
+    ("--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_experimental_ynn_fusion_type=reduce", False),
+])
+def test_cpu_library_dots_enabled_reads_xla_flags(monkeypatch, flags, expected):
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert parallel.cpu_library_dots_enabled() is expected
+
+
+def test_enable_cpu_library_dots_keeps_the_users_flag_and_a_started_backend(monkeypatch):
+  jax.devices()                                            # backends are running here.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert parallel.enable_cpu_library_dots() is False
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  assert parallel.enable_cpu_library_dots() is False      # too late: not set.
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+
+
+def test_enable_cpu_library_dots_in_a_fresh_process():
+  """Before the backend starts it adds the flag; 'auto' then picks 'hybrid' on CPU."""
+  code = ("import os; from capsjax import parallel, conv; import jax; "
+          "print(parallel.enable_cpu_library_dots(), os.environ['XLA_FLAGS'], "
+          "jax.default_backend(), conv.resolve_impl('auto'))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.split()
+  assert out == ["True", "--xla_force_host_platform_device_count=2",
+                 parallel.CPU_LIBRARY_DOTS_FLAG, "cpu", "hybrid"]
