@@ -8,7 +8,10 @@ gradients, so nothing is dead code). A float32 2048^3 matmul is timed in the sam
 and in the same rounds, interleaved with the convs, so its GFLOP/s is the peak the
 lowerings are compared with on a shared machine.
 
-Run: `python -m benchmarks.conv [--batch 100] [--repeats 5] [--impls xla,im2col,s2d]`.
+XLA:CPU's YNNPACK dot fusions are turned on first (`parallel.enable_cpu_library_dots`, as
+`capsjax.main` does) unless XLA_FLAGS sets them or `--no-library-dots` is given.
+
+Run: `python -m benchmarks.conv [--batch 100] [--repeats 5] [--impls xla,im2col,s2d,hybrid]`.
 Prints a table, then one JSON line as the last line.
 """
 

@@ -2,6 +2,7 @@
 
   python -m benchmarks.train_step                      # batch 100 and 128
   python -m benchmarks.train_step --batch=100 --peer   # + the PyTorch peer, same threads
+  python -m benchmarks.train_step --batch=100 --peer --peer_compile   # + torch.compile
   python -m benchmarks.train_step --dtype=bfloat16 --conv_impl=xla
 
 Full model (decoder, 3 routing iterations, Adam), one device. Prints a table, then one JSON
@@ -33,6 +34,8 @@ from absl import flags
 _BATCH = flags.DEFINE_list("batch", ["100", "128"], "Batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement (after a warm-up).")
 _PEER = flags.DEFINE_bool("peer", False, "Also time the PyTorch peer (benchmarks/torch_peer.py).")
+_PEER_COMPILE = flags.DEFINE_bool("peer_compile", False,
+                                  "With --peer, also time the peer under torch.compile.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _CONV = flags.DEFINE_string("conv_impl", "auto", "capsjax.conv implementation.")
 _LIBRARY_DOTS = flags.DEFINE_bool(
@@ -108,7 +111,11 @@ def peak_mem_mb() -> float:
 
 
 def _layer_breakdown(model, batch_size: int, steps: int) -> list[tuple[str, float, float]]:
-  """[(layer, forward s, forward+backward s)] per batch for each stage of the model."""
+  """[(layer, forward s, forward+backward s)] per batch for each stage of the model.
+
+  The backward pass computes what a train step needs: the parameter gradients and, but
+  for Conv1 (whose input is the image), the input gradient.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -119,21 +126,24 @@ def _layer_breakdown(model, batch_size: int, steps: int) -> list[tuple[str, floa
   v = model.digit_caps(u)
   labels = jnp.arange(batch_size) % model.num_classes
   stages = [
-      ("conv1", model.conv1, x, lambda m, a: jax.nn.relu(m(a))),
-      ("primary_caps", model.primary_caps, h1, lambda m, a: m(a)),
-      ("routing", model.digit_caps, u, lambda m, a: m(a)),
-      ("decoder", model.decoder, v, lambda m, a: m(a, labels)),
+      ("conv1", model.conv1, x, lambda m, a: jax.nn.relu(m(a)), False),
+      ("primary_caps", model.primary_caps, h1, lambda m, a: m(a), True),
+      ("routing", model.digit_caps, u, lambda m, a: m(a), True),
+      ("decoder", model.decoder, v, lambda m, a: m(a, labels), True),
   ]
   rows = []
-  for name, module, inp, apply in stages:
+  for name, module, inp, apply, input_grad in stages:
     graphdef, params = nnx.split(module)
 
     def fwd(params, inp, graphdef=graphdef, apply=apply):
       return apply(nnx.merge(graphdef, params), inp)
 
-    def fwd_bwd(params, inp, fwd=fwd):
-      out, vjp = jax.vjp(fwd, params, inp)
-      return vjp(jnp.ones_like(out))    # both gradients: parameters and input.
+    def fwd_bwd(params, inp, fwd=fwd, input_grad=input_grad):
+      if input_grad:
+        out, vjp = jax.vjp(fwd, params, inp)
+      else:
+        out, vjp = jax.vjp(lambda p: fwd(p, inp), params)
+      return vjp(jnp.ones_like(out))
 
     f, g = jax.jit(fwd), jax.jit(fwd_bwd)
     rows.append((name, _timeit(lambda: f(params, inp), steps),
@@ -264,6 +274,15 @@ def main(argv):
           f"{summary['peer_train_img_s']:.1f} img/s, eval {summary['peer_eval_img_s']:.1f} "
           f"img/s; capsjax/PyTorch: train x{summary['train_img_s'] / summary['peer_train_img_s']:.2f}"
           f", eval x{summary['eval_img_s'] / summary['peer_eval_img_s']:.2f}")
+    if _PEER_COMPILE.value:
+      summary["peer_compile_train_img_s"] = torch_peer.train_images_per_s(
+          b, _STEPS.value, threads, compile=True)
+      summary["peer_compile_eval_img_s"] = torch_peer.eval_images_per_s(
+          b, _STEPS.value, threads, compile=True)
+      print(f"PyTorch peer (torch.compile): train {summary['peer_compile_train_img_s']:.1f} "
+            f"img/s, eval {summary['peer_compile_eval_img_s']:.1f} img/s; capsjax/PyTorch: "
+            f"train x{summary['train_img_s'] / summary['peer_compile_train_img_s']:.2f}, eval "
+            f"x{summary['eval_img_s'] / summary['peer_compile_eval_img_s']:.2f}")
   print(json.dumps(summary))
 
 
