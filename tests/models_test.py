@@ -106,3 +106,35 @@ def test_bad_model_config_errors():
                               num_classes=10, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"images must have shape \[B, 28, 28, 1\]"):
     model(jnp.zeros((2, 32, 32, 3)))
+
+
+def test_every_conv_path_gives_the_same_model():
+  """Outputs and parameter gradients of a small CapsNet agree for every conv lowering."""
+  from capsjax import conv  # pylint: disable=g-import-not-at-top
+  from capsjax import losses  # pylint: disable=g-import-not-at-top
+  images = jax.random.uniform(jax.random.key(1), (4, 20, 20, 1))
+  labels = jnp.array([0, 3, 1, 2])
+
+  def run(impl):
+    model = models.CapsNet(image_shape=(20, 20, 1), num_classes=4, conv1_channels=16,
+                           conv1_kernel=5, primary_types=4, primary_dim=4, primary_kernel=5,
+                           primary_stride=2, digit_dim=6, decoder_hidden=(16,),
+                           conv_impl=impl, rngs=nnx.Rngs(0))       # same init for every impl
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+      out = nnx.merge(graphdef, params)(images, labels)
+      return jnp.mean(losses.margin_loss(out["lengths"], labels)
+                      + jnp.mean(jnp.square(out["reconstruction"] - images), (1, 2, 3))), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return out, grads
+
+  ref_out, ref_grads = run("xla")
+  assert float(jnp.max(jnp.abs(ref_grads["primary_caps"]["conv"]["kernel"][...]))) > 0
+  for impl in [i for i in conv.IMPLS if i not in ("xla", "auto")]:
+    out, grads = run(impl)
+    for k in ("lengths", "v", "reconstruction"):
+      np.testing.assert_allclose(out[k], ref_out[k], rtol=1e-4, atol=1e-5, err_msg=f"{impl} {k}")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
+                                                         err_msg=impl), grads, ref_grads)
