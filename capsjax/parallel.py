@@ -38,7 +38,11 @@ _YNN_FLAG_RE = re.compile(r"--xla_cpu_experimental_ynn_fusion_type=(\S*)")
 
 
 def cpu_library_dots_enabled() -> bool:
-  """Whether XLA_FLAGS routes XLA:CPU's dot fusions through YNNPACK (see enable_...)."""
+  """Whether XLA_FLAGS routes XLA:CPU's dot fusions through YNNPACK (see enable_...).
+
+  Reads XLA_FLAGS as it is now; XLA read it when its backend started, so change it only
+  before that (as `enable_cpu_library_dots` does).
+  """
   m = _YNN_FLAG_RE.findall(os.environ.get("XLA_FLAGS", ""))
   return bool(m) and any(t.lower().lstrip("+") in ("dot", "individual_dot")
                          for t in m[-1].split(","))
