@@ -9,7 +9,8 @@ and in the same rounds, interleaved with the convs, so its GFLOP/s is the peak t
 lowerings are compared with on a shared machine.
 
 XLA:CPU's YNNPACK dot fusions are turned on first (`parallel.enable_cpu_library_dots`, as
-`capsjax.main` does) unless XLA_FLAGS sets them or `--no-library-dots` is given.
+`capsjax.main` does) unless XLA_FLAGS sets them or `--no-library-dots` is given, and freed
+host memory is kept for reuse (`parallel.keep_host_memory`).
 
 Run: `python -m benchmarks.conv [--batch 100] [--repeats 5] [--impls xla,im2col,s2d,hybrid]`.
 Prints a table, then one JSON line as the last line.
@@ -137,6 +138,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if not args.no_library_dots:
     parallel.enable_cpu_library_dots()
+  parallel.keep_host_memory()
   impls = tuple(args.impls.split(","))
   for impl in impls:
     conv.resolve_impl(impl)   # fail early on a bad name

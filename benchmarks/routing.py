@@ -149,6 +149,7 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   parallel.enable_cpu_library_dots()
+  parallel.keep_host_memory()
   result = run(args.batch, args.repeats, args.iterations, args.seed)
   print(format_table(result))
   print(json.dumps(result, sort_keys=True))

@@ -41,6 +41,9 @@ _CONV = flags.DEFINE_string("conv_impl", "auto", "capsjax.conv implementation.")
 _LIBRARY_DOTS = flags.DEFINE_bool(
     "library_dots", True, "parallel.enable_cpu_library_dots() (YNNPACK dots on CPU) unless "
     "XLA_FLAGS sets it; --nolibrary_dots times XLA:CPU's own emitters.")
+_KEEP_MEMORY = flags.DEFINE_bool(
+    "keep_host_memory", True, "parallel.keep_host_memory() as capsjax.main does; "
+    "--nokeep_host_memory leaves glibc's malloc defaults.")
 _LAYERS = flags.DEFINE_bool("layers", True, "Per-layer forward/backward breakdown.")
 
 
@@ -226,6 +229,8 @@ def main(argv):
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   if _LIBRARY_DOTS.value:
     parallel.enable_cpu_library_dots()
+  if _KEEP_MEMORY.value:
+    parallel.keep_host_memory()
   backend = jax.default_backend()
   threads = os.cpu_count()
   peaks = PeakTracker()

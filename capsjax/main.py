@@ -124,6 +124,7 @@ def main(argv):
 
   config = flags.FLAGS.config
   parallel.enable_cpu_library_dots()   # before JAX starts its backends.
+  parallel.keep_host_memory()          # before XLA's threads allocate.
   try:
     _maybe_init_distributed(jax)
     logging.info("config:\n%s", config)

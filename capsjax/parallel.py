@@ -74,6 +74,35 @@ def enable_cpu_library_dots() -> bool:
   return True
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
+def keep_host_memory() -> bool:
+  """Makes glibc's malloc keep freed memory in the process instead of unmapping it.
+
+  XLA:CPU allocates every buffer of a step (im2col patches, u_hat, gradients: tens to
+  hundreds of MB each) with malloc. By default glibc serves such sizes with a fresh mmap
+  and unmaps them on free, so every step page-faults all of its memory again: a 300 MB
+  elementwise op took 0.085 s that way against 0.024 s with the memory kept. This sets
+  one malloc arena, no mmap for large blocks and a 2 GiB trim threshold, so freed
+  buffers are reused (resident memory stays near the run's peak). Call it at start-up,
+  before JAX starts its thread pools (`capsjax.main` does). A no-op (False) where the C
+  library is not glibc.
+  """
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return False
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
+              (_M_TOP_PAD, 64 << 20))
+  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   """A 1-D data-parallel mesh over the first `num_devices` devices (default: all).
 

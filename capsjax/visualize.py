@@ -478,6 +478,7 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   parallel.enable_cpu_library_dots()   # before JAX starts its backends.
+  parallel.keep_host_memory()
   f = flags.FLAGS
   paths = make_figures(f.workdir, checkpoint=f.checkpoint, out_dir=f.out_dir,
                        num_examples=f.num_examples, num_routing=f.num_routing,

@@ -168,6 +168,7 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   parallel.enable_cpu_library_dots()   # before JAX starts its backends.
+  parallel.keep_host_memory()
   f = flags.FLAGS
   losses_ = train(steps=f.steps, batch_size=f.batch_size, head=f.head,
                   routing_iterations=f.routing_iterations, seed=f.seed)

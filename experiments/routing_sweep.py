@@ -312,6 +312,7 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   parallel.enable_cpu_library_dots()   # before JAX starts its backends.
+  parallel.keep_host_memory()
   f = flags.FLAGS
   rows = run_sweep(f.config, f.workdir, [int(x) for x in f.iterations],
                    [int(x) for x in f.seeds], entropy_examples=f.entropy_examples)

@@ -152,3 +152,37 @@ def test_enable_cpu_library_dots_in_a_fresh_process():
                        text=True, timeout=300, check=True).stdout.split()
   assert out == ["True", "--xla_force_host_platform_device_count=2",
                  parallel.CPU_LIBRARY_DOTS_FLAG, "cpu", "hybrid"]
+
+
+_TOUCH_TWICE = """
+import ctypes, resource, sys
+from capsjax import parallel
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+  assert parallel.keep_host_memory()
+n = 200 << 20
+def touch():
+  p = libc.malloc(n)
+  ctypes.memset(p, 1, n)
+  libc.free(p)
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_keep_host_memory_reuses_freed_blocks_without_page_faults():
+  """A freed 200 MB block is faulted in again by default, reused after keep_host_memory."""
+  faults = {}
+  for mode in ("default", "keep"):
+    out = subprocess.run([sys.executable, "-c", _TOUCH_TWICE, mode], capture_output=True,
+                         text=True, timeout=120, check=True)
+    faults[mode] = int(out.stdout.split()[-1])
+  pages = (200 << 20) // 4096
+  assert faults["default"] > pages // 2, faults           # unmapped on free, faulted again
+  assert faults["keep"] < pages // 20, faults             # kept and reused
