@@ -8,8 +8,9 @@ gradients, so nothing is dead code). A float32 2048^3 matmul is timed in the sam
 and in the same rounds, interleaved with the convs, so its GFLOP/s is the peak the
 lowerings are compared with on a shared machine.
 
-XLA:CPU's YNNPACK dot fusions are turned on first (`parallel.enable_cpu_library_dots`, as
-`capsjax.main` does) unless XLA_FLAGS sets them or `--no-library-dots` is given, and freed
+XLA:CPU's convolutions are taken off YNNPACK first (`parallel.use_xla_cpu_convs`, as
+`capsjax.main` does) unless XLA_FLAGS sets the YNNPACK fusion types or `--ynn-convs` is
+given, and freed
 host memory is kept for reuse (`parallel.keep_host_memory`).
 
 Run: `python -m benchmarks.conv [--batch 100] [--repeats 5] [--impls xla,im2col,s2d,hybrid]`.
@@ -133,11 +134,11 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--impls", default="xla,im2col,s2d,hybrid")
   parser.add_argument("--shapes", default=",".join(SHAPES))
-  parser.add_argument("--no-library-dots", action="store_true",
-                      help="XLA:CPU's own emitters (skip parallel.enable_cpu_library_dots)")
+  parser.add_argument("--ynn-convs", action="store_true",
+                      help="leave XLA:CPU's convs on YNNPACK (skip parallel.use_xla_cpu_convs)")
   args = parser.parse_args(argv)
-  if not args.no_library_dots:
-    parallel.enable_cpu_library_dots()
+  if not args.ynn_convs:
+    parallel.use_xla_cpu_convs()
   parallel.keep_host_memory()
   impls = tuple(args.impls.split(","))
   for impl in impls:
@@ -146,8 +147,8 @@ def main(argv=None):
 
   peak = out["matmul_gflops"]
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
-        f"batch {args.batch}; 'auto' -> {conv.resolve_impl('auto')}; YNNPACK dots "
-        f"{'on' if parallel.cpu_library_dots_enabled() else 'off'}")
+        f"batch {args.batch}; 'auto' -> {conv.resolve_impl('auto')}; convs on "
+        f"{'YNNPACK' if parallel.cpu_convs_on_ynnpack() else 'XLA'}")
   print(f"f32 matmul 2048^3: {peak:.1f} GFLOP/s median "
         f"({out['matmul_gflops_best']:.1f} best), timed interleaved with the convs")
   print(f"{'shape':<12}{'impl':<8}" + "".join(f"{m:>17}" for m in MODES))

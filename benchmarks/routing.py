@@ -148,7 +148,7 @@ def main(argv=None) -> None:
                       help="comma-separated routing iteration counts")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  parallel.enable_cpu_library_dots()
+  parallel.use_xla_cpu_convs()
   parallel.keep_host_memory()
   result = run(args.batch, args.repeats, args.iterations, args.seed)
   print(format_table(result))

@@ -38,9 +38,10 @@ _PEER_COMPILE = flags.DEFINE_bool("peer_compile", False,
                                   "With --peer, also time the peer under torch.compile.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _CONV = flags.DEFINE_string("conv_impl", "auto", "capsjax.conv implementation.")
-_LIBRARY_DOTS = flags.DEFINE_bool(
-    "library_dots", True, "parallel.enable_cpu_library_dots() (YNNPACK dots on CPU) unless "
-    "XLA_FLAGS sets it; --nolibrary_dots times XLA:CPU's own emitters.")
+_XLA_CONVS = flags.DEFINE_bool(
+    "xla_cpu_convs", True, "parallel.use_xla_cpu_convs() as capsjax.main does (convs off "
+    "YNNPACK) unless XLA_FLAGS sets the YNNPACK fusion types; --noxla_cpu_convs leaves "
+    "jaxlib's default (convs on YNNPACK).")
 _KEEP_MEMORY = flags.DEFINE_bool(
     "keep_host_memory", True, "parallel.keep_host_memory() as capsjax.main does; "
     "--nokeep_host_memory leaves glibc's malloc defaults.")
@@ -227,8 +228,8 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  if _LIBRARY_DOTS.value:
-    parallel.enable_cpu_library_dots()
+  if _XLA_CONVS.value:
+    parallel.use_xla_cpu_convs()
   if _KEEP_MEMORY.value:
     parallel.keep_host_memory()
   backend = jax.default_backend()

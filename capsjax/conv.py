@@ -21,14 +21,15 @@
   forward mode (jvp, jacfwd).
 * 'hybrid': 'xla' for the forward pass and the weight gradient, the per-tap GEMMs of
   'im2col' for the input gradient of strided convs (custom VJP, reverse mode only).
-  With XLA:CPU's YNNPACK dot fusions on (`capsjax.parallel.enable_cpu_library_dots`,
-  which `capsjax.main` calls) XLA's conv and its weight gradient run near GEMM speed on
-  CPU, but the input gradient of a strided conv does not (~20 s at batch 100).
+  jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default; once they are taken
+  off it (`capsjax.parallel.use_xla_cpu_convs`, which `capsjax.main` calls), XLA's own
+  conv and weight gradient run near GEMM speed on CPU, but the input gradient of a
+  strided conv does not (~20 s at batch 100).
 * 's2d': space-to-depth: pad to a multiple of the stride, fold each s x s block into the
   channels and run a stride-1 `lax` conv with a ceil(kh/s) x ceil(kw/s) kernel (the
   original kernel zero-padded and folded the same way). Stride 1 is plain 'xla'.
 * 'auto': `resolve_impl('auto')`, the fastest measured lowering for
-  `jax.default_backend()`: on CPU 'hybrid' with YNNPACK dots on, else 'im2col';
+  `jax.default_backend()`: on CPU 'hybrid' with convs off YNNPACK, else 'im2col';
   'xla' (cuDNN/TPU convs) elsewhere.
 
 All lowerings keep the batch axis in front and never merge it with another axis, so a
@@ -56,7 +57,7 @@ def resolve_impl(impl: str) -> str:
   """Maps an impl name (one of IMPLS) to a concrete lowering; 'auto' by backend.
 
   'auto' is the fastest lowering measured (benchmarks/conv.py): on CPU 'hybrid' when
-  XLA:CPU runs dots through YNNPACK (`parallel.enable_cpu_library_dots`), else 'im2col';
+  XLA:CPU runs convolutions itself (`parallel.use_xla_cpu_convs`), else 'im2col';
   'xla' (cuDNN, TPU convs) on other backends.
   """
   if impl not in IMPLS:
@@ -64,7 +65,7 @@ def resolve_impl(impl: str) -> str:
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "xla"
-    return "hybrid" if parallel.cpu_library_dots_enabled() else "im2col"
+    return "im2col" if parallel.cpu_convs_on_ynnpack() else "hybrid"
   return impl
 
 
@@ -300,7 +301,7 @@ _im2col.defvjp(_im2col_fwd, _im2col_bwd)
 # ----------------------------------------------------------------------------------------
 # Hybrid: XLA's conv forward and weight gradient, im2col's input gradient.
 # ----------------------------------------------------------------------------------------
-# XLA's conv runs through YNNPACK when `parallel.enable_cpu_library_dots` is on: the
+# With convolutions off YNNPACK (`parallel.use_xla_cpu_convs`), XLA's own conv runs the
 # PrimaryCaps forward at ~190 GFLOP/s (~0.2 s at batch 100) and its weight gradient at
 # ~170, against 0.4 s and 0.43 s for im2col, whose patch matrix build costs as much as the
 # GEMM. Its input gradient (a conv with lhs dilation) stays slow, so it is per tap.
@@ -316,11 +317,10 @@ def _hybrid_fwd(x, w, stride):
 def _hybrid_bwd(stride, res, g):
   x, w = res                                               # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
-  _, vjp_w = jax.vjp(lambda w: _xla(x, w, stride), w)
-  (dw,) = vjp_w(g)                                         # [kh, kw, C_in, C_out]
+  # linear_transpose, unlike vjp, does not run the forward conv again (outside jit).
+  (dw,) = jax.linear_transpose(lambda w: _xla(x, w, stride), w)(g)  # [kh, kw, C_in, C_out]
   if stride == 1:
-    _, vjp_x = jax.vjp(lambda x: _xla(x, w, 1), x)
-    (dx,) = vjp_x(g)                                       # [B, H, W, C_in]
+    (dx,) = jax.linear_transpose(lambda x: _xla(x, w, 1), x)(g)      # [B, H, W, C_in]
   else:
     # XLA:CPU's own input gradient of a strided conv takes ~20 s at batch 100. One GEMM per tap
     # (no patch-sized buffer) measured 0.30 s for PrimaryCaps at batch 100 against 0.37 s

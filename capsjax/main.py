@@ -123,7 +123,7 @@ def main(argv):
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
-  parallel.enable_cpu_library_dots()   # before JAX starts its backends.
+  parallel.use_xla_cpu_convs()   # before JAX starts its backends.
   parallel.keep_host_memory()          # before XLA's threads allocate.
   try:
     _maybe_init_distributed(jax)

@@ -29,48 +29,82 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
-# XLA:CPU runs dot (and conv) fusions through the YNNPACK library with this flag: the
-# PrimaryCaps conv forward and weight gradient run ~4x and ~1.4x faster than with XLA's own
-# emitters, near the machine's matmul peak (benchmarks/conv.py). The flag exists in the
-# pinned jaxlib (0.10.x); an unknown XLA flag aborts the process, hence the version check.
-CPU_LIBRARY_DOTS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
+# jaxlib 0.10's XLA:CPU hands convolutions to the YNNPACK library by default, whose kernel
+# for CapsNet's strided 9x9 PrimaryCaps conv is ~4x slower than XLA's own conv (0.95 s
+# against 0.22 s forward, 0.33 s against 0.24 s weight gradient at batch 100 on 2 cores;
+# benchmarks/conv.py). This flag removes convolutions from XLA's list of YNNPACK fusion
+# types and keeps the rest (dots) as they are.
+XLA_CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 _YNN_FLAG_RE = re.compile(r"--xla_cpu_experimental_ynn_fusion_type=(\S*)")
+# XLA's default list of YNNPACK fusion types in jaxlib 0.10 (a convolution and a dot
+# compile to YNNPACK calls without the flag; tests/parallel_test.py checks the HLO).
+_YNN_DEFAULT_TYPES = frozenset({"individual_dot", "individual_convolution"})
 
 
-def cpu_library_dots_enabled() -> bool:
-  """Whether XLA_FLAGS routes XLA:CPU's dot fusions through YNNPACK (see enable_...).
+def ynn_fusion_types(xla_flags: str | None = None) -> frozenset[str]:
+  """The YNNPACK fusion types XLA:CPU uses under `xla_flags` (default: $XLA_FLAGS).
+
+  XLA's rules: each occurrence of --xla_cpu_experimental_ynn_fusion_type either replaces
+  the list (plain names, '' for none) or edits it ('+name' / '-name'); names are
+  lower-case here.
+  """
+  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  types = set(_YNN_DEFAULT_TYPES)
+  for value in _YNN_FLAG_RE.findall(flags):
+    items = [t.strip().lower() for t in value.split(",") if t.strip()]
+    if items and all(t[0] in "+-" for t in items):
+      for t in items:
+        (types.add if t[0] == "+" else types.discard)(t[1:])
+    else:
+      types = set(items)
+  return frozenset(types)
+
+
+def cpu_convs_on_ynnpack() -> bool:
+  """Whether XLA:CPU sends convolutions to YNNPACK (the slow path for CapsNet's convs).
 
   Reads XLA_FLAGS as it is now; XLA read it when its backend started, so change it only
-  before that (as `enable_cpu_library_dots` does).
+  before that (as `use_xla_cpu_convs` does).
   """
-  m = _YNN_FLAG_RE.findall(os.environ.get("XLA_FLAGS", ""))
-  return bool(m) and any(t.lower().lstrip("+") in ("dot", "individual_dot")
-                         for t in m[-1].split(","))
+  return "individual_convolution" in ynn_fusion_types()
 
 
-def enable_cpu_library_dots() -> bool:
-  """Adds CPU_LIBRARY_DOTS_FLAG to XLA_FLAGS unless the user set that XLA flag already.
+def _accelerator_plugin_installed() -> bool:
+  """Whether a GPU/TPU PJRT plugin is installed (it carries its own XLA, own flags)."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return (bool(importlib.metadata.entry_points(group="jax_plugins"))
+          or importlib.util.find_spec("libtpu") is not None)
+
+
+def use_xla_cpu_convs() -> bool:
+  """Adds XLA_CPU_CONV_FLAG to XLA_FLAGS so XLA:CPU runs convolutions itself.
 
   Must run before JAX starts its backends (the first `jax.devices()` or computation):
-  XLA reads XLA_FLAGS once. `capsjax.main`, the benchmarks and the tests call it at
-  start-up; research code importing capsjax can call it first thing, or export
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot itself. It only changes the
-  CPU backend. Returns whether the library dots are on.
+  XLA reads XLA_FLAGS once. `capsjax.main`, the benchmarks, the experiments and the
+  tests call it at start-up; research code can call it first thing, or export the flag.
+  Leaves XLA_FLAGS alone when the user set --xla_cpu_experimental_ynn_fusion_type
+  already (their choice wins), when the backends already run, when the jaxlib is not
+  0.10.x, and when a GPU/TPU plugin is installed: XLA aborts the process on a flag it
+  does not know, and plugins carry their own XLA version. Returns whether XLA:CPU runs
+  convolutions itself (then `conv.resolve_impl('auto')` picks 'hybrid' on CPU).
   """
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   flags = os.environ.get("XLA_FLAGS", "")
   if _YNN_FLAG_RE.search(flags):                 # the user's own choice wins.
-    return cpu_library_dots_enabled()
+    return not cpu_convs_on_ynnpack()
   if not jaxlib.__version__.startswith("0.10."):
     logging.warning("capsjax: not setting %s: only known to exist in jaxlib 0.10.x, "
-                    "found %s", CPU_LIBRARY_DOTS_FLAG, jaxlib.__version__)
+                    "found %s", XLA_CPU_CONV_FLAG, jaxlib.__version__)
+    return False
+  if _accelerator_plugin_installed():
     return False
   if xla_bridge.backends_are_initialized():
     logging.warning("capsjax: JAX backends already started; call "
-                    "parallel.enable_cpu_library_dots() before any JAX computation")
+                    "parallel.use_xla_cpu_convs() before any JAX computation")
     return False
-  os.environ["XLA_FLAGS"] = f"{flags} {CPU_LIBRARY_DOTS_FLAG}".strip()
+  os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_CONV_FLAG}".strip()
   return True
 
 
@@ -85,22 +119,35 @@ def keep_host_memory() -> bool:
   hundreds of MB each) with malloc. By default glibc serves such sizes with a fresh mmap
   and unmaps them on free, so every step page-faults all of its memory again: a 300 MB
   elementwise op took 0.085 s that way against 0.024 s with the memory kept. This sets
-  one malloc arena, no mmap for large blocks and a 2 GiB trim threshold, so freed
-  buffers are reused (resident memory stays near the run's peak). Call it at start-up,
-  before JAX starts its thread pools (`capsjax.main` does). A no-op (False) where the C
-  library is not glibc.
+  one malloc arena (other threads' arenas would mmap large blocks anyway), no mmap for
+  large blocks and a 2 GiB trim threshold, so freed buffers are reused.
+
+  Costs: resident memory stays near the run's peak (it is not given back to the OS while
+  the process runs), and all threads allocate from one arena. Call it at start-up, before
+  JAX starts its thread pools (`capsjax.main` does, unless CAPSJAX_KEEP_HOST_MEMORY=0).
+  A no-op returning False where the C library is not glibc, with a GPU/TPU plugin
+  installed (device memory is not malloc's), or when a setting is refused (logged).
   """
   import ctypes  # pylint: disable=g-import-not-at-top
   import platform  # pylint: disable=g-import-not-at-top
+  if os.environ.get("CAPSJAX_KEEP_HOST_MEMORY", "1") == "0":
+    return False
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  if _accelerator_plugin_installed():
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return False
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
-              (_M_TOP_PAD, 64 << 20))
-  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+  settings = {"M_ARENA_MAX": (_M_ARENA_MAX, 1), "M_MMAP_MAX": (_M_MMAP_MAX, 0),
+              "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
+              "M_TOP_PAD": (_M_TOP_PAD, 64 << 20)}
+  refused = [name for name, (param, value) in settings.items()
+             if libc.mallopt(param, value) != 1]
+  if refused:
+    logging.warning("capsjax: glibc refused mallopt %s", ", ".join(refused))
+  return not refused
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

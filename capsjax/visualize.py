@@ -477,7 +477,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.enable_cpu_library_dots()   # before JAX starts its backends.
+  parallel.use_xla_cpu_convs()   # before JAX starts its backends.
   parallel.keep_host_memory()
   f = flags.FLAGS
   paths = make_figures(f.workdir, checkpoint=f.checkpoint, out_dir=f.out_dir,

@@ -9,9 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-# The tests run XLA:CPU the way `capsjax.main` does (YNNPACK dots), so 'auto' resolves
+# The tests run XLA:CPU the way `capsjax.main` does (convs off YNNPACK), so 'auto' resolves
 # to the same conv lowering users get. Importing jax does not start its backends.
 from capsjax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-parallel.enable_cpu_library_dots()
+parallel.use_xla_cpu_convs()
 # Keep tests from touching the user's TFDS directory or the network.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "capsjax_test_tfds"))

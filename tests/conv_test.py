@@ -129,7 +129,7 @@ def test_batch_sharded_on_explicit_mesh(impl):
 
 @pytest.mark.parametrize("x_shape,w_shape,stride", CASES[:4])
 def test_reference_matches_numpy(x_shape, w_shape, stride):
-  """The reference itself (XLA's conv, YNNPACK on CPU in these tests) vs float64 NumPy."""
+  """The reference itself (XLA's conv, as configured for these tests) vs float64 NumPy."""
   x, w, _ = random_case(x_shape, w_shape, stride)
   xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
   kh, kw = wn.shape[:2]
@@ -147,8 +147,9 @@ def test_impls_and_auto():
   assert "xla" in conv.IMPLS and "auto" in conv.IMPLS
   assert conv.resolve_impl("auto") in LOWERINGS
   if jax.default_backend() == "cpu":
-    expected = "hybrid" if parallel.cpu_library_dots_enabled() else "im2col"
-    assert conv.resolve_impl("auto") == expected
+    # tests/conftest.py took convs off YNNPACK (parallel.use_xla_cpu_convs).
+    assert not parallel.cpu_convs_on_ynnpack()
+    assert conv.resolve_impl("auto") == "hybrid"
   for impl in LOWERINGS:
     assert conv.resolve_impl(impl) == impl
   x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)

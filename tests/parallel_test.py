@@ -118,40 +118,66 @@ def test_indivisible_batch_is_a_clear_error():
     parallel.make_mesh(5)
 
 
+_F = "--xla_cpu_experimental_ynn_fusion_type="
+
+
 @pytest.mark.parametrize("flags,expected", [
-    ("", False),
-    ("--xla_cpu_experimental_ynn_fusion_type=dot", True),
-    ("--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type=individual_dot", True),
-    ("--xla_cpu_experimental_ynn_fusion_type=eltwise,+dot", True),
-    ("--xla_cpu_experimental_ynn_fusion_type=", False),             # user switched it off
-    ("--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_experimental_ynn_fusion_type=reduce", False),
+    ("", {"individual_dot", "individual_convolution"}),                 # jaxlib 0.10 default
+    (_F + "-individual_convolution", {"individual_dot"}),
+    ("--xla_force_host_platform_device_count=4 " + _F + "dot", {"dot"}),  # replaces the list
+    (_F, set()),                                                          # none
+    (_F + "dot " + _F + "+eltwise", {"dot", "eltwise"}),                  # later edits apply
+    (_F + "+reduce," + "-individual_dot", {"individual_convolution", "reduce"}),
+    (_F + "-individual_convolution " + _F + "individual_convolution",
+     {"individual_convolution"}),
 ])
-def test_cpu_library_dots_enabled_reads_xla_flags(monkeypatch, flags, expected):
-  monkeypatch.setenv("XLA_FLAGS", flags)
-  assert parallel.cpu_library_dots_enabled() is expected
+def test_ynn_fusion_types_follow_xlas_rules(flags, expected):
+  assert parallel.ynn_fusion_types(flags) == expected
 
 
-def test_enable_cpu_library_dots_keeps_the_users_flag_and_a_started_backend(monkeypatch):
+_CONV_HLO_USES_YNN = """
+import jax
+from capsjax import parallel
+x, w = jax.numpy.ones((2, 20, 20, 32)), jax.numpy.ones((9, 9, 32, 32))
+hlo = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(
+        x, w).compile().as_text()
+print('"__ynn_fusion"' in hlo, parallel.cpu_convs_on_ynnpack())
+"""
+
+
+@pytest.mark.parametrize("flags,on_ynn", [("", True), (_F + "-individual_convolution", False)])
+def test_cpu_convs_on_ynnpack_agrees_with_the_compiled_hlo(flags, on_ynn):
+  """What the flag parser says is what XLA:CPU compiles (a PrimaryCaps-like conv)."""
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _CONV_HLO_USES_YNN], env=env,
+                       capture_output=True, text=True, timeout=300, check=True).stdout
+  assert out.split() == [str(on_ynn), str(on_ynn)]
+
+
+def test_use_xla_cpu_convs_keeps_the_users_flag_and_a_started_backend(monkeypatch):
   jax.devices()                                            # backends are running here.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-  assert parallel.enable_cpu_library_dots() is False
-  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+  monkeypatch.setenv("XLA_FLAGS", _F)                      # the user: no YNNPACK at all.
+  assert parallel.use_xla_cpu_convs() is True              # convs are XLA's then too.
+  assert os.environ["XLA_FLAGS"] == _F
+  monkeypatch.setenv("XLA_FLAGS", _F + "+individual_convolution")
+  assert parallel.use_xla_cpu_convs() is False
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-  assert parallel.enable_cpu_library_dots() is False      # too late: not set.
+  assert parallel.use_xla_cpu_convs() is False             # too late: not set.
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
 
 
-def test_enable_cpu_library_dots_in_a_fresh_process():
+def test_use_xla_cpu_convs_in_a_fresh_process():
   """Before the backend starts it adds the flag; 'auto' then picks 'hybrid' on CPU."""
   code = ("import os; from capsjax import parallel, conv; import jax; "
-          "print(parallel.enable_cpu_library_dots(), os.environ['XLA_FLAGS'], "
+          "print(parallel.use_xla_cpu_convs(), os.environ['XLA_FLAGS'], "
           "jax.default_backend(), conv.resolve_impl('auto'))")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.split()
   assert out == ["True", "--xla_force_host_platform_device_count=2",
-                 parallel.CPU_LIBRARY_DOTS_FLAG, "cpu", "hybrid"]
+                 parallel.XLA_CPU_CONV_FLAG, "cpu", "hybrid"]
 
 
 _TOUCH_TWICE = """
@@ -175,14 +201,31 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def _transparent_huge_pages_always() -> bool:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return "[always]" in f.read()
+  except OSError:
+    return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.skipif(_transparent_huge_pages_always(),
+                    reason="huge pages make the default fault count small too")
 def test_keep_host_memory_reuses_freed_blocks_without_page_faults():
   """A freed 200 MB block is faulted in again by default, reused after keep_host_memory."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "CAPSJAX_KEEP"))}
   faults = {}
   for mode in ("default", "keep"):
     out = subprocess.run([sys.executable, "-c", _TOUCH_TWICE, mode], capture_output=True,
-                         text=True, timeout=120, check=True)
+                         text=True, timeout=120, check=True, env=env)
     faults[mode] = int(out.stdout.split()[-1])
   pages = (200 << 20) // 4096
   assert faults["default"] > pages // 2, faults           # unmapped on free, faulted again
   assert faults["keep"] < pages // 20, faults             # kept and reused
+
+
+def test_keep_host_memory_can_be_turned_off(monkeypatch):
+  monkeypatch.setenv("CAPSJAX_KEEP_HOST_MEMORY", "0")
+  assert parallel.keep_host_memory() is False
