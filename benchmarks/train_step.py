@@ -7,7 +7,9 @@
 
 Full model (decoder, 3 routing iterations, Adam), one device. Prints a table, then one JSON
 line (last line) with train_img_s, eval_img_s, batch, backend, peak_mem_mb, and
-peer_train_img_s / peer_eval_img_s with --peer.
+peer_train_img_s / peer_eval_img_s with --peer (the peer in this process, so under the same
+glibc malloc settings, `parallel.keep_host_memory`), and peer_own_process_* (the same peer
+in a fresh process with default malloc, as PyTorch users run it).
 
 The f32 matmul peak is measured repeatedly, interleaved with the timed steps (before and
 after each measurement), since load from other processes on a shared machine changes during
@@ -224,6 +226,18 @@ def measure(batch_size: int, steps: int, dtype: str, conv_impl: str, layers: boo
   return result
 
 
+def _peer_subprocess(batch: int, steps: int, threads: int, compile_too: bool) -> dict:
+  """benchmarks/torch_peer.py in a child process; its JSON line as a dict."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, "-m", "benchmarks.torch_peer", f"--batch={batch}",
+         f"--steps={steps}", f"--threads={threads}"] + (["--compile"] if compile_too else [])
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -280,6 +294,17 @@ def main(argv):
           f"{summary['peer_train_img_s']:.1f} img/s, eval {summary['peer_eval_img_s']:.1f} "
           f"img/s; capsjax/PyTorch: train x{summary['train_img_s'] / summary['peer_train_img_s']:.2f}"
           f", eval x{summary['eval_img_s'] / summary['peer_eval_img_s']:.2f}")
+    # The same peer in a fresh process: PyTorch as its users run it, with glibc's default
+    # malloc (keep_host_memory above speeds the in-process peer up too).
+    own = _peer_subprocess(b, _STEPS.value, threads, _PEER_COMPILE.value)
+    summary.update({f"peer_own_process_{k}": v for k, v in own.items()
+                    if k.endswith("img_s")})
+    print(f"PyTorch peer in its own process (default malloc): train "
+          f"{own['train_img_s']:.1f} img/s, eval {own['eval_img_s']:.1f} img/s; "
+          f"capsjax/PyTorch: train x{summary['train_img_s'] / own['train_img_s']:.2f}, eval "
+          f"x{summary['eval_img_s'] / own['eval_img_s']:.2f}"
+          + (f"; torch.compile train {own['compile_train_img_s']:.1f}, eval "
+             f"{own['compile_eval_img_s']:.1f}" if "compile_train_img_s" in own else ""))
     if _PEER_COMPILE.value:
       summary["peer_compile_train_img_s"] = torch_peer.train_images_per_s(
           b, _STEPS.value, threads, compile=True)
