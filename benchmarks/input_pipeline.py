@@ -90,8 +90,7 @@ def main():
   parser.add_argument('--iters', type=int, default=200)
   args = parser.parse_args()
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convs()  # as capsjax.main does, before JAX starts its backends.
-  parallel.keep_host_memory()
+  parallel.configure_cpu_runtime()  # as capsjax.main does, before JAX starts its backends.
   tfds.disable_progress_bar()
 
   tmp = None

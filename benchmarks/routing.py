@@ -148,8 +148,7 @@ def main(argv=None) -> None:
                       help="comma-separated routing iteration counts")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  parallel.use_xla_cpu_convs()
-  parallel.keep_host_memory()
+  parallel.configure_cpu_runtime()   # as capsjax.main does, before JAX starts.
   result = run(args.batch, args.repeats, args.iterations, args.seed)
   print(format_table(result))
   print(json.dumps(result, sort_keys=True))

@@ -123,8 +123,7 @@ def main(argv):
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
-  parallel.use_xla_cpu_convs()   # before JAX starts its backends.
-  parallel.keep_host_memory()          # before XLA's threads allocate.
+  parallel.configure_cpu_runtime()   # before JAX starts its backends.
   try:
     _maybe_init_distributed(jax)
     logging.info("config:\n%s", config)

@@ -124,7 +124,8 @@ def keep_host_memory() -> bool:
 
   Costs: resident memory stays near the run's peak (it is not given back to the OS while
   the process runs), and all threads allocate from one arena. Call it at start-up, before
-  JAX starts its thread pools (`capsjax.main` does, unless CAPSJAX_KEEP_HOST_MEMORY=0).
+  JAX starts its thread pools (`capsjax.main` does, through `configure_cpu_runtime`;
+  CAPSJAX_KEEP_HOST_MEMORY=0 turns it off).
   A no-op returning False where the C library is not glibc, with a GPU/TPU plugin
   installed (device memory is not malloc's), or when a setting is refused (logged).
   """
@@ -148,6 +149,16 @@ def keep_host_memory() -> bool:
   if refused:
     logging.warning("capsjax: glibc refused mallopt %s", ", ".join(refused))
   return not refused
+
+
+def configure_cpu_runtime() -> None:
+  """What capsjax's entry points do first: `use_xla_cpu_convs()` and `keep_host_memory()`.
+
+  Call it before any JAX computation (XLA reads XLA_FLAGS when its backend starts, and
+  malloc's settings should be in place before XLA's threads allocate).
+  """
+  use_xla_cpu_convs()
+  keep_host_memory()
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

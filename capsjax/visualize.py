@@ -477,8 +477,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convs()   # before JAX starts its backends.
-  parallel.keep_host_memory()
+  parallel.configure_cpu_runtime()   # before JAX starts its backends.
   f = flags.FLAGS
   paths = make_figures(f.workdir, checkpoint=f.checkpoint, out_dir=f.out_dir,
                        num_examples=f.num_examples, num_routing=f.num_routing,

@@ -167,8 +167,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convs()   # before JAX starts its backends.
-  parallel.keep_host_memory()
+  parallel.configure_cpu_runtime()   # before JAX starts its backends.
   f = flags.FLAGS
   losses_ = train(steps=f.steps, batch_size=f.batch_size, head=f.head,
                   routing_iterations=f.routing_iterations, seed=f.seed)

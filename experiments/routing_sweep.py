@@ -311,8 +311,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convs()   # before JAX starts its backends.
-  parallel.keep_host_memory()
+  parallel.configure_cpu_runtime()   # before JAX starts its backends.
   f = flags.FLAGS
   rows = run_sweep(f.config, f.workdir, [int(x) for x in f.iterations],
                    [int(x) for x in f.seeds], entropy_examples=f.entropy_examples)
