@@ -226,6 +226,12 @@ def measure(batch_size: int, steps: int, dtype: str, conv_impl: str, layers: boo
   return result
 
 
+def _vs(summary: dict, train: float, evl: float) -> str:
+  """'capsjax/PyTorch: train xA, eval xB' for peer figures train, evl (img/s)."""
+  return (f"capsjax/PyTorch: train x{summary['train_img_s'] / train:.2f}, "
+          f"eval x{summary['eval_img_s'] / evl:.2f}")
+
+
 def _peer_subprocess(batch: int, steps: int, threads: int, compile_too: bool) -> dict:
   """benchmarks/torch_peer.py in a child process; its JSON line as a dict."""
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -292,8 +298,7 @@ def main(argv):
     summary["peer_eval_img_s"] = torch_peer.eval_images_per_s(b, _STEPS.value, threads)
     print(f"\nPyTorch peer (eager, {threads} threads, batch {b}): train "
           f"{summary['peer_train_img_s']:.1f} img/s, eval {summary['peer_eval_img_s']:.1f} "
-          f"img/s; capsjax/PyTorch: train x{summary['train_img_s'] / summary['peer_train_img_s']:.2f}"
-          f", eval x{summary['eval_img_s'] / summary['peer_eval_img_s']:.2f}")
+          f"img/s; {_vs(summary, summary['peer_train_img_s'], summary['peer_eval_img_s'])}")
     # The same peer in a fresh process: PyTorch as its users run it, with glibc's default
     # malloc (keep_host_memory above speeds the in-process peer up too).
     own = _peer_subprocess(b, _STEPS.value, threads, _PEER_COMPILE.value)
@@ -301,8 +306,7 @@ def main(argv):
                     if k.endswith("img_s")})
     print(f"PyTorch peer in its own process (default malloc): train "
           f"{own['train_img_s']:.1f} img/s, eval {own['eval_img_s']:.1f} img/s; "
-          f"capsjax/PyTorch: train x{summary['train_img_s'] / own['train_img_s']:.2f}, eval "
-          f"x{summary['eval_img_s'] / own['eval_img_s']:.2f}"
+          f"{_vs(summary, own['train_img_s'], own['eval_img_s'])}"
           + (f"; torch.compile train {own['compile_train_img_s']:.1f}, eval "
              f"{own['compile_eval_img_s']:.1f}" if "compile_train_img_s" in own else ""))
     if _PEER_COMPILE.value:
@@ -311,9 +315,9 @@ def main(argv):
       summary["peer_compile_eval_img_s"] = torch_peer.eval_images_per_s(
           b, _STEPS.value, threads, compile=True)
       print(f"PyTorch peer (torch.compile): train {summary['peer_compile_train_img_s']:.1f} "
-            f"img/s, eval {summary['peer_compile_eval_img_s']:.1f} img/s; capsjax/PyTorch: "
-            f"train x{summary['train_img_s'] / summary['peer_compile_train_img_s']:.2f}, eval "
-            f"x{summary['eval_img_s'] / summary['peer_compile_eval_img_s']:.2f}")
+            f"img/s, eval {summary['peer_compile_eval_img_s']:.1f} img/s; "
+            + _vs(summary, summary["peer_compile_train_img_s"],
+                  summary["peer_compile_eval_img_s"]))
   print(json.dumps(summary))
 
 

@@ -254,18 +254,16 @@ def _taps_dx(x, w, g, stride):
   # C_in] is accumulated in place (dynamic_update_slice), then the s*s phases are
   # interleaved: no scatter, no patch-sized buffer.
   hc, wc = -(-h // s), -(-wd // s)
+  zero = jnp.zeros((b, hc, wc, c_in), acc, out_sharding=_batch_sharding(x, 4))
   phases = {}
   for i in range(kh):
     for j in range(kw):
       d = lax.dot_general(g, w[i, j], (((3,), (1,)), ((), ())),
                           preferred_element_type=acc)      # [B, Ho, Wo, C_in]
       key, start = (i % s, j % s), (0, i // s, j // s, 0)
-      if key not in phases:
-        phases[key] = jnp.zeros((b, hc, wc, c_in), acc, out_sharding=_batch_sharding(x, 4))
-      a = phases[key]
+      a = phases.get(key, zero)
       phases[key] = lax.dynamic_update_slice(
           a, lax.dynamic_slice(a, start, d.shape) + d, start)  # [B, Hc, Wc, C_in]
-  zero = jnp.zeros((b, hc, wc, c_in), acc, out_sharding=_batch_sharding(x, 4))
   rows = [jnp.stack([phases.get((pi, pj), zero) for pj in range(s)], axis=3)
           for pi in range(s)]                              # s x [B, Hc, Wc, s, C_in]
   dx = jnp.stack(rows, axis=2)                             # [B, Hc, s, Wc, s, C_in]

@@ -102,11 +102,10 @@ def validate_config(config) -> None:
   for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_epochs"):
     if config[name] < 1:
       raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
-  for name in ("num_epochs", "train_examples", "eval_examples"):
+  for name, zero in (("num_epochs", ""), ("train_examples", " (0 = all)"),
+                     ("eval_examples", " (0 = all)")):
     if config[name] < 0:
-      raise ValueError(f"config.{name} must be >= 0 (0 = all), got {config[name]}"
-                       if name != "num_epochs" else
-                       f"config.num_epochs must be >= 0, got {config[name]}")
+      raise ValueError(f"config.{name} must be >= 0{zero}, got {config[name]}")
   if config.augment.max_shift < 0 or config.augment.cutout_size < 0:
     raise ValueError(
         "config.augment.max_shift and cutout_size must be >= 0, got "

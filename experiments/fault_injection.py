@@ -26,6 +26,7 @@ plumbing only; capsjax itself has no hooks):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -122,11 +123,11 @@ def child_main(argv):
   from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
   _install_hooks()
   n = int(os.environ.get("CAPSJAX_MOCK_EXAMPLES", "0") or 0)
+  data = contextlib.nullcontext()
   if n:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    with tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE):
-      app.run(main_lib.main, argv=argv, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
-  else:
+    data = tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE)
+  with data:
     app.run(main_lib.main, argv=argv, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
 
 
