@@ -12,7 +12,7 @@ XLA:CPU's convolutions are taken off YNNPACK first (`parallel.use_xla_cpu_convs`
 `capsjax.main` does) unless XLA_FLAGS sets the YNNPACK fusion types or `--ynn-convs` is
 given, and freed host memory is kept for reuse (`parallel.keep_host_memory`).
 
-Run: `python -m benchmarks.conv [--batch 100] [--repeats 5] [--impls xla,im2col,s2d,hybrid]`.
+Run: `python -m benchmarks.conv [--batch 100] [--repeats 5] [--impls xla,im2col,s2d,hybrid,winograd]`.
 Prints a table, then one JSON line as the last line.
 """
 
@@ -131,7 +131,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--impls", default="xla,im2col,s2d,hybrid")
+  parser.add_argument("--impls", default="xla,im2col,s2d,hybrid,winograd")
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--ynn-convs", action="store_true",
                       help="leave XLA:CPU's convs on YNNPACK (skip parallel.use_xla_cpu_convs)")
@@ -150,7 +150,7 @@ def main(argv=None):
         f"{'YNNPACK' if parallel.cpu_convs_on_ynnpack() else 'XLA'}")
   print(f"f32 matmul 2048^3: {peak:.1f} GFLOP/s median "
         f"({out['matmul_gflops_best']:.1f} best), timed interleaved with the convs")
-  print(f"{'shape':<12}{'impl':<8}" + "".join(f"{m:>17}" for m in MODES))
+  print(f"{'shape':<12}{'impl':<10}" + "".join(f"{m:>17}" for m in MODES))
   rows = {}
   for r in out["results"]:
     rows.setdefault((r["shape"], r["impl"]), {})[r["mode"]] = r
@@ -158,9 +158,10 @@ def main(argv=None):
     cells = "".join(
         f"{by_mode[m]['s']:>7.3f}s {by_mode[m]['gflops']:>5.0f}GF" + ("*" if by_mode[m]["n"] == 1 else " ")
         for m in MODES)
-    print(f"{shape:<12}{impl:<8}{cells}")
-  print("median seconds over repeats and GFLOP/s (2 FLOPs/MAC; each gradient = one "
-        "forward); * timed once")
+    print(f"{shape:<12}{impl:<10}{cells}")
+  print("median seconds over repeats and GFLOP/s of the direct conv (2 FLOPs/MAC; each "
+        "gradient = one forward); * timed once. 'winograd' does ~3.7x fewer multiplies "
+        "than the direct conv on PrimaryCaps, so its figure can exceed the matmul peak")
   print(json.dumps(dict(batch=args.batch, backend=jax.default_backend(),
                         auto=conv.resolve_impl("auto"), **out)))
 

@@ -87,7 +87,7 @@ def use_xla_cpu_convs() -> bool:
   already (their choice wins), when the backends already run, when the jaxlib is not
   0.10.x, and when a GPU/TPU plugin is installed: XLA aborts the process on a flag it
   does not know, and plugins carry their own XLA version. Returns whether XLA:CPU runs
-  convolutions itself (then `conv.resolve_impl('auto')` picks 'hybrid' on CPU).
+  convolutions itself (then `conv.resolve_impl('auto')` picks 'winograd' on CPU).
   """
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top

@@ -39,6 +39,28 @@ CASES = [
 ]
 
 
+def tolerance(impl, expected):
+  """allclose tolerances. Winograd rounds in the transformed domain, so its error scales
+  with the magnitude of the whole output rather than of each element (bounded against
+  float64 in test_winograd_error_vs_float64)."""
+  if impl == "winograd":
+    return dict(rtol=1e-5, atol=max(1e-4, 1e-5 * float(np.max(np.abs(expected)))))
+  return dict(rtol=1e-5, atol=1e-4)
+
+
+def numpy_conv(x, w, stride):
+  """Float64 NumPy VALID conv: [B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, Ho, Wo, C_out]."""
+  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  kh, kw = wn.shape[:2]
+  ho, wo = (xn.shape[1] - kh) // stride + 1, (xn.shape[2] - kw) // stride + 1
+  out = np.zeros((xn.shape[0], ho, wo, wn.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      tap = xn[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      out += tap @ wn[i, j]
+  return out
+
+
 def reference(x, w, stride):
   return lax.conv_general_dilated(x, w, (stride, stride), "VALID",
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -68,7 +90,7 @@ def test_matches_reference_values_and_grads(impl, x_shape, w_shape, stride):
   actual = jax.jit(lambda x, w, g: value_and_grads(conv_fn(impl, stride), x, w, g))(x, w, g)
   for name, a, e in zip(("y", "dx", "dw"), actual, expected):
     assert a.shape == e.shape and a.dtype == e.dtype, name
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(a, e, err_msg=name, **tolerance(impl, e))
 
 
 @pytest.mark.parametrize("impl", VARIANTS)
@@ -131,16 +153,77 @@ def test_batch_sharded_on_explicit_mesh(impl):
 def test_reference_matches_numpy(x_shape, w_shape, stride):
   """The reference itself (XLA's conv, as configured for these tests) vs float64 NumPy."""
   x, w, _ = random_case(x_shape, w_shape, stride)
-  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  kh, kw = wn.shape[:2]
-  ho, wo = (xn.shape[1] - kh) // stride + 1, (xn.shape[2] - kw) // stride + 1
-  expected = np.zeros((xn.shape[0], ho, wo, wn.shape[3]))
-  for i in range(kh):
-    for j in range(kw):
-      tap = xn[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-      expected += tap @ wn[i, j]
-  np.testing.assert_allclose(jax.jit(reference, static_argnums=2)(x, w, stride), expected,
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(jax.jit(reference, static_argnums=2)(x, w, stride),
+                             numpy_conv(x, w, stride), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,r", [(1, 3), (2, 3), (3, 3), (3, 5), (2, 5), (3, 2), (4, 3)])
+def test_winograd_matrices_compute_correlation(m, r):
+  """A^T ((G g) * (B^T d)) is the 1-D correlation y[i] = sum_k d[i + k] g[k], in float64."""
+  at, g_mat, bt = conv.winograd_matrices(m, r)
+  n = m + r - 1
+  assert at.shape == (m, n) and g_mat.shape == (n, r) and bt.shape == (n, n)
+  assert np.abs(bt).max(axis=1) == pytest.approx(np.ones(n))  # rows scaled to max 1
+  rng = np.random.default_rng(m * 10 + r)
+  for _ in range(5):
+    d, g = rng.standard_normal(n), rng.standard_normal(r)
+    expected = np.array([d[i:i + r] @ g for i in range(m)])
+    np.testing.assert_allclose(at @ ((g_mat @ g) * (bt @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_matrices_reject_too_many_points():
+  with pytest.raises(ValueError, match="F\\(3, 7\\) needs 8 points"):
+    conv.winograd_matrices(3, 7)
+
+
+def test_winograd_error_vs_float64():
+  """On a PrimaryCaps-like conv with many channels, Winograd's float32 error against a
+  float64 conv stays within 1e-5 of the output scale and within 20x of XLA's own conv."""
+  x, w, g = random_case((2, 20, 20, 64), (9, 9, 64, 16), 2, seed=3)
+  exact = numpy_conv(x, w, 2)
+  scale = np.abs(exact).max()
+  err = {}
+  for impl in ("xla", "winograd"):
+    y = jax.jit(lambda x, w, impl=impl: conv.conv2d(x, w, stride=2, impl=impl))(x, w)
+    err[impl] = np.abs(np.asarray(y, np.float64) - exact).max() / scale
+  assert err["winograd"] < 1e-5, err
+  assert err["winograd"] < 20 * err["xla"], err
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride", [
+    ((2, 20, 20, 3), (9, 9, 3, 4), 2),      # PrimaryCaps: 5x5 folded, 6x6 out = 2x2 tiles
+    ((1, 9, 10, 2), (3, 3, 2, 3), 1),       # 7x8 output: partial tiles on both axes
+    ((2, 6, 7, 2), (2, 5, 2, 2), 1),        # 5x3 output, 2x5 kernel
+    ((1, 16, 15, 2), (10, 7, 2, 2), 2),     # folded 5x4 kernel, 4x5 output
+])
+def test_winograd_core_on_partial_tiles(x_shape, w_shape, stride):
+  """The Winograd lowering itself (no fallback) on outputs that are not a whole number of
+  3x3 tiles, against float64 NumPy: values, dx and dw."""
+  assert conv._winograd_applies(w_shape, stride)
+  x, w, g = random_case(x_shape, w_shape, stride, seed=5)
+  y, dx, dw = jax.jit(lambda x, w, g: value_and_grads(
+      lambda x, w: conv.conv2d(x, w, stride=stride, impl="winograd"), x, w, g))(x, w, g)
+  np.testing.assert_allclose(y, numpy_conv(x, w, stride), rtol=1e-5,
+                             atol=1e-5 * np.abs(y).max())
+  # dx and dw by the adjoint identities (the conv is bilinear), both sides in float64:
+  # <dx, ex> = <g, conv(ex, w)> and <dw, ew> = <g, conv(x, ew)> for random ex, ew.
+  xn, wn, gn = (np.asarray(a, np.float64) for a in (x, w, g))
+  rng = np.random.default_rng(7)
+  for _ in range(3):
+    ex, ew = rng.standard_normal(xn.shape), rng.standard_normal(wn.shape)
+    np.testing.assert_allclose(np.sum(np.asarray(dx, np.float64) * ex),
+                               np.sum(gn * numpy_conv(ex, wn, stride)), rtol=1e-4)
+    np.testing.assert_allclose(np.sum(np.asarray(dw, np.float64) * ew),
+                               np.sum(gn * numpy_conv(xn, ew, stride)), rtol=1e-4)
+
+
+def test_winograd_falls_back_for_large_and_1x1_folded_kernels():
+  assert not conv._winograd_applies((9, 9, 1, 256), 1)     # Conv1: folded 9x9
+  assert not conv._winograd_applies((3, 3, 4, 4), 3)       # folded 1x1
+  assert conv._winograd_applies((9, 9, 256, 256), 2)       # PrimaryCaps: folded 5x5
+  x, w, _ = random_case((2, 12, 12, 1), (9, 9, 1, 4), 1)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, impl="winograd"))(x, w))
+  assert "conv_general_dilated" in jaxpr                   # the 'hybrid' fallback
 
 
 def test_impls_and_auto():
@@ -149,7 +232,7 @@ def test_impls_and_auto():
   if jax.default_backend() == "cpu":
     # tests/conftest.py took convs off YNNPACK (parallel.use_xla_cpu_convs).
     assert not parallel.cpu_convs_on_ynnpack()
-    assert conv.resolve_impl("auto") == "hybrid"
+    assert conv.resolve_impl("auto") == "winograd"
   for impl in LOWERINGS:
     assert conv.resolve_impl(impl) == impl
   x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)

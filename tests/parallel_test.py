@@ -168,7 +168,7 @@ def test_use_xla_cpu_convs_keeps_the_users_flag_and_a_started_backend(monkeypatc
 
 
 def test_use_xla_cpu_convs_in_a_fresh_process():
-  """Before the backend starts it adds the flag; 'auto' then picks 'hybrid' on CPU."""
+  """Before the backend starts it adds the flag; 'auto' then picks 'winograd' on CPU."""
   code = ("import os; from capsjax import parallel, conv; import jax; "
           "print(parallel.use_xla_cpu_convs(), os.environ['XLA_FLAGS'], "
           "jax.default_backend(), conv.resolve_impl('auto'))")
@@ -177,7 +177,7 @@ def test_use_xla_cpu_convs_in_a_fresh_process():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.split()
   assert out == ["True", "--xla_force_host_platform_device_count=2",
-                 parallel.XLA_CPU_CONV_FLAG, "cpu", "hybrid"]
+                 parallel.XLA_CPU_CONV_FLAG, "cpu", "winograd"]
 
 
 _TOUCH_TWICE = """
