@@ -497,12 +497,12 @@ def _winograd_math(xs, ws, m):
   th, tw, at, g, bt = _winograd_geometry(xs.shape, ws.shape, m)
   acc = _accum_dtype(xs.dtype)
   d = _winograd_tiles(xs, m, nh, nw, th, tw)               # [n*n, B, T, C_in]
-  v = jnp.einsum("st,tbzc->sbzc", bt.astype(np.float32), d,
+  v = jnp.einsum("st,tbzc->sbzc", bt.astype(acc), d,
                  preferred_element_type=acc).astype(xs.dtype)  # [n*n, B, T, C_in]
-  u = jnp.einsum("st,tco->sco", g.astype(np.float32), ws.reshape(rh * rw, c_in, c_out),
+  u = jnp.einsum("st,tco->sco", g.astype(acc), ws.reshape(rh * rw, c_in, c_out),
                  preferred_element_type=acc).astype(xs.dtype)  # [n*n, C_in, C_out]
   p = jnp.einsum("sbzc,sco->sbzo", v, u, preferred_element_type=acc)  # [n*n, B, T, C_out]
-  y = jnp.einsum("us,sbzo->ubzo", at.astype(np.float32), p)  # [m*m, B, T, C_out]
+  y = jnp.einsum("us,sbzo->ubzo", at.astype(acc), p)  # [m*m, B, T, C_out]
   y = _reshape(y, (m, m, b, th, tw, c_out), 1, 2).transpose(2, 3, 0, 4, 1, 5)
   y = _reshape(y, (b, th * m, tw * m, c_out))[:, :h - rh + 1, :wd - rw + 1]
   return y.astype(xs.dtype), (v, u)
@@ -536,12 +536,12 @@ def _winograd_s1_bwd(m, res, gy):
   gy = jnp.pad(gy.astype(v.dtype), ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
   gy = _reshape(gy, (b, th, m, tw, m, c_out)).transpose(2, 4, 0, 1, 3, 5)
   gy = _reshape(gy, (m * m, b, th * tw, c_out), 2, 1)      # [m*m, B, T, C_out]
-  dp = jnp.einsum("us,ubzo->sbzo", at.astype(np.float32), gy).astype(v.dtype)
+  dp = jnp.einsum("us,ubzo->sbzo", at.astype(acc), gy).astype(v.dtype)
   dv = jnp.einsum("sbzo,sco->sbzc", dp, u, preferred_element_type=acc)  # [n*n, B, T, C_in]
   du = jnp.einsum("sbzc,sbzo->sco", v, dp, preferred_element_type=acc,
                   out_sharding=jax.typeof(u).sharding)     # [n*n, C_in, C_out]
-  dws = jnp.einsum("st,sco->tco", g.astype(np.float32), du).reshape(w_shape)
-  dd = jnp.einsum("st,sbzc->tbzc", bt.astype(np.float32), dv)  # [n*n, B, T, C_in]
+  dws = jnp.einsum("st,sco->tco", g.astype(acc), du).reshape(w_shape)
+  dd = jnp.einsum("st,sbzc->tbzc", bt.astype(acc), dv)  # [n*n, B, T, C_in]
   dxs = _winograd_untile(dd, x_shape, m, nh, nw, th, tw)
   return dxs.astype(v.dtype), dws.astype(v.dtype)
 
