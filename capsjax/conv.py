@@ -5,22 +5,15 @@
 * 'xla': `lax.conv_general_dilated` (cuDNN on GPU). On XLA:CPU its input gradient for
   strided convs is very slow: ~22 s for the PrimaryCaps conv at batch 100, ~30x its
   forward.
-* 'im2col': explicit patches + GEMMs with a custom VJP, in one of two forms chosen by
-  C_in (`_use_taps`):
-  - per tap (C_in >= _TAPS_MIN_C_IN; off by default, see there): y = sum over the kh*kw taps of one GEMM
-    [B*Ho*Wo, C_in] x [C_in, C_out] on that tap's strided slice; dw[i, j] = g^T tap (one
-    GEMM per tap); dx: per tap g w[i, j]^T, accumulated in place into the s*s stride
-    phases of the image (tap (i, j) lands in phase (i % s, j % s) at offset
-    (i // s, j // s)), which are then interleaved. No patch matrix (stacking 81 slices is
-    a slow fused loop on XLA:CPU, ~0.4 s at batch 100) and no scatter.
-  - whole patch matrix (the default): patches from kh*kw strided slices, one
-    dot_general against the kernel reshaped to [kh*kw*C_in, C_out]; dw is one dot of the
-    patches with the cotangent, and dx is one dot (cotangent x kernel^T) followed by
-    col2im, split by stride phase (dx[s*a + p] only receives taps i = p + s*m).
+* 'im2col': explicit patches + GEMMs with a custom VJP: patches from kh*kw strided slices,
+  one dot_general against the kernel reshaped to [kh*kw*C_in, C_out]; dw is one dot of
+  the patches with the cotangent, and dx is one dot (cotangent x kernel^T) followed by
+  col2im, split by stride phase (dx[s*a + p] only receives taps i = p + s*m).
   Being a `jax.custom_vjp`, it supports reverse mode (grad, vjp, grad-of-grad) but not
   forward mode (jvp, jacfwd).
-* 'hybrid': 'xla' for the forward pass and the weight gradient, the per-tap GEMMs of
-  'im2col' for the input gradient of strided convs (custom VJP, reverse mode only).
+* 'hybrid': 'xla' for the forward pass and the weight gradient; the input gradient of
+  strided convs is one GEMM per kernel tap, accumulated in place into the stride phases
+  of the image (custom VJP, reverse mode only).
   jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default; once they are taken
   off it (`capsjax.parallel.use_xla_cpu_convs`, which `capsjax.main` calls), XLA's own
   conv and weight gradient run near GEMM speed on CPU, but the input gradient of a
@@ -183,76 +176,50 @@ def _col2im(dp: jax.Array, x_shape, kh: int, kw: int, stride: int) -> jax.Array:
   return dx
 
 
-# From this many input channels on, 'im2col' would run one GEMM per kernel tap instead of
-# building the whole patch matrix. Off (None): the per-tap form is ~10% faster on the
-# PrimaryCaps conv alone, but inside the jitted CapsNet train/eval steps it measured 2.3x
-# (train) and 3.3x (eval) slower than the patch matrix, same run (cause not yet found).
-_TAPS_MIN_C_IN = None
+def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+  kh, kw, c_in, c_out = w.shape
+  p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
+  y = lax.dot_general(p, w.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
+                      preferred_element_type=_accum_dtype(x.dtype))
+  return y.astype(x.dtype)                                 # [B, Ho, Wo, C_out]
 
 
-def _use_taps(c_in: int) -> bool:
-  """Whether 'im2col' lowers a conv with c_in input channels per tap (K = C_in GEMMs)."""
-  return _TAPS_MIN_C_IN is not None and c_in >= _TAPS_MIN_C_IN
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+  return _im2col_fwd_math(x, w, stride)
 
 
-def _tap(x: jax.Array, i: int, j: int, ho: int, wo: int, stride: int) -> jax.Array:
-  """The input pixels that kernel tap (i, j) meets: [B, H, W, C] -> [B, Ho, Wo, C]."""
-  b, _, _, c = x.shape
-  return lax.slice(x, (0, i, j, 0),
-                   (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                   (1, stride, stride, 1))                 # [B, Ho, Wo, C]
+def _im2col_fwd(x, w, stride):
+  # Only x and w are saved; the backward pass rebuilds the patches from them.
+  return _im2col_fwd_math(x, w, stride), (x, w)
 
 
-def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int, taps: bool) -> jax.Array:
+def _im2col_bwd(stride, res, g):
+  x, w = res                                               # g: [B, Ho, Wo, C_out]
+  g = g.astype(x.dtype)
   kh, kw, c_in, c_out = w.shape
   acc = _accum_dtype(x.dtype)
-  if not taps:
-    p = _patches(x, kh, kw, stride)                        # [B, Ho, Wo, K]
-    y = lax.dot_general(p, w.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
-                        preferred_element_type=acc)
-    return y.astype(x.dtype)                               # [B, Ho, Wo, C_out]
-  # One GEMM per tap, [B*Ho*Wo, C_in] x [C_in, C_out], summed in the accumulation dtype.
-  # Stacking kh*kw strided slices into one patch matrix costs more than the GEMM's
-  # packing (XLA:CPU fuses the stack into one slow gather-like loop).
-  _, h, wd, _ = x.shape
-  ho, wo = _out_size(h, kh, stride), _out_size(wd, kw, stride)
-  y = None
-  for i in range(kh):
-    for j in range(kw):
-      t = lax.dot_general(_tap(x, i, j, ho, wo, stride), w[i, j],
-                          (((3,), (0,)), ((), ())), preferred_element_type=acc)
-      y = t if y is None else y + t                        # [B, Ho, Wo, C_out]
-  return y.astype(x.dtype)
+  p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
+  b, ho, wo, _ = g.shape
+  p = _reshape(p, (b, ho, wo, kh, kw, c_in))               # [B, Ho, Wo, kh, kw, C_in]
+  # Contracting the (possibly sharded) batch axis: under an Explicit mesh the output
+  # sharding must be given; it is w's (the compiler inserts the all-reduce).
+  dw = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                       preferred_element_type=acc,
+                       out_sharding=jax.typeof(w).sharding)  # [kh, kw, C_in, C_out]
+  dw = dw.astype(w.dtype)
+  dp = lax.dot_general(g, w.reshape(kh * kw * c_in, c_out), (((3,), (1,)), ((), ())),
+                       preferred_element_type=acc)         # [B, Ho, Wo, K]
+  dx = _col2im(dp, x.shape, kh, kw, stride).astype(x.dtype)  # [B, H, W, C_in]
+  return dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _im2col(x: jax.Array, w: jax.Array, stride: int, taps: bool) -> jax.Array:
-  return _im2col_fwd_math(x, w, stride, taps)
+_im2col.defvjp(_im2col_fwd, _im2col_bwd)
 
 
-def _im2col_fwd(x, w, stride, taps):
-  # Only x and w are saved; the backward pass rebuilds the patches (taps) from them.
-  return _im2col_fwd_math(x, w, stride, taps), (x, w)
-
-
-def _taps_bwd(x, w, g, stride):
-  """dx, dw of the per-tap lowering; g: [B, Ho, Wo, C_out] in x's dtype."""
-  kh, kw, c_in, c_out = w.shape
-  b, h, wd, _ = x.shape
-  _, ho, wo, _ = g.shape
-  s = stride
-  acc = _accum_dtype(x.dtype)
-  # dw[i, j] = tap^T g. Written as g^T tap ([C_out, C_in]), then transposed once: XLA:CPU
-  # runs this orientation ~1.5x faster (benchmarks/conv.py).
-  dwt = jnp.stack([
-      lax.dot_general(g, _tap(x, i, j, ho, wo, s), (((0, 1, 2), (0, 1, 2)), ((), ())),
-                      preferred_element_type=acc,
-                      out_sharding=jax.typeof(w).sharding)  # [C_out, C_in]
-      for i in range(kh) for j in range(kw)])              # [kh*kw, C_out, C_in]
-  dw = dwt.transpose(0, 2, 1).reshape(kh, kw, c_in, c_out).astype(w.dtype)
-  return _taps_dx(x, w, g, stride), dw
-
-
+# ----------------------------------------------------------------------------------------
+# Hybrid: XLA's conv forward and weight gradient, a per-tap input gradient.
+# ----------------------------------------------------------------------------------------
 def _taps_dx(x, w, g, stride):
   """dx of a conv by one GEMM per tap, without a patch-sized buffer: [B, H, W, C_in].
 
@@ -284,34 +251,6 @@ def _taps_dx(x, w, g, stride):
   return dx.astype(x.dtype)
 
 
-def _im2col_bwd(stride, taps, res, g):
-  x, w = res                                               # g: [B, Ho, Wo, C_out]
-  g = g.astype(x.dtype)
-  if taps:
-    return _taps_bwd(x, w, g, stride)
-  kh, kw, c_in, c_out = w.shape
-  acc = _accum_dtype(x.dtype)
-  p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
-  b, ho, wo, _ = g.shape
-  p = _reshape(p, (b, ho, wo, kh, kw, c_in))               # [B, Ho, Wo, kh, kw, C_in]
-  # Contracting the (possibly sharded) batch axis: under an Explicit mesh the output
-  # sharding must be given; it is w's (the compiler inserts the all-reduce).
-  dw = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                       preferred_element_type=acc,
-                       out_sharding=jax.typeof(w).sharding)  # [kh, kw, C_in, C_out]
-  dw = dw.astype(w.dtype)
-  dp = lax.dot_general(g, w.reshape(kh * kw * c_in, c_out), (((3,), (1,)), ((), ())),
-                       preferred_element_type=acc)         # [B, Ho, Wo, K]
-  dx = _col2im(dp, x.shape, kh, kw, stride).astype(x.dtype)  # [B, H, W, C_in]
-  return dx, dw
-
-
-_im2col.defvjp(_im2col_fwd, _im2col_bwd)
-
-
-# ----------------------------------------------------------------------------------------
-# Hybrid: XLA's conv forward and weight gradient, im2col's input gradient.
-# ----------------------------------------------------------------------------------------
 # With convolutions off YNNPACK (`parallel.use_xla_cpu_convs`), XLA's own conv runs the
 # PrimaryCaps forward at ~190 GFLOP/s (~0.2 s at batch 100) and its weight gradient at
 # ~170, against 0.4 s and 0.43 s for im2col, whose patch matrix build costs as much as the
@@ -584,7 +523,7 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") ->
   if impl == "xla":
     return _xla(x, w, stride)
   if impl == "im2col":
-    return _im2col(x, w, stride, _use_taps(x.shape[3]))
+    return _im2col(x, w, stride)
   if impl == "hybrid":
     return _hybrid(x, w, stride)
   if impl == "winograd":

@@ -16,17 +16,13 @@ from capsjax import conv
 from capsjax import parallel
 
 LOWERINGS = [i for i in conv.IMPLS if i != "auto"]
-# 'im2col' picks its per-tap or whole-patch-matrix form by C_in (conv._use_taps); both
-# forms are also forced here.
-VARIANTS = LOWERINGS + ["im2col:taps", "im2col:patches"]
 
 
-def conv_fn(variant, stride):
-  """(x, w) -> conv output for an impl name or a forced 'im2col:<form>' variant."""
-  if variant.startswith("im2col:"):
-    taps = variant == "im2col:taps"
-    return lambda x, w: conv._im2col(x, w, stride, taps)  # pylint: disable=protected-access
-  return lambda x, w: conv.conv2d(x, w, stride=stride, impl=variant)
+def conv_fn(impl, stride):
+  """(x, w) -> conv output for an impl name."""
+  return lambda x, w: conv.conv2d(x, w, stride=stride, impl=impl)
+
+
 # (x shape [B, H, W, C_in], w shape [kh, kw, C_in, C_out], stride)
 CASES = [
     ((2, 12, 12, 1), (9, 9, 1, 4), 1),      # Conv1-like, 1 input channel
@@ -81,7 +77,7 @@ def random_case(x_shape, w_shape, stride, seed=0, dtype=jnp.float32):
                for s in (x_shape, w_shape, g_shape))
 
 
-@pytest.mark.parametrize("impl", VARIANTS)
+@pytest.mark.parametrize("impl", LOWERINGS)
 @pytest.mark.parametrize("x_shape,w_shape,stride", CASES)
 def test_matches_reference_values_and_grads(impl, x_shape, w_shape, stride):
   x, w, g = random_case(x_shape, w_shape, stride)
@@ -93,7 +89,7 @@ def test_matches_reference_values_and_grads(impl, x_shape, w_shape, stride):
     np.testing.assert_allclose(a, e, err_msg=name, **tolerance(impl, e))
 
 
-@pytest.mark.parametrize("impl", VARIANTS)
+@pytest.mark.parametrize("impl", LOWERINGS)
 def test_bfloat16(impl):
   x, w, g = random_case((2, 11, 11, 4), (5, 5, 4, 8), 2)
   xb, wb, gb = (a.astype(jnp.bfloat16) for a in (x, w, g))
@@ -108,7 +104,7 @@ def test_bfloat16(impl):
                                atol=2e-2 * float(jnp.max(jnp.abs(e))), err_msg=name)
 
 
-@pytest.mark.parametrize("impl", VARIANTS)
+@pytest.mark.parametrize("impl", LOWERINGS)
 def test_vmap_and_grad(impl):
   x, w, _ = random_case((6, 10, 10, 2), (3, 3, 2, 3), 2)
 
@@ -124,7 +120,7 @@ def test_vmap_and_grad(impl):
   np.testing.assert_allclose(flat, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", VARIANTS)
+@pytest.mark.parametrize("impl", LOWERINGS)
 def test_batch_sharded_on_explicit_mesh(impl):
   """A jitted grad step with the batch sharded over 4 devices keeps the batch sharding."""
   if jax.device_count() < 4:
@@ -238,10 +234,6 @@ def test_impls_and_auto():
   x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)
   np.testing.assert_allclose(conv.conv2d(x, w, stride=2, impl="auto"),
                              reference(x, w, 2), rtol=1e-5, atol=1e-5)
-
-
-def test_im2col_form_by_channels():
-  assert not conv._use_taps(1)                             # Conv1: whole patch matrix
 
 
 def test_bad_impl_raises_naming_it():
