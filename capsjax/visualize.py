@@ -421,9 +421,13 @@ def make_figures(workdir: str, *, checkpoint: str | None = None, out_dir: str | 
     num_routing: examples in the routing figure.
     eval_examples: test examples for the confusion matrix (0 = the whole test split).
     example_index: test example whose capsule is perturbed.
-    data_dir, manual_dir: passed to `input_pipeline.load_split`.
+    data_dir, manual_dir: passed to `input_pipeline.load_split`; None takes the run's own
+      (its config.json), else the TFDS default.
   """
   run = load_run(checkpoint or workdir)
+  saved = _read_json(os.path.join(run.workdir, "config.json")) or {}
+  data_dir = data_dir or saved.get("data_dir")
+  manual_dir = manual_dir or saved.get("manual_dir")
   out_dir = out_dir or os.path.join(workdir, "figures")
   names = run.info.class_names
   need = max(num_examples, num_routing, example_index + 1, eval_examples)
@@ -499,8 +503,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("eval_examples", 2000,
                        "Test examples for the confusion matrix (0 = all).")
   flags.DEFINE_integer("example_index", 0, "Test example whose capsule is perturbed.")
-  flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS default).")
-  flags.DEFINE_string("manual_dir", None, "Directory with the original dataset files.")
+  flags.DEFINE_string("data_dir", None,
+                      "TFDS data dir (default: the run's, from its config.json, else TFDS's).")
+  flags.DEFINE_string("manual_dir", None,
+                      "Directory with the original dataset files (default: the run's).")
   flags.mark_flag_as_required("workdir")
 
 

@@ -67,6 +67,27 @@ def test_make_figures_from_an_explicit_checkpoint_into_out_dir(smoke_run, tmp_pa
   assert all(p.startswith(str(tmp_path / "figs")) for p in paths.values())
 
 
+def test_make_figures_reads_the_data_dir_from_the_runs_config(smoke_run, tmp_path,
+                                                              monkeypatch):
+  """Without data_dir, the test split is read from the data_dir the run trained with (its
+  config.json); an explicit data_dir still wins."""
+  workdir, data_dir = smoke_run
+  seen = []
+  load_split = input_pipeline.load_split
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("data_dir"))
+    return load_split(*args, **kwargs)
+
+  monkeypatch.setattr(input_pipeline, "load_split", spy)
+  kwargs = dict(out_dir=str(tmp_path / "figs"), num_examples=2, num_routing=1,
+                eval_examples=4)
+  paths = visualize.make_figures(workdir, **kwargs)
+  assert set(paths) == set(visualize.FIGURES)
+  visualize.make_figures(workdir, data_dir=str(tmp_path / "elsewhere"), **kwargs)
+  assert seen == [data_dir, str(tmp_path / "elsewhere")]
+
+
 def test_perturbation_grid_shape_and_exact_zero_column(loaded):
   run, images, _ = loaded
   out = visualize.predict(run.model, images, batch_size=4)   # 2 batches, last one padded
