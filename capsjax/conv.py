@@ -24,16 +24,19 @@
 * 'winograd': the same fold, then Winograd minimal filtering F(3x3, r x r) of the
   stride-1 conv: input and weight transforms, (3 + r - 1)^2 batched GEMMs over the
   channels, an output transform; the backward pass is the same stages transposed (custom
-  VJP, reverse mode only). On PrimaryCaps (9x9 stride 2 -> folded 5x5) it does 3.7x fewer
-  multiplies than the direct conv and runs forward + both gradients 2x faster than
-  'hybrid' on XLA:CPU. Rounding happens in the transformed domain, so its float32 error is
-  a few times the direct conv's (~1e-6 of the output scale). Folded kernels larger than
-  5x5 (e.g. Conv1, 9x9 stride 1) or 1 wide fall back to 'hybrid'.
+  VJP, reverse mode only). On PrimaryCaps (9x9 stride 2 -> folded 5x5) its GEMMs do 3.7x
+  fewer multiplies than the direct conv (2.9x fewer FLOPs with the transforms) and it
+  runs forward + both gradients 2x faster than 'hybrid' on XLA:CPU. Rounding happens in
+  the transformed domain, so its float32 error is ~15-20x the direct conv's there (mean
+  ~1e-6, max ~1e-5 of the output scale). It always computes in float32 or wider: bfloat16
+  / float16 inputs are cast up (rounded transforms would cost ~20x the error of a
+  bfloat16 direct conv). Folded kernels larger than 5x5 (e.g. Conv1, 9x9 stride 1) or 1
+  wide, and non-float inputs, fall back to 'hybrid'.
 * 'auto': `resolve_impl('auto')`, the fastest measured lowering for
   `jax.default_backend()`: on CPU 'winograd' with convs off YNNPACK, else 'im2col';
   'xla' (cuDNN/TPU convs) elsewhere.
 
-All lowerings keep the batch axis in front and never merge it with another axis, so a
+No lowering merges the batch axis with another axis (all but 'winograd' keep it in front), so a
 batch sharded over a mesh axis (`P('data')`) stays sharded. Low-precision inputs
 accumulate in float32 and the result has the promoted input dtype.
 `benchmarks/conv.py` times them.
@@ -309,14 +312,16 @@ def _s2d(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
 # GEMMs over the channels. The PrimaryCaps conv (9x9 stride 2) folds to a 5x5 stride-1 conv
 # over 4x the channels (4 x 25 = 100 taps, 19 of them zero padding); F(3x3, 5x5) then needs
 # 49 products per 9 outputs: 4 x 49 / 9 = 21.8 multiplies per output and input channel
-# against the direct conv's 81, 3.7x fewer FLOPs (the transforms add ~5% back).
+# against the direct conv's 81: 3.7x fewer GEMM FLOPs. The transforms, dense kron-product
+# matrices applied as small GEMMs, add ~26% of that back (the input one ~19%), so 2.9x fewer
+# FLOPs in all.
 _WINOGRAD_M = 3
 # The finite interpolation points (infinity is the last one); the first n - 1 are used.
 # Chosen for float32 error: for F(3, 5) the mean error measured ~5x that of the direct conv
 # (still ~1e-6 of the output scale); 0, +-1, +-2 and -1/2 were among the best sets tried.
-_WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, -0.5, 0.5)
-# Folded kernels larger than this (e.g. Conv1's 9x9 stride 1) would need n - 1 > 7 points,
-# whose transforms lose too much precision; such convs fall back to 'hybrid'.
+_WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, -0.5)
+# Folded kernels larger than this (e.g. Conv1's 9x9 stride 1) would need more points, with
+# larger transform entries and more float32 error; such convs fall back to 'hybrid'.
 _WINOGRAD_MAX_R = 5
 
 
@@ -352,7 +357,10 @@ def winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
   bt = np.linalg.inv(evaluation(n)).T
   bt[np.abs(bt) < 1e-12] = 0.0
   scale = np.abs(bt).max(axis=1)
-  return at, g * scale[:, None], bt / scale[:, None]
+  out = (at, g * scale[:, None], bt / scale[:, None])
+  for a in out:                      # shared through functools.cache
+    a.flags.writeable = False
+  return out
 
 
 def _fold(x: jax.Array, w: jax.Array, s: int):
@@ -398,8 +406,8 @@ def _winograd_tiles(xs: jax.Array, m: int, nh: int, nw: int, th: int, tw: int) -
   b, h, wd, c = xs.shape
   qh, qw = -(-nh // m), -(-nw // m)                        # blocks per tile and axis
   hb, wb = th + qh - 1, tw + qw - 1                        # blocks per image and axis
-  xs = jnp.pad(xs[:, :m * hb, :m * wb], ((0, 0), (0, max(0, m * hb - h)),
-                                         (0, max(0, m * wb - wd)), (0, 0)))
+  # m*hb >= m*th + r - 1 >= H: the blocks cover the image, zero-padded at the end.
+  xs = jnp.pad(xs, ((0, 0), (0, m * hb - h), (0, m * wb - wd), (0, 0)))
   blocks = _reshape(xs, (b, hb, m, wb, m, c))              # [B, hb, m, wb, m, C]
   d = jnp.stack([blocks[:, i:i + th, :, j:j + tw] for i in range(qh) for j in range(qw)])
   d = _reshape(d, (qh, qw, b, th, m, tw, m, c), 1, 2)      # [qh, qw, B, th, m, tw, m, C]
@@ -424,8 +432,7 @@ def _winograd_untile(dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int,
       t = jnp.pad(dd[i, j], ((0, 0), (i, hb - th - i), (0, 0), (j, wb - tw - j),
                              (0, 0), (0, 0)))              # [B, hb, m, wb, m, C]
       out = t if out is None else out + t
-  out = _reshape(out, (b, hb * m, wb * m, c))[:, :h, :wd]
-  return jnp.pad(out, ((0, 0), (0, h - out.shape[1]), (0, wd - out.shape[2]), (0, 0)))
+  return _reshape(out, (b, hb * m, wb * m, c))[:, :h, :wd]  # [B, H, W, C]
 
 
 def _winograd_math(xs, ws, m):
@@ -455,15 +462,17 @@ def _winograd_s1(xs: jax.Array, ws: jax.Array, m: int) -> jax.Array:
 
 def _winograd_s1_fwd(xs, ws, m):
   y, (v, u) = _winograd_math(xs, ws, m)
-  # Empty arrays carry the static shapes (custom_vjp residuals must be JAX values).
-  return y, (v, u, jnp.zeros((*xs.shape[1:3], 0), xs.dtype),
-             jnp.zeros((*ws.shape[:2], 0), xs.dtype))
+  # xs's H, W and ws's kh, kw are not recoverable from V and U: the zero-size arrays carry
+  # them as static shapes (residuals must be JAX values).
+  return y, (v, u, jnp.zeros((*xs.shape[1:3], 0), v.dtype),
+             jnp.zeros((*ws.shape[:2], 0), v.dtype))
 
 
 def _winograd_s1_bwd(m, res, gy):
   # Every stage is linear, so the backward pass is the same stages transposed: the output
-  # transform, two batched GEMMs, the input and weight transforms. Written out because
-  # autodiff's transpose of the tiling (pads of strided slices) measured ~5x slower.
+  # transform, two batched GEMMs, the transposed input and weight transforms and an
+  # overlap-add of block-aligned pads (autodiff of an earlier, strided-slice tiling
+  # measured ~5x slower).
   v, u, x_hw, w_hw = res
   b, c_in, c_out = v.shape[1], u.shape[1], u.shape[2]
   (h, wd), (rh, rw) = x_hw.shape[:2], w_hw.shape[:2]
@@ -488,17 +497,19 @@ def _winograd_s1_bwd(m, res, gy):
 _winograd_s1.defvjp(_winograd_s1_fwd, _winograd_s1_bwd)
 
 
-def _winograd_applies(w_shape, stride: int) -> bool:
-  """Whether 'winograd' handles this kernel itself (else it falls back to 'hybrid')."""
+def _winograd_applies(w_shape, stride: int, dtype=jnp.float32) -> bool:
+  """Whether 'winograd' handles this conv itself (else it falls back to 'hybrid')."""
   r = [-(-k // stride) for k in w_shape[:2]]
-  return 2 <= min(r) and max(r) <= _WINOGRAD_MAX_R
+  return (jnp.issubdtype(dtype, jnp.floating) and 2 <= min(r)
+          and max(r) <= _WINOGRAD_MAX_R)
 
 
 def _winograd(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-  if not _winograd_applies(w.shape, stride):
+  if not _winograd_applies(w.shape, stride, x.dtype):
     return _hybrid(x, w, stride)
-  xs, ws = _fold(x, w, stride)
-  return _winograd_s1(xs, ws, _WINOGRAD_M)
+  dtype = _accum_dtype(x.dtype)            # bfloat16/float16 -> float32 (see the module doc)
+  xs, ws = _fold(x.astype(dtype), w.astype(dtype), stride)
+  return _winograd_s1(xs, ws, _WINOGRAD_M).astype(x.dtype)
 
 
 def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") -> jax.Array:

@@ -115,7 +115,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 def keep_host_memory() -> bool:
   """Makes glibc's malloc keep freed memory in the process instead of unmapping it.
 
-  XLA:CPU allocates every buffer of a step (im2col patches, u_hat, gradients: tens to
+  XLA:CPU allocates every buffer of a step (Winograd tiles, u_hat, gradients: tens to
   hundreds of MB each) with malloc. By default glibc serves such sizes with a fresh mmap
   and unmaps them on free, so every step page-faults all of its memory again: a 300 MB
   elementwise op took 0.085 s that way against 0.024 s with the memory kept. This sets

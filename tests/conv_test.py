@@ -191,6 +191,7 @@ def test_winograd_error_vs_float64():
     ((1, 9, 10, 2), (3, 3, 2, 3), 1),       # 7x8 output: partial tiles on both axes
     ((2, 6, 7, 2), (2, 5, 2, 2), 1),        # 5x3 output, 2x5 kernel
     ((1, 16, 15, 2), (10, 7, 2, 2), 2),     # folded 5x4 kernel, 4x5 output
+    ((1, 16, 14, 2), (7, 9, 2, 3), 3),      # stride 3: folded 3x3 kernel, 4x2 output
 ])
 def test_winograd_core_on_partial_tiles(x_shape, w_shape, stride):
   """The Winograd lowering itself (no fallback) on outputs that are not a whole number of
@@ -213,13 +214,20 @@ def test_winograd_core_on_partial_tiles(x_shape, w_shape, stride):
                                np.sum(gn * numpy_conv(xn, ew, stride)), rtol=1e-4)
 
 
-def test_winograd_falls_back_for_large_and_1x1_folded_kernels():
+def test_winograd_falls_back_for_large_and_1x1_folded_kernels_and_integers():
   assert not conv._winograd_applies((9, 9, 1, 256), 1)     # Conv1: folded 9x9
   assert not conv._winograd_applies((3, 3, 4, 4), 3)       # folded 1x1
   assert conv._winograd_applies((9, 9, 256, 256), 2)       # PrimaryCaps: folded 5x5
+  assert not conv._winograd_applies((9, 9, 256, 256), 2, jnp.int32)
   x, w, _ = random_case((2, 12, 12, 1), (9, 9, 1, 4), 1)
   jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, impl="winograd"))(x, w))
   assert "conv_general_dilated" in jaxpr                   # the 'hybrid' fallback
+  # Integers stay exact (Winograd's fractional transforms would truncate).
+  rng = np.random.default_rng(0)
+  xi = jnp.asarray(rng.integers(-3, 4, (1, 9, 9, 2)), jnp.int32)
+  wi = jnp.asarray(rng.integers(-3, 4, (5, 5, 2, 2)), jnp.int32)
+  np.testing.assert_array_equal(conv.conv2d(xi, wi, stride=2, impl="winograd"),
+                                reference(xi, wi, 2))
 
 
 def test_impls_and_auto():
