@@ -78,8 +78,8 @@ def conv_flops(batch: int, image, kernel, stride: int) -> float:
   return 2.0 * batch * ho * wo * kh * kw * c_in * c_out
 
 
-def run(batch: int = 100, repeats: int = 5, impls=("xla", "im2col", "s2d", "hybrid", "winograd"),
-        shapes=tuple(SHAPES)) -> dict:
+def run(batch: int = 100, repeats: int = 5,
+        impls=("xla", "im2col", "s2d", "hybrid", "winograd"), shapes=tuple(SHAPES)) -> dict:
   """Returns {'matmul_gflops': ..., 'results': [{shape, impl, mode, s, gflops}, ...]}."""
   key = jax.random.key(0)
   a = jax.random.normal(key, (2048, 2048), jnp.float32)
