@@ -49,8 +49,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from capsjax import parallel
 
@@ -317,8 +317,9 @@ def _s2d(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
 # FLOPs in all.
 _WINOGRAD_M = 3
 # The finite interpolation points (infinity is the last one); the first n - 1 are used.
-# Chosen for float32 error: for F(3, 5) the mean error measured ~5x that of the direct conv
-# (still ~1e-6 of the output scale); 0, +-1, +-2 and -1/2 were among the best sets tried.
+# Chosen for float32 error: 0, +-1, +-2 and -1/2 were among the best of the sets tried for
+# F(3, 5). On PrimaryCaps the mean error is still ~15x the direct conv's (~1e-6 of the
+# output scale; tests/conv_test.py bounds it).
 _WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, -0.5)
 # Folded kernels larger than this (e.g. Conv1's 9x9 stride 1) would need more points, with
 # larger transform entries and more float32 error; such convs fall back to 'hybrid'.
