@@ -12,7 +12,8 @@ XLA:CPU's convolutions are taken off YNNPACK first (`parallel.use_xla_cpu_convs`
 `capsjax.main` does) unless XLA_FLAGS sets the YNNPACK fusion types or `--ynn-convs` is
 given, and freed host memory is kept for reuse (`parallel.keep_host_memory`).
 
-Run: `python -m benchmarks.conv [--batch 100] [--repeats 5] [--impls xla,im2col,s2d,hybrid,winograd]`.
+Run: `python -m benchmarks.conv [--batch 100] [--repeats 5]
+[--impls xla,im2col,s2d,hybrid,winograd]`.
 Prints a table, then one JSON line as the last line.
 """
 
