@@ -70,6 +70,7 @@ class Run:
   model_cfg: dict                    # config.model of the run (plain dict)
   workdir: str                       # the run's workdir
   step: int                          # the restored checkpoint's step
+  config: dict                       # the run's config.json ({} when there is none)
 
 
 def _read_json(path: str) -> dict | None:
@@ -118,7 +119,7 @@ def load_run(path: str, *, step: int | None = None) -> Run:
   logging.info("restored %s step %d (%s, %d routing iterations)", ckpt.directory, step,
                dataset, model.digit_caps.routing_iterations)
   return Run(model=model, info=info, meta=meta, model_cfg=dict(model_cfg), workdir=workdir,
-             step=step)
+             step=step, config=saved)
 
 
 def load_test_images(dataset: str, num: int, *, data_dir: str | None = None,
@@ -425,9 +426,8 @@ def make_figures(workdir: str, *, checkpoint: str | None = None, out_dir: str | 
       (its config.json), else the TFDS default.
   """
   run = load_run(checkpoint or workdir)
-  saved = _read_json(os.path.join(run.workdir, "config.json")) or {}
-  data_dir = data_dir or saved.get("data_dir")
-  manual_dir = manual_dir or saved.get("manual_dir")
+  data_dir = data_dir or run.config.get("data_dir")
+  manual_dir = manual_dir or run.config.get("manual_dir")
   out_dir = out_dir or os.path.join(workdir, "figures")
   names = run.info.class_names
   need = max(num_examples, num_routing, example_index + 1, eval_examples)
