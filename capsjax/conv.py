@@ -436,22 +436,24 @@ def _winograd_untile(dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int,
 
 
 def _winograd_math(xs, ws, m):
-  """Forward pass of `_winograd_s1`; returns (y, (V, U)) with the GEMM operands."""
+  """Forward pass of `_winograd_s1`; returns (y, (V, U)) with the GEMM operands.
+
+  xs and ws are float32 or float64 (`_winograd` casts lower precisions up), and every
+  stage runs in that dtype.
+  """
   b, h, wd, c_in = xs.shape
   rh, rw, _, c_out = ws.shape
   nh, nw = m + rh - 1, m + rw - 1
   th, tw, at, g, bt = _winograd_geometry(xs.shape, ws.shape, m)
-  acc = _accum_dtype(xs.dtype)
+  dt = xs.dtype
   d = _winograd_tiles(xs, m, nh, nw, th, tw)               # [n*n, B, T, C_in]
-  v = jnp.einsum("st,tbzc->sbzc", bt.astype(acc), d,
-                 preferred_element_type=acc).astype(xs.dtype)  # [n*n, B, T, C_in]
-  u = jnp.einsum("st,tco->sco", g.astype(acc), ws.reshape(rh * rw, c_in, c_out),
-                 preferred_element_type=acc).astype(xs.dtype)  # [n*n, C_in, C_out]
-  p = jnp.einsum("sbzc,sco->sbzo", v, u, preferred_element_type=acc)  # [n*n, B, T, C_out]
-  y = jnp.einsum("us,sbzo->ubzo", at.astype(acc), p)  # [m*m, B, T, C_out]
+  v = jnp.einsum("st,tbzc->sbzc", bt.astype(dt), d)        # [n*n, B, T, C_in]
+  u = jnp.einsum("st,tco->sco", g.astype(dt), ws.reshape(rh * rw, c_in, c_out))
+  p = jnp.einsum("sbzc,sco->sbzo", v, u)                   # [n*n, B, T, C_out]
+  y = jnp.einsum("us,sbzo->ubzo", at.astype(dt), p)        # [m*m, B, T, C_out]
   y = _reshape(y, (m, m, b, th, tw, c_out), 1, 2).transpose(2, 3, 0, 4, 1, 5)
   y = _reshape(y, (b, th * m, tw * m, c_out))[:, :h - rh + 1, :wd - rw + 1]
-  return y.astype(xs.dtype), (v, u)
+  return y, (v, u)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -478,19 +480,18 @@ def _winograd_s1_bwd(m, res, gy):
   x_shape, w_shape = (b, h, wd, c_in), (rh, rw, c_in, c_out)
   nh, nw = m + rh - 1, m + rw - 1
   th, tw, at, g, bt = _winograd_geometry(x_shape, w_shape, m)
-  acc = _accum_dtype(v.dtype)
+  dt = v.dtype                                             # gy's dtype too (= y's)
   ho, wo = h - rh + 1, wd - rw + 1
-  gy = jnp.pad(gy.astype(v.dtype), ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
+  gy = jnp.pad(gy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
   gy = _reshape(gy, (b, th, m, tw, m, c_out)).transpose(2, 4, 0, 1, 3, 5)
   gy = _reshape(gy, (m * m, b, th * tw, c_out), 2, 1)      # [m*m, B, T, C_out]
-  dp = jnp.einsum("us,ubzo->sbzo", at.astype(acc), gy).astype(v.dtype)
-  dv = jnp.einsum("sbzo,sco->sbzc", dp, u, preferred_element_type=acc)  # [n*n, B, T, C_in]
-  du = jnp.einsum("sbzc,sbzo->sco", v, dp, preferred_element_type=acc,
+  dp = jnp.einsum("us,ubzo->sbzo", at.astype(dt), gy)      # [n*n, B, T, C_out]
+  dv = jnp.einsum("sbzo,sco->sbzc", dp, u)                 # [n*n, B, T, C_in]
+  du = jnp.einsum("sbzc,sbzo->sco", v, dp,
                   out_sharding=jax.typeof(u).sharding)     # [n*n, C_in, C_out]
-  dws = jnp.einsum("st,sco->tco", g.astype(acc), du).reshape(w_shape)
-  dd = jnp.einsum("st,sbzc->tbzc", bt.astype(acc), dv)  # [n*n, B, T, C_in]
-  dxs = _winograd_untile(dd, x_shape, m, nh, nw, th, tw)
-  return dxs.astype(v.dtype), dws.astype(v.dtype)
+  dws = jnp.einsum("st,sco->tco", g.astype(dt), du).reshape(w_shape)
+  dd = jnp.einsum("st,sbzc->tbzc", bt.astype(dt), dv)      # [n*n, B, T, C_in]
+  return _winograd_untile(dd, x_shape, m, nh, nw, th, tw), dws
 
 
 _winograd_s1.defvjp(_winograd_s1_fwd, _winograd_s1_bwd)
