@@ -102,11 +102,12 @@ def _check_iterations(num_iterations) -> int:
 
 def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
                     stop_gradient: bool = False,
-                    return_couplings: bool = False):
+                    return_couplings: bool = False,
+                    bias: jax.Array | None = None):
   """Routing-by-agreement, Procedure 1 of Sabour, Frosst & Hinton (2017).
 
   For every example the logits start at b = 0, then for each iteration:
-  c = softmax(b) over the parents (N_out axis), s_j = sum_i c_ij u_hat_j|i,
+  c = softmax(b) over the parents (N_out axis), s_j = sum_i c_ij u_hat_j|i (+ bias_j),
   v_j = squash(s_j), and (except after the last iteration) b_ij += <u_hat_j|i, v_j>.
   Iterations run in a `lax.fori_loop`, so the traced program has the same size for any
   iteration count. Differentiable in forward and reverse mode; for the common
@@ -121,6 +122,9 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
       iteration. If True, `u_hat` is stop-gradiented in all iterations but the last,
       the variant most re-implementations use.
     return_couplings: also return the last iteration's coupling coefficients.
+    bias: optional [N_out, D] (or anything broadcastable to [..., N_out, D]) added to
+      s_j before the squash in every iteration, as the authors' code (Sarasra/models,
+      research/capsules, `layers._update_routing`) does. None: the paper's formula.
 
   Returns:
     v: [..., N_out, D] output capsules, dtype of `u_hat`; or, with
@@ -139,11 +143,23 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
   out_dtype = u_hat.dtype
   u = u_hat.astype(_compute_dtype(out_dtype))                          # [..., N_in, N_out, D]
   n_out = u.shape[-2]
+  add_bias = lambda s: s
+  if bias is not None:
+    bias = jnp.asarray(bias).astype(u.dtype)
+    s_shape = u.shape[:-3] + u.shape[-2:]
+    try:
+      if jnp.broadcast_shapes(bias.shape, s_shape) != s_shape:
+        raise ValueError
+    except ValueError:
+      raise ValueError(
+          f"bias of shape {bias.shape} does not broadcast to s = [..., N_out, D] = "
+          f"{s_shape}") from None
+    add_bias = lambda s: s + bias
 
   if num_iterations == 1:
     # b = 0, so c = softmax(0) = 1/N_out exactly: no softmax, no agreement.
     c = jnp.full_like(u[..., 0], 1.0 / n_out)                          # [..., N_in, N_out]
-    v = squash(jnp.sum(u, axis=-3) / n_out)                            # [..., N_out, D]
+    v = squash(add_bias(jnp.sum(u, axis=-3) / n_out))                  # [..., N_out, D]
   else:
     # Route in the [..., N_out, N_in, D] layout, transposed once outside the loop: both
     # contractions are then batched mat-vecs with leading batch axes, which XLA runs
@@ -157,7 +173,7 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
     def route(b, preds):
       c = jax.nn.softmax(b, axis=-2)                                   # [..., N_out, N_in]
       s = jnp.einsum('...mn,...mno->...mo', c, preds, precision=hi)    # [..., N_out, D]
-      return c, squash(s)                                              # [..., N_out, D]
+      return c, squash(add_bias(s))                                    # [..., N_out, D]
 
     def body(_, b):
       _, v = route(b, ut_inner)

@@ -4,7 +4,8 @@ A checkpoint is a directory `WORKDIR/checkpoints/<step>/` with two items:
   state   the NNX state of (model, optimizer) as an Orbax StandardSave pytree
   meta    JSON: step, epoch, dataset, model config, parameter shapes, metrics
 Saves are asynchronous; `Checkpointer.close()` waits for them. The latest
-`keep` checkpoints and the best by test accuracy are kept.
+`keep` checkpoints and the best by the run's selection metric (validation accuracy, or
+test accuracy in a run without a validation split) are kept.
 
 Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames
 it to `<step>/` only when every item is on disk, so a run killed mid-save leaves a
@@ -93,21 +94,27 @@ class Checkpointer:
   """Orbax CheckpointManager for (model, optimizer) state plus JSON metadata."""
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False,
+               best_metric: str = "test_accuracy"):
     self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
     self._read_only = read_only
     for path in incomplete_checkpoints(self.directory):
       logging.warning("ignoring incomplete checkpoint %s (a save that was interrupted)%s",
                       path, "" if read_only else "; removing it")
     policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
+    # The metric that picks the kept "best" checkpoint: 'val_accuracy' when the run holds
+    # out a validation split. Steps saved without it (mid-epoch stops) are never best.
+    # Ties go to the earliest epoch, as `metrics.select` picks them (accuracies differ by
+    # at least 1/num_examples, far more than 1e-9 x epoch).
+    best = lambda m: m.get(best_metric, float("-inf")) - 1e-9 * m.get("epoch", 0)
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m["test_accuracy"], reverse=False, n=1,
+          get_metric_fn=best, reverse=False, n=1,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         # best_fn is what makes Orbax write each step's metrics to disk: without it a
         # reopened manager (a resumed run) sees no metrics, and BestN protects nothing.
-        best_fn=lambda m: m["test_accuracy"], best_mode="max",
+        best_fn=best, best_mode="max",
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)

@@ -733,6 +733,41 @@ def to_float(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
+# The validation split does not depend on config.seed: runs with different seeds (and
+# different train_examples) hold out the same examples, so their validation numbers compare.
+VAL_SPLIT_SEED = 1710_09829
+
+
+def split_validation(images: np.ndarray, labels: np.ndarray, num_val: int):
+  """Holds `num_val` examples of a training split out for validation, deterministically.
+
+  The held-out examples are the last `num_val` of a fixed permutation (seed
+  `VAL_SPLIT_SEED`); the training examples keep their original order.
+
+  Args:
+    images: [N, H, W, C].
+    labels: [N].
+    num_val: examples to hold out, 0 <= num_val < N.
+
+  Returns:
+    (train_images [N - num_val, ...], train_labels, val_images [num_val, ...], val_labels).
+  """
+  n = len(labels)
+  if len(images) != n:
+    raise ValueError(f'images has {len(images)} examples but labels has {n}.')
+  if not 0 <= num_val < n:
+    raise ValueError(
+        f'config.val_examples must be in [0, {n}) for a training split of {n} examples, got '
+        f'{num_val}.')
+  if num_val == 0:
+    return images, labels, images[:0], labels[:0]
+  perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(n)
+  val_idx = np.sort(perm[n - num_val:])
+  keep = np.ones(n, bool)
+  keep[val_idx] = False
+  return images[keep], labels[keep], images[val_idx], labels[val_idx]
+
+
 def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
   """The example order of `epoch`: int64 [N], from `np.random.default_rng([seed, epoch])`."""
   return np.random.default_rng([seed, epoch]).permutation(num_examples)

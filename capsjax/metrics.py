@@ -2,8 +2,10 @@
 
 Files a run writes into its workdir (only process 0 writes):
   metrics.csv        one row per logged step: step, epoch, split, and the metric columns
-  epochs.csv         one row per epoch: train (mean over the epoch) and test losses and
-                     accuracy, learning rate, seconds and images/s (as Keras' CSVLogger)
+  epochs.csv         one row per epoch: train (mean over the epoch), validation and test
+                     losses and accuracy, the epoch selected so far (on validation, or on
+                     test without a validation split) and its test accuracy, learning
+                     rate, seconds and images/s (as Keras' CSVLogger)
   tensorboard/       TensorBoard event files (`tensorboard --logdir WORKDIR/tensorboard`)
   plots/curves.png   accuracy and loss curves, redrawn after every epoch
 """
@@ -27,7 +29,9 @@ CSV_FIELDS = ("step", "epoch", "split", "loss", "margin_loss", "recon_loss", "ac
 EPOCH_CSV_NAME = "epochs.csv"
 _TERMS = ("loss", "margin_loss", "recon_loss", "accuracy")
 EPOCH_FIELDS = ("epoch", "step", *(f"train_{k}" for k in _TERMS),
-                *(f"test_{k}" for k in _TERMS), "learning_rate", "seconds", "images_per_s")
+                *(f"val_{k}" for k in _TERMS), *(f"test_{k}" for k in _TERMS),
+                "selected_epoch", "selected_test_accuracy", "learning_rate", "seconds",
+                "images_per_s")
 
 
 def accuracy(lengths: jax.Array, labels: jax.Array) -> jax.Array:
@@ -103,16 +107,24 @@ class MetricWriter:
       self._tb.flush()
 
   def write_epoch(self, epoch: int, step: int, train: Mapping[str, float],
-                  test: Mapping[str, float], *, seconds: float, images: int) -> None:
-    """One epochs.csv row. `train` averages this invocation's steps of the epoch."""
+                  test: Mapping[str, float], *, seconds: float, images: int,
+                  val: Mapping[str, float] | None = None,
+                  selected: tuple[int, float] | None = None) -> None:
+    """One epochs.csv row. `train` averages this invocation's steps of the epoch.
+
+    `selected` is (epoch, test accuracy) of the epoch selected so far (see `select`).
+    """
     if not self.enabled:
       return
     row = {"epoch": epoch, "step": step, "seconds": f"{seconds:.3f}",
            "images_per_s": f"{images / max(seconds, 1e-9):.6g}"}
     if "learning_rate" in train:
       row["learning_rate"] = f"{train['learning_rate']:.6g}"
-    for prefix, values in (("train", train), ("test", test)):
+    for prefix, values in (("train", train), ("val", val or {}), ("test", test)):
       row.update({f"{prefix}_{k}": f"{float(values[k]):.6g}" for k in _TERMS if k in values})
+    if selected is not None:
+      row["selected_epoch"] = selected[0]
+      row["selected_test_accuracy"] = f"{selected[1]:.6g}"
     with open(self.epoch_path, "a", newline="") as f:
       csv.DictWriter(f, EPOCH_FIELDS).writerow(row)
 
@@ -137,6 +149,25 @@ def truncate_csv(path: str, max_step: int, fields: Sequence[str] = CSV_FIELDS) -
   os.replace(tmp, path)
 
 
+def select(history: Sequence[Mapping[str, float]], on: str) -> Mapping[str, float] | None:
+  """The entry of `history` with the highest `{on}_accuracy`; the earliest on ties.
+
+  Args:
+    history: per-epoch dicts with at least 'epoch' and f'{on}_accuracy'.
+    on: 'val' (model selection) or 'test' (what the reference projects report: their
+      "validation data" was the test set).
+
+  Returns:
+    The selected entry, or None if no entry has the metric.
+  """
+  key = f"{on}_accuracy"
+  best = None
+  for h in history:
+    if h.get(key) is not None and (best is None or h[key] > best[key]):
+      best = h
+  return best
+
+
 def read_csv(path: str) -> list[dict[str, str]]:
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
@@ -152,14 +183,14 @@ def _series(rows: Iterable[Mapping[str, str]], split: str, key: str):
 
 
 def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str:
-  """Draws accuracy and loss vs epoch (train and test) from metrics.csv into a PNG."""
+  """Draws accuracy and loss vs epoch (train, val, test) from metrics.csv into a PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   rows = read_csv(csv_path)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for split, style in (("train", "-"), ("test", "o-")):
+  for split, style in (("train", "-"), ("val", "s--"), ("test", "o-")):
     x, y = _series(rows, split, "accuracy")
     if len(x):
       axes[0].plot(x, 100 * y, style, label=split)

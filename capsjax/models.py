@@ -1,7 +1,7 @@
 """CapsNet (Sabour, Frosst & Hinton 2017): Conv1 -> PrimaryCaps -> DigitCaps -> decoder.
 
 For 28x28x1 inputs and 10 classes with the paper's sizes the model has 8,215,568
-parameters (6,804,224 without the decoder). Every size comes from the model config;
+parameters (6,804,224 without the decoder); `init='tf'` adds the 160 routing biases. Every size comes from the model config;
 any input shape and channel count works (32x32x3 gives 2048 primary capsules).
 """
 
@@ -32,7 +32,8 @@ class CapsNet(nnx.Module):
                primary_dim: int = 8, primary_kernel: int = 9, primary_stride: int = 2,
                digit_dim: int = 16, routing_iterations: int = 3, stop_gradient: bool = False,
                decoder_hidden: Sequence[int] = (512, 1024), use_decoder: bool = True,
-               conv_impl: str = "auto", dtype: str = "float32", rngs: nnx.Rngs):
+               conv_impl: str = "auto", dtype: str = "float32", init: str = "torch",
+               length_eps: float = 1e-7, rngs: nnx.Rngs):
     h, w, c = (int(d) for d in image_shape)
     if dtype not in _DTYPES:
       raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -49,16 +50,22 @@ class CapsNet(nnx.Module):
     self.image_shape = (h, w, c)
     self.num_classes = num_classes
     self.num_primary = h2 * w2 * primary_types
-    self.conv1 = layers.Conv2D(c, conv1_channels, conv1_kernel, impl=impl, dtype=dt, rngs=rngs)
+    if init not in layers.INITS:
+      raise ValueError(f"model.init must be one of {layers.INITS}, got {init!r}")
+    if not 0 < length_eps <= 1e-3:
+      raise ValueError(f"model.length_eps must be in (0, 1e-3], got {length_eps}")
+    self.length_eps = float(length_eps)
+    self.conv1 = layers.Conv2D(c, conv1_channels, conv1_kernel, impl=impl, dtype=dt,
+                               init=init, role="conv1", rngs=rngs)
     self.primary_caps = layers.PrimaryCaps(
         conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride,
-        impl=impl, dtype=dt, rngs=rngs)
+        impl=impl, dtype=dt, init=init, rngs=rngs)
     self.digit_caps = layers.RoutedCaps(
         self.num_primary, primary_dim, num_classes, digit_dim,
         routing_iterations=routing_iterations, stop_gradient=stop_gradient, dtype=dt,
-        rngs=rngs)
+        init=init, rngs=rngs)
     self.decoder = (layers.Decoder(num_classes, digit_dim, decoder_hidden, self.image_shape,
-                                   dtype=dt, rngs=rngs) if use_decoder else None)
+                                   dtype=dt, init=init, rngs=rngs) if use_decoder else None)
 
   def check_images(self, images) -> None:
     """Raises ValueError unless images have shape [B, *image_shape] (trace-time check)."""
@@ -94,7 +101,7 @@ class CapsNet(nnx.Module):
       v, out["couplings"] = self.capsules(images, return_couplings=True)
     else:
       v = self.capsules(images)
-    lengths = caps_ops.capsule_lengths(v)                              # [B, N_out]
+    lengths = caps_ops.capsule_lengths(v, eps=self.length_eps)         # [B, N_out]
     pred = jnp.argmax(lengths, axis=-1).astype(jnp.int32)              # [B]
     out.update(v=v, lengths=lengths, pred=pred)
     if self.decoder is not None:
@@ -113,7 +120,8 @@ def create_model(model_cfg, *, image_shape: Sequence[int], num_classes: int,
       digit_dim=model_cfg.digit_dim, routing_iterations=model_cfg.routing_iterations,
       stop_gradient=model_cfg.stop_gradient, decoder_hidden=tuple(model_cfg.decoder_hidden),
       use_decoder=model_cfg.use_decoder, conv_impl=model_cfg.conv_impl,
-      dtype=model_cfg.dtype, rngs=rngs)
+      dtype=model_cfg.dtype, init=model_cfg.get("init", "torch"),
+      length_eps=model_cfg.get("length_eps", 1e-7), rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -8,9 +8,18 @@ routing iteration count is part of `graphdef`, so it is static.
 Workdir layout (everything a run writes; only process 0 writes files):
   config.json            the resolved config of the run (a rerun that changes a run-defining
                          field, e.g. the model or dataset, is refused)
-  checkpoints/<step>/    Orbax checkpoints (latest N + best test accuracy), see checkpoint.py
+  checkpoints/<step>/    Orbax checkpoints (latest N + the selected one), see checkpoint.py
   metrics.csv, epochs.csv, tensorboard/, plots/curves.png   see metrics.py
-  summary.json           final test metrics of the last completed run
+  summary.json           test metrics of the final checkpoint, of the epoch selected on
+                         validation, and the best test accuracy over epochs (labelled: it
+                         is selected on test, as the reference projects report)
+
+Model selection: with `config.val_examples > 0` a fixed part of the training split is held
+out (`input_pipeline.split_validation`), and the kept "best" checkpoint, the selected epoch
+and early stopping use validation accuracy only. Test accuracy is measured every epoch
+for the record. With `val_examples = 0` (the reference recipes, to train on what they
+trained on) selection falls back to test accuracy, which is what the references did, and
+every report says so.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from capsjax import augment
 from capsjax import checkpoint as ckpt_lib
 from capsjax import errors
 from capsjax import input_pipeline
+from capsjax import layers
 from capsjax import losses
 from capsjax import metrics as metrics_lib
 from capsjax import models
@@ -51,8 +61,8 @@ PREEMPTED_EXIT_CODE = 75
 
 # Config fields that define a run: resuming with different values would silently mix
 # two experiments, so a workdir keeps its values unless `overwrite` is set.
-RUN_DEFINING_FIELDS = ("seed", "dataset", "train_examples", "batch_size", "model", "optim",
-                       "loss", "augment")
+RUN_DEFINING_FIELDS = ("seed", "dataset", "train_examples", "val_examples", "batch_size",
+                       "model", "optim", "loss", "augment")
 
 
 class WorkdirInUseError(errors.CapsjaxError, RuntimeError):
@@ -82,10 +92,13 @@ class AugmentSpec:
   max_shift: int = 0
   flip: bool = False
   cutout_size: int = 0
+  shift_fraction: float = 0.0
+  fill: str = "zero"
 
   @classmethod
   def from_config(cls, aug_cfg) -> "AugmentSpec":
-    return cls(int(aug_cfg.max_shift), bool(aug_cfg.flip), int(aug_cfg.cutout_size))
+    return cls(int(aug_cfg.max_shift), bool(aug_cfg.flip), int(aug_cfg.cutout_size),
+               float(aug_cfg.get("shift_fraction", 0.0)), str(aug_cfg.get("fill", "zero")))
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,6 +123,30 @@ def validate_config(config) -> None:
     raise ValueError(
         "config.augment.max_shift and cutout_size must be >= 0, got "
         f"{config.augment.max_shift} and {config.augment.cutout_size}")
+  aug = config.augment
+  if not 0.0 <= aug.shift_fraction < 0.5:
+    raise ValueError(f"config.augment.shift_fraction must be in [0, 0.5), got "
+                     f"{aug.shift_fraction}")
+  if aug.max_shift and aug.shift_fraction:
+    raise ValueError(
+        f"config.augment.max_shift={aug.max_shift} and shift_fraction={aug.shift_fraction} "
+        "are two kinds of shift: set the other to 0")
+  if aug.fill not in augment.FILLS:
+    raise ValueError(f"config.augment.fill must be one of {augment.FILLS}, got {aug.fill!r}")
+  if config.model.init not in layers.INITS:
+    raise ValueError(f"config.model.init must be one of {layers.INITS}, got "
+                     f"{config.model.init!r}")
+  optim.validate(config.optim)
+  if config.val_examples < 0:
+    raise ValueError(f"config.val_examples must be >= 0 (0 = no validation split), got "
+                     f"{config.val_examples}")
+  if config.early_stop_epochs < 0:
+    raise ValueError(f"config.early_stop_epochs must be >= 0 (0 = off), got "
+                     f"{config.early_stop_epochs}")
+  if config.early_stop_epochs and not config.val_examples:
+    raise ValueError(
+        f"config.early_stop_epochs={config.early_stop_epochs} needs a validation split "
+        "(config.val_examples > 0): capsjax never stops early on test accuracy")
 
 
 def _config_view(config) -> dict:
@@ -237,7 +274,8 @@ def loss_and_grads(graphdef, state, batch, key, *, weights: LossWeights,
   model, optimizer = nnx.merge(graphdef, state)
   images = augment.augment_batch(
       jax.random.fold_in(key, optimizer.step[...]), batch["image"],
-      max_shift=aug.max_shift, flip=aug.flip, cutout_size=aug.cutout_size)
+      max_shift=aug.max_shift, flip=aug.flip, cutout_size=aug.cutout_size,
+      shift_fraction=aug.shift_fraction, fill=aug.fill)
   grad_fn = nnx.value_and_grad(
       lambda m: compute_losses(m, images, batch["label"], weights), has_aux=True)
   (loss, aux), grads = grad_fn(model)
@@ -323,6 +361,28 @@ def _load_data(config, split: str, limit: int):
   return _subset(images, labels, limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """uint8 images [N, H, W, C] and int labels [N] of the train, validation and test sets."""
+  train: tuple[np.ndarray, np.ndarray]
+  val: tuple[np.ndarray, np.ndarray]
+  test: tuple[np.ndarray, np.ndarray]
+
+
+def load_splits(config) -> Splits:
+  """Train (less the validation split, then its first `train_examples`), val and test.
+
+  The validation split is held out of the whole training split before `train_examples`
+  subsets it, so it is the same for every `train_examples` and seed.
+  """
+  images, labels = _load_data(config, "train", 0)
+  train_images, train_labels, val_images, val_labels = input_pipeline.split_validation(
+      images, labels, config.val_examples)
+  return Splits(train=_subset(train_images, train_labels, config.train_examples),
+                val=(val_images, val_labels),
+                test=_load_data(config, "test", config.eval_examples))
+
+
 class _StopFlag:
   """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries."""
 
@@ -354,13 +414,13 @@ class _StopFlag:
 def restore_or_init(config, workdir: str, ckpt: ckpt_lib.Checkpointer, state):
   """Restores the latest checkpoint of `workdir`, or `init_from` weights, or keeps `state`.
 
-  Returns (state, step).
+  Returns (state, step, meta of the restored checkpoint or {}).
   """
   restored = ckpt.restore_latest(state)
   if restored is not None:
-    state, _, step = restored
+    state, meta, step = restored
     logging.info("resumed from %s at step %d", ckpt.directory, step)
-    return state, step
+    return state, step, meta
   if config.init_from:
     src_dir, src_step = ckpt_lib.find_checkpoint(config.init_from)
     src = ckpt_lib.Checkpointer(src_dir, read_only=True)
@@ -368,7 +428,7 @@ def restore_or_init(config, workdir: str, ckpt: ckpt_lib.Checkpointer, state):
     # Only the weights: the optimizer (step count, moments) starts fresh.
     state = nnx.State({0: restored[0], 1: state[1]})
     logging.info("initialised weights from %s step %d", src.directory, src_step)
-  return state, 0
+  return state, 0, {}
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -410,8 +470,9 @@ def _first_non_finite(recent: list[tuple[int, dict]]) -> tuple[int, str, float] 
 
 
 def _train(config, workdir: str) -> dict[str, float]:
-  train_images, train_labels = _load_data(config, "train", config.train_examples)
-  test_images, test_labels = _load_data(config, "test", config.eval_examples)
+  t_start = time.time()
+  data = load_splits(config)
+  train_labels = data.train[1]
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_labels), config.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(
@@ -421,15 +482,15 @@ def _train(config, workdir: str) -> dict[str, float]:
   is_main = jax.process_index() == 0
   if is_main:
     print(f"CapsNet: {n_params:,} parameters; {info.name}: {len(train_labels)} train / "
-          f"{len(test_labels)} test examples; {steps_per_epoch} steps/epoch on "
-          f"{parallel.num_devices(mesh)} device(s) in {jax.process_count()} process(es)",
-          flush=True)
+          f"{len(data.val[1])} validation / {len(data.test[1])} test examples; "
+          f"{steps_per_epoch} steps/epoch on {parallel.num_devices(mesh)} device(s) in "
+          f"{jax.process_count()} process(es)", flush=True)
   total_steps = config.num_epochs * steps_per_epoch
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                               best_metric=f"{_selection_split(config)}_accuracy")
   try:
-    return _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
-                       steps_per_epoch, total_steps, is_main,
-                       (train_images, train_labels, test_images, test_labels))
+    summary = _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
+                          steps_per_epoch, total_steps, is_main, data)
   except BaseException:
     # Let a save already in flight (the last good checkpoint) finish before leaving.
     try:
@@ -437,12 +498,75 @@ def _train(config, workdir: str) -> dict[str, float]:
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("while stopping: %s", e)
     raise
+  summary["wall_s"] = time.time() - t_start
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    print(format_summary(summary, info.name), flush=True)
+  return summary
+
+
+def _selection_split(config) -> str:
+  """'val' when the run holds out a validation split, else 'test' (as the references)."""
+  return "val" if config.val_examples else "test"
+
+
+def summarize(history: list[dict], final: dict[str, float], *, on: str) -> dict:
+  """summary.json: the final checkpoint's test metrics and the two selections.
+
+  Args:
+    history: one dict per epoch: 'epoch', 'test_accuracy' and, with a validation split,
+      'val_accuracy'.
+    final: test metrics of the final checkpoint ('accuracy', losses, 'count').
+    on: 'val' or 'test', the split the run selects on.
+
+  Returns:
+    `final` plus 'final_test_accuracy'; 'selected_on', 'selected_epoch',
+    'selected_test_accuracy' (and 'selected_val_accuracy'); 'best_test_epoch' and
+    'best_test_accuracy', the references' protocol (the best epoch picked on test).
+  """
+  summary = dict(final, final_test_accuracy=final["accuracy"], selected_on=on)
+  selected = metrics_lib.select(history, on)
+  if selected is not None:
+    summary.update(selected_epoch=selected["epoch"],
+                   selected_test_accuracy=selected["test_accuracy"])
+    if on == "val":
+      summary["selected_val_accuracy"] = selected["val_accuracy"]
+  best_test = metrics_lib.select(history, "test")
+  if best_test is not None:
+    summary.update(best_test_epoch=best_test["epoch"],
+                   best_test_accuracy=best_test["test_accuracy"])
+  return summary
+
+
+def format_summary(summary: dict, dataset: str) -> str:
+  """The lines printed at the end of a run: final, selected and best-on-test accuracy."""
+  pct = lambda x: f"{100 * x:.2f}%"
+  lines = [f"{dataset} test accuracy (all {int(summary['count'])} test images):",
+           f"  {pct(summary['final_test_accuracy'])}  final checkpoint "
+           f"(epoch {summary['epochs']:g})"]
+  if "selected_epoch" in summary and summary["selected_on"] == "val":
+    lines.append(f"  {pct(summary['selected_test_accuracy'])}  epoch "
+                 f"{summary['selected_epoch']}, selected on validation "
+                 f"({pct(summary['selected_val_accuracy'])} validation accuracy)")
+  if "best_test_epoch" in summary:
+    lines.append(f"  {pct(summary['best_test_accuracy'])}  epoch "
+                 f"{summary['best_test_epoch']}, best on test: the reference projects' "
+                 "protocol (selected on the test set, optimistic)")
+  if "wall_s" in summary:
+    m, s = divmod(summary["wall_s"], 60)
+    lines.append(f"wall time {int(m)} min {s:.0f} s")
+  return "\n".join(lines)
 
 
 def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
-                steps_per_epoch, total_steps, is_main, data):
-  train_images, train_labels, test_images, test_labels = data
-  state, step = restore_or_init(config, workdir, ckpt, state)
+                steps_per_epoch, total_steps, is_main, data: Splits):
+  (train_images, train_labels), (val_images, val_labels) = data.train, data.val
+  test_images, test_labels = data.test
+  state, step, restored_meta = restore_or_init(config, workdir, ckpt, state)
+  # Per-epoch val/test accuracies, carried in every checkpoint's meta so that selection
+  # and early stopping see the whole run after a resume, on every process.
+  history: list[dict] = [dict(h) for h in restored_meta.get("history", [])]
   state = parallel.replicate(state, mesh)
   train_fn, eval_fn = make_steps(graphdef, config, steps_per_epoch, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
@@ -451,13 +575,19 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
           "steps_per_epoch": steps_per_epoch}
   test_metrics: dict[str, float] = {}
   weights = LossWeights.from_config(config.loss)
+  on = _selection_split(config)
   # Under jax.distributed the processes must agree on when to stop (a signal may reach
   # them at different steps): they compare flags at logging steps. One process: every step.
   multi = jax.process_count() > 1
 
-  def save(step, epoch_done, test_acc=None):
-    ckpt.save(step, state, dict(meta, epoch=epoch_done),
-              metrics=None if test_acc is None else {"test_accuracy": test_acc})
+  def save(step, epoch_done, epoch_metrics=None):
+    ckpt.save(step, state, dict(meta, epoch=epoch_done, history=history),
+              metrics=epoch_metrics)
+
+  def early_stopped() -> bool:
+    selected = metrics_lib.select(history, on)
+    return bool(config.early_stop_epochs and selected is not None
+                and history[-1]["epoch"] - selected["epoch"] >= config.early_stop_epochs)
 
   def check_finite(recent, step):
     bad = _first_non_finite(recent)
@@ -478,9 +608,15 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
         f"checkpoint saved in {ckpt.directory}/{step}. Rerun the same command to resume "
         f"(exit code {PREEMPTED_EXIT_CODE})")
 
+  def run_eval(images, labels):
+    result = evaluate(eval_fn, state, images, labels, batch_size=config.eval_batch_size,
+                      mesh=mesh, weights=weights)
+    metrics_lib.finite_or_raise(result, step)
+    return result
+
   try:
     with _StopFlag() as stop:
-      while step < total_steps:
+      while step < total_steps and not early_stopped():
         epoch, start = divmod(step, steps_per_epoch)
         avg, epoch_avg, epoch_t0 = metrics_lib.Averager(), metrics_lib.Averager(), time.time()
         recent: list[tuple[int, dict]] = []
@@ -526,22 +662,30 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
         epoch_done = step // steps_per_epoch
         epoch_s = time.time() - epoch_t0
         train_epoch = epoch_avg.result()
-        test_metrics = evaluate(eval_fn, state, test_images, test_labels,
-                                batch_size=config.eval_batch_size, mesh=mesh,
-                                weights=weights)
-        metrics_lib.finite_or_raise(test_metrics, step)
+        val_metrics = run_eval(val_images, val_labels) if len(val_labels) else None
+        test_metrics = run_eval(test_images, test_labels)
+        entry = {"epoch": epoch_done, "test_accuracy": test_metrics["accuracy"]}
+        if val_metrics is not None:
+          entry["val_accuracy"] = val_metrics["accuracy"]
+          writer.write(step, epoch_done, "val", val_metrics)
+        history.append(entry)
+        selected = metrics_lib.select(history, on)
         writer.write(step, epoch_done, "test", test_metrics)
         writer.write_epoch(epoch_done, step, train_epoch, test_metrics, seconds=epoch_s,
-                           images=epoch_avg.count * config.batch_size)
+                           images=epoch_avg.count * config.batch_size, val=val_metrics,
+                           selected=(selected["epoch"], selected["test_accuracy"]))
         logging.info("epoch %d step %d: test accuracy %.4f, loss %.4f", epoch_done, step,
                      test_metrics["accuracy"], test_metrics["loss"])
         if is_main:
-          print(f"epoch {epoch_done}: test accuracy {100 * test_metrics['accuracy']:.2f}% "
-                f"(loss {test_metrics['loss']:.4f})", flush=True)
+          val_text = ("" if val_metrics is None else
+                      f"validation accuracy {100 * val_metrics['accuracy']:.2f}%, ")
+          print(f"epoch {epoch_done}: {val_text}test accuracy "
+                f"{100 * test_metrics['accuracy']:.2f}% (loss {test_metrics['loss']:.4f})",
+                flush=True)
         stopping = step < total_steps and _any_process(stop.signal is not None)
         if (epoch_done % config.checkpoint_every_epochs == 0 or step == total_steps
-            or stopping):
-          save(step, epoch_done, test_metrics["accuracy"])
+            or stopping or early_stopped()):
+          save(step, epoch_done, entry)
         if is_main:
           metrics_lib.plot_curves(writer.path, os.path.join(workdir, "plots", "curves.png"),
                                   title=f"CapsNet on {info.name}")
@@ -550,13 +694,15 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
   finally:
     writer.close()
   ckpt.close()
+  if early_stopped() and is_main:
+    print(f"early stop: no better validation accuracy for {config.early_stop_epochs} "
+          f"epochs since epoch {metrics_lib.select(history, on)['epoch']}", flush=True)
   if not test_metrics:  # Nothing left to train (a finished run rerun): evaluate once.
     test_metrics = evaluate(eval_fn, state, test_images, test_labels,
                             batch_size=config.eval_batch_size, mesh=mesh, weights=weights)
-  summary = dict(test_metrics, step=step, epochs=step / steps_per_epoch)
-  if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+  summary = summarize(history, dict(test_metrics, step=step, epochs=step / steps_per_epoch),
+                      on=on)
+  summary["early_stopped"] = early_stopped()
   return summary
 
 

@@ -32,11 +32,8 @@ log(10) = 2.303 is uniform routing, which is exactly what 1 iteration gives.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import platform
-import statistics
 import time
 from typing import Sequence
 
@@ -44,9 +41,9 @@ import numpy as np
 from absl import logging
 
 from capsjax import input_pipeline
-from capsjax import metrics as metrics_lib
 from capsjax import train
 from capsjax import visualize
+from experiments import sweep
 
 RUN_FIELDS = ("iterations", "seed", "accuracy", "loss", "margin_loss", "recon_loss", "step",
               "epochs", "images_per_s", "wall_s", "coupling_entropy", "skipped", "workdir")
@@ -60,51 +57,12 @@ def run_dir(workdir: str, iterations: int, seed: int) -> str:
   return os.path.join(workdir, f"iter{iterations}_seed{seed}")
 
 
-def _read_json(path: str):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def run_config(config, iterations: int, seed: int):
   """A copy of `config` with the run's routing iterations and seed."""
   cfg = config.copy_and_resolve_references()
   cfg.model.routing_iterations = int(iterations)
   cfg.seed = int(seed)
   return cfg
-
-
-def is_finished(cfg, rdir: str) -> bool:
-  """True if `rdir` holds a completed run of `cfg`: summary.json at `num_epochs` epochs and
-  a config.json whose every saved field equals `cfg`'s."""
-  summary = _read_json(os.path.join(rdir, "summary.json"))
-  saved = _read_json(os.path.join(rdir, "config.json"))
-  if summary is None or saved is None:
-    return False
-  # Only the run-defining fields: changing e.g. progress_bar or eval_batch_size must not
-  # rerun a finished run (train_and_evaluate refuses changes to the others, naming them).
-  now = json.loads(cfg.to_json_best_effort())
-  if any(now.get(k) != saved.get(k) for k in train.RUN_DEFINING_FIELDS):
-    return False
-  return summary.get("epochs", -1) >= cfg.num_epochs - 1e-9
-
-
-def images_per_second(rdir: str) -> float:
-  """Median training images/s over the logged intervals of metrics.csv (nan if none)."""
-  path = os.path.join(rdir, metrics_lib.CSV_NAME)
-  if not os.path.exists(path):
-    return float("nan")
-  vals = [float(r["images_per_s"]) for r in metrics_lib.read_csv(path)
-          if r["split"] == "train" and r.get("images_per_s")]
-  return statistics.median(vals) if vals else float("nan")
 
 
 def coupling_entropy_of_run(rdir: str, images: np.ndarray) -> tuple[float, int]:
@@ -122,12 +80,12 @@ def run_one(config, workdir: str, iterations: int, seed: int, *,
   """Trains (or skips/resumes) one run of the sweep and returns its RUN_FIELDS row."""
   cfg = run_config(config, iterations, seed)
   rdir = run_dir(workdir, iterations, seed)
-  record = _read_json(os.path.join(rdir, RUN_JSON)) or {
+  record = sweep.read_json(os.path.join(rdir, RUN_JSON)) or {
       "iterations": iterations, "seed": seed, "wall_s": 0.0, "calls": []}
-  skipped = is_finished(cfg, rdir)
+  skipped = sweep.is_finished(cfg, rdir)
   if skipped:
     logging.info("iter=%d seed=%d: finished run in %s, skipped", iterations, seed, rdir)
-    summary = _read_json(os.path.join(rdir, "summary.json"))
+    summary = sweep.read_json(os.path.join(rdir, "summary.json"))
   else:
     logging.info("iter=%d seed=%d: training in %s", iterations, seed, rdir)
     t0 = time.time()
@@ -141,20 +99,13 @@ def run_one(config, workdir: str, iterations: int, seed: int, *,
     record["coupling_entropy"], record["entropy_step"] = coupling_entropy_of_run(
         rdir, entropy_images)
     record["entropy_examples"] = len(entropy_images)
-  _write_json(os.path.join(rdir, RUN_JSON), record)
+  sweep.write_json(os.path.join(rdir, RUN_JSON), record)
   row = {k: summary.get(k) for k in ("accuracy", "loss", "margin_loss", "recon_loss", "step",
                                      "epochs")}
-  row.update(iterations=iterations, seed=seed, images_per_s=images_per_second(rdir),
+  row.update(iterations=iterations, seed=seed, images_per_s=sweep.images_per_second(rdir),
              wall_s=record["wall_s"], coupling_entropy=record.get("coupling_entropy"),
              skipped=skipped, workdir=rdir)
   return row
-
-
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
-  xs = [float(x) for x in xs if x is not None]
-  if not xs:
-    return float("nan"), float("nan")
-  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
@@ -162,37 +113,14 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
   out = []
   for it in sorted({r["iterations"] for r in rows}):
     group = [r for r in rows if r["iterations"] == it]
-    acc, acc_std = _mean_std([r["accuracy"] for r in group])
-    ent, ent_std = _mean_std([r["coupling_entropy"] for r in group])
+    acc, acc_std = sweep.mean_std([r["accuracy"] for r in group])
+    ent, ent_std = sweep.mean_std([r["coupling_entropy"] for r in group])
     out.append({
         "iterations": it, "num_seeds": len(group), "accuracy_mean": acc,
         "accuracy_std": acc_std, "coupling_entropy": ent, "coupling_entropy_std": ent_std,
-        **{k: _mean_std([r[k] for r in group])[0]
+        **{k: sweep.mean_std([r[k] for r in group])[0]
            for k in ("loss", "margin_loss", "recon_loss", "images_per_s", "wall_s", "epochs")}})
   return out
-
-
-def _write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fields)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in fields})
-
-
-def _hardware() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import jax  # pylint: disable=g-import-not-at-top
-  devs = jax.devices()
-  return f"{model}, {os.cpu_count()} cores; JAX {jax.default_backend()} x{len(devs)}"
 
 
 def write_markdown(path: str, config, results: Sequence[dict], rows: Sequence[dict]) -> None:
@@ -206,7 +134,7 @@ def write_markdown(path: str, config, results: Sequence[dict], rows: Sequence[di
       f"- model: conv1 {m.conv1_channels}x{m.conv1_kernel}, PrimaryCaps {m.primary_types} "
       f"types x {m.primary_dim}D, class capsules {m.digit_dim}D, decoder "
       f"{'on' if m.use_decoder else 'off'}",
-      f"- hardware: {_hardware()}", "",
+      f"- hardware: {sweep.hardware()}", "",
       "| routing iterations | seeds | test accuracy (%) | test loss | margin loss | "
       "recon loss | train images/s | wall time / run (s) | coupling entropy (nats) |",
       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -298,8 +226,8 @@ def run_sweep(config, workdir: str, iterations: Sequence[int], seeds: Sequence[i
       logging.info("iter=%d seed=%d: test accuracy %.4f, %.1f s", it, seed, r["accuracy"],
                    r["wall_s"])
   results = summarize(rows)
-  _write_csv(os.path.join(workdir, "runs.csv"), RUN_FIELDS, rows)
-  _write_csv(os.path.join(workdir, "results.csv"), RESULT_FIELDS, results)
+  sweep.write_csv(os.path.join(workdir, "runs.csv"), RUN_FIELDS, rows)
+  sweep.write_csv(os.path.join(workdir, "results.csv"), RESULT_FIELDS, results)
   write_markdown(os.path.join(workdir, "results.md"), config, results, rows)
   plot_results(os.path.join(workdir, "accuracy_vs_iterations.png"), results, rows,
                title=f"CapsNet on {config.dataset}, {config.num_epochs} epochs")

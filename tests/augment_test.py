@@ -149,3 +149,60 @@ def test_augment_batch_under_vmap():
 def test_augment_batch_rejects_unbatched_input():
   with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):
     augment.augment_batch(jax.random.key(0), jnp.zeros((H, W, 1)), max_shift=2)
+
+
+# Keras ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1) as CapsNet-Keras
+# and CapsNet-Fashion-MNIST use it: t ~ U(-2.8, 2.8) px, order-0 resampling (round(t)),
+# fill_mode='nearest'.
+def test_fraction_shift_offsets_follow_the_rounded_uniform():
+  keys = jax.random.split(jax.random.key(3), 20000)
+  offs = np.asarray(jax.vmap(lambda k: augment.sample_fraction_shift(
+      k, fraction=0.1, height=H, width=W))(keys))                     # [20000, 2]
+  # P(round(t) = k) for t ~ U(-2.8, 2.8): |k| <= 2 covers a width-1 interval, |k| = 3
+  # the 0.3 between 2.5 and 2.8.
+  expected = np.array([0.3, 1, 1, 1, 1, 1, 0.3]) / 5.6               # k = -3..3
+  for axis in range(2):
+    counts = np.bincount(offs[:, axis] + 3, minlength=7)
+    assert counts.shape == (7,)                                        # never beyond +-3
+    np.testing.assert_allclose(counts / len(offs), expected, atol=0.012)
+  assert augment.fraction_bound(0.1, 28) == 3 and augment.fraction_bound(0.05, 28) == 1
+
+
+@pytest.mark.parametrize('offset', [(2, -3), (-1, 0), (3, 3), (0, -2)])
+def test_nearest_fill_repeats_the_edge_pixels_of_a_ramp(offset):
+  # A ramp with distinct rows and columns: value = 100 r + c.
+  ramp = (100 * np.arange(H)[:, None] + np.arange(W)[None, :]).astype(np.float32)[..., None]
+  y = np.asarray(augment.shift(jnp.asarray(ramp), jnp.asarray(offset, jnp.int32),
+                               max_shift=3, fill='nearest'))
+  dy, dx = offset
+  # Output pixel (r, c) reads input (r - dy, c - dx) clamped into the image.
+  rows = np.clip(np.arange(H) - dy, 0, H - 1)
+  cols = np.clip(np.arange(W) - dx, 0, W - 1)
+  np.testing.assert_array_equal(y[..., 0], ramp[rows][:, cols][..., 0])
+  z = np.asarray(augment.shift(jnp.asarray(ramp), jnp.asarray(offset, jnp.int32),
+                               max_shift=3, fill='zero'))
+  inside = ((np.arange(H) - dy >= 0) & (np.arange(H) - dy < H))[:, None] & (
+      (np.arange(W) - dx >= 0) & (np.arange(W) - dx < W))[None, :]
+  np.testing.assert_array_equal(z[..., 0], np.where(inside, y[..., 0], 0))
+
+
+def test_fraction_shift_in_the_batch_path_matches_the_sampled_offsets():
+  x = _unique_image()
+  keys = jax.random.split(jax.random.key(5), 8)
+  images = jnp.broadcast_to(x, (8, H, W, 1))
+  out = np.asarray(jax.jit(jax.vmap(lambda k, v: augment.random_shift(
+      k, v, shift_fraction=0.1, fill='nearest')))(keys, images))
+  for k, y in zip(keys, out):
+    off = augment.sample_fraction_shift(k, fraction=0.1, height=H, width=W)
+    np.testing.assert_array_equal(
+        y, augment.shift(x, off, max_shift=3, fill='nearest'))
+
+
+def test_shift_arguments_are_checked():
+  x = _unique_image()
+  with pytest.raises(ValueError, match='not both'):
+    augment.random_shift(jax.random.key(0), x, max_shift=2, shift_fraction=0.1)
+  with pytest.raises(ValueError, match=r'shift_fraction must be in \[0, 0.5\), got 0.7'):
+    augment.random_shift(jax.random.key(0), x, shift_fraction=0.7)
+  with pytest.raises(ValueError, match="fill must be one of .* got 'wrap'"):
+    augment.shift(x, jnp.zeros(2, jnp.int32), max_shift=1, fill='wrap')

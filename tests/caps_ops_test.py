@@ -36,12 +36,13 @@ def np_softmax_parents(b_row):
   return e / np.sum(e)
 
 
-def np_routing(u_hat, num_iterations):
+def np_routing(u_hat, num_iterations, bias=None):
   """Procedure 1, one example at a time, with explicit loops.
 
   Args:
     u_hat: [..., N_in, N_out, D] predictions.
     num_iterations: r >= 1.
+    bias: optional [N_out, D] added to each s_j (the authors' code).
 
   Returns:
     (v [..., N_out, D], c [..., N_in, N_out], b_before_last [..., N_in, N_out]) in float64.
@@ -60,6 +61,8 @@ def np_routing(u_hat, num_iterations):
       for j in range(n_out):
         for i in range(n_in):
           s[j] += c[i, j] * u[i, j]
+        if bias is not None:
+          s[j] += bias[j]
       v = np.stack([np_squash(s[j]) for j in range(n_out)])             # [N_out, D]
       if r < num_iterations - 1:
         for i in range(n_in):
@@ -468,3 +471,43 @@ class TestPredictAndRoute:
   def test_bad_shapes_raise(self):
     with pytest.raises(ValueError, match="N_in"):
       caps_ops.predict_and_route(jnp.ones((2, 6, 4)), jnp.ones((5, 3, 4, 5)), 2)
+
+
+class TestRoutingBias:
+  """`bias`: the authors' code's b_j added to s_j before the squash in every iteration."""
+
+  @pytest.mark.parametrize("shape,num_iterations", [((2, 6, 3, 4), 1), ((2, 6, 3, 4), 3),
+                                                    ((3, 5, 4, 2), 2), ((7, 2, 5), 4)])
+  @pytest.mark.parametrize("stop_gradient", [False, True])
+  def test_matches_numpy_reference(self, shape, num_iterations, stop_gradient):
+    u_hat = random_u_hat(shape, seed=3)
+    bias = random_u_hat(shape[-2:], seed=4, scale=0.5)
+    fn = jax.jit(functools.partial(dynamic_routing, num_iterations=num_iterations,
+                                   stop_gradient=stop_gradient, return_couplings=True))
+    v, c = fn(u_hat, bias=bias)
+    v_ref, c_ref, _ = np_routing(u_hat, num_iterations, bias=bias)
+    np.testing.assert_allclose(v, v_ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(c, c_ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(np.sum(c, axis=-1), 1.0, rtol=1e-6)
+    # The bias changes the result (it is not silently dropped).
+    assert not np.allclose(v, np_routing(u_hat, num_iterations)[0], atol=1e-3)
+
+  def test_check_grads_float64(self):
+    with jax.enable_x64(True):
+      u_hat = jnp.asarray(random_u_hat((2, 4, 3, 2), seed=5, dtype=np.float64))
+      bias = jnp.asarray(random_u_hat((3, 2), seed=6, scale=0.3, dtype=np.float64))
+      f = lambda u, b: jnp.sum(jnp.sin(dynamic_routing(u, 3, bias=b)))
+      check_grads(f, (u_hat, bias), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+      # The bias gradient through the 3 iterations equals central differences of NumPy.
+      g = jax.grad(f, argnums=1)(u_hat, bias)
+      eps = 1e-6
+      for j, d in [(0, 0), (2, 1)]:
+        e = np.zeros((3, 2))
+        e[j, d] = eps
+        num = (np.sum(np.sin(np_routing(u_hat, 3, bias=bias + e)[0]))
+               - np.sum(np.sin(np_routing(u_hat, 3, bias=bias - e)[0]))) / (2 * eps)
+        np.testing.assert_allclose(g[j, d], num, rtol=1e-6, atol=1e-9)
+
+  def test_bad_bias_shape(self):
+    with pytest.raises(ValueError, match=r"bias of shape \(4, 2\) does not broadcast"):
+      dynamic_routing(random_u_hat((2, 5, 3, 2)), 2, bias=np.zeros((4, 2), np.float32))

@@ -41,8 +41,8 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     assert p.wait(timeout=300) == 0, _log(tmp_path / f"dist{pid}.log")
   log0 = _log(tmp_path / "dist0.log")
   assert "4 steps/epoch on 2 device(s) in 2 process(es)" in log0
-  assert "epoch 1: test accuracy" in log0
-  assert "epoch 1: test accuracy" not in _log(tmp_path / "dist1.log")  # printed once.
+  assert "epoch 1: validation accuracy" in log0 and "test accuracy" in log0
+  assert "epoch 1: validation accuracy" not in _log(tmp_path / "dist1.log")  # printed once.
 
   env = fi.child_env(devices=2, cache_dir=cache, mock_examples=48,
                      dump_dir=str(tmp_path / "single_params"))

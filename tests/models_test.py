@@ -51,9 +51,12 @@ def test_forward_shapes_and_values(shape):
   assert out["couplings"].shape == (3, n_in, 10)
   assert out["reconstruction"].shape == (3, *shape)
   np.testing.assert_allclose(out["couplings"].sum(-1), 1.0, rtol=1e-5)
-  # capsule_lengths is sqrt(|v|^2 + 1e-7) (finite gradient at v = 0).
+  # Lengths are sqrt(|v|^2 + length_eps) (finite gradient at v = 0); the Keras recipe's
+  # 1e-30 leaves the tiny initial lengths distinguishable (1e-7 makes them all ~3.2e-4).
+  assert config.model.length_eps == 1e-30
   np.testing.assert_allclose(
-      out["lengths"], np.sqrt(np.sum(np.square(out["v"]), -1) + 1e-7), rtol=1e-4)
+      out["lengths"], np.sqrt(np.sum(np.square(out["v"]), -1) + 1e-30), rtol=1e-4)
+  assert np.ptp(out["lengths"]) > 1e-7
   assert np.all(out["lengths"] < 1.0)
   np.testing.assert_array_equal(out["pred"], np.argmax(out["lengths"], -1))
   assert np.all((out["reconstruction"] >= 0) & (out["reconstruction"] <= 1))

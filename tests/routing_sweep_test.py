@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from capsjax import train
 from experiments import routing_sweep
+from experiments import sweep as sweep_lib
 from tests import helpers
 
 
@@ -97,12 +98,12 @@ def test_sweep_runs_tabulates_and_skips_finished_runs(tmp_path, mock_data, count
 
   # "Finished" means: same run-defining config and num_epochs reached.
   rdir = routing_sweep.run_dir(sweep, 1, 0)
-  assert routing_sweep.is_finished(routing_sweep.run_config(config, 1, 0), rdir)
-  assert not routing_sweep.is_finished(routing_sweep.run_config(config, 2, 0), rdir)
+  assert sweep_lib.is_finished(routing_sweep.run_config(config, 1, 0), rdir)
+  assert not sweep_lib.is_finished(routing_sweep.run_config(config, 2, 0), rdir)
   other = _config(tmp_path, num_epochs=1, **{"optim.learning_rate": 0.01})
-  assert not routing_sweep.is_finished(routing_sweep.run_config(other, 1, 0), rdir)
+  assert not sweep_lib.is_finished(routing_sweep.run_config(other, 1, 0), rdir)
   longer = _config(tmp_path, num_epochs=2)
-  assert not routing_sweep.is_finished(routing_sweep.run_config(longer, 1, 0), rdir)
+  assert not sweep_lib.is_finished(routing_sweep.run_config(longer, 1, 0), rdir)
 
 
 @pytest.mark.slow
@@ -117,7 +118,7 @@ def test_unfinished_run_resumes(tmp_path, mock_data, count_training):
   metrics = _read(os.path.join(sweep, "iter2_seed0", "metrics.csv"))
   # Resumed at step 4: the first epoch's rows are not repeated.
   assert [int(r["step"]) for r in metrics if r["split"] == "test"] == [4, 8]
-  record = routing_sweep._read_json(os.path.join(sweep, "iter2_seed0", routing_sweep.RUN_JSON))
+  record = sweep_lib.read_json(os.path.join(sweep, "iter2_seed0", routing_sweep.RUN_JSON))
   assert [c["end_step"] for c in record["calls"]] == [4, 8]
   assert record["wall_s"] == pytest.approx(sum(c["wall_s"] for c in record["calls"]))
 

@@ -20,7 +20,7 @@ from tests import helpers
 
 def test_overfits_a_fixed_batch():
   config = helpers.smoke_config(**{"optim.decay_rate": 1.0, "augment.flip": False,
-                                   "augment.max_shift": 0})
+                                   "augment.max_shift": 0, "augment.shift_fraction": 0.0})
   info = input_pipeline.dataset_info("fashion_mnist")
   graphdef, state = train.create_model_and_optimizer(config, info, 100, jax.random.key(0))
   mesh = parallel.make_mesh(2)
@@ -81,7 +81,7 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
     assert e["test_accuracy"] == t["accuracy"] and e["test_loss"] == t["loss"]
     assert float(e["seconds"]) > 0 and float(e["images_per_s"]) > 0
     assert 0 <= float(e["train_accuracy"]) <= 1 and float(e["learning_rate"]) > 0
-  assert float(epochs[1]["learning_rate"]) == pytest.approx(0.9e-3)
+  assert float(epochs[1]["learning_rate"]) == pytest.approx(0.95e-3)   # x0.95 per epoch
 
   # Rerunning with more epochs resumes at step 8 instead of starting over.
   summary = _run(workdir, num_epochs=3)
@@ -107,6 +107,7 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
 def test_two_identical_runs_are_identical(tmp_path, mock_fashion):
   a = _run(str(tmp_path / "a"), num_epochs=1)
   b = _run(str(tmp_path / "b"), num_epochs=1)
+  assert a.pop("wall_s") > 0 and b.pop("wall_s") > 0   # the only field that may differ.
   assert a == b
   la = [r["loss"] for r in _rows(str(tmp_path / "a"))]
   lb = [r["loss"] for r in _rows(str(tmp_path / "b"))]
@@ -154,3 +155,114 @@ def test_cifar10_smoke_run_on_mock_data(tmp_path):
   assert meta["image_shape"] == [32, 32, 3]
   # An 8x8 PrimaryCaps grid of the smoke model's 4 types of 4-D capsules.
   assert meta["param_shapes"]["0/digit_caps/w"] == [8 * 8 * 4, 10, 4, 8]
+
+
+def _indexed_images(n):
+  """uint8 [n, 28, 28, 1] whose pixel (0, 0) and (0, 1) spell the example's index."""
+  images = np.zeros((n, 28, 28, 1), np.uint8)
+  images[:, 0, 0, 0], images[:, 0, 1, 0] = np.arange(n) // 256, np.arange(n) % 256
+  return images, np.arange(n) % 10
+
+
+def _ids(images):
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = np.round(images * 255).astype(np.int64)
+  return set((256 * images[:, 0, 0, 0].astype(np.int64) + images[:, 0, 1, 0]).tolist())
+
+
+def test_validation_split_is_disjoint_from_every_training_batch():
+  images, labels = _indexed_images(1000)
+  tr_i, tr_l, va_i, va_l = input_pipeline.split_validation(images, labels, 150)
+  assert len(va_l) == 150 and len(tr_l) == 850
+  val_ids = _ids(va_i)
+  assert len(val_ids) == 150 and val_ids | _ids(tr_i) == set(range(1000))
+  np.testing.assert_array_equal(va_l, np.array(sorted(val_ids)) % 10)  # labels follow
+  # Training keeps its original order; the held-out examples are spread over the split.
+  assert sorted(_ids(tr_i)) == [256 * int(a) + int(b) for a, b in tr_i[:, 0, :2, 0]]
+  assert min(val_ids) < 200 and max(val_ids) > 800
+  for epoch in range(3):
+    for batch in input_pipeline.train_batches(tr_i, tr_l, batch_size=64, seed=7,
+                                              epoch=epoch):
+      assert not _ids(batch["image"]) & val_ids
+  # The same examples for any seed and any training subset (load_splits holds them out
+  # before train_examples subsets the rest).
+  again = input_pipeline.split_validation(images.copy(), labels.copy(), 150)[2]
+  assert _ids(again) == val_ids
+  assert _ids(input_pipeline.split_validation(images, labels, 300)[2]) != val_ids
+  with pytest.raises(ValueError, match=r"config.val_examples must be in \[0, 1000\)"):
+    input_pipeline.split_validation(images, labels, 1000)
+
+
+def test_validation_selects_and_survives_a_resume(tmp_path, mock_fashion, monkeypatch):
+  seen = {}
+  real = input_pipeline.split_validation
+
+  def spy(images, labels, num_val):
+    out = real(images, labels, num_val)
+    seen.setdefault("val", []).append(_ids(out[2]))
+    return out
+
+  monkeypatch.setattr(input_pipeline, "split_validation", spy)
+  full = str(tmp_path / "full")
+  summary = _run(full, num_epochs=3, seed=1)
+  split = str(tmp_path / "split")
+  _run(split, num_epochs=1, seed=1)
+  resumed = _run(split, num_epochs=3, seed=1)
+  # Every invocation held out the same 8 examples, and the resumed run's validation and
+  # test numbers equal the uninterrupted run's.
+  assert len(seen["val"]) == 3 and all(v == seen["val"][0] for v in seen["val"])
+  assert len(seen["val"][0]) == 8
+  keys = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "selected_epoch",
+          "selected_test_accuracy")
+  rows_full = [{k: r[k] for k in keys} for r in _rows(full, "epochs.csv")]
+  assert rows_full == [{k: r[k] for k in keys} for r in _rows(split, "epochs.csv")]
+  summary.pop("wall_s"), resumed.pop("wall_s")
+  assert summary == resumed
+  # Selection uses validation only: the selected epoch is the first with the best
+  # validation accuracy, and its test accuracy is reported beside the final one.
+  val = [float(r["val_accuracy"]) for r in rows_full]
+  best = val.index(max(val))
+  assert summary["selected_on"] == "val" and summary["selected_epoch"] == best + 1
+  assert summary["selected_test_accuracy"] == pytest.approx(
+      float(rows_full[best]["test_accuracy"]), abs=1e-6)
+  assert summary["final_test_accuracy"] == summary["accuracy"]
+  test = [float(r["test_accuracy"]) for r in rows_full]
+  assert summary["best_test_accuracy"] == pytest.approx(max(test), abs=1e-6)
+  assert rows_full[-1]["selected_epoch"] == str(best + 1)
+  # The kept best checkpoint is the validation-selected one.
+  ckpt = checkpoint.Checkpointer(full, read_only=True, best_metric="val_accuracy")
+  assert ckpt.best_step() == 4 * (best + 1)
+
+
+def test_summary_protocols():
+  history = [{"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.7},
+             {"epoch": 2, "val_accuracy": 0.8, "test_accuracy": 0.6},
+             {"epoch": 3, "val_accuracy": 0.8, "test_accuracy": 0.9},
+             {"epoch": 4, "val_accuracy": 0.6, "test_accuracy": 0.65}]
+  final = {"accuracy": 0.65, "count": 100, "step": 40, "epochs": 4.0}
+  s = train.summarize(history, final, on="val")
+  assert (s["selected_epoch"], s["selected_test_accuracy"], s["selected_val_accuracy"]) == (
+      2, 0.6, 0.8)                                   # ties keep the earliest epoch.
+  assert (s["best_test_epoch"], s["best_test_accuracy"]) == (3, 0.9)
+  assert s["final_test_accuracy"] == 0.65
+  text = train.format_summary(s, "fashion_mnist")
+  assert "60.00%  epoch 2, selected on validation" in text
+  assert "90.00%  epoch 3, best on test" in text and "65.00%  final checkpoint" in text
+  s = train.summarize([{k: h[k] for k in ("epoch", "test_accuracy")} for h in history],
+                      final, on="test")
+  assert s["selected_on"] == "test" and s["selected_epoch"] == 3
+  assert "selected on validation" not in train.format_summary(s, "fashion_mnist")
+
+
+def test_early_stopping_needs_validation_and_stops(tmp_path, mock_fashion):
+  with pytest.raises(ValueError, match="early_stop_epochs=1 needs a validation split"):
+    _run(str(tmp_path / "a"), val_examples=0, early_stop_epochs=1)
+  workdir = str(tmp_path / "b")
+  summary = _run(workdir, num_epochs=6, early_stop_epochs=1, **{"optim.learning_rate": 1e-9})
+  # With a learning rate of 1e-9 nothing improves after epoch 1: stop after epoch 2.
+  assert summary["early_stopped"] and summary["epochs"] == 2
+  assert summary["selected_epoch"] == 1
+  # Rerunning does not train on.
+  again = _run(workdir, num_epochs=6, early_stop_epochs=1, **{"optim.learning_rate": 1e-9})
+  assert again["epochs"] == 2 and again["early_stopped"]

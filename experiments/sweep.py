@@ -1,0 +1,436 @@
+r"""Sweep any config fields x seeds over one or more recipes, then a results table.
+
+  python -m experiments.sweep --recipes=configs/fashion.py:quick \
+      --sweep=optim.decay_rate=0.9,0.95 --sweep=model.routing_iterations=1,3 \
+      --seeds=0,1,2 --workdir=runs/sweep
+  # reference recipes side by side, each beside the number its source publishes:
+  python -m experiments.sweep \
+      --recipes=configs/fashion.py,configs/capsnet_fashion_mnist.py --seeds=0,1,2 \
+      --workdir=runs/recipes
+  # overrides for every run (as --config.FIELD=VALUE of capsjax.main):
+  python -m experiments.sweep --recipes=configs/fashion.py:smoke --set=dataset=mnist \
+      --seeds=0,1 --workdir=/tmp/sweep_smoke
+
+One run per (recipe, combination of --sweep values, seed), trained by
+`capsjax.train.train_and_evaluate` (the code behind `capsjax.main`) in
+`WORKDIR/<recipe>__<field>=<value>...__seed<S>/`. Rerunning the command skips finished
+runs and resumes unfinished ones from their latest checkpoint.
+`experiments.routing_sweep` is the routing-iteration shortcut with coupling entropies.
+
+Written into WORKDIR:
+  runs.csv          one row per run (RUN_FIELDS)
+  results.csv/.md   one row per (recipe, sweep values): mean and std over seeds of the
+                    final, validation-selected and best-on-test test accuracies, with the
+                    recipe's published figure beside it
+  curves.png        every run's test accuracy per epoch, one colour per group
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from absl import logging
+
+from capsjax import metrics as metrics_lib
+from capsjax import train
+
+RUN_FIELDS = ("recipe", "values", "seed", "final_test_accuracy", "selected_on",
+              "selected_epoch", "selected_test_accuracy", "best_test_accuracy",
+              "best_test_epoch", "epochs", "images_per_s", "wall_s", "skipped", "workdir")
+RESULT_FIELDS = ("recipe", "values", "num_seeds", "final_mean", "final_std",
+                 "selected_on", "selected_mean", "selected_std", "best_test_mean",
+                 "best_test_std", "published", "published_source", "epochs",
+                 "images_per_s", "wall_s")
+RUN_JSON = "sweep_run.json"
+
+
+# ----------------------------------------------------------------------------------------
+# Configs: loading recipe files and setting fields from text.
+# ----------------------------------------------------------------------------------------
+def load_recipe(spec: str):
+  """`configs/fashion.py:quick` -> the ConfigDict its `get_config('quick')` returns."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"recipe config file {path!r} (from {spec!r}) does not exist")
+  name = "capsjax_recipe_" + re.sub(r"\W", "_", os.path.abspath(path))
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def recipe_name(spec: str) -> str:
+  """`configs/fashion.py:quick` -> 'fashion-quick' (a directory-name-safe label)."""
+  path, _, arg = spec.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return name + (f"-{arg.replace(',', '-')}" if arg else "")
+
+
+def parse_value(config, field: str, text: str) -> Any:
+  """Parses `text` as a value of `config.<field>`, typed like the field's current value."""
+  node = config
+  *parents, leaf = field.split(".")
+  try:
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+  except (KeyError, AttributeError, TypeError):
+    raise ValueError(f"unknown config field {field!r}") from None
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ValueError(f"{field} expects True or False, got {text!r}")
+    return text.lower() == "true"
+  if isinstance(current, str) or current is None:
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ValueError(f"{field} expects a {type(current).__name__}, got {text!r}") from None
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if type(value) is not type(current):
+    raise ValueError(f"{field} expects a {type(current).__name__}, got {text!r}")
+  return value
+
+
+def set_field(config, field: str, value: Any) -> None:
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def parse_axes(config, specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
+  """['optim.decay_rate=0.9,0.95', ...] -> [('optim.decay_rate', [0.9, 0.95]), ...]."""
+  axes = []
+  for spec in specs:
+    field, sep, values = spec.partition("=")
+    if not sep or not values:
+      raise ValueError(f"--sweep expects FIELD=V1,V2,..., got {spec!r}")
+    parsed = [parse_value(config, field, v) for v in values.split(",")]
+    if len(set(map(repr, parsed))) != len(parsed):
+      raise ValueError(f"--sweep {field} repeats a value: {values}")
+    axes.append((field, parsed))
+  fields = [f for f, _ in axes]
+  if len(set(fields)) != len(fields) or "seed" in fields:
+    raise ValueError(f"--sweep fields must be distinct and not 'seed' (use --seeds): {fields}")
+  return axes
+
+
+# ----------------------------------------------------------------------------------------
+# Runs.
+# ----------------------------------------------------------------------------------------
+def read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def is_finished(cfg, rdir: str) -> bool:
+  """True if `rdir` holds a completed run of `cfg`: summary.json at `num_epochs` epochs (or
+  stopped early) and a config.json whose run-defining fields equal `cfg`'s."""
+  summary = read_json(os.path.join(rdir, "summary.json"))
+  saved = read_json(os.path.join(rdir, "config.json"))
+  if summary is None or saved is None:
+    return False
+  # Only the run-defining fields: changing e.g. progress_bar or eval_batch_size must not
+  # rerun a finished run (train_and_evaluate refuses changes to the others, naming them).
+  now = json.loads(cfg.to_json_best_effort())
+  if any(now.get(k) != saved.get(k) for k in train.RUN_DEFINING_FIELDS):
+    return False
+  if summary.get("early_stopped"):
+    return True
+  return summary.get("epochs", -1) >= cfg.num_epochs - 1e-9
+
+
+def images_per_second(rdir: str) -> float:
+  """Median training images/s over the logged intervals of metrics.csv (nan if none)."""
+  path = os.path.join(rdir, metrics_lib.CSV_NAME)
+  if not os.path.exists(path):
+    return float("nan")
+  vals = [float(r["images_per_s"]) for r in metrics_lib.read_csv(path)
+          if r["split"] == "train" and r.get("images_per_s")]
+  return statistics.median(vals) if vals else float("nan")
+
+
+def train_or_skip(cfg, rdir: str, record: dict) -> tuple[dict, bool]:
+  """Trains `cfg` in `rdir` unless finished there; adds the call's wall time to `record`.
+
+  Returns (summary, skipped).
+  """
+  if is_finished(cfg, rdir):
+    logging.info("finished run in %s, skipped", rdir)
+    return read_json(os.path.join(rdir, "summary.json")), True
+  logging.info("training in %s", rdir)
+  t0 = time.time()
+  summary = train.train_and_evaluate(cfg, rdir)
+  wall = time.time() - t0
+  record["wall_s"] = float(record.get("wall_s", 0.0)) + wall
+  record.setdefault("calls", []).append(
+      {"wall_s": wall, "end_step": int(summary["step"]), "host": platform.node(),
+       "finished": time.strftime("%F %T")})
+  return summary, False
+
+
+def _label(values: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in values.items())
+
+
+def run_dir(workdir: str, recipe: str, values: dict, seed: int) -> str:
+  parts = [recipe, *(f"{k}={v}" for k, v in values.items()), f"seed{seed}"]
+  return os.path.join(workdir, re.sub(r"[^\w.=+-]", "_", "__".join(parts)))
+
+
+def run_one(config, workdir: str, recipe: str, values: dict, seed: int) -> dict:
+  """Trains (or skips/resumes) one run and returns its RUN_FIELDS row."""
+  cfg = config.copy_and_resolve_references()
+  for field, value in values.items():
+    set_field(cfg, field, value)
+  cfg.seed = int(seed)
+  rdir = run_dir(workdir, recipe, values, seed)
+  record = read_json(os.path.join(rdir, RUN_JSON)) or {"wall_s": 0.0, "calls": []}
+  summary, skipped = train_or_skip(cfg, rdir, record)
+  write_json(os.path.join(rdir, RUN_JSON), record)
+  row = {k: summary.get(k) for k in RUN_FIELDS if k in summary}
+  row.update(recipe=recipe, values=_label(values), seed=seed,
+             images_per_s=images_per_second(rdir), wall_s=record["wall_s"], skipped=skipped,
+             workdir=rdir)
+  return row
+
+
+# ----------------------------------------------------------------------------------------
+# Tables and plots.
+# ----------------------------------------------------------------------------------------
+def mean_std(xs: Sequence[float | None]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one value; nan, nan for none)."""
+  xs = [float(x) for x in xs if x is not None]
+  if not xs:
+    return float("nan"), float("nan")
+  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def summarize(rows: Sequence[dict], published: dict[str, tuple[float, str]]) -> list[dict]:
+  """One RESULT_FIELDS row per (recipe, values) group, in first-seen order."""
+  out = []
+  groups = list(dict.fromkeys((r["recipe"], r["values"]) for r in rows))
+  for recipe, values in groups:
+    g = [r for r in rows if (r["recipe"], r["values"]) == (recipe, values)]
+    res = {"recipe": recipe, "values": values, "num_seeds": len(g),
+           "selected_on": g[0].get("selected_on", "")}
+    for name, key in (("final", "final_test_accuracy"), ("selected", "selected_test_accuracy"),
+                      ("best_test", "best_test_accuracy")):
+      res[f"{name}_mean"], res[f"{name}_std"] = mean_std([r.get(key) for r in g])
+    for key in ("epochs", "images_per_s", "wall_s"):
+      res[key] = mean_std([r.get(key) for r in g])[0]
+    res["published"], res["published_source"] = published.get(recipe, (0.0, ""))
+    out.append(res)
+  return out
+
+
+def write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k))
+                  for k in fields})
+
+
+def hardware() -> str:
+  """'<CPU model>, N cores; JAX <backend> xD' for result tables."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import jax  # pylint: disable=g-import-not-at-top
+  devs = jax.devices()
+  return f"{model}, {os.cpu_count()} cores; JAX {jax.default_backend()} x{len(devs)}"
+
+
+def _pct(mean: float, std: float) -> str:
+  return "-" if np.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def write_markdown(path: str, results: Sequence[dict], rows: Sequence[dict], *,
+                   command: str = "") -> None:
+  lines = ["# Sweep results", ""]
+  if command:
+    lines += [f"- command: `{command}`"]
+  lines += [f"- hardware: {hardware()}", f"- date: {time.strftime('%F')}", "",
+            "| recipe | values | seeds | selected on | test acc., selected epoch (%) | "
+            "test acc., final (%) | best on test (%) | published (%) | epochs | "
+            "train img/s | wall / run (s) |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in results:
+    pub = (f"{100 * r['published']:.2f} ({r['published_source']})" if r["published"]
+           else "-")
+    lines.append(
+        f"| {r['recipe']} | {r['values'] or '-'} | {r['num_seeds']} | {r['selected_on']} | "
+        f"{_pct(r['selected_mean'], r['selected_std'])} | "
+        f"{_pct(r['final_mean'], r['final_std'])} | "
+        f"{_pct(r['best_test_mean'], r['best_test_std'])} | {pub} | {r['epochs']:g} | "
+        f"{r['images_per_s']:.1f} | {r['wall_s']:.1f} |")
+  lines += [
+      "", "Mean ± sample standard deviation over seeds (0 with one seed). 'selected epoch': "
+      "the epoch with the best validation accuracy (or, with selected on = test, the best "
+      "test accuracy, as the reference projects chose it). 'best on test' is always the "
+      "best epoch picked on the test set: comparable with the references' figures, and "
+      "optimistic.", "", "Runs:", ""]
+  lines += [f"- `{os.path.basename(r['workdir'])}`: final {100 * r['final_test_accuracy']:.2f}%"
+            f" after {r['epochs']:g} epochs, {r['wall_s']:.1f} s" for r in rows]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot_curves(path: str, rows: Sequence[dict], *, title: str = "") -> str:
+  """Every run's test (solid) and validation (dashed) accuracy per epoch, one colour a group."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 5))
+  groups = list(dict.fromkeys((r["recipe"], r["values"]) for r in rows))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, group in enumerate(groups):
+    color = colors[i % len(colors)]
+    for j, r in enumerate(x for x in rows if (x["recipe"], x["values"]) == group):
+      path_csv = os.path.join(r["workdir"], metrics_lib.EPOCH_CSV_NAME)
+      if not os.path.exists(path_csv):
+        continue
+      epochs = metrics_lib.read_csv(path_csv)
+      xs = [int(e["epoch"]) for e in epochs]
+      label = " ".join(x for x in group if x) if j == 0 else None
+      ax.plot(xs, [100 * float(e["test_accuracy"]) for e in epochs], "o-", ms=3,
+              color=color, label=label)
+      val = [(x, float(e["val_accuracy"])) for x, e in zip(xs, epochs) if e.get("val_accuracy")]
+      if val:
+        ax.plot(*zip(*[(x, 100 * v) for x, v in val]), "--", color=color, alpha=0.6)
+  ax.set(xlabel="epoch", ylabel="accuracy (%)",
+         title=title or "Test (solid) and validation (dashed) accuracy")
+  ax.grid(alpha=0.3)
+  if ax.lines:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = (),
+              seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
+              command: str = "") -> list[dict]:
+  """Trains every (recipe, sweep values, seed) run and writes the tables and the plot.
+
+  Args:
+    recipes: config specs, e.g. ['configs/fashion.py:quick'].
+    workdir: the sweep directory.
+    sweep: axes as 'FIELD=V1,V2'; runs cover their Cartesian product.
+    seeds: seeds (config.seed of each run).
+    overrides: 'FIELD=VALUE' applied to every recipe before the axes.
+    command: the command line, recorded in results.md.
+
+  Returns:
+    The per-run rows (RUN_FIELDS), in (recipe, values, seed) order.
+  """
+  seeds = [int(s) for s in seeds]
+  if not recipes or not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"need at least one recipe and distinct seeds, got {list(recipes)} and "
+                     f"{seeds}")
+  names = [recipe_name(r) for r in recipes]
+  if len(set(names)) != len(names):
+    raise ValueError(f"recipes must differ: {list(recipes)}")
+  configs = []
+  for spec in recipes:
+    config = load_recipe(spec)
+    for text in overrides:
+      field, sep, value = text.partition("=")
+      if not sep:
+        raise ValueError(f"--set expects FIELD=VALUE, got {text!r}")
+      set_field(config, field, parse_value(config, field, value))
+    configs.append(config)
+  axes = parse_axes(configs[0], sweep)
+  for config in configs:
+    train.validate_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  rows = []
+  published = {}
+  for name, config in zip(names, configs):
+    published[name] = (float(config.published.test_accuracy), config.published.source)
+    for combo in itertools.product(*(vals for _, vals in axes)):
+      values = dict(zip((f for f, _ in axes), combo))
+      for seed in seeds:
+        rows.append(run_one(config, workdir, name, values, seed))
+        logging.info("%s %s seed=%d: final test accuracy %.4f", name, _label(values), seed,
+                     rows[-1]["final_test_accuracy"])
+  results = summarize(rows, published)
+  write_csv(os.path.join(workdir, "runs.csv"), RUN_FIELDS, rows)
+  write_csv(os.path.join(workdir, "results.csv"), RESULT_FIELDS, results)
+  write_markdown(os.path.join(workdir, "results.md"), results, rows, command=command)
+  plot_curves(os.path.join(workdir, "curves.png"), rows)
+  return rows
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  from capsjax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.configure_cpu_runtime()   # before JAX starts its backends.
+  f = flags.FLAGS
+  import sys  # pylint: disable=g-import-not-at-top
+  rows = run_sweep(f.recipes, f.workdir, sweep=f.sweep or (), seeds=f.seeds,
+                   overrides=f.set or (), command=" ".join(["python -m experiments.sweep",
+                                                            *sys.argv[1:]]))
+  with open(os.path.join(os.path.abspath(f.workdir), "results.md")) as fh:
+    print(fh.read(), flush=True)
+  logging.info("%d runs; results in %s", len(rows), f.workdir)
+
+
+def _define_flags(flag_values=None) -> None:
+  """Registers the command-line flags on `flag_values` (default: absl's global FLAGS)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_list("recipes", None, "Config files with optional :variant, e.g. "
+                    "configs/fashion.py:quick,configs/capsnet_fashion_mnist.py:quick.",
+                    flag_values=fv)
+  flags.DEFINE_multi_string("sweep", None, "An axis FIELD=V1,V2,... (repeatable).",
+                            flag_values=fv)
+  flags.DEFINE_multi_string("set", None, "FIELD=VALUE for every run (repeatable).",
+                            flag_values=fv)
+  flags.DEFINE_list("seeds", ["0"], "Seeds.", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Sweep directory (one sub-directory per run).",
+                      flag_values=fv)
+  flags.mark_flags_as_required(["recipes", "workdir"], flag_values=fv)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

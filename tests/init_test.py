@@ -1,0 +1,123 @@
+"""Initialisation schemes (`model.init`): bounds and statistics computed independently,
+the way Keras, PyTorch and the authors' TF code compute them."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from capsjax import caps_ops
+from capsjax import models
+from configs import common
+
+
+def _model(init, **model):
+  config = common.get_base_config().model
+  for k, v in model.items():
+    config[k] = v
+  config.init = init
+  return models.create_model(config, image_shape=(28, 28, 1), num_classes=10,
+                             rngs=nnx.Rngs(params=jax.random.key(0)))
+
+
+def keras_glorot_limit(shape):
+  """keras/initializers.py (2.0.9) `_compute_fans` + VarianceScaling(1, fan_avg, uniform)."""
+  if len(shape) == 2:
+    fan_in, fan_out = shape
+  else:
+    receptive_field = int(np.prod(shape[:-2]))
+    fan_in, fan_out = shape[-2] * receptive_field, shape[-1] * receptive_field
+  return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+@pytest.fixture(scope="module")
+def keras_model():
+  return _model("keras")
+
+
+def _check_uniform(x, limit):
+  x = np.asarray(x, np.float64).ravel()
+  assert np.abs(x).max() <= limit
+  # The largest of many U(-limit, limit) draws lies within a fraction of a percent of it.
+  assert np.abs(x).max() > 0.99 * limit
+  np.testing.assert_allclose(x.std(), limit / math.sqrt(3), rtol=0.02)
+  assert abs(x.mean()) < 0.02 * limit
+
+
+def test_keras_glorot_bounds_of_a_conv_kernel(keras_model):
+  kernel = keras_model.primary_caps.conv.kernel[...]                  # [9, 9, 256, 256]
+  limit = keras_glorot_limit((9, 9, 256, 256))
+  assert limit == pytest.approx(math.sqrt(6 / (81 * 256 + 81 * 256)))
+  _check_uniform(kernel, limit)
+  _check_uniform(keras_model.conv1.kernel[...], keras_glorot_limit((9, 9, 1, 256)))
+  np.testing.assert_array_equal(keras_model.conv1.bias[...], 0.0)
+  np.testing.assert_array_equal(keras_model.primary_caps.conv.bias[...], 0.0)
+
+
+def test_keras_glorot_bounds_of_the_capsule_w(keras_model):
+  # Keras' W is [N_out, N_in, D_out, D_in] = [10, 1152, 16, 8] (CapsNet-Keras): its limit
+  # is sqrt(6 / ((16 + 8) * 11520)) = 0.004658; capsjax's [N_in, N_out, D_in, D_out] gets
+  # the same bound.
+  limit = keras_glorot_limit((10, 1152, 16, 8))
+  assert limit == pytest.approx(0.004658, abs=1e-6)
+  w = keras_model.digit_caps.w[...]
+  assert w.shape == (1152, 10, 8, 16)
+  _check_uniform(w, limit)
+  assert keras_model.digit_caps.bias is None
+
+
+def test_keras_dense_layers(keras_model):
+  for layer, shape in zip(keras_model.decoder.layers, [(160, 512), (512, 1024), (1024, 784)]):
+    _check_uniform(layer.kernel[...], keras_glorot_limit(shape))
+    np.testing.assert_array_equal(layer.bias[...], 0.0)
+
+
+def test_torch_defaults():
+  model = _model("torch", conv1_channels=64, primary_types=8)
+  # nn.Conv2d / nn.Linear reset_parameters: kernel and bias uniform in +-1/sqrt(fan_in).
+  _check_uniform(model.primary_caps.conv.kernel[...], 1 / math.sqrt(9 * 9 * 64))
+  bound = 1 / math.sqrt(9 * 9 * 1)
+  b = np.asarray(model.conv1.bias[...])
+  assert np.abs(b).max() <= bound and b.std() > 0.4 * bound
+  _check_uniform(model.decoder.layers[1].kernel[...], 1 / math.sqrt(512))
+  w = np.asarray(model.digit_caps.w[...])
+  np.testing.assert_allclose(w.std(), 0.01, rtol=0.02)
+
+
+def test_tf_truncated_normal_and_biases():
+  model = _model("tf")
+  rng = np.random.default_rng(0)
+  # TF's truncated_normal(stddev=s): N(0, s^2) redrawn outside +-2s, std 0.8796 s.
+  ref = rng.standard_normal(2_000_000)
+  ref_std = ref[np.abs(ref) <= 2].std()
+  assert ref_std == pytest.approx(0.8796, abs=2e-3)
+  for x, s in ((model.conv1.kernel[...], 0.05), (model.primary_caps.conv.kernel[...], 0.1),
+               (model.digit_caps.w[...], 0.1), (model.decoder.layers[0].kernel[...], 0.1)):
+    x = np.asarray(x)
+    assert np.abs(x).max() <= 2 * s + 1e-7
+    np.testing.assert_allclose(x.std(), ref_std * s, rtol=0.03)
+  for b in (model.conv1.bias, model.primary_caps.conv.bias, model.decoder.layers[2].bias):
+    np.testing.assert_array_equal(b[...], np.float32(0.1))
+  np.testing.assert_array_equal(model.digit_caps.bias[...], np.full((10, 16), 0.1, np.float32))
+  # The capsule bias is the only parameter the scheme adds.
+  assert models.count_params(model) == 8_215_568 + 160
+
+
+def test_tf_capsule_bias_enters_every_routing_iteration():
+  model = _model("tf", conv1_channels=8, primary_types=2, decoder_hidden=(8, 8))
+  x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+  bias = jax.random.normal(jax.random.key(2), (10, 16))
+  model.digit_caps.bias[...] = bias
+  v = model.capsules(x)
+  u = model.primary_caps(jax.nn.relu(model.conv1(x)))
+  u_hat = model.digit_caps.predictions(u)
+  expected = caps_ops.dynamic_routing(u_hat, 3, bias=bias)
+  np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(v, caps_ops.dynamic_routing(u_hat, 3), atol=1e-4)
+
+
+def test_unknown_scheme_is_named():
+  with pytest.raises(ValueError, match="model.init must be one of .* got 'xavier'"):
+    _model("xavier")
