@@ -149,6 +149,28 @@ def validate_config(config) -> None:
         "(config.val_examples > 0): capsjax never stops early on test accuracy")
 
 
+# Run-defining fields added after runs were already saved, with the value that reproduces
+# how those runs trained: a config.json without them compares as if it had these.
+LEGACY_DEFAULTS = {"val_examples": 0, "model.init": "torch", "model.length_eps": 1e-7,
+                   "augment.shift_fraction": 0.0, "augment.fill": "zero",
+                   "optim.min_learning_rate": 0.0}
+
+
+def with_legacy_defaults(saved: dict, prefix: str = "") -> dict:
+  """A copy of a saved config dict (or its `prefix` sub-dict) with LEGACY_DEFAULTS filled in."""
+  saved = copy.deepcopy(saved)
+  for dotted, value in LEGACY_DEFAULTS.items():
+    if not dotted.startswith(prefix):
+      continue
+    *parents, leaf = dotted[len(prefix):].split(".")
+    node = saved
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.setdefault(leaf, value)
+  return saved
+
+
 def _config_view(config) -> dict:
   d = json.loads(config.to_json_best_effort())
   return {k: d[k] for k in RUN_DEFINING_FIELDS if k in d}
@@ -173,7 +195,7 @@ def check_workdir_config(config, workdir: str) -> None:
   now = _config_view(config)
   if os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
+      saved = with_legacy_defaults(json.load(f))
     diffs = _diff({k: saved[k] for k in RUN_DEFINING_FIELDS if k in saved}, now)
     if diffs and not config.overwrite:
       raise ValueError(
@@ -717,6 +739,7 @@ def _with_checkpoint_model(config, meta: dict, source: str):
   saved_model, saved_dataset = meta.get("model"), meta.get("dataset")
   diffs = []
   if saved_model is not None:
+    saved_model = with_legacy_defaults(saved_model, "model.")
     diffs += _diff(saved_model, json.loads(config.model.to_json_best_effort()), "model.")
   if saved_dataset is not None and saved_dataset != config.dataset:
     diffs.append(f"dataset: {saved_dataset!r} (saved) vs {config.dataset!r} (now)")

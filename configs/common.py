@@ -66,7 +66,7 @@ def get_base_config() -> config_dict.ConfigDict:
 
   config.optim = config_dict.ConfigDict()
   config.optim.learning_rate = 1e-3
-  config.optim.decay_rate = 0.9                      # seeds: x0.9 per epoch.
+  config.optim.decay_rate = 0.9                      # per period (CapsNet-Keras, K-MNIST seed).
   config.optim.decay_epochs = 1.0
   config.optim.decay_steps = 0                       # > 0 overrides decay_epochs (authors: 2000 @ 0.96).
   config.optim.staircase = True

@@ -266,3 +266,22 @@ def test_early_stopping_needs_validation_and_stops(tmp_path, mock_fashion):
   # Rerunning does not train on.
   again = _run(workdir, num_epochs=6, early_stop_epochs=1, **{"optim.learning_rate": 1e-9})
   assert again["epochs"] == 2 and again["early_stopped"]
+
+
+def test_workdir_saved_before_the_new_fields_compares_with_their_legacy_values(tmp_path):
+  config = helpers.smoke_config(**{"val_examples": 0, "model.init": "torch",
+                                   "model.length_eps": 1e-7, "augment.shift_fraction": 0.0,
+                                   "augment.fill": "zero", "augment.max_shift": 2})
+  saved = json.loads(config.to_json_best_effort())
+  for parent, leaf in ((saved, "val_examples"), (saved["model"], "init"),
+                       (saved["model"], "length_eps"), (saved["augment"], "shift_fraction"),
+                       (saved["augment"], "fill"), (saved["optim"], "min_learning_rate")):
+    del parent[leaf]
+  workdir = tmp_path / "old"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(saved))
+  train.check_workdir_config(config, str(workdir))     # how the old run trained: accepted.
+  (workdir / "config.json").write_text(json.dumps(saved))
+  config.val_examples = 8                              # a different training set: refused.
+  with pytest.raises(ValueError, match=r"val_examples: 0 \(saved\) vs 8 \(now\)"):
+    train.check_workdir_config(config, str(workdir))
