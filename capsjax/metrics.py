@@ -134,13 +134,21 @@ class MetricWriter:
 
 
 def truncate_csv(path: str, max_step: int, fields: Sequence[str] = CSV_FIELDS) -> None:
-  """Drops rows logged after `max_step`: a resumed run recomputes those steps."""
+  """Drops rows logged after `max_step`: a resumed run recomputes those steps.
+
+  A file written with other columns (by an earlier capsjax) is rewritten with `fields`,
+  each kept value under its own column name, so that appended rows line up.
+  """
   if not os.path.exists(path):
     return
-  rows = read_csv(path)
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    rows = list(reader)
+    header = list(reader.fieldnames or [])
   kept = [r for r in rows if int(r["step"]) <= max_step]
-  if len(kept) == len(rows):
+  if len(kept) == len(rows) and header == list(fields):
     return
+  kept = [{k: v for k, v in r.items() if k in fields} for r in kept]
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
     w = csv.DictWriter(f, fields)
@@ -154,8 +162,8 @@ def select(history: Sequence[Mapping[str, float]], on: str) -> Mapping[str, floa
 
   Args:
     history: per-epoch dicts with at least 'epoch' and f'{on}_accuracy'.
-    on: 'val' (model selection) or 'test' (what the reference projects report: their
-      "validation data" was the test set).
+    on: 'val' (model selection) or 'test' (how the reference projects that say how they
+      chose an epoch chose it: their "validation data" was the test set).
 
   Returns:
     The selected entry, or None if no entry has the metric.

@@ -50,8 +50,6 @@ class CapsNet(nnx.Module):
     self.image_shape = (h, w, c)
     self.num_classes = num_classes
     self.num_primary = h2 * w2 * primary_types
-    if init not in layers.INITS:
-      raise ValueError(f"model.init must be one of {layers.INITS}, got {init!r}")
     if not 0 < length_eps <= 1e-3:
       raise ValueError(f"model.length_eps must be in (0, 1e-3], got {length_eps}")
     self.length_eps = float(length_eps)

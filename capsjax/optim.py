@@ -59,7 +59,9 @@ def make_schedule(optim_cfg, steps_per_epoch: int) -> optax.Schedule:
       init_value=optim_cfg.learning_rate,
       transition_steps=decay_steps(optim_cfg, steps_per_epoch),
       decay_rate=optim_cfg.decay_rate, staircase=optim_cfg.staircase,
-      end_value=floor if floor > 0 else None)
+      # optax reads end_value as a ceiling when decay_rate >= 1; a constant rate needs
+      # no floor (validate keeps the floor <= learning_rate).
+      end_value=floor if floor > 0 and optim_cfg.decay_rate < 1 else None)
 
 
 def make_optimizer(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -18,8 +18,8 @@ Model selection: with `config.val_examples > 0` a fixed part of the training spl
 out (`input_pipeline.split_validation`), and the kept "best" checkpoint, the selected epoch
 and early stopping use validation accuracy only. Test accuracy is measured every epoch
 for the record. With `val_examples = 0` (the reference recipes, to train on what they
-trained on) selection falls back to test accuracy, which is what the references did, and
-every report says so.
+trained on) selection falls back to test accuracy, as in the references, which used the
+test set as their validation data, and every report says so.
 """
 
 from __future__ import annotations
@@ -149,8 +149,10 @@ def validate_config(config) -> None:
         "(config.val_examples > 0): capsjax never stops early on test accuracy")
 
 
-# Run-defining fields added after runs were already saved, with the value that reproduces
-# how those runs trained: a config.json without them compares as if it had these.
+# Run-defining fields added after runs were already saved, with the values those runs
+# trained with: a config.json without them compares as if it had these. (Such runs
+# initialised 'torch' biases to zero rather than PyTorch's uniform draw; a resumed run is
+# past initialisation, so that difference does not matter to the comparison.)
 LEGACY_DEFAULTS = {"val_examples": 0, "model.init": "torch", "model.length_eps": 1e-7,
                    "augment.shift_fraction": 0.0, "augment.fill": "zero",
                    "optim.min_learning_rate": 0.0}

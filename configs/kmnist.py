@@ -30,6 +30,9 @@ def get_config(arg=None):
   config.optim.decay_rate = 0.9
   config.augment.max_shift = 0
   config.augment.flip = False                      # never flip characters.
+  # Its Length layer adds K.epsilon() = 1e-7 under the root (capsulelayers.py), unlike
+  # Keras 2.0.x CapsNet-Keras'.
+  config.model.length_eps = 1e-7
   config.published.source = "K-MNIST seed (leopoldmaillard/CapsNet_kmnist)"
   config.published.test_accuracy = 0.9534
   config.published.protocol = "best epoch on test (27 of 50; final 95.13%)"

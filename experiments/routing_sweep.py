@@ -33,15 +33,12 @@ log(10) = 2.303 is uniform routing, which is exactly what 1 iteration gives.
 from __future__ import annotations
 
 import os
-import platform
-import time
 from typing import Sequence
 
 import numpy as np
 from absl import logging
 
 from capsjax import input_pipeline
-from capsjax import train
 from capsjax import visualize
 from experiments import sweep
 
@@ -82,18 +79,7 @@ def run_one(config, workdir: str, iterations: int, seed: int, *,
   rdir = run_dir(workdir, iterations, seed)
   record = sweep.read_json(os.path.join(rdir, RUN_JSON)) or {
       "iterations": iterations, "seed": seed, "wall_s": 0.0, "calls": []}
-  skipped = sweep.is_finished(cfg, rdir)
-  if skipped:
-    logging.info("iter=%d seed=%d: finished run in %s, skipped", iterations, seed, rdir)
-    summary = sweep.read_json(os.path.join(rdir, "summary.json"))
-  else:
-    logging.info("iter=%d seed=%d: training in %s", iterations, seed, rdir)
-    t0 = time.time()
-    summary = train.train_and_evaluate(cfg, rdir)
-    wall = time.time() - t0
-    record["wall_s"] = float(record["wall_s"]) + wall
-    record["calls"].append({"wall_s": wall, "end_step": int(summary["step"]),
-                            "host": platform.node(), "finished": time.strftime("%F %T")})
+  summary, skipped = sweep.train_or_skip(cfg, rdir, record)
   if entropy_images is not None and (record.get("entropy_step") != summary["step"]
                                      or record.get("entropy_examples") != len(entropy_images)):
     record["coupling_entropy"], record["entropy_step"] = coupling_entropy_of_run(

@@ -107,6 +107,7 @@ def parse_value(config, field: str, text: str) -> Any:
 
 
 def set_field(config, field: str, value: Any) -> None:
+  """config.<field> = value for a dotted field name ('optim.decay_rate')."""
   node = config
   *parents, leaf = field.split(".")
   for p in parents:
@@ -135,6 +136,7 @@ def parse_axes(config, specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
 # Runs.
 # ----------------------------------------------------------------------------------------
 def read_json(path: str):
+  """The JSON object in `path`, or None if there is no such file."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -142,6 +144,7 @@ def read_json(path: str):
 
 
 def write_json(path: str, obj) -> None:
+  """Writes `obj` to `path` atomically (a temporary file, then a rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -155,6 +158,7 @@ def is_finished(cfg, rdir: str) -> bool:
   saved = read_json(os.path.join(rdir, "config.json"))
   if summary is None or saved is None:
     return False
+  saved = train.with_legacy_defaults(saved)
   # Only the run-defining fields: changing e.g. progress_bar or eval_batch_size must not
   # rerun a finished run (train_and_evaluate refuses changes to the others, naming them).
   now = json.loads(cfg.to_json_best_effort())
@@ -250,6 +254,7 @@ def summarize(rows: Sequence[dict], published: dict[str, tuple[float, str]]) -> 
 
 
 def write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
+  """Writes `rows` (dicts) as CSV with columns `fields`; floats with 6 significant digits."""
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fields, extrasaction="ignore")
     w.writeheader()
@@ -280,6 +285,7 @@ def _pct(mean: float, std: float) -> str:
 
 def write_markdown(path: str, results: Sequence[dict], rows: Sequence[dict], *,
                    command: str = "") -> None:
+  """results.md: one table row per `summarize` group, then one line per run."""
   lines = ["# Sweep results", ""]
   if command:
     lines += [f"- command: `{command}`"]
@@ -340,6 +346,21 @@ def plot_curves(path: str, rows: Sequence[dict], *, title: str = "") -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def join_recipe_specs(tokens: Sequence[str]) -> list[str]:
+  """Re-joins comma-split recipe specs: ['k.py:augment', 'quick'] -> ['k.py:augment,quick'].
+
+  The --recipes flag is split at every comma, but a spec's variants are comma-separated
+  too; a token that names no config file continues the previous spec.
+  """
+  specs: list[str] = []
+  for token in tokens:
+    if specs and not token.partition(":")[0].endswith(".py"):
+      specs[-1] += "," + token
+    else:
+      specs.append(token)
+  return specs
 
 
 def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = (),
@@ -405,7 +426,7 @@ def main(argv: Sequence[str]) -> None:
   parallel.configure_cpu_runtime()   # before JAX starts its backends.
   f = flags.FLAGS
   import sys  # pylint: disable=g-import-not-at-top
-  rows = run_sweep(f.recipes, f.workdir, sweep=f.sweep or (), seeds=f.seeds,
+  rows = run_sweep(join_recipe_specs(f.recipes), f.workdir, sweep=f.sweep or (), seeds=f.seeds,
                    overrides=f.set or (), command=" ".join(["python -m experiments.sweep",
                                                             *sys.argv[1:]]))
   with open(os.path.join(os.path.abspath(f.workdir), "results.md")) as fh:

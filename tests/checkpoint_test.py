@@ -201,8 +201,6 @@ def test_incomplete_checkpoint_ignored_and_best_never_deleted(tmp_path, src, cap
   os.makedirs(os.path.join(tmp_dir, "state"))  # a save killed half-way.
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   assert ckpt.latest_step() == 8
-  rows = metrics_lib.read_csv(os.path.join(workdir, "metrics.csv"))
-  tests = [(float(r["accuracy"]), int(r["step"])) for r in rows if r["split"] == "test"]
   with caplog.at_level("WARNING"):
     train.train_and_evaluate(_config(keep_checkpoints=1, num_epochs=4), workdir)
   assert "ignoring incomplete checkpoint" in caplog.text and "9.orbax-checkpoint-tmp" in caplog.text

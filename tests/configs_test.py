@@ -105,6 +105,11 @@ def test_schedule_values_against_hand_computed_lists():
   steps = [0, 1000, 2000, 3000, 200_000, 340_000, 400_000]
   expected = [1e-3, 9.797959e-4, 9.6e-4, 9.406041e-4, 1.6870319e-05, 1.0e-6, 1.0e-6]
   np.testing.assert_allclose([float(sched(s)) for s in steps], expected, rtol=1e-5)
+  # A constant rate with a floor stays at the rate (optax reads end_value as a ceiling
+  # when decay_rate >= 1).
+  cfg.decay_rate = 1.0
+  sched = optim.make_schedule(cfg, steps_per_epoch=468)
+  np.testing.assert_allclose([float(sched(s)) for s in (0, 5000, 400_000)], 1e-3, rtol=1e-6)
   cfg.min_learning_rate = 2e-3
   with pytest.raises(ValueError, match=r"optim.min_learning_rate must be in \[0, learning"):
     optim.make_schedule(cfg, 100)

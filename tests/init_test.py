@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capsjax import caps_ops
 from capsjax import models
 from configs import common
+from tests.caps_ops_test import np_routing
 
 
 def _model(init, **model):
@@ -112,10 +112,12 @@ def test_tf_capsule_bias_enters_every_routing_iteration():
   model.digit_caps.bias[...] = bias
   v = model.capsules(x)
   u = model.primary_caps(jax.nn.relu(model.conv1(x)))
-  u_hat = model.digit_caps.predictions(u)
-  expected = caps_ops.dynamic_routing(u_hat, 3, bias=bias)
-  np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-7)
-  assert not np.allclose(v, caps_ops.dynamic_routing(u_hat, 3), atol=1e-4)
+  u_hat = np.einsum("bni,nmio->bnmo", np.asarray(u, np.float64),
+                    np.asarray(model.digit_caps.w[...], np.float64))
+  # The NumPy Procedure 1 with s_j + b_j in each of the 3 iterations.
+  np.testing.assert_allclose(v, np_routing(u_hat, 3, bias=np.asarray(bias))[0],
+                             rtol=1e-4, atol=1e-6)
+  assert not np.allclose(v, np_routing(u_hat, 3)[0], atol=1e-4)
 
 
 def test_unknown_scheme_is_named():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from capsjax import metrics as metrics_lib
 from capsjax import train
 from configs import common
 from experiments import sweep
@@ -31,6 +32,10 @@ def test_parse_value_types_like_the_field():
   with pytest.raises(ValueError, match="not 'seed'"):
     sweep.parse_axes(config, ["seed=1,2"])
   assert sweep.recipe_name("configs/kmnist.py:augment,quick") == "kmnist-augment-quick"
+  # absl splits --recipes at every comma, variants included.
+  assert sweep.join_recipe_specs(["configs/kmnist.py:augment", "quick", "configs/fashion.py",
+                                  "configs/mnist.py:smoke"]) == [
+      "configs/kmnist.py:augment,quick", "configs/fashion.py", "configs/mnist.py:smoke"]
 
 
 def test_mean_std_and_summary_groups():
@@ -75,8 +80,10 @@ def test_two_recipes_two_seeds_write_mean_and_std(tmp_path, monkeypatch):
     md = open(os.path.join(workdir, "results.md")).read()
     assert "| fashion-smoke | - | 2 | val |" in md and "92.91 (Fashion seed notebook" in md
     assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
-    # The seeds differ (the table's std comes from different runs).
-    assert len({r["workdir"] for r in rows}) == 4
+    # The seeds differ (the table's std comes from different runs): different losses.
+    losses = [[row["loss"] for row in metrics_lib.read_csv(
+        os.path.join(r["workdir"], "metrics.csv")) if row["split"] == "train"] for r in rows]
+    assert losses[0] != losses[1] and losses[2] != losses[3]
     # Rerunning skips every finished run.
     again = sweep.run_sweep(RECIPES, workdir, seeds=[0, 1], overrides=overrides)
   assert len(calls) == 4 and all(r["skipped"] for r in again)

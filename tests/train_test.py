@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from capsjax import augment
 from capsjax import checkpoint
 from capsjax import input_pipeline
 from capsjax import parallel
@@ -285,3 +286,35 @@ def test_workdir_saved_before_the_new_fields_compares_with_their_legacy_values(t
   config.val_examples = 8                              # a different training set: refused.
   with pytest.raises(ValueError, match=r"val_examples: 0 \(saved\) vs 8 \(now\)"):
     train.check_workdir_config(config, str(workdir))
+
+
+def test_training_sees_no_validation_example_and_the_recipe_shift(tmp_path, mock_fashion,
+                                                                  monkeypatch):
+  held_out, trained, aug_kwargs = [], [], []
+  real_split, real_batches = input_pipeline.split_validation, input_pipeline.train_batches
+  real_augment = augment.augment_batch
+
+  def split(images, labels, num_val):
+    out = real_split(images, labels, num_val)
+    held_out.extend(bytes(x) for x in out[2])
+    return out
+
+  def batches(images, labels, **kw):
+    for b in real_batches(images, labels, **kw):
+      trained.extend(bytes(np.round(x * 255).astype(np.uint8)) for x in b["image"])
+      yield b
+
+  def augment_batch(key, images, **kw):
+    aug_kwargs.append(kw)
+    return real_augment(key, images, **kw)
+
+  monkeypatch.setattr(input_pipeline, "split_validation", split)
+  monkeypatch.setattr(input_pipeline, "train_batches", batches)
+  monkeypatch.setattr(augment, "augment_batch", augment_batch)
+  _run(str(tmp_path / "run"), num_epochs=2, train_examples=0)
+  assert len(held_out) == 8 and len(set(held_out)) == 8        # distinct mock images.
+  assert len(trained) == 2 * 40 and not set(held_out) & set(trained)
+  # The Fashion recipe's Keras-style shift reaches the jitted step.
+  assert aug_kwargs and all(
+      (k["shift_fraction"], k["fill"], k["flip"], k["max_shift"]) == (0.1, "nearest", True, 0)
+      for k in aug_kwargs)
