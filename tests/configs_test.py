@@ -66,8 +66,10 @@ def test_reference_recipes():
   assert _recipe(mnist.get_config()) == (
       640, 128, 1e-3, 0.96, 2000, False, 1e-6, "tf", False, 2, 0.0, "zero", False, 0, 0,
       0.9975)
-  # Keras' Length layer has no epsilon.
+  # CapsNet-Keras' Length layer has no epsilon; the K-MNIST seed's TF2 port adds 1e-7.
   assert fashion.get_config().model.length_eps < 1e-20
+  assert capsnet_fashion_mnist.get_config().model.length_eps < 1e-20
+  assert kmnist.get_config().model.length_eps == 1e-7
   # Everything that is not a reference recipe selects on a validation split.
   assert common.get_base_config().val_examples > 0
 
