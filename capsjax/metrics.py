@@ -2,7 +2,8 @@
 
 Files a run writes into its workdir (only process 0 writes):
   metrics.csv        one row per logged step: step, epoch, split, and the metric columns
-  epochs.csv         one row per epoch: train (mean over the epoch), validation and test
+  epochs.csv         one row per epoch: train (mean over the `train_steps` steps of the
+                     epoch this invocation ran: fewer after a mid-epoch resume), validation and test
                      losses and accuracy, the epoch selected so far (on validation, or on
                      test without a validation split) and its test accuracy, learning
                      rate, seconds and images/s (as Keras' CSVLogger)
@@ -30,8 +31,8 @@ EPOCH_CSV_NAME = "epochs.csv"
 _TERMS = ("loss", "margin_loss", "recon_loss", "accuracy")
 EPOCH_FIELDS = ("epoch", "step", *(f"train_{k}" for k in _TERMS),
                 *(f"val_{k}" for k in _TERMS), *(f"test_{k}" for k in _TERMS),
-                "selected_epoch", "selected_test_accuracy", "learning_rate", "seconds",
-                "images_per_s")
+                "selected_epoch", "selected_test_accuracy", "learning_rate", "train_steps",
+                "seconds", "images_per_s")
 
 
 def accuracy(lengths: jax.Array, labels: jax.Array) -> jax.Array:
@@ -109,15 +110,19 @@ class MetricWriter:
   def write_epoch(self, epoch: int, step: int, train: Mapping[str, float],
                   test: Mapping[str, float], *, seconds: float, images: int,
                   val: Mapping[str, float] | None = None,
-                  selected: tuple[int, float] | None = None) -> None:
+                  selected: tuple[int, float] | None = None,
+                  train_steps: int | None = None) -> None:
     """One epochs.csv row. `train` averages this invocation's steps of the epoch.
 
-    `selected` is (epoch, test accuracy) of the epoch selected so far (see `select`).
+    `selected` is (epoch, test accuracy) of the epoch selected so far (see `select`);
+    `train_steps` is how many steps `train` averages.
     """
     if not self.enabled:
       return
     row = {"epoch": epoch, "step": step, "seconds": f"{seconds:.3f}",
            "images_per_s": f"{images / max(seconds, 1e-9):.6g}"}
+    if train_steps is not None:
+      row["train_steps"] = train_steps
     if "learning_rate" in train:
       row["learning_rate"] = f"{train['learning_rate']:.6g}"
     for prefix, values in (("train", train), ("val", val or {}), ("test", test)):

@@ -402,6 +402,11 @@ def load_splits(config) -> Splits:
   images, labels = _load_data(config, "train", 0)
   train_images, train_labels, val_images, val_labels = input_pipeline.split_validation(
       images, labels, config.val_examples)
+  if config.train_examples > len(train_labels):
+    raise ValueError(
+        f"config.train_examples={config.train_examples} exceeds the {len(train_labels)} "
+        f"training examples of {config.dataset} (after holding out "
+        f"config.val_examples={config.val_examples}); use 0 for all of them")
   return Splits(train=_subset(train_images, train_labels, config.train_examples),
                 val=(val_images, val_labels),
                 test=_load_data(config, "test", config.eval_examples))
@@ -697,7 +702,8 @@ def _train_loop(config, workdir, ckpt, info, mesh, graphdef, state, aug_key,
         writer.write(step, epoch_done, "test", test_metrics)
         writer.write_epoch(epoch_done, step, train_epoch, test_metrics, seconds=epoch_s,
                            images=epoch_avg.count * config.batch_size, val=val_metrics,
-                           selected=(selected["epoch"], selected["test_accuracy"]))
+                           selected=(selected["epoch"], selected["test_accuracy"]),
+                           train_steps=epoch_avg.count)
         logging.info("epoch %d step %d: test accuracy %.4f, loss %.4f", epoch_done, step,
                      test_metrics["accuracy"], test_metrics["loss"])
         if is_main:

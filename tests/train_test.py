@@ -318,3 +318,22 @@ def test_training_sees_no_validation_example_and_the_recipe_shift(tmp_path, mock
   assert aug_kwargs and all(
       (k["shift_fraction"], k["fill"], k["flip"], k["max_shift"]) == (0.1, "nearest", True, 0)
       for k in aug_kwargs)
+
+
+def test_invalid_optimizer_config_is_refused_before_the_workdir_is_touched(tmp_path,
+                                                                           mock_fashion):
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError, match=r"optim.learning_rate must be > 0, got -1.0"):
+    _run(str(workdir), **{"optim.learning_rate": -1.0})
+  assert not (workdir / "config.json").exists()
+  assert _run(str(workdir), num_epochs=1)["step"] == 4      # the workdir is still usable.
+
+
+def test_train_examples_beyond_the_split_is_an_error(tmp_path, mock_fashion):
+  # 48 mock examples, 8 held out for validation: 40 remain.
+  with pytest.raises(ValueError, match=r"train_examples=41 exceeds the 40 training examples"):
+    _run(str(tmp_path / "w"), train_examples=41)
+  summary = _run(str(tmp_path / "ok"), train_examples=40, num_epochs=1)
+  assert summary["step"] == 5
+  rows = _rows(str(tmp_path / "ok"), "epochs.csv")
+  assert rows[0]["train_steps"] == "5"                     # epochs.csv says what it averages.
