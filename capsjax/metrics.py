@@ -181,6 +181,54 @@ def select(history: Sequence[Mapping[str, float]], on: str) -> Mapping[str, floa
   return best
 
 
+def summarize(history: list[dict], final: dict[str, float], *, on: str) -> dict:
+  """summary.json: the final checkpoint's test metrics and the two selections.
+
+  Args:
+    history: one dict per epoch: 'epoch', 'test_accuracy' and, with a validation split,
+      'val_accuracy'.
+    final: test metrics of the final checkpoint ('accuracy', losses, 'count').
+    on: 'val' or 'test', the split the run selects on.
+
+  Returns:
+    `final` plus 'final_test_accuracy'; 'selected_on', 'selected_epoch',
+    'selected_test_accuracy' (and 'selected_val_accuracy'); 'best_test_epoch' and
+    'best_test_accuracy', the references' protocol (the best epoch picked on test).
+  """
+  summary = dict(final, final_test_accuracy=final["accuracy"], selected_on=on)
+  selected = select(history, on)
+  if selected is not None:
+    summary.update(selected_epoch=selected["epoch"],
+                   selected_test_accuracy=selected["test_accuracy"])
+    if on == "val":
+      summary["selected_val_accuracy"] = selected["val_accuracy"]
+  best_test = select(history, "test")
+  if best_test is not None:
+    summary.update(best_test_epoch=best_test["epoch"],
+                   best_test_accuracy=best_test["test_accuracy"])
+  return summary
+
+
+def format_summary(summary: dict, dataset: str) -> str:
+  """The lines printed at the end of a run: final, selected and best-on-test accuracy."""
+  pct = lambda x: f"{100 * x:.2f}%"
+  lines = [f"{dataset} test accuracy (all {int(summary['count'])} test images):",
+           f"  {pct(summary['final_test_accuracy'])}  final checkpoint "
+           f"(epoch {summary['epochs']:g})"]
+  if "selected_epoch" in summary and summary["selected_on"] == "val":
+    lines.append(f"  {pct(summary['selected_test_accuracy'])}  epoch "
+                 f"{summary['selected_epoch']}, selected on validation "
+                 f"({pct(summary['selected_val_accuracy'])} validation accuracy)")
+  if "best_test_epoch" in summary:
+    lines.append(f"  {pct(summary['best_test_accuracy'])}  epoch "
+                 f"{summary['best_test_epoch']}, best on test: the reference projects' "
+                 "protocol (selected on the test set, optimistic)")
+  if "wall_s" in summary:
+    m, s = divmod(summary["wall_s"], 60)
+    lines.append(f"wall time {int(m)} min {s:.0f} s")
+  return "\n".join(lines)
+
+
 def read_csv(path: str) -> list[dict[str, str]]:
   with open(path, newline="") as f:
     return list(csv.DictReader(f))

@@ -1,5 +1,6 @@
-"""CIFAR-10 CapsNet (32x32x3), which the seed projects left as future work. The model
-sizes follow from the image shape (PrimaryCaps 8x8x32 = 2048 capsules, decoder output 3072).
+"""CIFAR-10 CapsNet (32x32x3), which neither the Fashion nor the K-MNIST seed project
+covers. The model sizes follow from the image shape (PrimaryCaps 8x8x32 = 2048 capsules,
+decoder output 3072).
 
   python -m capsjax.main --config=configs/cifar10.py --workdir=/tmp/caps_cifar10
 """

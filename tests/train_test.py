@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from capsjax import augment
 from capsjax import checkpoint
 from capsjax import input_pipeline
+from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax import train
 from tests import helpers
@@ -242,18 +243,18 @@ def test_summary_protocols():
              {"epoch": 3, "val_accuracy": 0.8, "test_accuracy": 0.9},
              {"epoch": 4, "val_accuracy": 0.6, "test_accuracy": 0.65}]
   final = {"accuracy": 0.65, "count": 100, "step": 40, "epochs": 4.0}
-  s = train.summarize(history, final, on="val")
+  s = metrics_lib.summarize(history, final, on="val")
   assert (s["selected_epoch"], s["selected_test_accuracy"], s["selected_val_accuracy"]) == (
       2, 0.6, 0.8)                                   # ties keep the earliest epoch.
   assert (s["best_test_epoch"], s["best_test_accuracy"]) == (3, 0.9)
   assert s["final_test_accuracy"] == 0.65
-  text = train.format_summary(s, "fashion_mnist")
+  text = metrics_lib.format_summary(s, "fashion_mnist")
   assert "60.00%  epoch 2, selected on validation" in text
   assert "90.00%  epoch 3, best on test" in text and "65.00%  final checkpoint" in text
-  s = train.summarize([{k: h[k] for k in ("epoch", "test_accuracy")} for h in history],
+  s = metrics_lib.summarize([{k: h[k] for k in ("epoch", "test_accuracy")} for h in history],
                       final, on="test")
   assert s["selected_on"] == "test" and s["selected_epoch"] == 3
-  assert "selected on validation" not in train.format_summary(s, "fashion_mnist")
+  assert "selected on validation" not in metrics_lib.format_summary(s, "fashion_mnist")
 
 
 def test_early_stopping_needs_validation_and_stops(tmp_path, mock_fashion):
