@@ -7,9 +7,11 @@ r"""Sweep any config fields x seeds over one or more recipes, then a results tab
   python -m experiments.sweep \
       --recipes=configs/fashion.py,configs/capsnet_fashion_mnist.py --seeds=0,1,2 \
       --workdir=runs/recipes
-  # overrides for every run (as --config.FIELD=VALUE of capsjax.main):
-  python -m experiments.sweep --recipes=configs/fashion.py:smoke --set=dataset=mnist \
-      --seeds=0,1 --workdir=/tmp/sweep_smoke
+  # overrides for every run (as --config.FIELD=VALUE of capsjax.main); 2 recipes x 2 seeds
+  # of the tiny :smoke model in about a minute on a CPU:
+  python -m experiments.sweep \
+      --recipes=configs/fashion.py:smoke,configs/capsnet_fashion_mnist.py:smoke \
+      --set=num_epochs=1 --seeds=0,1 --workdir=/tmp/sweep_smoke
 
 One run per (recipe, combination of --sweep values, seed), trained by
 `capsjax.train.train_and_evaluate` (the code behind `capsjax.main`) in
