@@ -37,7 +37,7 @@ def get_base_config() -> config_dict.ConfigDict:
   config.eval_batch_size = 256
   config.log_every_steps = 50
   config.checkpoint_every_epochs = 1
-  config.keep_checkpoints = 3                        # latest N; the best-accuracy one is kept too.
+  config.keep_checkpoints = 3                        # latest N; the selected one is kept too.
   config.init_from = ""                              # checkpoint dir/step to load weights from.
   config.overwrite = False                           # allow a workdir used with another config.
   config.progress_bar = True
