@@ -12,7 +12,7 @@ Workdir layout (everything a run writes; only process 0 writes files):
   metrics.csv, epochs.csv, tensorboard/, plots/curves.png   see metrics.py
   summary.json           test metrics of the final checkpoint, of the epoch selected on
                          validation, and the best test accuracy over epochs (labelled: it
-                         is selected on test, as the reference projects report)
+                         is selected on test, the reference projects' protocol)
 
 Model selection: with `config.val_examples > 0` a fixed part of the training split is held
 out (`input_pipeline.split_validation`), and the kept "best" checkpoint, the selected epoch
