@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from typing import Any, Sequence
 
@@ -427,7 +428,6 @@ def main(argv: Sequence[str]) -> None:
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   parallel.configure_cpu_runtime()   # before JAX starts its backends.
   f = flags.FLAGS
-  import sys  # pylint: disable=g-import-not-at-top
   rows = run_sweep(join_recipe_specs(f.recipes), f.workdir, sweep=f.sweep or (), seeds=f.seeds,
                    overrides=f.set or (), command=" ".join(["python -m experiments.sweep",
                                                             *sys.argv[1:]]))
