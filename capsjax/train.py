@@ -108,6 +108,9 @@ def validate_config(config) -> None:
   """Checks values that would otherwise fail deep inside JAX, with messages naming them."""
   if config.mode not in ("train", "eval"):
     raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+  if config.eval_checkpoint not in ("latest", "selected"):
+    raise ValueError(f"config.eval_checkpoint must be 'latest' or 'selected', got "
+                     f"{config.eval_checkpoint!r}")
   input_pipeline.dataset_info(config.dataset)  # raises for an unknown dataset.
   it = config.model.routing_iterations
   if not isinstance(it, int) or isinstance(it, bool) or it < 1:
@@ -714,14 +717,41 @@ def _with_checkpoint_model(config, meta: dict, source: str):
   return config
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
-  """`mode=eval`: evaluates the latest checkpoint of `workdir` (or `init_from`) on test.
+def selected_step(ckpt: ckpt_lib.Checkpointer, step: int) -> int:
+  """The step of the epoch selected by the run whose checkpoint `step` is in `ckpt`.
 
-  The model and dataset come from the checkpoint's metadata (see _with_checkpoint_model).
+  Selection is on validation accuracy if the run recorded any, else on test accuracy,
+  over the per-epoch history saved with the checkpoint.
+  """
+  meta = ckpt.read_meta(step)
+  history = meta.get("history") or []
+  on = "val" if any("val_accuracy" in h for h in history) else "test"
+  selected = metrics_lib.select(history, on)
+  where = f"{ckpt.directory}/{step}"
+  if selected is None:
+    raise ValueError(
+        f"checkpoint {where} records no per-epoch accuracies (saved before capsjax kept "
+        "them); evaluate it with --config.eval_checkpoint=latest")
+  chosen = int(selected["epoch"]) * int(meta["steps_per_epoch"])
+  if chosen not in ckpt.all_steps():
+    raise ValueError(
+        f"the checkpoint selected on {on} accuracy (epoch {selected['epoch']}, step {chosen}) "
+        f"was not kept in {ckpt.directory} (steps {ckpt.all_steps()}); with "
+        "checkpoint_every_epochs > 1 the selected epoch may have had no checkpoint")
+  return chosen
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """`mode=eval`: evaluates a checkpoint of `workdir` (or `init_from`) on test.
+
+  The latest one, or with `eval_checkpoint='selected'` the one of the selected epoch. The
+  model and dataset come from the checkpoint's metadata (see _with_checkpoint_model).
   """
   source = config.init_from or workdir
   src_dir, src_step = ckpt_lib.find_checkpoint(source)
   src = ckpt_lib.Checkpointer(src_dir, read_only=True)
+  if config.eval_checkpoint == "selected":
+    src_step = selected_step(src, src_step)
   meta = src.read_meta(src_step)
   config = _with_checkpoint_model(config, meta, f"{src.directory}/{src_step}")
   test_images, test_labels = _load_data(config, "test", config.eval_examples)

@@ -15,6 +15,9 @@ def get_base_config() -> config_dict.ConfigDict:
   # 'train' trains (resuming from --workdir); 'eval' evaluates the latest checkpoint
   # in --workdir (or `init_from`) on the whole test split without training.
   config.mode = "train"
+  # Which checkpoint mode=eval evaluates: 'latest', or 'selected' (the epoch selected on
+  # validation, or on test in a run without a validation split).
+  config.eval_checkpoint = "latest"
 
   config.dataset = "fashion_mnist"
   config.data_dir = config_dict.placeholder(str)     # TFDS data dir; None = TFDS default.

@@ -232,9 +232,15 @@ def test_validation_selects_and_survives_a_resume(tmp_path, mock_fashion, monkey
   test = [float(r["test_accuracy"]) for r in rows_full]
   assert summary["best_test_accuracy"] == pytest.approx(max(test), abs=1e-6)
   assert rows_full[-1]["selected_epoch"] == str(best + 1)
-  # The kept best checkpoint is the validation-selected one.
+  # The kept best checkpoint is the validation-selected one, and mode=eval can evaluate it.
   ckpt = checkpoint.Checkpointer(full, read_only=True, best_metric="val_accuracy")
   assert ckpt.best_step() == 4 * (best + 1)
+  result = _run(full, num_epochs=3, seed=1, mode="eval", eval_checkpoint="selected")
+  assert result["step"] == 4 * (best + 1)
+  assert result["accuracy"] == pytest.approx(float(rows_full[best]["test_accuracy"]), abs=1e-6)
+  assert _run(full, num_epochs=3, seed=1, mode="eval")["step"] == 12   # 'latest'
+  with pytest.raises(ValueError, match="eval_checkpoint must be 'latest' or 'selected'"):
+    _run(full, mode="eval", eval_checkpoint="best")
 
 
 def test_summary_protocols():
