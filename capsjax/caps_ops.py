@@ -4,7 +4,7 @@ No Flax, no config: arrays in, arrays out, keyword-only hyperparameters. Everyth
 is shape-polymorphic over leading batch dimensions and safe under `jit`, `vmap` and
 `grad`.
 
-Shape legend (STYLE.md): N_in input capsules, N_out output capsules (parents),
+Shape legend: N_in input capsules, N_out output capsules (parents),
 D capsule pose size. `u_hat` predictions, `b` routing logits, `c` coupling
 coefficients, `s` pre-squash sums, `v` output capsules.
 
@@ -180,7 +180,8 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
       return b + jnp.einsum('...mno,...mo->...mn', ut_inner, v,
                             precision=hi)                              # [..., N_out, N_in]
 
-    # zeros_like keeps the batch sharding of u_hat under an Explicit mesh (STYLE.md 4.3).
+    # zeros_like keeps the batch sharding of u_hat under an Explicit mesh (jnp.zeros inside
+    # jit would be replicated).
     b0 = jnp.zeros_like(ut[..., 0])                                    # [..., N_out, N_in]
     b = jax.lax.fori_loop(0, num_iterations - 1, body, b0)
     c_t, v = route(b, ut)

@@ -4,10 +4,11 @@ capsjax writes the pmap model (batch split over devices, parameters replicated,
 gradients averaged) as a plain `jax.jit` over a 1-D ('data',) mesh: the state is placed
 with `NamedSharding(mesh, P())`, batches with `P('data')`, the jitted step's outputs are
 pinned to `P()`, and the compiler inserts the gradient all-reduce. There are no
-hand-written collectives, so the `shard_map` + `pmean(grads)` trap (N x the gradient,
-STYLE.md 4.4) cannot occur.
+hand-written collectives, so the `shard_map` + `pmean(grads)` trap (with shard_map's
+default check_vma, gradients of replicated parameters already come back summed, so a
+pmean of them gives N x the gradient) cannot occur.
 
-Deviation from STYLE.md (which suggests Explicit axes): the mesh axis is `AxisType.Auto`.
+The mesh axis is `AxisType.Auto`, not the Explicit axes `jax.make_mesh` defaults to.
 Under Explicit axes every reshape of a batch-sharded array (PrimaryCaps' [B, H, W, C] ->
 [B, N_in, D_in], im2col patches, the decoder's flatten) must be given an `out_sharding`,
 which would make the model, the conv lowerings and users' research code device-aware.

@@ -2,8 +2,8 @@
 
 Flax NNX in its functional form: `graphdef, state = nnx.split((model, optimizer))` once,
 then a `jax.jit` step `(state, batch, key) -> (state, metrics)` merges, differentiates,
-updates and splits again (STYLE.md 3, "Training-step shape"). The state is donated; the
-routing iteration count is part of `graphdef`, so it is static.
+updates and splits again, as the Flax NNX functional-API examples do. The state is
+donated; the routing iteration count is part of `graphdef`, so it is static.
 
 Workdir layout (everything a run writes; only process 0 writes files):
   config.json            the resolved config of the run (a rerun that changes a run-defining

@@ -1,7 +1,7 @@
 """Test set-up: force 4 host CPU devices before anything imports jax.
 
-The CPU device count is fixed when the backend starts (STYLE.md 4.5), so this has
-to run at conftest import time, before any test module imports jax.
+The CPU device count is fixed when the backend starts (setting it later does nothing), so
+this has to run at conftest import time, before any test module imports jax.
 """
 import os
 
