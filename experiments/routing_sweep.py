@@ -221,12 +221,7 @@ def run_sweep(config, workdir: str, iterations: Sequence[int], seeds: Sequence[i
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu_runtime()   # before JAX starts its backends.
-  f = flags.FLAGS
+  f = sweep.start_cli(argv)
   rows = run_sweep(f.config, f.workdir, [int(x) for x in f.iterations],
                    [int(x) for x in f.seeds], entropy_examples=f.entropy_examples)
   with open(os.path.join(os.path.abspath(f.workdir), "results.md")) as fh:

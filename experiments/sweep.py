@@ -421,13 +421,18 @@ def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = ()
   return rows
 
 
-def main(argv: Sequence[str]) -> None:
+def start_cli(argv: Sequence[str]):
+  """The sweeps' CLI start: no stray arguments, CPU runtime set up; returns absl's FLAGS."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   parallel.configure_cpu_runtime()   # before JAX starts its backends.
-  f = flags.FLAGS
+  return flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> None:
+  f = start_cli(argv)
   rows = run_sweep(join_recipe_specs(f.recipes), f.workdir, sweep=f.sweep or (), seeds=f.seeds,
                    overrides=f.set or (), command=" ".join(["python -m experiments.sweep",
                                                             *sys.argv[1:]]))
