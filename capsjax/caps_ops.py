@@ -89,7 +89,8 @@ class RoutingResult(NamedTuple):
   c: jax.Array
 
 
-def _check_iterations(num_iterations) -> int:
+def check_iterations(num_iterations) -> int:
+  """Returns `num_iterations` if it is a static Python int >= 1; raises otherwise."""
   if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
     # A traced or float value would silently recompile or fail deep inside fori_loop.
     raise TypeError(
@@ -130,7 +131,7 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
     v: [..., N_out, D] output capsules, dtype of `u_hat`; or, with
     `return_couplings=True`, a `RoutingResult(v, c)` with c: [..., N_in, N_out].
   """
-  num_iterations = _check_iterations(num_iterations)
+  num_iterations = check_iterations(num_iterations)
   u_hat = jnp.asarray(u_hat)
   if not jnp.issubdtype(u_hat.dtype, jnp.floating):
     # The output is cast back to the input dtype, and |v| < 1 would truncate to 0.
@@ -215,7 +216,7 @@ def predict_and_route(u: jax.Array, w: jax.Array, num_iterations: int, *,
   Returns:
     v: [B, N_out, D_out]; or `RoutingResult(v, c)` with c: [B, N_in, N_out].
   """
-  num_iterations = _check_iterations(num_iterations)
+  num_iterations = check_iterations(num_iterations)
   if u.ndim != 3 or w.ndim != 4 or w.shape[0] != u.shape[1] or w.shape[2] != u.shape[2]:
     raise ValueError(
         f"expected u [B, N_in, D_in] and w [N_in, N_out, D_in, D_out], got u {u.shape} "

@@ -35,16 +35,9 @@ from capsjax import errors
 CKPT_DIR = "checkpoints"
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not fit the model it is being loaded into."""
-
-
-class CheckpointReadError(errors.CapsjaxError, RuntimeError):
-  """Checkpoints exist but none of them can be restored."""
-
-
-class CheckpointSaveError(errors.CapsjaxError, RuntimeError):
-  """Writing a checkpoint failed (disk full, permissions, ...); earlier ones are intact."""
+CheckpointMismatchError = errors.CheckpointMismatchError
+CheckpointReadError = errors.CheckpointReadError
+CheckpointSaveError = errors.CheckpointSaveError
 
 
 _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
@@ -237,7 +230,7 @@ def find_checkpoint(path: str) -> tuple[str, int]:
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise errors.CheckpointNotFoundError(
         f"checkpoint path {path} does not exist; expected a run workdir, its "
         f"'{CKPT_DIR}/' directory or a '{CKPT_DIR}/<step>' directory")
   base = os.path.basename(path.rstrip("/"))
@@ -246,10 +239,10 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     return os.path.dirname(parent), int(base)
   workdir = os.path.dirname(path) if base == CKPT_DIR else path
   if not os.path.isdir(os.path.join(workdir, CKPT_DIR)):
-    raise FileNotFoundError(
+    raise errors.CheckpointNotFoundError(
         f"no checkpoints under {path}: expected a '{CKPT_DIR}/' directory written by "
         "`python -m capsjax.main`")
   step = Checkpointer(workdir, read_only=True).latest_step()
   if step is None:
-    raise FileNotFoundError(f"{os.path.join(workdir, CKPT_DIR)} holds no complete checkpoint")
+    raise errors.CheckpointNotFoundError(f"{os.path.join(workdir, CKPT_DIR)} holds no complete checkpoint")
   return workdir, step

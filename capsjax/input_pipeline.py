@@ -66,17 +66,15 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import registered
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from capsjax import errors
+
 SPLITS = ('train', 'test')
 MANUAL_DIR_ENV = 'CAPSJAX_MANUAL_DIR'
 CACHE_DIRNAME = 'capsjax_cache'
 
 
-class DatasetNotFoundError(FileNotFoundError):
-  """Neither a prepared TFDS dataset, a cache, nor the original files were found."""
-
-
-class DatasetValidationError(ValueError):
-  """Original files are present but wrong (count, shape, labels, checksum, corrupt)."""
+DatasetNotFoundError = errors.DatasetNotFoundError
+DatasetValidationError = errors.DatasetValidationError
 
 
 # ----------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ class RoutedCaps(nnx.Module):
   def __init__(self, num_in: int, in_dim: int, num_out: int, out_dim: int, *,
                routing_iterations: int, stop_gradient: bool = False, dtype=jnp.float32,
                init: str = "torch", rngs: nnx.Rngs):
-    caps_ops._check_iterations(routing_iterations)  # fail at construction, not in jit.
+    caps_ops.check_iterations(routing_iterations)  # fail at construction, not in jit.
     self.routing_iterations = routing_iterations
     self.stop_gradient = stop_gradient
     self.dtype = jnp.dtype(dtype)

@@ -65,8 +65,7 @@ RUN_DEFINING_FIELDS = ("seed", "dataset", "train_examples", "val_examples", "bat
                        "model", "optim", "loss", "augment")
 
 
-class WorkdirInUseError(errors.CapsjaxError, RuntimeError):
-  """Another process holds the workdir's lock."""
+WorkdirInUseError = errors.WorkdirInUseError
 
 
 class Preempted(Exception):
