@@ -8,12 +8,35 @@ keeps the balance between the two terms for other image sizes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 
-def margin_loss(lengths: jax.Array, labels: jax.Array, *, m_plus: float = 0.9,
-                m_minus: float = 0.1, lam: float = 0.5) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """The loss hyperparameters, with the paper's values as defaults (Sec. 3 and 4.1).
+
+  The one place these defaults are written: `margin_loss` and the configs
+  (`configs/common.py`) read them from here.
+  """
+  m_plus: float = 0.9
+  m_minus: float = 0.1
+  lam: float = 0.5
+  recon_weight: float = 0.392        # x per-pixel MSE on 28x28 == the paper's 0.0005 x SSE.
+
+  @classmethod
+  def from_config(cls, loss_cfg) -> LossWeights:
+    """From a `config.loss` ConfigDict (or any mapping with the four fields)."""
+    return cls(*(float(loss_cfg[f.name]) for f in dataclasses.fields(cls)))
+
+
+PAPER = LossWeights()
+
+
+def margin_loss(lengths: jax.Array, labels: jax.Array, *, m_plus: float = PAPER.m_plus,
+                m_minus: float = PAPER.m_minus, lam: float = PAPER.lam) -> jax.Array:
   """Margin loss, Eq. 4 of the paper, summed over classes.
 
   L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2.

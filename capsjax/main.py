@@ -49,12 +49,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of pr
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.",
                                    lower_bound=0)
 
-# User mistakes (a bad config value, missing data, a wrong checkpoint) end with one line
-# naming the problem instead of a traceback.
-# Bugs and JAX/XLA runtime failures (RuntimeError, TypeError, ...) keep their traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-
-
 class _QuietLibraries:
   """Drops INFO records of Orbax/TFDS/JAX internals (dozens per checkpoint save).
 
@@ -120,6 +114,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
+  from capsjax import processes  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
@@ -130,10 +125,12 @@ def main(argv):
     logging.info("JAX %s, backend %s, devices: %s", jax.__version__, jax.default_backend(),
                  jax.devices())
     train.train_and_evaluate(config, _WORKDIR.value)
-  except train.Preempted as e:
+  except processes.Preempted as e:
     print(f"capsjax: {e}", file=sys.stderr, flush=True)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
-  except (errors.CapsjaxError, *_USER_ERRORS) as e:
+    sys.exit(processes.PREEMPTED_EXIT_CODE)
+  # User mistakes (capsjax.errors) end with one line naming the problem; anything else
+  # (a bug in capsjax, JAX or NumPy, an XLA runtime failure) keeps its traceback.
+  except errors.CapsjaxError as e:
     if os.environ.get("CAPSJAX_TRACEBACK"):
       raise
     print(f"capsjax: error: {e}", file=sys.stderr, flush=True)

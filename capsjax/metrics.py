@@ -273,10 +273,9 @@ def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str:
   return out_path
 
 
-def finite_or_raise(values: Mapping[str, float], step: int) -> None:
-  """Raises FloatingPointError naming the first non-finite metric (loss terms first)."""
-  for k in ("margin_loss", "recon_loss", "loss", *values):
+def first_non_finite(values: Mapping[str, float]) -> tuple[str, float] | None:
+  """(name, value) of the first NaN/inf metric, loss terms first; None if all are finite."""
+  for k in ("margin_loss", "recon_loss", "loss", "grad_norm", *values):
     if k in values and not math.isfinite(values[k]):
-      raise FloatingPointError(
-          f"non-finite {k}={values[k]} at step {step}; training stopped, the last "
-          "checkpoint is kept")
+      return k, float(values[k])
+  return None

@@ -13,31 +13,33 @@ from __future__ import annotations
 
 import optax
 
+from capsjax import errors
+
 
 def decay_steps(optim_cfg, steps_per_epoch: int) -> int:
   """Steps between learning-rate decays: `decay_steps` if > 0, else `decay_epochs` epochs."""
   if optim_cfg.decay_steps > 0:
     return int(optim_cfg.decay_steps)
   if optim_cfg.decay_epochs <= 0:
-    raise ValueError(
-        f"optim.decay_epochs must be > 0 when optim.decay_steps is 0, got "
+    raise errors.ConfigError(
+        f"config.optim.decay_epochs must be > 0 when optim.decay_steps is 0, got "
         f"{optim_cfg.decay_epochs}")
   return max(1, round(optim_cfg.decay_epochs * steps_per_epoch))
 
 
 def validate(optim_cfg) -> None:
-  """Raises ValueError naming the first invalid optimizer field."""
+  """Raises `errors.ConfigError` naming the first invalid optimizer field."""
   if not optim_cfg.learning_rate > 0:
-    raise ValueError(f"optim.learning_rate must be > 0, got {optim_cfg.learning_rate}")
+    raise errors.ConfigError(f"config.optim.learning_rate must be > 0, got {optim_cfg.learning_rate}")
   if not 0 < optim_cfg.decay_rate <= 1:
-    raise ValueError(f"optim.decay_rate must be in (0, 1], got {optim_cfg.decay_rate}")
+    raise errors.ConfigError(f"config.optim.decay_rate must be in (0, 1], got {optim_cfg.decay_rate}")
   if optim_cfg.decay_steps < 0:
-    raise ValueError(f"optim.decay_steps must be >= 0 (0 = use decay_epochs), got "
+    raise errors.ConfigError(f"config.optim.decay_steps must be >= 0 (0 = use decay_epochs), got "
                      f"{optim_cfg.decay_steps}")
   floor = _floor(optim_cfg)
   if not 0 <= floor <= optim_cfg.learning_rate:
-    raise ValueError(
-        f"optim.min_learning_rate must be in [0, learning_rate={optim_cfg.learning_rate}], "
+    raise errors.ConfigError(
+        f"config.optim.min_learning_rate must be in [0, learning_rate={optim_cfg.learning_rate}], "
         f"got {floor}")
 
 

@@ -5,7 +5,11 @@ override (`--config.model.routing_iteration=1`) fails with "Did you mean" instea
 being ignored. Durations are in epochs; `capsjax.train` turns them into steps.
 """
 
+import dataclasses
+
 from ml_collections import config_dict
+
+from capsjax import losses
 
 
 def get_base_config() -> config_dict.ConfigDict:
@@ -77,11 +81,8 @@ def get_base_config() -> config_dict.ConfigDict:
   config.optim.staircase = True
   config.optim.min_learning_rate = 0.0               # floor of the schedule (authors: 1e-6).
 
-  config.loss = config_dict.ConfigDict()
-  config.loss.m_plus = 0.9
-  config.loss.m_minus = 0.1
-  config.loss.lam = 0.5
-  config.loss.recon_weight = 0.392                   # x per-pixel MSE == 0.0005 x SSE on 28x28.
+  # m_plus, m_minus, lam, recon_weight: the paper's values (capsjax.losses.LossWeights).
+  config.loss = config_dict.ConfigDict(dataclasses.asdict(losses.LossWeights()))
 
   config.augment = config_dict.ConfigDict()
   config.augment.max_shift = 2                       # integer shift, uniform in [-k, k] px.

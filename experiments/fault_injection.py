@@ -53,7 +53,7 @@ def _touch(path):
 def _install_hooks():
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from capsjax import train  # pylint: disable=g-import-not-at-top
+  from capsjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   env = os.environ
   marker = env.get("CAPSJAX_MARKER")
@@ -95,7 +95,7 @@ def _install_hooks():
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
   if hold_step:
-    orig_make_steps = train.make_steps
+    orig_make_steps = steps_lib.make_steps
 
     def make_steps(*args, **kwargs):
       train_fn, eval_fn = orig_make_steps(*args, **kwargs)
@@ -115,7 +115,7 @@ def _install_hooks():
 
       return train_hooked, eval_fn
 
-    train.make_steps = make_steps
+    steps_lib.make_steps = make_steps
 
 
 def child_main(argv):

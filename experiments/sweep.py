@@ -46,6 +46,7 @@ import numpy as np
 from absl import logging
 
 from capsjax import metrics as metrics_lib
+from capsjax import run_config
 from capsjax import train
 
 RUN_FIELDS = ("recipe", "values", "seed", "final_test_accuracy", "selected_on",
@@ -161,11 +162,11 @@ def is_finished(cfg, rdir: str) -> bool:
   saved = read_json(os.path.join(rdir, "config.json"))
   if summary is None or saved is None:
     return False
-  saved = train.with_legacy_defaults(saved)
+  saved = run_config.with_legacy_defaults(saved)
   # Only the run-defining fields: changing e.g. progress_bar or eval_batch_size must not
   # rerun a finished run (train_and_evaluate refuses changes to the others, naming them).
   now = json.loads(cfg.to_json_best_effort())
-  if any(now.get(k) != saved.get(k) for k in train.RUN_DEFINING_FIELDS):
+  if any(now.get(k) != saved.get(k) for k in run_config.RUN_DEFINING_FIELDS):
     return False
   if summary.get("early_stopped"):
     return True
@@ -400,7 +401,7 @@ def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = ()
     configs.append(config)
   axes = parse_axes(configs[0], sweep)
   for config in configs:
-    train.validate_config(config)
+    run_config.validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   rows = []

@@ -8,7 +8,7 @@ import numpy as np
 
 from capsjax import input_pipeline
 from capsjax import optim
-from capsjax import train
+from capsjax import run_config
 from configs import common
 
 CONFIGS = ("fashion", "capsnet_fashion_mnist", "fashion_best", "kmnist", "mnist", "cifar10")
@@ -25,7 +25,7 @@ def test_config_loads(name, variant):
   assert config.model.routing_iterations >= 1
   if variant == "smoke":
     assert config.batch_size % 4 == 0  # divides the 4 forced test devices.
-  train.validate_config(config)
+  run_config.validate_config(config)
 
 
 def test_dataset_specific_augmentation():

@@ -43,10 +43,12 @@ def test_writer_truncates_rows_after_resume_step_and_plots(tmp_path):
   assert os.path.getsize(out) > 1000
 
 
-def test_non_finite_names_the_term_and_step():
-  with pytest.raises(FloatingPointError, match=r"non-finite recon_loss=nan at step 7"):
-    metrics.finite_or_raise({"loss": math.nan, "recon_loss": math.nan, "margin_loss": 1.0}, 7)
-  metrics.finite_or_raise({"loss": 1.0}, 7)
+def test_first_non_finite_names_a_loss_term_first():
+  bad = metrics.first_non_finite({"accuracy": math.inf, "loss": math.nan,
+                                  "recon_loss": math.nan, "margin_loss": 1.0})
+  assert bad[0] == "recon_loss" and math.isnan(bad[1])
+  assert metrics.first_non_finite({"accuracy": -math.inf, "loss": 1.0}) == ("accuracy", -math.inf)
+  assert metrics.first_non_finite({"loss": 1.0, "grad_norm": 3.0}) is None
 
 
 def test_resume_rewrites_an_epochs_csv_with_the_columns_of_an_earlier_version(tmp_path):

@@ -16,7 +16,8 @@ import pytest
 
 from capsjax import checkpoint as ckpt_lib
 from capsjax import input_pipeline
-from capsjax import train
+from capsjax import processes
+from capsjax import steps as steps_lib
 from experiments import fault_injection as fi
 from tests import helpers
 
@@ -55,7 +56,7 @@ def _final_params(workdir):
   """The model parameters of the latest checkpoint in `workdir`, as NumPy arrays."""
   config = helpers.smoke_config(dataset="mnist")
   info = input_pipeline.dataset_info("mnist")
-  _, state = train.create_model_and_optimizer(config, info, 4, jax.random.key(0))
+  _, state = steps_lib.create_model_and_optimizer(config, info, 4, jax.random.key(0))
   restored, meta, step = ckpt_lib.Checkpointer(workdir, read_only=True).restore_latest(state)
   return jax.device_get(restored), step
 
@@ -85,7 +86,7 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, jax_cache, 
   proc = _start(workdir, jax_cache, hold_at_step=6, marker=marker)
   assert fi.wait_for(marker, proc, TIMEOUT), _log(workdir)[-3000:]
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=TIMEOUT) == train.PREEMPTED_EXIT_CODE == 75, _log(workdir)[-3000:]
+  assert proc.wait(timeout=TIMEOUT) == processes.PREEMPTED_EXIT_CODE == 75, _log(workdir)[-3000:]
   assert "capsjax: stopped by signal 15 at step 6 (epoch 1.50)" in _log(workdir)
   assert _checkpoints(workdir) == ["4", "6"]
   os.remove(marker)

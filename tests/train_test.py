@@ -13,10 +13,13 @@ import tensorflow_datasets as tfds
 
 from capsjax import augment
 from capsjax import checkpoint
+from capsjax import errors
 from capsjax import input_pipeline
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
+from capsjax import steps as steps_lib
 from capsjax import train
+from capsjax import workdir as workdir_lib
 from tests import helpers
 
 
@@ -24,10 +27,10 @@ def test_overfits_a_fixed_batch():
   config = helpers.smoke_config(**{"optim.decay_rate": 1.0, "augment.flip": False,
                                    "augment.max_shift": 0, "augment.shift_fraction": 0.0})
   info = input_pipeline.dataset_info("fashion_mnist")
-  graphdef, state = train.create_model_and_optimizer(config, info, 100, jax.random.key(0))
+  graphdef, state = steps_lib.create_model_and_optimizer(config, info, 100, jax.random.key(0))
   mesh = parallel.make_mesh(2)
   state = parallel.replicate(state, mesh)
-  train_fn, _ = train.make_steps(graphdef, config, 100, mesh)
+  train_fn, _ = steps_lib.make_steps(graphdef, config, 100, mesh)
   batch = parallel.shard_batch(helpers.synthetic_batch(16, seed=1), mesh)
   losses, accs = [], []
   for _ in range(60):
@@ -139,11 +142,12 @@ def test_workdir_guards(tmp_path, mock_fashion):
   backups = glob.glob(os.path.join(workdir, "previous-*"))
   assert len(backups) == 1
   assert os.path.isdir(os.path.join(backups[0], "checkpoints", "4"))
-  with pytest.raises(ValueError, match="routing_iterations must be an int >= 1, got 0"):
+  with pytest.raises(errors.ConfigError,
+                     match="config.model.routing_iterations: .*must be >= 1, got 0"):
     _run(workdir, **{"model.routing_iterations": 0})
-  with pytest.raises(ValueError, match="config.batch_size=6 must be a positive multiple"):
+  with pytest.raises(errors.ConfigError, match="config.batch_size=6 must be a positive multiple"):
     _run(str(tmp_path / "b"), batch_size=6)
-  with pytest.raises(ValueError, match="Unknown dataset|unknown dataset|not one of|supported"):
+  with pytest.raises(errors.ConfigError, match="config.dataset: .*cifar100"):
     _run(str(tmp_path / "c"), dataset="cifar100")
 
 
@@ -239,7 +243,8 @@ def test_validation_selects_and_survives_a_resume(tmp_path, mock_fashion, monkey
   assert result["step"] == 4 * (best + 1)
   assert result["accuracy"] == pytest.approx(float(rows_full[best]["test_accuracy"]), abs=1e-6)
   assert _run(full, num_epochs=3, seed=1, mode="eval")["step"] == 12   # 'latest'
-  with pytest.raises(ValueError, match="eval_checkpoint must be 'latest' or 'selected'"):
+  with pytest.raises(errors.ConfigError,
+                     match=r"config.eval_checkpoint must be one of \('latest', 'selected'\), got 'best'"):
     _run(full, mode="eval", eval_checkpoint="best")
 
 
@@ -288,11 +293,11 @@ def test_workdir_saved_before_the_new_fields_compares_with_their_legacy_values(t
   workdir = tmp_path / "old"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(saved))
-  train.check_workdir_config(config, str(workdir))     # how the old run trained: accepted.
+  workdir_lib.check_config(config, str(workdir))     # how the old run trained: accepted.
   (workdir / "config.json").write_text(json.dumps(saved))
   config.val_examples = 8                              # a different training set: refused.
   with pytest.raises(ValueError, match=r"val_examples: 0 \(saved\) vs 8 \(now\)"):
-    train.check_workdir_config(config, str(workdir))
+    workdir_lib.check_config(config, str(workdir))
 
 
 def test_training_sees_no_validation_example_and_the_recipe_shift(tmp_path, mock_fashion,

@@ -1,0 +1,151 @@
+"""A run's config: validating it, the fields that define a run, dotted field names.
+
+Every check runs before anything touches the workdir, so a rejected config leaves no
+trace there. The model is built abstractly (`nnx.eval_shape`) to let `CapsNet` reject
+impossible sizes with its own message, without paying for the parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from flax import nnx
+import jax
+
+from capsjax import augment
+from capsjax import caps_ops
+from capsjax import errors
+from capsjax import input_pipeline
+from capsjax import layers
+from capsjax import models
+from capsjax import optim
+
+MODES = ("train", "eval")
+EVAL_CHECKPOINTS = ("latest", "selected")
+
+# Config fields that define a run: resuming with different values would silently mix
+# two experiments, so a workdir keeps its values unless `overwrite` is set.
+RUN_DEFINING_FIELDS = ("seed", "dataset", "train_examples", "val_examples", "batch_size",
+                       "model", "optim", "loss", "augment")
+
+# Run-defining fields added after runs were already saved, with the values those runs
+# trained with: a config.json without them compares as if it had these. (Such runs
+# initialised 'torch' biases to zero rather than PyTorch's uniform draw; a resumed run is
+# past initialisation, so that difference does not matter to the comparison.)
+LEGACY_DEFAULTS = {"val_examples": 0, "model.init": "torch", "model.length_eps": 1e-7,
+                   "augment.shift_fraction": 0.0, "augment.fill": "zero",
+                   "optim.min_learning_rate": 0.0}
+
+
+def _parent(node, field: str):
+  """(the node holding the last part of a dotted `field`, that part)."""
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  return node, leaf
+
+
+def get_field(config, field: str) -> Any:
+  """config.<field> for a dotted name ('optim.decay_rate'); KeyError if it has none."""
+  node, leaf = _parent(config, field)
+  return node[leaf]
+
+
+def set_field(config, field: str, value: Any) -> None:
+  """config.<field> = value for a dotted name ('optim.decay_rate')."""
+  node, leaf = _parent(config, field)
+  node[leaf] = value
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    sep = "" if message.startswith("=") else " "
+    raise errors.ConfigError(f"config.{field}{sep}{message}")
+
+
+def _check_choice(config, field: str, choices) -> None:
+  value = get_field(config, field)
+  _check(value in choices, field, f"must be one of {tuple(choices)}, got {value!r}")
+
+
+def validate_config(config) -> None:
+  """Raises `errors.ConfigError` naming the first field a run could not use.
+
+  Covers every value that would otherwise fail deep inside JAX or after the workdir was
+  written: mode, sizes, counts, augmentation, optimizer, and the model's own sizes.
+  """
+  _check_choice(config, "mode", MODES)
+  _check_choice(config, "eval_checkpoint", EVAL_CHECKPOINTS)
+  with errors.config_field("dataset"):
+    info = input_pipeline.dataset_info(config.dataset)
+  with errors.config_field("model.routing_iterations"):
+    caps_ops.check_iterations(config.model.routing_iterations)
+  for name in ("seed", "batch_size", "eval_batch_size", "log_every_steps",
+               "checkpoint_every_epochs", "keep_checkpoints", "num_epochs", "train_examples",
+               "eval_examples", "val_examples", "early_stop_epochs"):
+    value = config[name]
+    _check(isinstance(value, int) and not isinstance(value, bool), name,
+           f"must be an integer, got {value!r}")
+  for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_epochs",
+               "keep_checkpoints"):
+    _check(config[name] >= 1, name, f"must be >= 1, got {config[name]}")
+  for name, zero in (("seed", ""), ("num_epochs", ""), ("train_examples", " (0 = all)"),
+                     ("eval_examples", " (0 = all)"),
+                     ("val_examples", " (0 = no validation split)"),
+                     ("early_stop_epochs", " (0 = off)")):
+    _check(config[name] >= 0, name, f"must be >= 0{zero}, got {config[name]}")
+  _check(not config.early_stop_epochs or config.val_examples, "early_stop_epochs",
+         f"={config.early_stop_epochs} needs a validation split (config.val_examples > 0): "
+         "capsjax never stops early on test accuracy")
+  aug = config.augment
+  _check(aug.max_shift >= 0, "augment.max_shift", f"must be >= 0, got {aug.max_shift}")
+  _check(aug.cutout_size >= 0, "augment.cutout_size", f"must be >= 0, got {aug.cutout_size}")
+  _check(0.0 <= aug.shift_fraction < 0.5, "augment.shift_fraction",
+         f"must be in [0, 0.5), got {aug.shift_fraction}")
+  _check(not (aug.max_shift and aug.shift_fraction), "augment.max_shift",
+         f"={aug.max_shift} and shift_fraction={aug.shift_fraction} are two kinds of shift: "
+         "set the other to 0")
+  _check_choice(config, "augment.fill", augment.FILLS)
+  _check_choice(config, "model.init", layers.INITS)
+  for name in ("m_plus", "m_minus", "lam", "recon_weight"):
+    value = config.loss[name]
+    _check(isinstance(value, (int, float)) and value == value and value >= 0, f"loss.{name}",
+           f"must be a number >= 0, got {value!r}")
+  optim.validate(config.optim)
+  # The model's own checks (sizes, dtype, length_eps), before any parameter exists.
+  jax.eval_shape(lambda: nnx.split(models.create_model(
+      config.model, image_shape=info.image_shape, num_classes=info.num_classes,
+      rngs=nnx.Rngs(params=0))))
+
+
+def with_legacy_defaults(saved: dict, prefix: str = "") -> dict:
+  """A copy of a saved config dict (or its `prefix` sub-dict) with LEGACY_DEFAULTS filled in."""
+  saved = copy.deepcopy(saved)
+  for dotted, value in LEGACY_DEFAULTS.items():
+    if not dotted.startswith(prefix):
+      continue
+    try:
+      node, leaf = _parent(saved, dotted[len(prefix):])
+    except (KeyError, TypeError):
+      continue
+    if isinstance(node, dict):
+      node.setdefault(leaf, value)
+  return saved
+
+
+def run_defining_view(config) -> dict:
+  """The run-defining fields of `config` as plain JSON values."""
+  d = json.loads(config.to_json_best_effort())
+  return {k: d[k] for k in RUN_DEFINING_FIELDS if k in d}
+
+
+def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  """'field: a (saved) vs b (now)' for every leaf where nested dicts `a` and `b` differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} (saved) vs {b!r} (now)"]

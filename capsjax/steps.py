@@ -1,0 +1,171 @@
+"""The pure train and eval steps, and evaluation over a whole split.
+
+Flax NNX in its functional form: `graphdef, state = nnx.split((model, optimizer))` once,
+then a jitted step `(state, batch, key) -> (state, metrics)` merges once, differentiates,
+updates and splits again (as Flax's NNX functional-API example does). The state is
+donated; the routing iteration count is part of `graphdef`, so it is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from capsjax import augment
+from capsjax import input_pipeline
+from capsjax import losses
+from capsjax import metrics as metrics_lib
+from capsjax import models
+from capsjax import optim
+from capsjax import parallel
+
+LossWeights = losses.LossWeights
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+  """Plain (hashable) augmentation settings pulled out of `config.augment`."""
+  max_shift: int = 0
+  flip: bool = False
+  cutout_size: int = 0
+  shift_fraction: float = 0.0
+  fill: str = "zero"
+
+  @classmethod
+  def from_config(cls, aug_cfg) -> AugmentSpec:
+    return cls(int(aug_cfg.max_shift), bool(aug_cfg.flip), int(aug_cfg.cutout_size),
+               float(aug_cfg.get("shift_fraction", 0.0)), str(aug_cfg.get("fill", "zero")))
+
+  def __call__(self, key: jax.Array, images: jax.Array) -> jax.Array:
+    """images [B, H, W, C] -> augmented images, the same shape."""
+    return augment.augment_batch(key, images, max_shift=self.max_shift, flip=self.flip,
+                                 cutout_size=self.cutout_size,
+                                 shift_fraction=self.shift_fraction, fill=self.fill)
+
+
+def create_model_and_optimizer(config, info: input_pipeline.DatasetInfo, steps_per_epoch: int,
+                               init_key: jax.Array):
+  """Builds (model, nnx.Optimizer) from the config. Returns (graphdef, state)."""
+  model = models.create_model(config.model, image_shape=info.image_shape,
+                              num_classes=info.num_classes, rngs=nnx.Rngs(params=init_key))
+  tx = optim.make_optimizer(config.optim, steps_per_epoch)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return nnx.split((model, optimizer))
+
+
+def per_example_losses(out: dict[str, jax.Array], images: jax.Array, labels: jax.Array,
+                       weights: LossWeights) -> tuple[jax.Array, jax.Array]:
+  """(margin [B], reconstruction [B]) of a CapsNet output dict; zero reconstruction
+  loss for a model without a decoder."""
+  margin = losses.margin_loss(out["lengths"], labels, m_plus=weights.m_plus,
+                              m_minus=weights.m_minus, lam=weights.lam)
+  if "reconstruction" in out:
+    recon = losses.reconstruction_loss(images, out["reconstruction"], reduction="mean")
+  else:
+    recon = jnp.zeros_like(margin)
+  return margin, recon
+
+
+def compute_losses(model: models.CapsNet, images: jax.Array, labels: jax.Array,
+                   weights: LossWeights) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean total loss over the batch and a dict of float32 batch metrics.
+
+  images [B, H, W, C], labels [B] -> (loss [], {'loss', 'margin_loss', 'recon_loss',
+  'accuracy'} scalars). The decoder is masked by the true labels.
+  """
+  out = model(images, labels)
+  margin, recon = per_example_losses(out, images, labels, weights)
+  loss = jnp.mean(margin + weights.recon_weight * recon)
+  aux = {"loss": loss, "margin_loss": jnp.mean(margin), "recon_loss": jnp.mean(recon),
+         "accuracy": metrics_lib.accuracy(out["lengths"], labels)}
+  return loss, aux
+
+
+def _loss_and_grads(model, step, batch, key, weights: LossWeights, aug: AugmentSpec):
+  # The augmentation key is fold_in(key, step): a resumed run draws the same
+  # augmentations as an uninterrupted one.
+  images = aug(jax.random.fold_in(key, step), batch["image"])
+  grad_fn = nnx.value_and_grad(
+      lambda m: compute_losses(m, images, batch["label"], weights), has_aux=True)
+  (loss, aux), grads = grad_fn(model)
+  return loss, aux, grads
+
+
+def loss_and_grads(graphdef, state, batch, key, *, weights: LossWeights,
+                   aug: AugmentSpec):
+  """Pure: (loss [], aux, grads) of the model in `state` on one (augmented) batch.
+
+  The same computation as `train_step` without the update (for tests and analysis).
+  """
+  model, optimizer = nnx.merge(graphdef, state)
+  return _loss_and_grads(model, optimizer.step[...], batch, key, weights, aug)
+
+
+def train_step(graphdef, state, batch, key, *, weights: LossWeights, aug: AugmentSpec,
+               schedule: optax.Schedule):
+  """One Adam step: (state, batch {'image' [B,H,W,C], 'label' [B]}, key) -> (state, aux).
+
+  state: nnx.State of (model, optimizer). aux: scalar loss terms, accuracy,
+  learning_rate and grad_norm. One merge: the model differentiated is the one updated.
+  """
+  model, optimizer = nnx.merge(graphdef, state)
+  step = optimizer.step[...]
+  _, aux, grads = _loss_and_grads(model, step, batch, key, weights, aug)
+  aux["learning_rate"] = schedule(step)
+  aux["grad_norm"] = optax.tree.norm(grads)
+  optimizer.update(model, grads)
+  return nnx.state((model, optimizer)), aux
+
+
+def eval_step(graphdef, state, batch, *, weights: LossWeights):
+  """Masked sums over one padded eval batch: {'correct','margin_loss','recon_loss','count'}.
+
+  batch: {'image' [B,H,W,C], 'label' [B], 'mask' [B]}. The decoder is masked by the
+  predicted class, as at test time in the paper.
+  """
+  model, _ = nnx.merge(graphdef, state)
+  images, labels = batch["image"], batch["label"]
+  out = model(images)
+  margin, recon = per_example_losses(out, images, labels, weights)
+  m = batch["mask"].astype(jnp.float32)
+  return {"correct": jnp.sum((out["pred"] == labels) * m),
+          "margin_loss": jnp.sum(margin * m), "recon_loss": jnp.sum(recon * m),
+          "count": jnp.sum(m)}
+
+
+def make_steps(graphdef, config, steps_per_epoch: int, mesh):
+  """Jitted (train_step, eval_step) closed over the static graphdef and hyperparameters."""
+  weights = LossWeights.from_config(config.loss)
+  aug = AugmentSpec.from_config(config.augment)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch)
+  train = parallel.jit_data_parallel(
+      lambda state, batch, key: train_step(graphdef, state, batch, key, weights=weights,
+                                           aug=aug, schedule=schedule),
+      mesh, donate_argnums=0)
+  evaluate_fn = parallel.jit_data_parallel(
+      lambda state, batch: eval_step(graphdef, state, batch, weights=weights), mesh)
+  return train, evaluate_fn
+
+
+def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *,
+             batch_size: int, mesh, weights: LossWeights) -> dict[str, float]:
+  """Accuracy and mean losses over every example of (images [N,H,W,C], labels [N]) once.
+
+  Returns {'accuracy', 'margin_loss', 'recon_loss', 'loss' (margin + weighted recon),
+  'count'}.
+  """
+  totals: dict[str, float] = {}
+  batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)
+  for batch in parallel.prefetch(batches, mesh):
+    for k, v in jax.device_get(eval_fn(state, batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  n = totals["count"]
+  margin, recon = totals["margin_loss"] / n, totals["recon_loss"] / n
+  return {"accuracy": totals["correct"] / n, "margin_loss": margin, "recon_loss": recon,
+          "loss": margin + weights.recon_weight * recon, "count": n}
