@@ -112,7 +112,7 @@ def _files_fingerprint(paths: Sequence[str]) -> str:
 
 
 def _array_digest(images: np.ndarray, labels: np.ndarray) -> str:
-  """sha256 over dtypes, shapes and bytes of both arrays (~30 ms for 60000 images)."""
+  """sha256 over the dtypes, shapes and bytes of images [N, H, W, C] and labels [N]."""
   h = hashlib.sha256()
   for a in (images, labels):
     a = np.ascontiguousarray(a)
@@ -139,10 +139,14 @@ def _read_cache(path: str, fingerprint: str | None) -> tuple[np.ndarray, np.ndar
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Ignoring unreadable cache %s (%s); rebuilding it.', path, e)
     return None
+  if stored is None:
+    logging.info('Cache %s has no digest (written by an older capsjax); rebuilding it.', path)
+    return None
   if stored != _array_digest(images, labels):
     logging.warning('Cache %s does not match its stored digest (modified or damaged); '
                     'rebuilding it.', path)
     return None
+  logging.info('Loaded decoded arrays from cache %s', path)
   return images, labels
 
 
@@ -227,6 +231,29 @@ def _load_from_tfds(
   return (*_read_data_source(ds, info), prepared)
 
 
+def _original_files(dataset: str, manual_dir) -> dict[str, tuple[str, str] | None]:
+  """{split: (images_path, labels_path) or None}; {} for a dataset without offline build."""
+  if dataset not in offline_data.OFFLINE_DATASETS:
+    return {}
+  return {s: offline_data.find_original_files(dataset, s, manual_dir=manual_dir)
+          for s in SPLITS}
+
+
+def _load_from_files(info: DatasetInfo, split: str,
+                     files: Mapping[str, tuple[str, str] | None]) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a split straight from its original files -> uint8 [N, H, W, C], int32 [N].
+
+  Used when only some splits are on disk (K-MNIST's test files alone): no TFDS dataset is
+  written then, because a half-built one would look prepared to TFDS and hide the missing
+  split from every later `tfds.load`.
+  """
+  logging.info('Only splits %s of %s found offline: reading %s from the original files '
+               '(no TFDS dataset written).', [s for s in SPLITS if files[s]], info.name,
+               files[split])
+  return offline_data.read_original_split(info.name, *files[split],
+                                          expected_count=info.num_examples(split))
+
+
 def load_split(
     dataset: str,
     split: str,
@@ -238,14 +265,10 @@ def load_split(
 ) -> tuple[np.ndarray, np.ndarray]:
   """Loads one split as NumPy arrays from the first source that has it.
 
-  In order: the decoded-array cache, if its fingerprint matches the source it was built
-  from and its digest matches its arrays; the TFDS array_record dataset in `data_dir`;
-  the original release files (see `offline_data.find_original_files`). With the files
-  of every split, the TFDS dataset is built from them first (`prepare_offline`). With
-  only some splits (K-MNIST's test files alone), the split is read from its files and no
-  TFDS dataset is written, because a half-built one would look prepared to TFDS. Last,
-  and only with `download=True`, a TFDS download. Data that TFDS serves without files on
-  disk (`tfds.testing.mock_data`) is never cached, so it cannot pass for real data later.
+  In order: the decoded-array cache, if it was built from the source below and its
+  arrays are intact; the TFDS array_record dataset in `data_dir`; the original release
+  files (`offline_data.find_original_files`), from which the TFDS dataset is built first
+  if every split is there; with `download=True` only, a TFDS download.
 
   Args:
     dataset: one of `DATASETS`.
@@ -253,9 +276,8 @@ def load_split(
     data_dir: TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets. The cache
       lives in `<data_dir>/capsjax_cache/` (delete it to drop the cache).
     manual_dir: directory with the original release files.
-    download: allow a network download through TFDS when nothing is found locally. Off
-      by default: offline, a TFDS download retries for minutes, while a missing dataset
-      raises `DatasetNotFoundError` in well under a second.
+    download: allow a network download. Off by default: offline, a TFDS download retries
+      for minutes, while a missing dataset raises in well under a second.
     use_cache: read and write the decoded-array cache.
 
   Returns:
@@ -272,38 +294,25 @@ def load_split(
   root = offline_data.default_data_dir(data_dir)
   cache = _cache_path(root, dataset, split)
   prepared = _prepared_dir(root, dataset)
-  files = {}
-  if prepared is None and dataset in offline_data.OFFLINE_DATASETS:
-    files = {s: offline_data.find_original_files(dataset, s, manual_dir=manual_dir)
-             for s in SPLITS}
-
-  if files.get(split):
-    fingerprint = _files_fingerprint(files[split])
-  else:
-    fingerprint = _tfds_fingerprint(prepared)
-  if use_cache:
-    hit = _read_cache(cache, fingerprint)
-    if hit is not None:
-      logging.info('Loaded %s/%s from cache %s', dataset, split, cache)
-      return hit
+  files = _original_files(dataset, manual_dir) if prepared is None else {}
+  fingerprint = (_files_fingerprint(files[split]) if files.get(split)
+                 else _tfds_fingerprint(prepared))
+  if use_cache and (hit := _read_cache(cache, fingerprint)) is not None:
+    return hit
 
   if files and all(files.values()):
     prepared = offline_data.prepare_offline(
         dataset, data_dir=root, source_files=files,
         expected_counts={s: info.num_examples(s) for s in SPLITS})
   if prepared is None and files.get(split):
-    logging.info('Only splits %s of %s found offline: reading %s from the original files '
-                 '(no TFDS dataset written).', [s for s in SPLITS if files[s]], dataset,
-                 files[split])
-    images, labels = offline_data.read_original_split(
-        dataset, *files[split], expected_count=info.num_examples(split))
+    images, labels = _load_from_files(info, split, files)
   else:
     images, labels, prepared = _load_from_tfds(info, split, root, prepared,
                                                download=download, manual_dir=manual_dir)
-    if prepared is None:
-      return images, labels
     fingerprint = _tfds_fingerprint(prepared)
-  if use_cache:
+  # No fingerprint: TFDS served data without files on disk (`tfds.testing.mock_data`).
+  # Never cached, so fake data cannot pass for real data later.
+  if use_cache and fingerprint is not None:
     _write_cache(cache, images, labels, fingerprint)
   return images, labels
 

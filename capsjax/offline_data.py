@@ -140,20 +140,14 @@ def _split_file_options(dataset: str, split: str) -> list[tuple[str, str]]:
 def find_original_files(
     dataset: str, split: str, *, manual_dir: str | os.PathLike | None = None,
 ) -> tuple[str, str] | None:
-  """Finds one split's original files.
+  """Returns (images_path, labels_path) of one split's original files, or None.
 
-  Looks in `manual_dir`, $CAPSJAX_MANUAL_DIR (each also as `<dir>/<dataset>/`) and the
-  dataset's system directory (Debian's for Fashion-MNIST).
-
-  Args:
-    dataset: one of `OFFLINE_DATASETS`.
-    split: 'train' or 'test'.
-    manual_dir: a directory to search first.
-
-  Returns:
-    (images_path, labels_path), or None if no directory holds both files.
+  Searched: `manual_dir`, then $CAPSJAX_MANUAL_DIR (each as `<dir>/<dataset>/`, then
+  `<dir>`), then the dataset's system directory (Debian's, for Fashion-MNIST).
   """
   _check_offline(dataset)
+  if split not in SPLITS:
+    raise errors.ConfigError(f'split must be one of {SPLITS}, got {split!r}.')
   for d in _candidate_dirs(dataset, manual_dir):
     for imgs, labels in _split_file_options(dataset, split):
       pi, pl = os.path.join(d, imgs), os.path.join(d, labels)
@@ -171,17 +165,10 @@ def not_found_message(
     looked_in: Iterable[str] = (),
     extra: str = '',
 ) -> str:
-  """The text of a `DatasetNotFoundError`: every place looked in, and how to fix it.
+  """Text of a `DatasetNotFoundError`: every place looked in, and how to fix it.
 
-  Args:
-    dataset, split: what was not found.
-    data_dir: the TFDS data dir (named in the `tfds build` hint).
-    manual_dir: as given to the loader.
-    looked_in: places the caller already looked in (cache, TFDS dir), one per line.
-    extra: a last line.
-
-  Returns:
-    A multi-line message whose first line names the dataset and split.
+  `looked_in` holds the caller's places (cache, TFDS dir), one per line; the original-file
+  directories follow. `data_dir` goes into the `tfds build` hint.
   """
   lines = [f'Dataset {dataset!r} split {split!r} not found. Looked in:']
   lines += [f'  - {place}' for place in looked_in]

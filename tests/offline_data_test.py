@@ -103,6 +103,8 @@ def test_find_original_files_prefers_the_dataset_subdir_and_takes_uncompressed_i
   assert od.find_original_files('mnist', 'test', manual_dir=d)[0] == str(
       d / 'mnist' / 't10k-images-idx3-ubyte.gz')
   assert od.find_original_files('mnist', 'train', manual_dir=d) is None
+  with pytest.raises(errors.ConfigError, match='split must be one of'):
+    od.find_original_files('mnist', 'validation', manual_dir=d)
 
 
 # ---------------------------------------------------------------------------------------
