@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from capsjax import caps_ops
 
 _HI = jax.lax.Precision.HIGHEST
+# One rule for every routing in capsjax: bfloat16/float16 computed in float32.
+_compute_dtype = caps_ops._compute_dtype  # pylint: disable=protected-access
 
 
 class Routed(NamedTuple):
@@ -62,7 +64,7 @@ def _prepare(u_hat, name: str):
     raise ValueError(
         f"{name}: u_hat must have shape [..., N_in, N_out, D] (at least 3 dims), got "
         f"shape {u_hat.shape}")
-  return u_hat.astype(caps_ops._compute_dtype(u_hat.dtype)), u_hat.dtype  # pylint: disable=protected-access
+  return u_hat.astype(_compute_dtype(u_hat.dtype)), u_hat.dtype
 
 
 def _check_broadcast(name: str, x: jax.Array, target: tuple[int, ...], what: str):
@@ -122,9 +124,10 @@ def em_inverse_temperatures(num_iterations: int, final_lambda: float = 0.01
                             ) -> tuple[float, ...]:
   """λ_t = final_lambda * (1 - 0.95^(t+1)) for t = 0 .. num_iterations-1.
 
-  The schedule the paper's authors gave on OpenReview (quoted in
-  IBM/matrix-capsules-with-em-routing, `em_routing.py`), with final_lambda = 0.01 there.
-  The paper itself only says λ is increased at each iteration.
+  The formula the paper's authors gave on OpenReview, with final_lambda = 0.01, as quoted
+  and used in IBM/matrix-capsules-with-em-routing, `em_routing.py`; the paper treats λ
+  as a fixed schedule without stating it. λ grows from 5% of final_lambda towards it,
+  so early iterations decide activations softly.
   """
   num_iterations = caps_ops.check_iterations(num_iterations)
   return tuple(final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(num_iterations))
@@ -271,7 +274,8 @@ def inverted_dot_product(u_hat: jax.Array, num_iterations: int, *,
                          agreement_scale: float | None = None,
                          ln_scale: jax.Array | None = None,
                          ln_bias: jax.Array | None = None,
-                         ln_eps: float = 1e-5) -> Routed:
+                         ln_eps: float = 1e-5,
+                         parent_poses: jax.Array | None = None) -> Routed:
   """Inverted dot-product attention routing, Procedure 1 of Tsai, Srivastava, Goh &
   Salakhutdinov, "Capsules with Inverted Dot-Product Attention Routing", ICLR 2020.
 
@@ -288,12 +292,22 @@ def inverted_dot_product(u_hat: jax.Array, num_iterations: int, *,
   The authors' LayerNorm is `nn.LayerNorm(D)`, with learned elementwise scale and bias
   (initialised to 1 and 0): pass them as `ln_scale`/`ln_bias`; None means none.
 
+  One call routes one layer, as the authors' `sequential_routing=True`. The paper's
+  concurrent routing updates all layers at once from the previous iteration's poses:
+  after a first pass with num_iterations=1 per layer, call each layer with
+  `parent_poses` = its parents' poses from the previous pass and num_iterations=1
+  (the authors' `forward(capsule_values[i], n, capsule_values[i+1])`).
+
   Args:
     u_hat: [..., N_in, N_out, D] votes.
     num_iterations: static Python int >= 1 (1: the uniform pass only).
     agreement_scale: multiplies the agreement; None: 1/sqrt(D) (the authors' code).
     ln_scale, ln_bias: optional [D] LayerNorm affine parameters.
     ln_eps: LayerNorm epsilon (PyTorch's default).
+    parent_poses: optional [..., N_out, D] poses to start from instead of zero: the
+      first pass then computes its routing weights from their agreement with u_hat, so
+      `inverted_dot_product(u, r + 1)` equals
+      `inverted_dot_product(u, 1, parent_poses=inverted_dot_product(u, r).poses)`.
 
   Returns:
     Routed: poses v [..., N_out, D]; activations [..., N_out] the mean routing weight
@@ -319,7 +333,12 @@ def inverted_dot_product(u_hat: jax.Array, num_iterations: int, *,
     r = jax.nn.softmax(scale * _agreement(ut, v), axis=-2)             # [..., N_out, N_in]
     return norm(_weighted_sum(r, ut)), r
 
-  r0 = jnp.full_like(ut[..., 0], 1.0 / u.shape[-2])                    # [..., N_out, N_in]
+  if parent_poses is None:
+    r0 = jnp.full_like(ut[..., 0], 1.0 / u.shape[-2])                  # [..., N_out, N_in]
+  else:
+    p = jnp.asarray(parent_poses).astype(dt)
+    _check_broadcast("parent_poses", p, u.shape[:-3] + u.shape[-2:], "[..., N_out, D]")
+    r0 = jax.nn.softmax(scale * _agreement(ut, p), axis=-2)            # [..., N_out, N_in]
   v0 = norm(_weighted_sum(r0, ut))                                     # [..., N_out, D]
   v, r = jax.lax.fori_loop(0, num_iterations - 1, body, (v0, r0))
   return Routed(poses=v.astype(out_dtype),
@@ -348,7 +367,7 @@ def efficient_squash(s: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.
   s = jnp.asarray(s)
   if not jnp.issubdtype(s.dtype, jnp.floating):
     raise TypeError(f"efficient_squash expects a floating-point array, got dtype {s.dtype}")
-  x = s.astype(caps_ops._compute_dtype(s.dtype))  # pylint: disable=protected-access
+  x = s.astype(_compute_dtype(s.dtype))
   m = jax.lax.stop_gradient(
       jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1.0))  # [..., 1, ...]
   # Two multiplications by 1/sqrt(m): XLA turns x / m into x * (1/m), and 1/m is

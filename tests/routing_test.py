@@ -7,7 +7,6 @@ programs, because XLA compiles dominate the runtime.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -409,16 +408,18 @@ class TestEM:
     np.testing.assert_allclose(routing.em_inverse_temperatures(3),
                                [0.01 * 0.05, 0.01 * 0.0975, 0.01 * 0.142625], rtol=1e-12)
     inputs = make_inputs((2, 6, 4, 3))
-    default = routing.em(inputs["u"], 3, a_in=inputs["a_in"])
-    explicit = routing.em(inputs["u"], 3, a_in=inputs["a_in"],
-                          inverse_temperatures=routing.em_inverse_temperatures(3))
-    jax.tree.map(np.testing.assert_array_equal, default, explicit)
+    default, explicit = jax.jit(lambda u, a: (
+        routing.em(u, 3, a_in=a),
+        routing.em(u, 3, a_in=a, inverse_temperatures=routing.em_inverse_temperatures(3))
+    ))(inputs["u"], inputs["a_in"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), default, explicit)
 
   def test_explicit_inverse_temperatures_match_reference(self):
     inputs = make_inputs((2, 6, 4, 3), seed=3)
     lambdas = (0.3, 1.0)
-    res = routing.em(inputs["u"], 2, a_in=inputs["a_in"], beta_u=inputs["beta_u"],
-                     beta_a=inputs["beta_a"], inverse_temperatures=lambdas)
+    res = jax.jit(lambda u, a, bu, ba: routing.em(
+        u, 2, a_in=a, beta_u=bu, beta_a=ba, inverse_temperatures=lambdas))(
+            inputs["u"], inputs["a_in"], inputs["beta_u"], inputs["beta_a"])
     ref = per_example(
         lambda x, a: np_em_one(x, a, inputs["beta_u"].astype(np.float64),
                                inputs["beta_a"].astype(np.float64), lambdas),
@@ -466,6 +467,26 @@ class TestInvertedDotProduct:
     default = routing.inverted_dot_product(inputs["u"], 3, ln_scale=g, ln_bias=b)
     assert not np.allclose(np.asarray(default.assignments), ref[2], atol=1e-3)
 
+  def test_parent_poses_continue_the_routing(self):
+    """Concurrent routing's step: one pass from given poses is one more iteration."""
+    u = make_inputs((2, 6, 4, 3), seed=11)["u"]
+
+    @jax.jit
+    def run(u):
+      two = routing.inverted_dot_product(u, 2)
+      return (routing.inverted_dot_product(u, 3),
+              routing.inverted_dot_product(u, 1, parent_poses=two.poses),
+              routing.inverted_dot_product(u, 2, parent_poses=two.poses))
+
+    three, resumed, resumed2 = run(u)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 resumed, three)
+    ref4 = per_example(lambda x: np_inverted_one(x, 4), u)
+    for got, want in zip(resumed2, ref4):
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match=r"parent_poses of shape \(4, 4\)"):
+      routing.inverted_dot_product(u, 1, parent_poses=np.zeros((4, 4), np.float32))
+
   def test_bad_layer_norm_params(self):
     with pytest.raises(ValueError, match=r"ln_scale of shape \(4,\)"):
       routing.inverted_dot_product(make_inputs((6, 4, 3))["u"], 2, ln_scale=np.ones(4))
@@ -474,17 +495,22 @@ class TestInvertedDotProduct:
 class TestSelfAttention:
 
   def test_efficient_squash(self):
-    s = make_inputs((5, 4, 3), seed=9)["u"].reshape(-1, 3) * 2
-    v = np.asarray(jax.jit(routing.efficient_squash)(s))
-    np.testing.assert_allclose(v, np.stack([np_efficient_squash(x) for x in
-                                            s.astype(np.float64)]), rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(np.asarray(routing.efficient_squash(jnp.zeros((2, 3)))),
-                                  np.zeros((2, 3)))
-    g = jax.grad(lambda x: jnp.sum(routing.efficient_squash(x)))(jnp.zeros((2, 3)))
-    np.testing.assert_allclose(np.asarray(g), 1.0, rtol=1e-3)   # v ≈ s near 0
+    s = make_inputs((5, 4, 3), seed=9)["u"].reshape(-1, 3) * 2         # norms ~0.5..8
     huge = np.full((2, 4), 3e38, np.float32)
     huge[1, 1:] = 0
-    vh = np.asarray(jax.jit(routing.efficient_squash)(huge))
+
+    @jax.jit
+    def run(s, huge):
+      zero = jnp.zeros_like(s[:2])
+      grad_at_zero = jax.grad(lambda x: jnp.sum(routing.efficient_squash(x)))(zero)
+      return (routing.efficient_squash(s), routing.efficient_squash(zero), grad_at_zero,
+              routing.efficient_squash(huge))
+
+    v, v0, g0, vh = map(np.asarray, run(s, huge))
+    np.testing.assert_allclose(v, np.stack([np_efficient_squash(x) for x in
+                                            s.astype(np.float64)]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(v0, np.zeros_like(v0))
+    np.testing.assert_allclose(g0, 1.0, rtol=1e-3)                     # v ≈ s near 0
     assert np.all(np.isfinite(vh))
     np.testing.assert_allclose(np.linalg.norm(vh, axis=-1), 1.0, rtol=1e-6)
 
