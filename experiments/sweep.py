@@ -83,12 +83,8 @@ def recipe_name(spec: str) -> str:
 
 def parse_value(config, field: str, text: str) -> Any:
   """Parses `text` as a value of `config.<field>`, typed like the field's current value."""
-  node = config
-  *parents, leaf = field.split(".")
   try:
-    for p in parents:
-      node = node[p]
-    current = node[leaf]
+    current = run_config.get_field(config, field)
   except (KeyError, AttributeError, TypeError):
     raise ValueError(f"unknown config field {field!r}") from None
   if isinstance(current, bool):
@@ -108,15 +104,6 @@ def parse_value(config, field: str, text: str) -> Any:
   if type(value) is not type(current):
     raise ValueError(f"{field} expects a {type(current).__name__}, got {text!r}")
   return value
-
-
-def set_field(config, field: str, value: Any) -> None:
-  """config.<field> = value for a dotted field name ('optim.decay_rate')."""
-  node = config
-  *parents, leaf = field.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
 
 
 def parse_axes(config, specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
@@ -215,7 +202,7 @@ def run_one(config, workdir: str, recipe: str, values: dict, seed: int) -> dict:
   """Trains (or skips/resumes) one run and returns its RUN_FIELDS row."""
   cfg = config.copy_and_resolve_references()
   for field, value in values.items():
-    set_field(cfg, field, value)
+    run_config.set_field(cfg, field, value)
   cfg.seed = int(seed)
   rdir = run_dir(workdir, recipe, values, seed)
   record = read_json(os.path.join(rdir, RUN_JSON)) or {"wall_s": 0.0, "calls": []}
@@ -397,7 +384,7 @@ def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = ()
       field, sep, value = text.partition("=")
       if not sep:
         raise ValueError(f"--set expects FIELD=VALUE, got {text!r}")
-      set_field(config, field, parse_value(config, field, value))
+      run_config.set_field(config, field, parse_value(config, field, value))
     configs.append(config)
   axes = parse_axes(configs[0], sweep)
   for config in configs:

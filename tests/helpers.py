@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from capsjax import run_config
+
 from configs import fashion
 
 
@@ -9,11 +11,7 @@ def smoke_config(**overrides):
   """The `:smoke` Fashion-MNIST config, with dotted-key overrides."""
   config = fashion.get_config("smoke")
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    run_config.set_field(config, key, value)
   return config
 
 
