@@ -1,9 +1,10 @@
 """Pure CapsNet losses with one value per example; callers reduce (`.mean()`).
 
 The paper's total loss is  margin + 0.0005 * sum-of-squared-errors  over 784 pixels.
-Both reference projects write the same thing as  margin + 0.392 * mean-squared-error
-(0.392 / 784 = 0.0005). capsjax configs use the per-pixel mean with weight 0.392, which
-keeps the balance between the two terms for other image sizes.
+CapsNet-Keras and CapsNet-Fashion-MNIST write the same thing as
+margin + 0.392 * mean-squared-error (0.392 / 784 = 0.0005). capsjax configs use the
+per-pixel mean with weight 0.392, which keeps the balance between the two terms for other
+image sizes.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, *,
     reconstructions: same shape as `images` (a flat [B, H*W*C] decoder output is
       accepted and reshaped).
     reduction: 'sum' (the paper's sum of squared errors, weighted by 0.0005) or
-      'mean' (per-pixel mean, weighted by 0.392 in both reference projects).
+      'mean' (per-pixel mean, weighted by 0.392 in CapsNet-Keras and CapsNet-Fashion-MNIST).
     batch_dims: number of leading batch axes that are kept.
 
   Returns:

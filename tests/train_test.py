@@ -152,7 +152,7 @@ def test_workdir_guards(tmp_path, mock_fashion):
 
 
 def test_cifar10_smoke_run_on_mock_data(tmp_path):
-  # 32x32x3 inputs (the seeds' CIFAR-10 TODO): an 8x8 PrimaryCaps grid, a 3072-pixel decoder.
+  # 32x32x3 inputs (a TODO in the Fashion and K-MNIST seed projects): an 8x8 PrimaryCaps grid, a 3072-pixel decoder.
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
     summary = _run(str(tmp_path / "cifar"), dataset="cifar10", num_epochs=1)
   assert summary["step"] == 4 and summary["count"] == 24
