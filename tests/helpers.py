@@ -1,6 +1,10 @@
-"""Shared test fixtures: tiny configs and synthetic batches (no real data)."""
+"""Shared test fixtures: tiny configs, a finished tiny run, synthetic batches (no real data)."""
+
+import shutil
 
 import numpy as np
+import pytest
+import tensorflow_datasets as tfds
 
 from capsjax import run_config
 
@@ -24,3 +28,39 @@ def synthetic_batch(n: int, *, seed: int = 0, shape=(28, 28, 1), num_classes: in
   for i, k in enumerate(labels):
     images[i, 2 * k % (shape[0] - 6):2 * k % (shape[0] - 6) + 6, 4:shape[1] - 4, :] = 1.0
   return {"image": images, "label": labels}
+
+
+def mnist_smoke_config(**overrides):
+  """`:smoke` on TFDS mock MNIST: 32 training examples, 4 steps per epoch."""
+  return smoke_config(**{"dataset": "mnist", "train_examples": 32, **overrides})
+
+
+def mock_mnist_fixture():
+  """A module-scoped fixture under which TFDS serves 48 mock examples per split."""
+  @pytest.fixture(scope="module")
+  def mock():
+    with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+      yield
+  return mock
+
+
+def finished_run_fixture():
+  """A module-scoped fixture: the workdir of a finished 2-epoch run (checkpoints 4, 8).
+
+  Needs the `mock` fixture of `mock_mnist_fixture` in the same module.
+  """
+  @pytest.fixture(scope="module")
+  def src(tmp_path_factory, mock):
+    from capsjax import train  # pylint: disable=g-import-not-at-top
+    del mock
+    workdir = str(tmp_path_factory.mktemp("src") / "run")
+    train.train_and_evaluate(mnist_smoke_config(), workdir)
+    return workdir
+  return src
+
+
+def copy_run(src: str, tmp_path) -> str:
+  """A copy of the run in `src` at tmp_path/run, to change without touching `src`."""
+  dst = str(tmp_path / "run")
+  shutil.copytree(src, dst)
+  return dst
