@@ -1,9 +1,12 @@
 """The only Orbax module: save, find and restore training state.
 
 A checkpoint is a directory `WORKDIR/checkpoints/<step>/` with two items:
-  state   the NNX state of (model, optimizer) as an Orbax StandardSave pytree
+  state   the NNX state of (model, optimizer) as an Orbax StandardSave pytree: entry
+          MODEL_ITEM (0) is the model, entry 1 the optimizer
   meta    JSON: step, epoch, dataset, model config, parameter shapes, metrics
-Saves are asynchronous; `Checkpointer.close()` waits for them. The latest
+`Checkpointer.restore` reads the whole state (resuming training);
+`restore_params` reads only the model entry, for analysis and figures, which need no
+optimizer. Saves are asynchronous; `Checkpointer.close()` waits for them. The latest
 `keep` checkpoints and the best by the run's selection metric (validation accuracy, or
 test accuracy in a run without a validation split) are kept.
 
@@ -33,6 +36,9 @@ from absl import logging
 from capsjax import errors
 
 CKPT_DIR = "checkpoints"
+# The saved state is `nnx.split((model, optimizer))[1]` (`steps.create_model_and_optimizer`),
+# keyed by position: the model's variables are entry 0.
+MODEL_ITEM = 0
 
 
 CheckpointMismatchError = errors.CheckpointMismatchError
@@ -65,20 +71,26 @@ def _param_shapes(tree: Any) -> dict[str, list[int]]:
 
 
 def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source: str) -> None:
-  """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
+  """Raises CheckpointMismatchError naming the first parameter whose shape differs.
+
+  Args:
+    saved_shapes: {'name/of/param': shape} as saved in a checkpoint's meta.
+    target: a pytree of arrays or `jax.ShapeDtypeStruct`s, named the same way.
+    source: the checkpoint's path, for the message.
+  """
   want = _param_shapes(target)
   for name, shape in want.items():
     if name not in saved_shapes:
-      raise CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
           f"checkpoint {source} has no parameter {name} (expected shape {tuple(shape)}): it "
           "was saved from a different architecture")
     if list(saved_shapes[name]) != list(shape):
-      raise CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
           f"checkpoint {source} does not fit this model: parameter {name} has shape "
           f"{tuple(saved_shapes[name])} in the checkpoint but {tuple(shape)} in the model")
   extra = sorted(set(saved_shapes) - set(want))
   if extra:
-    raise CheckpointMismatchError(
+    raise errors.CheckpointMismatchError(
         f"checkpoint {source} has parameters this model lacks, e.g. {extra[0]}: it was "
         "saved from a different architecture")
 
@@ -143,12 +155,17 @@ class Checkpointer:
                 else f"{type(e).__name__}: {e}")
       kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if (
           os.path.isdir(self.directory)) else []
-      raise CheckpointSaveError(
+      raise errors.CheckpointSaveError(
           f"could not write checkpoint (step {step}) in {self.directory}: {reason}. "
           f"Earlier checkpoints are kept (steps {kept}); free space and rerun the same "
           "command to resume from the latest") from e
 
   def read_meta(self, step: int) -> dict:
+    """The JSON metadata saved with `step`; CheckpointNotFoundError if there is none."""
+    steps = self.all_steps()
+    if step not in steps:
+      raise errors.CheckpointNotFoundError(
+          f"{self.directory} holds no checkpoint of step {step}; its steps are {steps}")
     return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
@@ -165,6 +182,43 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored["state"], meta
 
+  def restore_params(self, step: int, target_params: Any) -> Any:
+    """Restores only the model entry of the state saved at `step`, not the optimizer.
+
+    Orbax reads just the arrays under state entry MODEL_ITEM (a partial restore), so a
+    model can be loaded without rebuilding the optimizer that trained it.
+
+    Args:
+      step: a step in `all_steps()`.
+      target_params: the model's state (`nnx.split(model)[1]`), holding arrays or
+        `jax.ShapeDtypeStruct`s (e.g. from `nnx.eval_shape`); leaves without a sharding
+        are restored onto the default device.
+
+    Returns:
+      The saved model state, with the structure of `target_params` and arrays as leaves.
+
+    Raises:
+      CheckpointNotFoundError: no checkpoint at `step`.
+      CheckpointMismatchError: the checkpoint's model has other parameters or shapes; the
+        message names the first one that differs.
+    """
+    saved = self.read_meta(step).get("param_shapes", {})
+    source = os.path.join(self.directory, str(step))
+    prefix = f"{MODEL_ITEM}/"
+    check_compatible({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)},
+                     target_params, source=source)
+    # Only the keys present in `item` are read; the optimizer's arrays stay on disk.
+    item = {MODEL_ITEM: jax.tree.map(_abstract_on_device, target_params)}
+    # A checkpointer of its own: the manager has registered StandardRestore for 'state'
+    # and refuses other restore arguments for that item.
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(
+          os.path.join(source, "state"),
+          args=ocp.args.PyTreeRestore(
+              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True))
+    return restored[MODEL_ITEM]
+
   def restore_latest(self, target: Any) -> tuple[Any, dict, int] | None:
     """Restores the newest checkpoint that can be read: (state, meta, step), or None.
 
@@ -178,13 +232,13 @@ class Checkpointer:
         if i and not self._read_only:
           self._set_aside(steps[:i])
         return state, meta, step
-      except CheckpointMismatchError:
+      except errors.CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("cannot read checkpoint %s/%d (%s: %s); trying the previous one",
                         self.directory, step, type(e).__name__, e)
     if steps:  # Never silently start over next to checkpoints that exist.
-      raise CheckpointReadError(
+      raise errors.CheckpointReadError(
           f"none of the checkpoints {sorted(steps)} in {self.directory} can be read (see the "
           "warnings above); move the directory aside to start over")
     return None
@@ -220,6 +274,36 @@ class Checkpointer:
     with self._save_errors(self.latest_step()):
       self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def _abstract_on_device(x) -> jax.ShapeDtypeStruct:
+  x = ocp.utils.to_shape_dtype_struct(x)
+  if getattr(x, "sharding", None) is None:
+    # Without a sharding Orbax restores NumPy arrays; a model wants device arrays.
+    x = jax.ShapeDtypeStruct(x.shape, x.dtype,
+                             sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return x
+
+
+def restore_params(path: str, step: int | None, target_params: Any) -> tuple[Any, int]:
+  """Restores the model state of a checkpoint without its optimizer state.
+
+  Args:
+    path: a run workdir, its `checkpoints/` directory or `checkpoints/<step>` (see
+      `find_checkpoint`).
+    step: the step to restore; None takes the one `path` resolves to (the latest).
+    target_params: the model's state, as for `Checkpointer.restore_params`.
+
+  Returns:
+    (model state shaped like `target_params`, the restored step).
+  """
+  workdir, found = find_checkpoint(path)
+  step = found if step is None else int(step)
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    return ckpt.restore_params(step, target_params), step
+  finally:
+    ckpt.close()
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:

@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 
 from capsjax import input_pipeline
-from capsjax import visualize
+from capsjax import analysis
 from experiments import sweep
 
 RUN_FIELDS = ("iterations", "seed", "accuracy", "loss", "margin_loss", "recon_loss", "step",
@@ -64,11 +64,11 @@ def run_config(config, iterations: int, seed: int):
 
 def coupling_entropy_of_run(rdir: str, images: np.ndarray) -> tuple[float, int]:
   """Mean entropy (nats) of the final checkpoint's couplings on `images`; (value, step)."""
-  run = visualize.load_run(rdir)
+  run = analysis.load_run(rdir)
   ent = []
   for start in range(0, len(images), 64):
-    c = visualize.couplings(run.model, images[start:start + 64])     # [b, N_in, N_out]
-    ent.append(visualize.coupling_entropy(c).mean(axis=-1))           # [b]
+    c = analysis.couplings(run.model, images[start:start + 64])      # [b, N_in, N_out]
+    ent.append(analysis.coupling_entropy(c).mean(axis=-1))            # [b]
   return float(np.concatenate(ent).mean()), run.step
 
 
@@ -201,9 +201,9 @@ def run_sweep(config, workdir: str, iterations: Sequence[int], seeds: Sequence[i
   os.makedirs(workdir, exist_ok=True)
   images = None
   if entropy_examples:
-    images, _ = visualize.load_test_images(config.dataset, entropy_examples,
-                                           data_dir=config.data_dir,
-                                           manual_dir=config.manual_dir)
+    images, _ = analysis.load_test_images(config.dataset, entropy_examples,
+                                          data_dir=config.data_dir,
+                                          manual_dir=config.manual_dir)
   rows = []
   for it in iterations:
     for seed in seeds:

@@ -1,4 +1,5 @@
-"""Checkpoint safety: resume, fallback, disk full, non-finite losses, the kept best.
+"""Checkpoint safety: resume, fallback, disk full, non-finite losses, the kept best, and
+the model-only restore.
 
 Runs in-process on TFDS mock MNIST with the `:smoke` config (4 steps per epoch).
 """
@@ -11,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from capsjax import checkpoint as ckpt_lib
+from capsjax import errors
 from capsjax import losses
 from capsjax import metrics as metrics_lib
 from capsjax import steps as steps_lib
@@ -121,3 +124,70 @@ def test_best_checkpoint_survives_reopening(tmp_path):
   assert ckpt.all_steps() == [1, 4]
   assert ckpt.best_step() == 1
   ckpt.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Model-only restore (Checkpointer.restore_params / restore_params).
+# ----------------------------------------------------------------------------------------
+def _smoke_model(key: int, **overrides):
+  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax import models  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.dataset_info("mnist")
+  return models.create_model(_config(**overrides).model, image_shape=info.image_shape,
+                             num_classes=info.num_classes, rngs=nnx.Rngs(params=key))
+
+
+def _trained_state(tx):
+  """(model, optimizer) after one real update: a state as train.py saves it."""
+  model = _smoke_model(jax.random.key(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  batch = helpers.synthetic_batch(4)
+  loss = lambda m: jnp.sum(m(batch["image"], batch["label"])["lengths"])
+  optimizer.update(model, nnx.grad(loss)(model))
+  return nnx.split((model, optimizer))[1]
+
+
+def test_restore_params_returns_the_saved_model_arrays(tmp_path):
+  import optax  # pylint: disable=g-import-not-at-top
+  for name, tx in (("adam", optax.adam(1e-3)), ("sgd", optax.sgd(0.1, momentum=0.9))):
+    state = _trained_state(tx)
+    saved = jax.tree.map(np.array, state[0])   # host copies, taken before the save
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / name))
+    ckpt.save(3, state, {"epoch": 1})
+    ckpt.close()
+    # The target starts from other weights, so a restore that did nothing would fail.
+    _, target = nnx.split(_smoke_model(jax.random.key(7)))
+    assert not np.array_equal(target["digit_caps"]["w"][...], saved["digit_caps"]["w"][...])
+    params, step = ckpt_lib.restore_params(str(tmp_path / name), None, target)
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, params, saved)
+    # Shapes alone (no initialisation) are a target too; the arrays land on a device.
+    abstract = nnx.split(nnx.eval_shape(lambda: _smoke_model(jax.random.key(7))))[1]
+    params = ckpt_lib.Checkpointer(str(tmp_path / name), read_only=True).restore_params(
+        3, abstract)
+    jax.tree.map(np.testing.assert_array_equal, params, saved)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+
+
+def test_restore_params_of_a_training_run_and_mismatch(src):
+  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  _, state = steps_lib.create_model_and_optimizer(
+      _config(), input_pipeline.dataset_info("mnist"), 4, jax.random.key(0))
+  full, _ = ckpt_lib.Checkpointer(src, read_only=True).restore(4, state)
+  _, target = nnx.split(_smoke_model(jax.random.key(0)))
+  params, step = ckpt_lib.restore_params(src, 4, target)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, params, full[0])
+  with pytest.raises(errors.CheckpointNotFoundError,
+                     match=r"holds no checkpoint of step 5; its steps are \[4, 8\]"):
+    ckpt_lib.restore_params(src, 5, target)
+  _, other = nnx.split(_smoke_model(jax.random.key(0), **{"model.digit_dim": 4}))
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match=r"checkpoint .*/checkpoints/8 does not fit this model: parameter "
+                           r"decoder/layers/0/kernel has shape \(80, 32\) in the checkpoint "
+                           r"but \(40, 32\) in the model"):
+    ckpt_lib.restore_params(src, None, other)
+  _, no_decoder = nnx.split(_smoke_model(jax.random.key(0), **{"model.use_decoder": False}))
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match="has parameters this model lacks, e.g. decoder/layers/0/bias"):
+    ckpt_lib.restore_params(src, None, no_decoder)

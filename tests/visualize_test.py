@@ -1,17 +1,22 @@
-"""capsjax.visualize: every figure from a `:smoke` checkpoint, the perturbation grid's
-shape and its exact zero column, couplings, entropy and the confusion matrix."""
+"""capsjax.visualize: every figure from a `:smoke` checkpoint, the routing heatmap's
+colour scale, and the command line's one-line user errors (exit code 2)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from capsjax import errors
 from capsjax import input_pipeline
 from capsjax import train
 from capsjax import visualize
 from tests import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +31,6 @@ def smoke_run(tmp_path_factory):
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
     train.train_and_evaluate(config, workdir)
     yield workdir, data_dir
-
-
-@pytest.fixture(scope="module")
-def loaded(smoke_run):
-  workdir, data_dir = smoke_run
-  run = visualize.load_run(workdir)
-  images, labels = visualize.load_test_images("mnist", 6, data_dir=data_dir)
-  return run, images, labels
-
-
-def test_load_run_rebuilds_the_model_from_checkpoint_meta(loaded):
-  run, images, _ = loaded
-  assert run.step == 4
-  assert run.info.name == "mnist"
-  assert run.model.digit_caps.routing_iterations == 2
-  assert run.model.digit_caps.w.shape[-1] == 16
-  assert images.shape == (6, 28, 28, 1) and images.dtype == np.float32
 
 
 def test_make_figures_writes_every_png(smoke_run):
@@ -88,62 +76,104 @@ def test_make_figures_reads_the_data_dir_from_the_runs_config(smoke_run, tmp_pat
   assert seen == [data_dir, str(tmp_path / "elsewhere")]
 
 
-def test_perturbation_grid_shape_and_exact_zero_column(loaded):
-  run, images, _ = loaded
-  out = visualize.predict(run.model, images, batch_size=4)   # 2 batches, last one padded
-  assert out["v"].shape == (6, 10, 16)
-  assert out["reconstruction"].shape == (6, 28, 28, 1)
-  np.testing.assert_array_equal(visualize.PERTURBATIONS,
-                                np.float32([-.25, -.2, -.15, -.1, -.05, 0, .05, .1, .15, .2, .25]))
-  for i in range(2):
-    cls = int(out["pred"][i])
-    grid = visualize.perturbation_grid(run.model, out["v"][i], cls)
-    assert grid.shape == (16, 11, 28, 28, 1)   # 16 dims x 11 offsets
-    plain = np.asarray(run.model.decoder(out["v"][i:i + 1], np.int32([cls])))[0]
-    for d in range(16):
-      np.testing.assert_array_equal(grid[d, 5], plain)   # offset 0 == plain reconstruction
-    # The batched reconstruction agrees to float precision as well.
-    np.testing.assert_allclose(grid[0, 5], out["reconstruction"][i], atol=1e-5)
-    # Non-zero offsets change the image, and the two ends differ from each other.
-    assert np.abs(grid[:, 0] - grid[:, 10]).max() > 0
+def test_make_figures_user_errors(smoke_run, tmp_path):
+  workdir, data_dir = smoke_run
+  with pytest.raises(errors.ConfigError,
+                     match=r"example_index=48 is out of range: the mnist test split has 48 "
+                           r"examples"):
+    visualize.make_figures(workdir, data_dir=data_dir, out_dir=str(tmp_path),
+                           example_index=48, eval_examples=0)
+  with pytest.raises(errors.ConfigError, match="num_routing must be >= 1, got 0"):
+    visualize.make_figures(workdir, num_routing=0)
+  with pytest.raises(errors.CheckpointNotFoundError,
+                     match=f"workdir {tmp_path / 'missing'} does not exist"):
+    visualize.make_figures(str(tmp_path / "missing"))
+  with pytest.raises(errors.CheckpointNotFoundError, match="no checkpoints under"):
+    visualize.make_figures(str(tmp_path))
 
 
-def test_perturbation_grid_validates(loaded):
-  run, images, _ = loaded
-  v = visualize.predict(run.model, images[:1])["v"]
-  with pytest.raises(ValueError, match=r"v must have shape \[N_out, D_out\]"):
-    visualize.perturbation_grid(run.model, v, 0)
-  with pytest.raises(ValueError, match=r"cls must be in \[0, 10\), got 10"):
-    visualize.perturbation_grid(run.model, v[0], 10)
-  with pytest.raises(ValueError, match=r"images must have shape \[B, 28, 28, 1\]"):
-    visualize.predict(run.model, np.zeros((2, 32, 32, 3), np.float32))
+def _routing_figure(c, preds, grid_hwt=(1, 1, 1)):
+  b, _, n_out = c.shape
+  return visualize.routing_figure(np.zeros((b, 4, 4, 1), np.float32), c, np.zeros(b, int),
+                                  preds, [str(k) for k in range(n_out)], grid_hwt)
 
 
-def test_couplings_sum_to_one_and_match_the_primary_grid(loaded):
-  run, images, _ = loaded
-  c = visualize.couplings(run.model, images[:3])
-  # smoke: 28 -> conv 9 -> 20 -> primary 9 stride 2 -> 6x6 grid, 4 types.
-  assert visualize.primary_grid(run.model_cfg, (28, 28, 1)) == (6, 6, 4)
-  assert c.shape == (3, 6 * 6 * 4, 10)
-  np.testing.assert_allclose(c.sum(-1), 1.0, rtol=1e-5)
+def test_routing_heatmap_diverges_around_uniform():
+  from matplotlib import colors
+  from matplotlib import pyplot as plt
+  rng = np.random.default_rng(0)
+  n_in, n_out = 12, 5                                         # uniform = 1/5 = 0.2
+  c = 0.2 + rng.uniform(-1e-3, 1e-3, (2, n_in, n_out))        # near-uniform, as trained
+  c[1, 3] = [0.2 + 4e-3, 0.2 - 1e-3, 0.2 - 1e-3, 0.2 - 1e-3, 0.2 - 1e-3]   # largest deviation
+  fig, axes = _routing_figure(c, np.array([0, 1]), grid_hwt=(2, 2, 3))
+  assert axes.shape == (2, 4)
+  for row in range(2):
+    (im,) = axes[row, 1].images
+    assert isinstance(im.norm, colors.TwoSlopeNorm)
+    assert im.get_cmap().name == "RdBu_r"
+    np.testing.assert_allclose(im.norm.vcenter, 0.2, rtol=1e-12)
+    # Symmetric about the centre, spanning the largest deviation of any row.
+    np.testing.assert_allclose([im.norm.vmin, im.norm.vmax], [0.2 - 4e-3, 0.2 + 4e-3],
+                               rtol=1e-9)
+    np.testing.assert_allclose(im.norm(0.2), 0.5)             # uniform is the middle colour
+    assert "uniform 1/5" in im.colorbar.ax.get_ylabel()
+  # The spatial maps (mean over types of the predicted class's column) share their own
+  # centred norm, spanning their own largest deviation.
+  maps = [c[i][:, p].reshape(2, 2, 3).mean(-1) for i, p in enumerate([0, 1])]
+  dev = max(np.abs(m - 0.2).max() for m in maps)
+  for row in range(2):
+    norm = axes[row, 3].images[0].norm
+    np.testing.assert_allclose([norm.vmin, norm.vcenter, norm.vmax],
+                               [0.2 - dev, 0.2, 0.2 + dev], rtol=1e-9)
+  plt.close(fig)
 
 
-def test_coupling_entropy():
-  uniform = np.full((2, 5, 10), 0.1)
-  np.testing.assert_allclose(visualize.coupling_entropy(uniform), np.log(10), rtol=1e-12)
-  one_hot = np.eye(4)[None]                                   # [1, 4, 4]
-  np.testing.assert_array_equal(visualize.coupling_entropy(one_hot), 0.0)
-  np.testing.assert_allclose(visualize.coupling_entropy([[0.5, 0.5, 0.0]]), [np.log(2)])
+def test_routing_heatmap_of_uniform_and_of_peaked_couplings():
+  from matplotlib import pyplot as plt
+  # One routing iteration: exactly uniform. A valid (tiny) range, every cell the centre.
+  c = np.full((1, 6, 10), 0.1, np.float32)
+  fig, axes = _routing_figure(c, np.array([0]))
+  im = axes[0, 1].images[0]
+  assert im.norm.vmin < im.norm.vcenter == 0.1 < im.norm.vmax
+  np.testing.assert_allclose(im.norm(c[0]), 0.5, atol=1e-3)
+  plt.close(fig)
+  # Routed all-to-one: the range below is cut at 0, where couplings end.
+  c = np.zeros((1, 6, 10), np.float32)
+  c[0, :, 2] = 1.0
+  fig, axes = _routing_figure(c, np.array([2]))
+  im = axes[0, 1].images[0]
+  np.testing.assert_allclose([im.norm.vmin, im.norm.vcenter, im.norm.vmax], [0.0, 0.1, 1.0],
+                             rtol=1e-6)
+  plt.close(fig)
 
 
-def test_confusion_matrix():
-  cm = visualize.confusion_matrix([0, 1, 1, 2], [0, 1, 2, 2], 3)
-  np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
-  with pytest.raises(ValueError, match="same shape"):
-    visualize.confusion_matrix([0, 1], [0], 3)
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "capsjax.visualize", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": REPO})
 
 
-def test_load_run_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    visualize.load_run(str(tmp_path / "missing"))
-  assert input_pipeline.dataset_info("fashion_mnist").class_names[9] == "Ankle boot"
+@pytest.mark.parametrize("what,expected", [
+    ("missing", "does not exist: expected the workdir of a training run"),
+    ("empty", "no checkpoints under"),
+])
+def test_cli_user_error_is_one_line_and_exit_code_2(tmp_path, what, expected):
+  workdir = tmp_path / what
+  if what == "empty":
+    workdir.mkdir()
+  r = _cli(f"--workdir={workdir}")
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert [l for l in lines if l.startswith("capsjax")] == [lines[-1]], r.stderr
+  assert lines[-1].startswith("capsjax: error: ") and expected in lines[-1], r.stderr
+  assert str(workdir) in lines[-1]
+
+
+def test_cli_unexpected_argument(capsys):
+  with pytest.raises(SystemExit) as e:
+    visualize.main(["visualize", "stray"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      "capsjax: error: unexpected arguments: ['stray']; capsjax.visualize takes only flags, "
+      "e.g. --workdir=RUN\n")
