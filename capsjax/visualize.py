@@ -480,8 +480,8 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu_runtime()   # before JAX starts its backends.
+  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
   f = flags.FLAGS
   paths = make_figures(f.workdir, checkpoint=f.checkpoint, out_dir=f.out_dir,
                        num_examples=f.num_examples, num_routing=f.num_routing,

@@ -511,3 +511,11 @@ class TestRoutingBias:
   def test_bad_bias_shape(self):
     with pytest.raises(ValueError, match=r"bias of shape \(4, 2\) does not broadcast"):
       dynamic_routing(random_u_hat((2, 5, 3, 2)), 2, bias=np.zeros((4, 2), np.float32))
+
+
+@pytest.mark.parametrize("dtype,expected", [
+    (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32), (jnp.int32, jnp.float32),
+    (jnp.float32, jnp.float32), (np.float64, np.float64)])
+def test_compute_dtype(dtype, expected):
+  """Narrow inputs compute in float32 (squash, routing and the convs); wide ones stay wide."""
+  assert caps_ops.compute_dtype(dtype) == jnp.dtype(expected)
