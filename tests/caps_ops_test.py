@@ -42,7 +42,8 @@ def np_routing(u_hat, num_iterations, bias=None):
   Args:
     u_hat: [..., N_in, N_out, D] predictions.
     num_iterations: r >= 1.
-    bias: optional [N_out, D] added to each s_j (the authors' code).
+    bias: optional [N_out, D] added to each s_j (as the authors' code, Sarasra/models
+      research/capsules, does).
 
   Returns:
     (v [..., N_out, D], c [..., N_in, N_out], b_before_last [..., N_in, N_out]) in float64.
@@ -474,7 +475,8 @@ class TestPredictAndRoute:
 
 
 class TestRoutingBias:
-  """`bias`: the authors' code's b_j added to s_j before the squash in every iteration."""
+  """`bias`: the b_j of the authors' code (Sarasra/models research/capsules), added to s_j
+  before the squash in every iteration."""
 
   @pytest.mark.parametrize("shape,num_iterations", [((2, 6, 3, 4), 1), ((2, 6, 3, 4), 3),
                                                     ((3, 5, 4, 2), 2), ((7, 2, 5), 4)])
