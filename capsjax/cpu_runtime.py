@@ -1,12 +1,13 @@
 """Start-up settings of the host runtime: XLA:CPU's conv library, glibc's malloc, 'auto' convs.
 
 The entry points (`capsjax.main`, `capsjax.visualize`, the benchmarks, the experiments and
-the tests) decide the runtime once, before any JAX computation:
+the tests) call `configure_cpu_runtime()` first, before JAX starts its backends. The config
+value conv_impl='auto' is then turned into a lowering once, after the backends started:
 
-  cpu_runtime.configure_cpu_runtime()            # before JAX starts its backends
-  impl = cpu_runtime.resolve_conv_impl(config.model.conv_impl)   # after: 'auto' -> a lowering
+  impl = cpu_runtime.resolve_conv_impl(config.model.conv_impl)
+  model = models.create_model(config.model, ..., conv_impl=impl)
 
-and pass the result down as a plain value (`models.create_model(..., conv_impl=impl)`).
+(`models.create_model` calls `resolve_conv_impl` itself when not given `conv_impl`.)
 This is the only module that reads or writes XLA_FLAGS or calls `mallopt`; the model, the
 layers and `capsjax.conv` never read the environment.
 
