@@ -8,9 +8,9 @@ gradients, so nothing is dead code). A float32 2048^3 matmul is timed in the sam
 and in the same rounds, interleaved with the convs, so its GFLOP/s is the peak the
 lowerings are compared with on a shared machine.
 
-XLA:CPU's convolutions are taken off YNNPACK first (`parallel.use_xla_cpu_convs`, as
+XLA:CPU's convolutions are taken off YNNPACK first (`cpu_runtime.use_xla_cpu_convs`, as
 `capsjax.main` does) unless XLA_FLAGS sets the YNNPACK fusion types or `--ynn-convs` is
-given, and freed host memory is kept for reuse (`parallel.keep_host_memory`).
+given, and freed host memory is kept for reuse (`cpu_runtime.keep_host_memory`).
 
 Run: `python -m benchmarks.conv [--batch 100] [--repeats 5]
 [--impls xla,im2col,s2d,hybrid,winograd]`.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capsjax import conv
-from capsjax import parallel
+from capsjax import cpu_runtime
 
 # name: (image [H, W, C_in], kernel [kh, kw, C_in, C_out], stride)
 SHAPES = {
@@ -135,20 +135,22 @@ def main(argv=None):
   parser.add_argument("--impls", default="xla,im2col,s2d,hybrid,winograd")
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--ynn-convs", action="store_true",
-                      help="leave XLA:CPU's convs on YNNPACK (skip parallel.use_xla_cpu_convs)")
+                      help="leave XLA:CPU's convs on YNNPACK (skip cpu_runtime.use_xla_cpu_convs)")
   args = parser.parse_args(argv)
   if not args.ynn_convs:
-    parallel.use_xla_cpu_convs()
-  parallel.keep_host_memory()
+    cpu_runtime.use_xla_cpu_convs()
+  cpu_runtime.keep_host_memory()
   impls = tuple(args.impls.split(","))
   for impl in impls:
-    conv.resolve_impl(impl)   # fail early on a bad name
+    if impl not in conv.IMPLS:   # fail early on a bad name
+      parser.error(f"--impls: {impl!r} is not one of {conv.IMPLS}")
+  auto = cpu_runtime.resolve_conv_impl("auto")
   out = run(args.batch, args.repeats, impls, tuple(args.shapes.split(",")))
 
   peak = out["matmul_gflops"]
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
-        f"batch {args.batch}; 'auto' -> {conv.resolve_impl('auto')}; convs on "
-        f"{'YNNPACK' if parallel.cpu_convs_on_ynnpack() else 'XLA'}")
+        f"batch {args.batch}; 'auto' -> {auto}; convs on "
+        f"{'YNNPACK' if cpu_runtime.cpu_convs_on_ynnpack() else 'XLA'}")
   print(f"f32 matmul 2048^3: {peak:.1f} GFLOP/s median "
         f"({out['matmul_gflops_best']:.1f} best), timed interleaved with the convs")
   print(f"{'shape':<12}{'impl':<10}" + "".join(f"{m:>17}" for m in MODES))
@@ -164,7 +166,7 @@ def main(argv=None):
         "gradient = one forward); * timed once. 'winograd' does ~3.7x fewer multiplies "
         "than the direct conv on PrimaryCaps, so its figure can exceed the matmul peak")
   print(json.dumps(dict(batch=args.batch, backend=jax.default_backend(),
-                        auto=conv.resolve_impl("auto"), **out)))
+                        auto=auto, **out)))
 
 
 if __name__ == "__main__":

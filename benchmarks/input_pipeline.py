@@ -89,8 +89,8 @@ def main():
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--iters', type=int, default=200)
   args = parser.parse_args()
-  from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu_runtime()  # as capsjax.main does, before JAX starts its backends.
+  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure_cpu_runtime()  # as capsjax.main does, before JAX starts its backends.
   tfds.disable_progress_bar()
 
   tmp = None

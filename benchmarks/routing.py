@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from capsjax import parallel
+from capsjax import cpu_runtime
 from capsjax.caps_ops import dynamic_routing
 
 N_IN, N_OUT, D_OUT = 1152, 10, 16
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
                       help="comma-separated routing iteration counts")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  parallel.configure_cpu_runtime()   # as capsjax.main does, before JAX starts.
+  cpu_runtime.configure_cpu_runtime()   # as capsjax.main does, before JAX starts.
   result = run(args.batch, args.repeats, args.iterations, args.seed)
   print(format_table(result))
   print(json.dumps(result, sort_keys=True))

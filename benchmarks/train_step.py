@@ -8,7 +8,7 @@
 Full model (decoder, 3 routing iterations, Adam), one device. Prints a table, then one JSON
 line (last line) with train_img_s, eval_img_s, batch, backend, peak_mem_mb, and
 peer_train_img_s / peer_eval_img_s with --peer (the peer in this process, so under the same
-glibc malloc settings, `parallel.keep_host_memory`), and peer_own_process_* (the same peer
+glibc malloc settings, `cpu_runtime.keep_host_memory`), and peer_own_process_* (the same peer
 in a fresh process with default malloc, as PyTorch users run it).
 
 The f32 matmul peak is measured repeatedly, interleaved with the timed steps (before and
@@ -42,13 +42,14 @@ _PEER = flags.DEFINE_bool("peer", False, "Also time the PyTorch peer (benchmarks
 _PEER_COMPILE = flags.DEFINE_bool("peer_compile", False,
                                   "With --peer, also time the peer under torch.compile.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_CONV = flags.DEFINE_string("conv_impl", "auto", "capsjax.conv implementation.")
+_CONV = flags.DEFINE_string("conv_impl", "auto", "capsjax.conv lowering, or 'auto' "
+                            "(cpu_runtime.resolve_conv_impl).")
 _XLA_CONVS = flags.DEFINE_bool(
-    "xla_cpu_convs", True, "parallel.use_xla_cpu_convs() as capsjax.main does (convs off "
+    "xla_cpu_convs", True, "cpu_runtime.use_xla_cpu_convs() as capsjax.main does (convs off "
     "YNNPACK) unless XLA_FLAGS sets the YNNPACK fusion types; --noxla_cpu_convs leaves "
     "jaxlib's default (convs on YNNPACK).")
 _KEEP_MEMORY = flags.DEFINE_bool(
-    "keep_host_memory", True, "parallel.keep_host_memory() as capsjax.main does; "
+    "keep_host_memory", True, "cpu_runtime.keep_host_memory() as capsjax.main does; "
     "--nokeep_host_memory leaves glibc's malloc defaults.")
 _LAYERS = flags.DEFINE_bool("layers", True, "Per-layer forward/backward breakdown.")
 
@@ -167,21 +168,22 @@ def measure(batch_size: int, steps: int, dtype: str, conv_impl: str, layers: boo
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from capsjax import conv  # pylint: disable=g-import-not-at-top
+  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
   from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  from capsjax import train  # pylint: disable=g-import-not-at-top
+  from capsjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from configs import fashion  # pylint: disable=g-import-not-at-top
 
   config = fashion.get_config()
   config.model.dtype = dtype
   config.model.conv_impl = conv_impl
+  conv_impl = cpu_runtime.resolve_conv_impl(conv_impl)   # what create_model builds
   config.batch_size = config.eval_batch_size = batch_size
   info = input_pipeline.dataset_info("fashion_mnist")
   mesh = parallel.make_mesh(1)
-  graphdef, state = train.create_model_and_optimizer(config, info, 100, jax.random.key(0))
+  graphdef, state = steps_lib.create_model_and_optimizer(config, info, 100, jax.random.key(0))
   state = parallel.replicate(state, mesh)
-  train_fn, eval_fn = train.make_steps(graphdef, config, 100, mesh)
+  train_fn, eval_fn = steps_lib.make_steps(graphdef, config, 100, mesh)
   rng = np.random.default_rng(0)
   batch = parallel.shard_batch({
       "image": rng.random((batch_size, 28, 28, 1), np.float32),
@@ -211,7 +213,7 @@ def measure(batch_size: int, steps: int, dtype: str, conv_impl: str, layers: boo
   peaks.sample()
   flops = forward_flops(config.model)
   result = {
-      "batch": batch_size, "conv_impl": conv.resolve_impl(conv_impl), "dtype": dtype,
+      "batch": batch_size, "conv_impl": conv_impl, "dtype": dtype,
       "train_img_s": batch_size / train_s, "eval_img_s": batch_size / eval_s,
       "train_step_s": train_s, "eval_step_s": eval_s,
       "compile_train_s": compile_train, "compile_eval_s": compile_eval,
@@ -250,11 +252,11 @@ def _peer_subprocess(batch: int, steps: int, threads: int, compile_too: bool) ->
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from capsjax import parallel  # pylint: disable=g-import-not-at-top
+  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
   if _XLA_CONVS.value:
-    parallel.use_xla_cpu_convs()
+    cpu_runtime.use_xla_cpu_convs()
   if _KEEP_MEMORY.value:
-    parallel.keep_host_memory()
+    cpu_runtime.keep_host_memory()
   backend = jax.default_backend()
   threads = os.cpu_count()
   peaks = PeakTracker()

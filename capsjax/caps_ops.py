@@ -22,8 +22,18 @@ import jax
 import jax.numpy as jnp
 
 
-def _compute_dtype(dtype) -> jnp.dtype:
-  """float32 for narrower floats, the dtype itself for float32/float64."""
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype capsjax computes and accumulates a `dtype` input in.
+
+  float32 for bfloat16/float16 (and integers), the dtype itself for float32/float64.
+  `capsjax.conv` accumulates its convolutions in it too.
+
+  Args:
+    dtype: an input's dtype.
+
+  Returns:
+    jnp.promote_types(dtype, float32).
+  """
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -47,7 +57,7 @@ def squash(s: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.Array:
   s = jnp.asarray(s)
   if not jnp.issubdtype(s.dtype, jnp.floating):
     raise TypeError(f"squash expects a floating-point array, got dtype {s.dtype}")
-  x = s.astype(_compute_dtype(s.dtype))
+  x = s.astype(compute_dtype(s.dtype))
   # The rescale only guards against overflow of |s|^2; treating it as a constant gives
   # the exact gradient because v(s) does not depend on it.
   scale = jax.lax.stop_gradient(
@@ -75,7 +85,7 @@ def capsule_lengths(v: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.A
     [...] lengths, in float32 (or float64 for float64 input).
   """
   x = jnp.asarray(v)
-  x = x.astype(_compute_dtype(x.dtype))
+  x = x.astype(compute_dtype(x.dtype))
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis) + eps)
 
 
@@ -119,9 +129,9 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
     u_hat: [..., N_in, N_out, D] predictions of each input capsule for each parent;
       any number of leading batch dimensions.
     num_iterations: static Python int >= 1 (changing it recompiles).
-    stop_gradient: if False (the authors' code), gradients flow through every
-      iteration. If True, `u_hat` is stop-gradiented in all iterations but the last,
-      the variant most re-implementations use.
+    stop_gradient: if False (as in the authors' code, Sarasra/models research/capsules),
+      gradients flow through every iteration. If True, `u_hat` is stop-gradiented in all
+      iterations but the last, the variant most re-implementations use.
     return_couplings: also return the last iteration's coupling coefficients.
     bias: optional [N_out, D] (or anything broadcastable to [..., N_out, D]) added to
       s_j before the squash in every iteration, as the authors' code (Sarasra/models,
@@ -142,7 +152,7 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
         "u_hat must have shape [..., N_in, N_out, D] (at least 3 dims), got shape "
         f"{u_hat.shape}")
   out_dtype = u_hat.dtype
-  u = u_hat.astype(_compute_dtype(out_dtype))                          # [..., N_in, N_out, D]
+  u = u_hat.astype(compute_dtype(out_dtype))                          # [..., N_in, N_out, D]
   n_out = u.shape[-2]
   add_bias = lambda s: s
   if bias is not None:
@@ -164,8 +174,8 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
   else:
     # Route in the [..., N_out, N_in, D] layout, transposed once outside the loop: both
     # contractions are then batched mat-vecs with leading batch axes, which XLA runs
-    # ~10x faster on CPU than the same einsums on [..., N_in, N_out, D] (those transpose
-    # or reduce over strided axes in every iteration). HIGHEST precision keeps float32
+    # much faster on CPU than the same einsums on [..., N_in, N_out, D] (those transpose
+    # or reduce over strided axes in every iteration; RESULTS.md). HIGHEST precision keeps float32
     # routing exact on GPU/TPU (no TF32/bf16 passes).
     ut = jnp.swapaxes(u, -3, -2)                                       # [..., N_out, N_in, D]
     ut_inner = jax.lax.stop_gradient(ut) if stop_gradient else ut
@@ -181,8 +191,6 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
       return b + jnp.einsum('...mno,...mo->...mn', ut_inner, v,
                             precision=hi)                              # [..., N_out, N_in]
 
-    # zeros_like keeps the batch sharding of u_hat under an Explicit mesh (jnp.zeros inside
-    # jit would be replicated).
     b0 = jnp.zeros_like(ut[..., 0])                                    # [..., N_out, N_in]
     b = jax.lax.fori_loop(0, num_iterations - 1, body, b0)
     c_t, v = route(b, ut)
@@ -198,15 +206,15 @@ def predict_and_route(u: jax.Array, w: jax.Array, num_iterations: int, *,
   """The fully connected capsule layer: u_hat = u W, then `dynamic_routing(u_hat)`.
 
   Equal to `dynamic_routing(jnp.einsum('bni,nmio->bnmo', u, w), ...)` (values and
-  gradients, to float rounding), but never
-  forms u_hat in that layout: the predictions are made directly in the [B, N_out, N_in,
-  D_out] layout routing reads, as a fused multiply-add over the D_in axis (XLA:CPU
-  runs the equivalent einsum, 1152 tiny matmuls, at ~2 GFLOP/s), and the hand-written
-  gradient forms d u_hat once, in the [N_in, B, N_out, D_out] layout in which the
-  gradients of u and w are each one batched matmul. Iterations run in a `lax.scan`.
-  The gradient is hand-written (`jax.custom_vjp`): reverse mode only (grad, vjp), not
-  jvp/jacfwd. For 3 iterations the backward pass reads u_hat four times and writes its
-  gradient once, instead of differentiating through the loop.
+  gradients, to float rounding), but never forms u_hat in that layout: the predictions
+  are made directly in the [B, N_out, N_in, D_out] layout routing reads, as a fused
+  multiply-add over the D_in axis (XLA:CPU runs the equivalent einsum as N_in tiny
+  matmuls, far below its GEMM speed), and the hand-written gradient forms d u_hat once,
+  in the [N_in, B, N_out, D_out] layout in which the gradients of u and w are each one
+  batched matmul. Iterations run in a `lax.scan`. The gradient is hand-written
+  (`jax.custom_vjp`): reverse mode only (grad, vjp), not jvp/jacfwd. For 3 iterations
+  the backward pass reads u_hat four times and writes its gradient once, instead of
+  differentiating through the loop.
 
   Args:
     u: [B, N_in, D_in] input capsules (float32 or float64).
@@ -229,8 +237,8 @@ def predict_and_route(u: jax.Array, w: jax.Array, num_iterations: int, *,
 
 # ----------------------------------------------------------------------------------------
 # Routing core on ut = u_hat in the [..., N_out, N_in, D] layout. Both contractions are
-# then batched mat-vecs over leading axes, which XLA:CPU runs ~10x faster than the same
-# einsums on [..., N_in, N_out, D]. HIGHEST precision keeps float32 routing exact on
+# then batched mat-vecs over leading axes, which XLA:CPU runs much faster than the same
+# einsums on [..., N_in, N_out, D] (RESULTS.md). HIGHEST precision keeps float32 routing exact on
 # GPU/TPU (no TF32/bf16 passes); XLA:CPU computes float32 dots in float32 anyway.
 # ----------------------------------------------------------------------------------------
 _HI = jax.lax.Precision.HIGHEST
@@ -360,9 +368,8 @@ def _predict_route_bwd(num_iterations, stop_gradient, saved, g):
   gn = jax.lax.optimization_barrier(gn.reshape(n_in, b, n_out * d_out))  # [N_in, B, N_out*D_out]
   wn = jnp.transpose(w, (0, 2, 1, 3)).reshape(n_in, d_in, n_out * d_out)  # [N_in, D_in, N_out*D_out]
   du = jax.lax.dot_general(gn, wn, (((2,), (2,)), ((0,), (0,))))       # [N_in, B, D_in]
-  # Contracting the (possibly sharded) batch axis: the output sharding is w's.
-  dw = jax.lax.dot_general(jnp.transpose(u, (1, 2, 0)), gn, (((2,), (1,)), ((0,), (0,))),
-                           out_sharding=jax.typeof(wn).sharding)       # [N_in, D_in, N_out*D_out]
+  dw = jax.lax.dot_general(jnp.transpose(u, (1, 2, 0)), gn,
+                           (((2,), (1,)), ((0,), (0,))))               # [N_in, D_in, N_out*D_out]
   dw = jnp.transpose(dw.reshape(n_in, d_in, n_out, d_out), (0, 2, 1, 3))  # [N_in, N_out, D_in, D_out]
   return jnp.transpose(du, (1, 0, 2)), dw
 

@@ -1,10 +1,10 @@
 """2-D convolutions for CapsNet (VALID padding, square stride), with selectable lowering.
 
-`conv2d(x, w, stride=..., impl=...)` computes the same function with every lowering:
+`conv2d(x, w, stride=..., impl=...)` computes the same function with every lowering in
+IMPLS; `benchmarks/conv.py` times them and RESULTS.md records the timings.
 
 * 'xla': `lax.conv_general_dilated` (cuDNN on GPU). On XLA:CPU its input gradient for
-  strided convs is very slow: ~22 s for the PrimaryCaps conv at batch 100, ~30x its
-  forward.
+  strided convs is very slow (tens of times its forward).
 * 'im2col': explicit patches + GEMMs with a custom VJP: patches from kh*kw strided slices,
   one dot_general against the kernel reshaped to [kh*kw*C_in, C_out]; dw is one dot of
   the patches with the cotangent, and dx is one dot (cotangent x kernel^T) followed by
@@ -13,11 +13,10 @@
   forward mode (jvp, jacfwd).
 * 'hybrid': 'xla' for the forward pass and the weight gradient; the input gradient of
   strided convs is one GEMM per kernel tap, accumulated in place into the stride phases
-  of the image (custom VJP, reverse mode only).
-  jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default; once they are taken
-  off it (`capsjax.parallel.use_xla_cpu_convs`, which `capsjax.main` calls), XLA's own
-  conv and weight gradient run near GEMM speed on CPU, but the input gradient of a
-  strided conv does not (~20 s at batch 100).
+  of the image (custom VJP, reverse mode only). XLA:CPU sends convolutions to YNNPACK by
+  default; once they are taken off it (`capsjax.cpu_runtime.use_xla_cpu_convs`), XLA's
+  own conv and weight gradient run near GEMM speed on CPU, but the input gradient of a
+  strided conv does not.
 * 's2d': space-to-depth: pad to a multiple of the stride, fold each s x s block into the
   channels and run a stride-1 `lax` conv with a ceil(kh/s) x ceil(kw/s) kernel (the
   original kernel zero-padded and folded the same way). Stride 1 is plain 'xla'.
@@ -25,21 +24,20 @@
   stride-1 conv: input and weight transforms, (3 + r - 1)^2 batched GEMMs over the
   channels, an output transform; the backward pass is the same stages transposed (custom
   VJP, reverse mode only). On PrimaryCaps (9x9 stride 2 -> folded 5x5) its GEMMs do 3.7x
-  fewer multiplies than the direct conv (2.9x fewer FLOPs with the transforms) and it
-  runs forward + both gradients 2x faster than 'hybrid' on XLA:CPU. Rounding happens in
-  the transformed domain, so its float32 error is ~15-20x the direct conv's there (mean
-  ~1e-6, max ~1e-5 of the output scale). It always computes in float32 or wider: bfloat16
-  / float16 inputs are cast up (rounded transforms would cost ~20x the error of a
-  bfloat16 direct conv). Folded kernels larger than 5x5 (e.g. Conv1, 9x9 stride 1) or 1
-  wide, and non-float inputs, fall back to 'hybrid'.
-* 'auto': `resolve_impl('auto')`, the fastest measured lowering for
-  `jax.default_backend()`: on CPU 'winograd' with convs off YNNPACK, else 'im2col';
-  'xla' (cuDNN/TPU convs) elsewhere.
+  fewer multiplies than the direct conv (2.9x fewer FLOPs with the transforms), the
+  fastest lowering on XLA:CPU. Rounding happens in the transformed domain, so its float32
+  error is larger than the direct conv's (tests/conv_test.py bounds it at 1e-5 of the
+  output scale and 20x XLA's error). It always computes in float32 or wider: bfloat16 /
+  float16 inputs are cast up (rounded transforms would multiply the error of a bfloat16
+  direct conv). Folded kernels larger than 5x5 (e.g. Conv1, 9x9 stride 1) or 1 wide, and
+  non-float inputs, fall back to 'hybrid'.
 
-No lowering merges the batch axis with another axis (all but 'winograd' keep it in front), so a
-batch sharded over a mesh axis (`P('data')`) stays sharded. Low-precision inputs
-accumulate in float32 and the result has the promoted input dtype.
-`benchmarks/conv.py` times them.
+The config value 'auto' is not a lowering: `capsjax.cpu_runtime.resolve_conv_impl` maps it
+to the fastest one for the backend once, at start-up, and this module never reads the
+environment. No lowering merges the batch axis with another axis (all but 'winograd' keep
+it in front), so under the trainer's Auto mesh a batch sharded over `P('data')` stays
+sharded without annotations. Low-precision inputs accumulate in float32 and the result
+has the promoted input dtype.
 """
 
 from __future__ import annotations
@@ -49,38 +47,17 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from capsjax import parallel
+from capsjax import caps_ops
 
-IMPLS = ("xla", "im2col", "s2d", "hybrid", "winograd", "auto")
+IMPLS = ("xla", "im2col", "s2d", "hybrid", "winograd")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_impl(impl: str) -> str:
-  """Maps an impl name (one of IMPLS) to a concrete lowering; 'auto' by backend.
-
-  'auto' is the fastest lowering measured (benchmarks/conv.py): on CPU 'winograd' when
-  XLA:CPU runs convolutions itself (`parallel.use_xla_cpu_convs`), else 'im2col';
-  'xla' (cuDNN, TPU convs) on other backends.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    if jax.default_backend() != "cpu":
-      return "xla"
-    return "im2col" if parallel.cpu_convs_on_ynnpack() else "winograd"
-  return impl
-
-
-def _accum_dtype(dtype) -> jnp.dtype:
-  """float32 for bfloat16/float16, the dtype itself for float32/float64."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _out_size(n: int, k: int, stride: int) -> int:
-  return (n - k) // stride + 1
+def out_size(size: int, kernel: int, stride: int) -> int:
+  """Output size of a VALID conv along one axis: (size - kernel) // stride + 1."""
+  return (size - kernel) // stride + 1
 
 
 def _check(x: jax.Array, w: jax.Array, stride) -> None:
@@ -99,30 +76,10 @@ def _check(x: jax.Array, w: jax.Array, stride) -> None:
     raise ValueError(f"stride must be a Python int >= 1, got {stride!r}")
 
 
-def _batch_sharding(a: jax.Array, ndim: int, axis: int = 0, new_axis: int = 0):
-  """a's sharding of its batch axis `axis` only, placed at `new_axis` of an ndim-d result."""
-  sharding = jax.typeof(a).sharding
-  spec = sharding.spec
-  batch = spec[axis] if len(spec) > axis else None
-  return sharding.update(spec=P(*([None] * new_axis), batch, *([None] * (ndim - new_axis - 1))))
-
-
-def _reshape(a: jax.Array, shape, axis: int = 0, new_axis: int | None = None) -> jax.Array:
-  """Reshape that keeps the batch axis (`axis`, at `new_axis` in the result; default: the
-  same) and its mesh sharding, other axes replicated.
-
-  Under an Explicit mesh, reshapes that merge or split axes next to a sharded batch axis
-  need an explicit output sharding.
-  """
-  new_axis = axis if new_axis is None else new_axis
-  return lax.reshape(a, tuple(shape),
-                     out_sharding=_batch_sharding(a, len(shape), axis, new_axis))
-
-
 def _xla(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   y = lax.conv_general_dilated(
       x, w, window_strides=(stride, stride), padding="VALID",
-      dimension_numbers=_DIMS, preferred_element_type=_accum_dtype(x.dtype))
+      dimension_numbers=_DIMS, preferred_element_type=caps_ops.compute_dtype(x.dtype))
   return y.astype(x.dtype)                                 # [B, Ho, Wo, C_out]
 
 
@@ -132,14 +89,14 @@ def _xla(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
 def _patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
   """[B, H, W, C] -> [B, Ho, Wo, kh*kw*C]; feature order (i, j, c) as in HWIO."""
   b, h, w, c = x.shape
-  ho, wo = _out_size(h, kh, stride), _out_size(w, kw, stride)
+  ho, wo = out_size(h, kh, stride), out_size(w, kw, stride)
   cols = [
       lax.slice(x, (0, i, j, 0),
                 (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
                 (1, stride, stride, 1))                    # [B, Ho, Wo, C]
       for i in range(kh) for j in range(kw)]
   p = jnp.stack(cols, axis=3)                              # [B, Ho, Wo, kh*kw, C]
-  return _reshape(p, (b, ho, wo, kh * kw * c))             # [B, Ho, Wo, K]
+  return p.reshape(b, ho, wo, kh * kw * c)                 # [B, Ho, Wo, K]
 
 
 def _col2im(dp: jax.Array, x_shape, kh: int, kw: int, stride: int) -> jax.Array:
@@ -155,7 +112,7 @@ def _col2im(dp: jax.Array, x_shape, kh: int, kw: int, stride: int) -> jax.Array:
   b, h, w, c = x_shape
   _, ho, wo, _ = dp.shape
   s = stride
-  dp = _reshape(dp, (b, ho, wo, kh * kw, c))               # [B, Ho, Wo, kh*kw, C]
+  dp = dp.reshape(b, ho, wo, kh * kw, c)                   # [B, Ho, Wo, kh*kw, C]
   zero = jnp.zeros((), dp.dtype)
   dx = None
   for pi in range(min(s, h)):
@@ -183,7 +140,7 @@ def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   kh, kw, c_in, c_out = w.shape
   p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
   y = lax.dot_general(p, w.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
-                      preferred_element_type=_accum_dtype(x.dtype))
+                      preferred_element_type=caps_ops.compute_dtype(x.dtype))
   return y.astype(x.dtype)                                 # [B, Ho, Wo, C_out]
 
 
@@ -201,15 +158,12 @@ def _im2col_bwd(stride, res, g):
   x, w = res                                               # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
   kh, kw, c_in, c_out = w.shape
-  acc = _accum_dtype(x.dtype)
+  acc = caps_ops.compute_dtype(x.dtype)
   p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
   b, ho, wo, _ = g.shape
-  p = _reshape(p, (b, ho, wo, kh, kw, c_in))               # [B, Ho, Wo, kh, kw, C_in]
-  # Contracting the (possibly sharded) batch axis: under an Explicit mesh the output
-  # sharding must be given; it is w's (the compiler inserts the all-reduce).
+  p = p.reshape(b, ho, wo, kh, kw, c_in)                   # [B, Ho, Wo, kh, kw, C_in]
   dw = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                       preferred_element_type=acc,
-                       out_sharding=jax.typeof(w).sharding)  # [kh, kw, C_in, C_out]
+                       preferred_element_type=acc)         # [kh, kw, C_in, C_out]
   dw = dw.astype(w.dtype)
   dp = lax.dot_general(g, w.reshape(kh * kw * c_in, c_out), (((3,), (1,)), ((), ())),
                        preferred_element_type=acc)         # [B, Ho, Wo, K]
@@ -231,13 +185,13 @@ def _taps_dx(x, w, g, stride):
   kh, kw, c_in, _ = w.shape
   b, h, wd, _ = x.shape
   s = stride
-  acc = _accum_dtype(x.dtype)
+  acc = caps_ops.compute_dtype(x.dtype)
   # dx: tap (i, j) sends g w[i, j]^T to pixels (i + s*a, j + s*e), i.e. to the stride
   # phase (i % s, j % s) at offset (i // s, j // s). Each phase [B, ceil(H/s), ceil(W/s),
   # C_in] is accumulated in place (dynamic_update_slice), then the s*s phases are
   # interleaved: no scatter, no patch-sized buffer.
   hc, wc = -(-h // s), -(-wd // s)
-  zero = jnp.zeros((b, hc, wc, c_in), acc, out_sharding=_batch_sharding(x, 4))
+  zero = jnp.zeros((b, hc, wc, c_in), acc)
   phases = {}
   for i in range(kh):
     for j in range(kw):
@@ -250,14 +204,14 @@ def _taps_dx(x, w, g, stride):
   rows = [jnp.stack([phases.get((pi, pj), zero) for pj in range(s)], axis=3)
           for pi in range(s)]                              # s x [B, Hc, Wc, s, C_in]
   dx = jnp.stack(rows, axis=2)                             # [B, Hc, s, Wc, s, C_in]
-  dx = _reshape(dx, (b, hc * s, wc * s, c_in))[:, :h, :wd, :]  # [B, H, W, C_in]
+  dx = dx.reshape(b, hc * s, wc * s, c_in)[:, :h, :wd, :]  # [B, H, W, C_in]
   return dx.astype(x.dtype)
 
 
-# With convolutions off YNNPACK (`parallel.use_xla_cpu_convs`), XLA's own conv runs the
-# PrimaryCaps forward at ~190 GFLOP/s (~0.2 s at batch 100) and its weight gradient at
-# ~170, against 0.4 s and 0.43 s for im2col, whose patch matrix build costs as much as the
-# GEMM. Its input gradient (a conv with lhs dilation) stays slow, so it is per tap.
+# With convolutions off YNNPACK (`cpu_runtime.use_xla_cpu_convs`), XLA's own conv forward
+# and weight gradient run near GEMM speed on CPU, faster than im2col, whose patch matrix
+# build costs as much as its GEMM. XLA's input gradient of a strided conv (a conv with lhs
+# dilation) stays far slower, so that one is per tap (benchmarks/conv.py, RESULTS.md).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _hybrid(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   return _xla(x, w, stride)
@@ -275,11 +229,8 @@ def _hybrid_bwd(stride, res, g):
   if stride == 1:
     (dx,) = jax.linear_transpose(lambda x: _xla(x, w, 1), x)(g)      # [B, H, W, C_in]
   else:
-    # XLA:CPU's own input gradient of a strided conv takes ~20 s at batch 100. One GEMM per tap
-    # (no patch-sized buffer) measured 0.30 s for PrimaryCaps at batch 100 against 0.37 s
-    # for one patch-matrix GEMM + col2im with glibc's default malloc (the 300 MB output is
-    # page-faulted every step). With `parallel.keep_host_memory` the patch-matrix form was
-    # 0.23 s against 0.26 s, but only +2% on a whole train step for +300 MB of memory.
+    # One GEMM per tap rather than one patch-matrix GEMM + col2im: no patch-sized
+    # buffer, at about the same speed (RESULTS.md, "Conv lowering measurements").
     dx = _taps_dx(x, w, g, stride)                         # [B, H, W, C_in]
   return dx, dw
 
@@ -293,9 +244,9 @@ _hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
 def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
   """[B, s*H', s*W', C] -> [B, H', W', s*s*C], channel order (p, q, c)."""
   b, h, w, c = x.shape
-  x = _reshape(x, (b, h // s, s, w // s, s, c))            # [B, H', s, W', s, C]
+  x = x.reshape(b, h // s, s, w // s, s, c)                # [B, H', s, W', s, C]
   x = x.transpose(0, 1, 3, 2, 4, 5)                        # [B, H', W', s, s, C]
-  return _reshape(x, (b, h // s, w // s, s * s * c))       # [B, H', W', s*s*C]
+  return x.reshape(b, h // s, w // s, s * s * c)           # [B, H', W', s*s*C]
 
 
 def _s2d(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
@@ -374,7 +325,7 @@ def _fold(x: jax.Array, w: jax.Array, s: int):
     return x, w
   b, h, wd, c_in = x.shape
   kh, kw, _, c_out = w.shape
-  ho, wo = _out_size(h, kh, s), _out_size(wd, kw, s)
+  ho, wo = out_size(h, kh, s), out_size(wd, kw, s)
   kh2, kw2 = -(-kh // s), -(-kw // s)                      # folded kernel size
   # Exactly the input rows/cols the output reads, padded up to a multiple of s.
   hh, ww = s * (ho - 1 + kh2), s * (wo - 1 + kw2)
@@ -408,7 +359,7 @@ def _winograd_tiles(xs: jax.Array, m: int, nh: int, nw: int, th: int, tw: int) -
   xs = jnp.pad(xs, ((0, 0), (0, m * th + nh - m - h), (0, m * tw + nw - m - wd), (0, 0)))
   d = jnp.stack([xs[:, i:i + m * (th - 1) + 1:m, j:j + m * (tw - 1) + 1:m]
                  for i in range(nh) for j in range(nw)])   # [nh*nw, B, th, tw, C]
-  return _reshape(d, (nh * nw, b, th * tw, c), 1, 1)       # [nh*nw, B, th*tw, C]
+  return d.reshape(nh * nw, b, th * tw, c)                 # [nh*nw, B, th*tw, C]
 
 
 def _winograd_untile(dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int,
@@ -416,15 +367,15 @@ def _winograd_untile(dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int,
   """The transpose of `_winograd_tiles`: overlap-adds [nh*nw, B, T, C] tiles into [B, H, W, C].
 
   The image is cut into m x m blocks and each tile adds into ceil(n/m)^2 of them, block-
-  aligned (plain pads, no interior padding): 13 ms for PrimaryCaps at batch 100 against
-  103 ms for autodiff's transpose of the strided slices.
+  aligned (plain pads, no interior padding), several times faster than autodiff's
+  transpose of the strided slices (RESULTS.md, "Conv lowering measurements").
   """
   b, h, wd, c = x_shape
   qh, qw = -(-nh // m), -(-nw // m)
   hb, wb = th + qh - 1, tw + qw - 1
-  dd = _reshape(dd, (nh, nw, b, th, tw, c), 1, 2)
+  dd = dd.reshape(nh, nw, b, th, tw, c)
   dd = jnp.pad(dd, ((0, qh * m - nh), (0, qw * m - nw), (0, 0), (0, 0), (0, 0), (0, 0)))
-  dd = _reshape(dd, (qh, m, qw, m, b, th, tw, c), 2, 4)
+  dd = dd.reshape(qh, m, qw, m, b, th, tw, c)
   dd = dd.transpose(0, 2, 4, 5, 1, 6, 3, 7)                # [qh, qw, B, th, m, tw, m, C]
   out = None
   for i in range(qh):
@@ -432,7 +383,7 @@ def _winograd_untile(dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int,
       t = jnp.pad(dd[i, j], ((0, 0), (i, hb - th - i), (0, 0), (j, wb - tw - j),
                              (0, 0), (0, 0)))              # [B, hb, m, wb, m, C]
       out = t if out is None else out + t
-  return _reshape(out, (b, hb * m, wb * m, c))[:, :h, :wd]  # [B, H, W, C]
+  return out.reshape(b, hb * m, wb * m, c)[:, :h, :wd]     # [B, H, W, C]
 
 
 def _winograd_math(xs, ws, m):
@@ -451,8 +402,8 @@ def _winograd_math(xs, ws, m):
   u = jnp.einsum("st,tco->sco", g.astype(dt), ws.reshape(rh * rw, c_in, c_out))
   p = jnp.einsum("sbzc,sco->sbzo", v, u)                   # [n*n, B, T, C_out]
   y = jnp.einsum("us,sbzo->ubzo", at.astype(dt), p)        # [m*m, B, T, C_out]
-  y = _reshape(y, (m, m, b, th, tw, c_out), 1, 2).transpose(2, 3, 0, 4, 1, 5)
-  y = _reshape(y, (b, th * m, tw * m, c_out))[:, :h - rh + 1, :wd - rw + 1]
+  y = y.reshape(m, m, b, th, tw, c_out).transpose(2, 3, 0, 4, 1, 5)
+  y = y.reshape(b, th * m, tw * m, c_out)[:, :h - rh + 1, :wd - rw + 1]
   return y, (v, u)
 
 
@@ -483,12 +434,11 @@ def _winograd_s1_bwd(m, res, gy):
   dt = v.dtype                                             # gy's dtype too (= y's)
   ho, wo = h - rh + 1, wd - rw + 1
   gy = jnp.pad(gy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
-  gy = _reshape(gy, (b, th, m, tw, m, c_out)).transpose(2, 4, 0, 1, 3, 5)
-  gy = _reshape(gy, (m * m, b, th * tw, c_out), 2, 1)      # [m*m, B, T, C_out]
+  gy = gy.reshape(b, th, m, tw, m, c_out).transpose(2, 4, 0, 1, 3, 5)
+  gy = gy.reshape(m * m, b, th * tw, c_out)                # [m*m, B, T, C_out]
   dp = jnp.einsum("us,ubzo->sbzo", at.astype(dt), gy)      # [n*n, B, T, C_out]
   dv = jnp.einsum("sbzo,sco->sbzc", dp, u)                 # [n*n, B, T, C_in]
-  du = jnp.einsum("sbzc,sbzo->sco", v, dp,
-                  out_sharding=jax.typeof(u).sharding)     # [n*n, C_in, C_out]
+  du = jnp.einsum("sbzc,sbzo->sco", v, dp)                 # [n*n, C_in, C_out]
   dws = jnp.einsum("st,sco->tco", g.astype(dt), du).reshape(w_shape)
   dd = jnp.einsum("st,sbzc->tbzc", bt.astype(dt), dv)      # [n*n, B, T, C_in]
   return _winograd_untile(dd, x_shape, m, nh, nw, th, tw), dws
@@ -507,7 +457,7 @@ def _winograd_applies(w_shape, stride: int, dtype=jnp.float32) -> bool:
 def _winograd(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   if not _winograd_applies(w.shape, stride, x.dtype):
     return _hybrid(x, w, stride)
-  dtype = _accum_dtype(x.dtype)            # bfloat16/float16 -> float32 (see the module doc)
+  dtype = caps_ops.compute_dtype(x.dtype)            # bfloat16/float16 -> float32 (see the module doc)
   xs, ws = _fold(x.astype(dtype), w.astype(dtype), stride)
   return _winograd_s1(xs, ws, _WINOGRAD_M).astype(x.dtype)
 
@@ -519,13 +469,17 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") ->
     x: [B, H, W, C_in] images.
     w: [kh, kw, C_in, C_out] kernel (HWIO).
     stride: the same stride along both spatial axes (static Python int).
-    impl: one of IMPLS; 'auto' picks the fastest lowering for the backend.
+    impl: one of IMPLS (a concrete lowering; `capsjax.cpu_runtime.resolve_conv_impl`
+      maps the config value 'auto' to one).
 
   Returns:
     [B, (H - kh) // stride + 1, (W - kw) // stride + 1, C_out], in the promoted dtype
     of x and w (accumulated in at least float32).
   """
-  impl = resolve_impl(impl)
+  if impl not in IMPLS:
+    # 'auto' is a config value, resolved once at start-up by
+    # capsjax.cpu_runtime.resolve_conv_impl; this module never reads the environment.
+    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   x = jnp.asarray(x)
   w = jnp.asarray(w)
   _check(x, w, stride)

@@ -42,11 +42,12 @@ def initializers(scheme: str, role: str, fan_in: int):
     scheme: 'torch': PyTorch's nn.Conv2d/nn.Linear defaults (kernel and bias uniform in
       +-1/sqrt(fan_in)) and W ~ N(0, 0.01^2), as PyTorch ports and benchmarks/torch_peer.py
       do; 'keras': glorot_uniform kernels and W with zero biases, Keras' defaults, which
-      CapsNet-Keras, CapsNet-Fashion-MNIST and the Fashion and K-MNIST seed projects use
-      (Flax's fan computation for a rank-4 W [N_in, N_out, D_in, D_out] gives the same
-      fan_in + fan_out as Keras' for its [N_out, N_in, D_out, D_in]); 'tf': the authors'
-      code, truncated normal (cut at 2 stddev) and biases of 0.1, including a bias on the
-      routed capsules' s_j.
+      CapsNet-Keras (XifengGuo/CapsNet-Keras), CapsNet-Fashion-MNIST, the Fashion seed
+      notebook and the K-MNIST seed's TF2 port use (Flax's fan computation for a rank-4
+      W [N_in, N_out, D_in, D_out] gives the same fan_in + fan_out as Keras' for its
+      [N_out, N_in, D_out, D_in]); 'tf': the authors' code (Sarasra/models
+      research/capsules), truncated normal (cut at 2 stddev) and biases of 0.1,
+      including a bias on the routed capsules' s_j.
     role: 'conv1', 'primary', 'capsule' (the routed W) or 'decoder'.
     fan_in: inputs per output unit (kernel_h * kernel_w * C_in for a conv).
 
@@ -72,11 +73,18 @@ def initializers(scheme: str, role: str, fan_in: int):
 
 
 class Conv2D(nnx.Module):
-  """VALID 2-D convolution with bias, lowered through `capsjax.conv.conv2d`."""
+  """VALID 2-D convolution with bias, lowered through `capsjax.conv.conv2d`.
+
+  `impl` is a concrete lowering (one of `capsjax.conv.IMPLS`); the config value 'auto' is
+  resolved before any layer is built (`capsjax.cpu_runtime.resolve_conv_impl`).
+  """
 
   def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
                impl: str = "xla", dtype=jnp.float32, init: str = "torch",
                role: str = "conv1", rngs: nnx.Rngs):
+    if impl not in conv_lib.IMPLS:
+      raise ValueError(f"conv impl must be one of {conv_lib.IMPLS}, got {impl!r} ('auto' is "
+                       "resolved at start-up by cpu_runtime.resolve_conv_impl)")
     self.stride = stride
     self.impl = impl
     self.dtype = jnp.dtype(dtype)
@@ -96,7 +104,8 @@ class PrimaryCaps(nnx.Module):
   """Conv -> capsules -> squash: `types` capsule types of `dim` dimensions per pixel.
 
   The `dim` consecutive channels at one pixel form one capsule (channel
-  t*dim + d is dimension d of type t), the grouping of the authors' code.
+  t*dim + d is dimension d of type t), the grouping of the authors' code
+  (Sarasra/models research/capsules).
   """
 
   def __init__(self, in_channels: int, types: int, dim: int, kernel: int, stride: int, *,
@@ -117,7 +126,8 @@ class RoutedCaps(nnx.Module):
   """Fully connected capsule layer with dynamic routing (DigitCaps).
 
   A weight matrix W_ij per (input capsule, output capsule) and, as in the paper, no
-  bias; `init='tf'` adds the authors' code's bias b_j [N_out, D_out] to every s_j.
+  bias; `init='tf'` adds the bias b_j [N_out, D_out] of the authors' code
+  (Sarasra/models research/capsules) to every s_j.
   """
 
   def __init__(self, num_in: int, in_dim: int, num_out: int, out_dim: int, *,
@@ -143,7 +153,7 @@ class RoutedCaps(nnx.Module):
 
     Equal to `dynamic_routing(self.predictions(u), ...)`, computed by
     `caps_ops.predict_and_route`, which never builds u_hat in the [B, N_in, N_out, D_out]
-    layout (~4x faster forward and backward on CPU). With a bfloat16 dtype, u and W are
+    layout (much faster forward and backward on CPU; RESULTS.md). With a bfloat16 dtype, u and W are
     rounded to bfloat16 and their products accumulated in float32, as in `predictions`.
     A layer with a bias routes `predictions(u)` through `dynamic_routing` (autodiff;
     the hand-written gradient of `predict_and_route` has no bias term).

@@ -113,12 +113,12 @@ def main(argv):
   # Imported here so that `--help` and flag errors do not pay for the JAX import.
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import errors  # pylint: disable=g-import-not-at-top
-  from capsjax import parallel  # pylint: disable=g-import-not-at-top
+  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
   from capsjax import processes  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
-  parallel.configure_cpu_runtime()   # before JAX starts its backends.
+  cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
   try:
     _maybe_init_distributed(jax)
     logging.info("config:\n%s", config)

@@ -39,7 +39,7 @@ from capsjax import caps_ops
 
 _HI = jax.lax.Precision.HIGHEST
 # One rule for every routing in capsjax: bfloat16/float16 computed in float32.
-_compute_dtype = caps_ops._compute_dtype  # pylint: disable=protected-access
+_compute_dtype = caps_ops.compute_dtype
 
 
 class Routed(NamedTuple):

@@ -18,7 +18,6 @@ from capsjax import augment
 from capsjax import caps_ops
 from capsjax import errors
 from capsjax import input_pipeline
-from capsjax import layers
 from capsjax import models
 from capsjax import optim
 
@@ -108,7 +107,6 @@ def validate_config(config) -> None:
          f"={aug.max_shift} and shift_fraction={aug.shift_fraction} are two kinds of shift: "
          "set the other to 0")
   _check_choice(config, "augment.fill", augment.FILLS)
-  _check_choice(config, "model.init", layers.INITS)
   for name in ("m_plus", "m_minus", "lam", "recon_weight"):
     value = config.loss[name]
     _check(isinstance(value, (int, float)) and value == value and value >= 0, f"loss.{name}",

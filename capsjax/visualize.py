@@ -350,8 +350,8 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
       raise errors.ConfigError(f"unexpected arguments: {argv[1:]}; capsjax.visualize takes "
                                "only flags, e.g. --workdir=RUN")
-    from capsjax import parallel  # pylint: disable=g-import-not-at-top
-    parallel.configure_cpu_runtime()   # before JAX starts its backends.
+    from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+    cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
     paths = make_figures(f.workdir, checkpoint=f.checkpoint, out_dir=f.out_dir,
                          num_examples=f.num_examples, num_routing=f.num_routing,
                          eval_examples=f.eval_examples, example_index=f.example_index,

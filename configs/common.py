@@ -61,7 +61,7 @@ def get_base_config() -> config_dict.ConfigDict:
   config.model.stop_gradient = False                 # True: the common "u_hat stopped" variant.
   config.model.decoder_hidden = (512, 1024)
   config.model.use_decoder = True
-  config.model.conv_impl = "auto"                    # see capsjax.conv.IMPLS.
+  config.model.conv_impl = "auto"                    # or one of capsjax.conv.IMPLS.
   config.model.dtype = "float32"                     # 'bfloat16': bf16 matmuls, f32 params/losses.
   # Initialisation scheme (capsjax.layers.initializers): 'torch' (PyTorch's defaults,
   # W ~ N(0, 0.01^2)), 'keras' (glorot_uniform, zero biases: the Keras references) or 'tf'

@@ -166,8 +166,8 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu_runtime()   # before JAX starts its backends.
+  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
   f = flags.FLAGS
   losses_ = train(steps=f.steps, batch_size=f.batch_size, head=f.head,
                   routing_iterations=f.routing_iterations, seed=f.seed)

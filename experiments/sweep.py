@@ -414,8 +414,8 @@ def start_cli(argv: Sequence[str]):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  from capsjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu_runtime()   # before JAX starts its backends.
+  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
   return flags.FLAGS
 
 

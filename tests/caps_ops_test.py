@@ -42,7 +42,8 @@ def np_routing(u_hat, num_iterations, bias=None):
   Args:
     u_hat: [..., N_in, N_out, D] predictions.
     num_iterations: r >= 1.
-    bias: optional [N_out, D] added to each s_j (the authors' code).
+    bias: optional [N_out, D] added to each s_j (as the authors' code, Sarasra/models
+      research/capsules, does).
 
   Returns:
     (v [..., N_out, D], c [..., N_in, N_out], b_before_last [..., N_in, N_out]) in float64.
@@ -474,7 +475,8 @@ class TestPredictAndRoute:
 
 
 class TestRoutingBias:
-  """`bias`: the authors' code's b_j added to s_j before the squash in every iteration."""
+  """`bias`: the b_j of the authors' code (Sarasra/models research/capsules), added to s_j
+  before the squash in every iteration."""
 
   @pytest.mark.parametrize("shape,num_iterations", [((2, 6, 3, 4), 1), ((2, 6, 3, 4), 3),
                                                     ((3, 5, 4, 2), 2), ((7, 2, 5), 4)])
@@ -511,3 +513,11 @@ class TestRoutingBias:
   def test_bad_bias_shape(self):
     with pytest.raises(ValueError, match=r"bias of shape \(4, 2\) does not broadcast"):
       dynamic_routing(random_u_hat((2, 5, 3, 2)), 2, bias=np.zeros((4, 2), np.float32))
+
+
+@pytest.mark.parametrize("dtype,expected", [
+    (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32), (jnp.int32, jnp.float32),
+    (jnp.float32, jnp.float32), (np.float64, np.float64)])
+def test_compute_dtype(dtype, expected):
+  """Narrow inputs compute in float32 (squash, routing and the convs); wide ones stay wide."""
+  assert caps_ops.compute_dtype(dtype) == jnp.dtype(expected)

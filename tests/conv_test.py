@@ -5,17 +5,20 @@ each lowering is compared with it in the output and in both gradients (w.r.t. x 
 through `jax.vjp` with a random cotangent), all under `jax.jit`. Shapes are tiny.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import jaxlib
 import numpy as np
 import pytest
 
 from capsjax import conv
+from capsjax import cpu_runtime
 from capsjax import parallel
 
-LOWERINGS = [i for i in conv.IMPLS if i != "auto"]
+LOWERINGS = list(conv.IMPLS)
 
 
 def conv_fn(impl, stride):
@@ -121,11 +124,12 @@ def test_vmap_and_grad(impl):
 
 
 @pytest.mark.parametrize("impl", LOWERINGS)
-def test_batch_sharded_on_explicit_mesh(impl):
-  """A jitted grad step with the batch sharded over 4 devices keeps the batch sharding."""
+def test_batch_sharded_on_the_trainers_mesh(impl):
+  """On the trainer's 4-device Auto mesh, with no sharding annotations in the lowering, a
+  jitted grad step equals the one-device step and keeps the batch sharded."""
   if jax.device_count() < 4:
     pytest.skip("needs 4 CPU devices (tests/conftest.py)")
-  mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+  mesh = parallel.make_mesh(4)
   x, w, _ = random_case((8, 13, 13, 3), (5, 5, 3, 4), 2)
 
   def loss(w, x):
@@ -133,14 +137,15 @@ def test_batch_sharded_on_explicit_mesh(impl):
     return jnp.mean(jnp.square(y)), y
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-  (l_ref, _), (gw_ref, gx_ref) = step(w, x)
-  with jax.set_mesh(mesh):
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    wr = jax.device_put(w, NamedSharding(mesh, P()))
-    (l, y), (gw, gx) = step(wr, xs)
-  assert y.sharding.spec == P("data", None, None, None)
-  assert gx.sharding.spec == P("data", None, None, None)
+  (l_ref, y_ref), (gw_ref, gx_ref) = step(w, x)
+  xs = parallel.shard_batch({"x": np.asarray(x)}, mesh)["x"]
+  wr = parallel.replicate(w, mesh)
+  (l, y), (gw, gx) = step(wr, xs)
+  assert y.sharding.spec[0] == "data" and gx.sharding.spec[0] == "data"
+  assert all(a is None for a in (*y.sharding.spec[1:], *gx.sharding.spec[1:]))
+  assert gw.sharding.is_fully_replicated
   np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw, gw_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
 
@@ -230,17 +235,38 @@ def test_winograd_falls_back_for_large_and_1x1_folded_kernels_and_integers():
                                 reference(xi, wi, 2))
 
 
+def _user_sets_ynn_types() -> bool:
+  """Whether XLA_FLAGS holds a YNNPACK fusion-type setting other than capsjax's own."""
+  flags = os.environ.get("XLA_FLAGS", "").replace(cpu_runtime.XLA_CPU_CONV_FLAG, "")
+  return "--xla_cpu_experimental_ynn_fusion_type" in flags
+
+
 def test_impls_and_auto():
-  assert "xla" in conv.IMPLS and "auto" in conv.IMPLS
-  assert conv.resolve_impl("auto") in LOWERINGS
-  if jax.default_backend() == "cpu":
-    # tests/conftest.py took convs off YNNPACK (parallel.use_xla_cpu_convs).
-    assert not parallel.cpu_convs_on_ynnpack()
-    assert conv.resolve_impl("auto") == "winograd"
+  """'auto' resolves to the lowering this jaxlib and backend should get.
+
+  tests/conftest.py calls `cpu_runtime.use_xla_cpu_convs()` as `capsjax.main` does. On the
+  jaxlib minors whose XLA has the flag (0.10, 0.11) and without a GPU/TPU plugin it takes
+  convs off YNNPACK, so 'auto' is 'winograd' on CPU; elsewhere convs stay on YNNPACK and
+  'auto' falls back to 'im2col' (one logged warning for an unknown jaxlib).
+  """
+  assert conv.IMPLS == ("xla", "im2col", "s2d", "hybrid", "winograd")
+  assert cpu_runtime.CONV_IMPLS == (*conv.IMPLS, "auto")
   for impl in LOWERINGS:
-    assert conv.resolve_impl(impl) == impl
+    assert cpu_runtime.resolve_conv_impl(impl) == impl
+  auto = cpu_runtime.resolve_conv_impl("auto")
+  assert auto in LOWERINGS
+  if jax.default_backend() != "cpu":
+    assert auto == "xla"
+  else:
+    assert auto == ("im2col" if cpu_runtime.cpu_convs_on_ynnpack() else "winograd")
+    if not _user_sets_ynn_types():
+      sets_flag = (cpu_runtime.flag_known(jaxlib.__version__)
+                   and not cpu_runtime._accelerator_plugin_installed())
+      assert (cpu_runtime.XLA_CPU_CONV_FLAG in os.environ["XLA_FLAGS"]) == sets_flag, (
+          jaxlib.__version__)
+      assert auto == ("winograd" if sets_flag else "im2col"), jaxlib.__version__
   x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)
-  np.testing.assert_allclose(conv.conv2d(x, w, stride=2, impl="auto"),
+  np.testing.assert_allclose(conv.conv2d(x, w, stride=2, impl=auto),
                              reference(x, w, 2), rtol=1e-5, atol=1e-5)
 
 
@@ -248,8 +274,16 @@ def test_bad_impl_raises_naming_it():
   x, w, _ = random_case((1, 5, 5, 1), (3, 3, 1, 1), 1)
   with pytest.raises(ValueError, match="'cudnn'"):
     conv.conv2d(x, w, impl="cudnn")
+  # 'auto' is a config value, resolved at start-up: conv2d itself never sees it.
+  with pytest.raises(ValueError, match="got 'auto'"):
+    conv.conv2d(x, w, impl="auto")
   with pytest.raises(ValueError, match="'fast'"):
-    conv.resolve_impl("fast")
+    cpu_runtime.resolve_conv_impl("fast")
+
+
+def test_out_size():
+  assert [conv.out_size(n, k, s) for n, k, s in
+          [(28, 9, 1), (20, 9, 2), (11, 3, 2), (5, 5, 2), (10, 4, 3)]] == [20, 6, 5, 1, 3]
 
 
 @pytest.mark.parametrize("x_shape,w_shape,stride,match", [

@@ -121,5 +121,5 @@ def test_tf_capsule_bias_enters_every_routing_iteration():
 
 
 def test_unknown_scheme_is_named():
-  with pytest.raises(ValueError, match="model.init must be one of .* got 'xavier'"):
+  with pytest.raises(ValueError, match="config.model.init: must be one of .* got 'xavier'"):
     _model("xavier")

@@ -1,5 +1,7 @@
 """CapsNet structure: parameter counts from the paper's sizes, shapes, masking."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,11 @@ import pytest
 from flax import nnx
 
 from capsjax import caps_ops
+from capsjax import conv
+from capsjax import cpu_runtime
+from capsjax import errors
 from capsjax import models
-from configs import cifar10, fashion
+from configs import cifar10, common, fashion
 
 
 def _abstract_model(config, image_shape=(28, 28, 1), num_classes=10):
@@ -96,14 +101,12 @@ def test_primary_caps_grouping_is_consecutive_channels():
 def test_bad_model_config_errors():
   config = fashion.get_config("smoke")
   config.model.routing_iterations = 0
-  with pytest.raises(ValueError, match="num_iterations must be >= 1, got 0"):
-    _abstract_model(config)
-  config = fashion.get_config("smoke")
-  config.model.dtype = "float16"
-  with pytest.raises(ValueError, match="model.dtype must be one of"):
+  with pytest.raises(errors.ConfigError,
+                     match=r"^config.model.routing_iterations: num_iterations must be >= 1, "
+                           r"got 0"):
     _abstract_model(config)
   config = fashion.get_config()
-  with pytest.raises(ValueError, match="too small"):
+  with pytest.raises(errors.ConfigError, match="too small"):
     _abstract_model(config, image_shape=(12, 12, 1))
   model = models.create_model(fashion.get_config("smoke").model, image_shape=(28, 28, 1),
                               num_classes=10, rngs=nnx.Rngs(0))
@@ -111,9 +114,100 @@ def test_bad_model_config_errors():
     model(jnp.zeros((2, 32, 32, 3)))
 
 
+_SIZES = ["conv1_channels", "conv1_kernel", "primary_types", "primary_dim", "primary_kernel",
+          "primary_stride", "digit_dim"]
+
+
+@pytest.mark.parametrize("field", _SIZES)
+@pytest.mark.parametrize("value", [0, -2])
+def test_bad_sizes_are_config_errors_naming_the_field(field, value):
+  """Zero and negative sizes fail before any arithmetic (no ZeroDivisionError)."""
+  config = fashion.get_config("smoke")
+  config.model[field] = value
+  with pytest.raises(errors.ConfigError,
+                     match=rf"^config.model.{field}: must be an int >= 1, got {value}\b"):
+    _abstract_model(config)
+
+
+@pytest.mark.parametrize("field", _SIZES)
+@pytest.mark.parametrize("value", [2.0, True, "8"])
+def test_non_int_sizes_are_config_errors(field, value):
+  kwargs = dict(fashion.get_config("smoke").model, conv_impl="xla")
+  kwargs[field] = value
+  with pytest.raises(errors.ConfigError,
+                     match=rf"^config.model.{field}: must be an int >= 1, got {value!r}"):
+    models.CapsNet(**kwargs, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dtype", "float16", r"config.model.dtype: must be one of \['bfloat16', 'float32'\], got "
+                         r"'float16'"),
+    ("init", "glorot", r"config.model.init: must be one of \('torch', 'keras', 'tf'\), got "
+                       r"'glorot'"),
+    ("length_eps", 0.0, r"config.model.length_eps: must be in \(0, 1e-3\], got 0.0"),
+    ("length_eps", 0.1, r"config.model.length_eps: must be in \(0, 1e-3\], got 0.1"),
+    ("conv_impl", "cudnn", r"config.model.conv_impl: .*must be .*'auto'.*, got 'cudnn'"),
+    ("decoder_hidden", (16, 0), r"config.model.decoder_hidden\[1\]: must be an int >= 1, "
+                                r"got 0"),
+])
+def test_bad_values_are_config_errors_naming_the_field(field, value, match):
+  config = fashion.get_config("smoke")
+  config.model[field] = value
+  with pytest.raises(errors.ConfigError, match="^" + match):
+    _abstract_model(config)
+
+
+def test_capsnet_keywords_are_the_config_model_fields():
+  """`CapsNet(**config.model, ...)` works: one keyword per declared field, no more."""
+  params = set(inspect.signature(models.CapsNet.__init__).parameters)
+  fields = set(common.get_base_config().model.keys())
+  assert params - {"self", "image_shape", "num_classes", "rngs"} == fields
+  config = fashion.get_config("smoke")
+  direct = nnx.eval_shape(lambda: models.CapsNet(
+      **dict(config.model, conv_impl="xla"), image_shape=(28, 28, 1), num_classes=10,
+      rngs=nnx.Rngs(0)))
+  built = _abstract_model(config)
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(direct))
+          == jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(built)))
+
+
+def test_auto_is_resolved_by_create_model_not_by_capsnet():
+  config = fashion.get_config("smoke")
+  assert config.model.conv_impl == "auto"
+  kwargs = dict(config.model)
+  with pytest.raises(errors.ConfigError, match=r"^config.model.conv_impl: 'auto' must be "
+                                               r"resolved .*resolve_conv_impl"):
+    models.CapsNet(**kwargs, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
+  model = _abstract_model(config)
+  assert model.conv1.impl == model.primary_caps.conv.impl
+  assert model.conv1.impl == cpu_runtime.resolve_conv_impl("auto")
+  # A caller that resolved it at start-up passes the lowering; the config keeps 'auto'.
+  model = nnx.eval_shape(lambda: models.create_model(
+      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0),
+      conv_impl="hybrid"))
+  assert model.primary_caps.conv.impl == "hybrid"
+  assert config.model.conv_impl == "auto"
+
+
+def test_old_configs_without_init_and_length_eps_and_unknown_fields():
+  """A config.json saved before `init`/`length_eps` existed builds with CapsNet's defaults;
+  a field CapsNet does not know is a ConfigError naming it, not a TypeError."""
+  saved = dict(fashion.get_config("smoke").model)
+  del saved["init"], saved["length_eps"]
+  saved["decoder_hidden"] = list(saved["decoder_hidden"])      # as JSON gives it back
+  model = nnx.eval_shape(lambda: models.create_model(
+      saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)))
+  assert model.length_eps == 1e-7
+  assert model.digit_caps.bias is None                         # 'torch': no routing bias
+  assert len(model.decoder.layers) == 3
+  saved["routing_iteration"] = 2
+  with pytest.raises(errors.ConfigError, match=r"^config.model.routing_iteration: not a "
+                                               r"CapsNet field"):
+    models.create_model(saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
+
+
 def test_every_conv_path_gives_the_same_model():
   """Outputs and parameter gradients of a small CapsNet agree for every conv lowering."""
-  from capsjax import conv  # pylint: disable=g-import-not-at-top
   from capsjax import losses  # pylint: disable=g-import-not-at-top
   images = jax.random.uniform(jax.random.key(1), (4, 20, 20, 1))
   labels = jnp.array([0, 3, 1, 2])
@@ -135,7 +229,7 @@ def test_every_conv_path_gives_the_same_model():
 
   ref_out, ref_grads = run("xla")
   assert float(jnp.max(jnp.abs(ref_grads["primary_caps"]["conv"]["kernel"][...]))) > 0
-  for impl in [i for i in conv.IMPLS if i not in ("xla", "auto")]:
+  for impl in [i for i in conv.IMPLS if i != "xla"]:
     out, grads = run(impl)
     for k in ("lengths", "v", "reconstruction"):
       np.testing.assert_allclose(out[k], ref_out[k], rtol=1e-4, atol=1e-5, err_msg=f"{impl} {k}")

@@ -6,9 +6,6 @@ Adam hides a constant gradient scale) and updated parameters must match.
 """
 
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,17 +15,17 @@ from flax import nnx
 from capsjax import input_pipeline
 from capsjax import optim
 from capsjax import parallel
-from capsjax import train
+from capsjax import steps as steps_lib
 from tests import helpers
 
 
 def _setup():
   config = helpers.smoke_config()
   info = input_pipeline.dataset_info("fashion_mnist")
-  graphdef, state = train.create_model_and_optimizer(config, info, 10, jax.random.key(0))
+  graphdef, state = steps_lib.create_model_and_optimizer(config, info, 10, jax.random.key(0))
   batch = helpers.synthetic_batch(8, seed=3)
-  weights = train.LossWeights.from_config(config.loss)
-  aug = train.AugmentSpec.from_config(config.augment)
+  weights = steps_lib.LossWeights.from_config(config.loss)
+  aug = steps_lib.AugmentSpec.from_config(config.augment)
   return config, graphdef, state, batch, weights, aug
 
 
@@ -48,12 +45,12 @@ def test_sharded_step_matches_single_device(n):
   schedule = optim.make_schedule(config.optim, 10)
 
   def grads_fn(state, batch, key):
-    loss, aux, grads = train.loss_and_grads(graphdef, state, batch, key, weights=weights,
+    loss, aux, grads = steps_lib.loss_and_grads(graphdef, state, batch, key, weights=weights,
                                             aug=aug)
     return loss, grads
 
   def step_fn(state, batch, key):
-    return train.train_step(graphdef, state, batch, key, weights=weights, aug=aug,
+    return steps_lib.train_step(graphdef, state, batch, key, weights=weights, aug=aug,
                             schedule=schedule)
 
   ref_loss, ref_grads = jax.jit(grads_fn)(state, batch, key)
@@ -87,10 +84,10 @@ def test_gradient_is_the_mean_not_the_sum():
   key = jax.random.key(1)
 
   def loss_fn(state):
-    return train.loss_and_grads(graphdef, state, batch, key, weights=weights, aug=aug)[0]
+    return steps_lib.loss_and_grads(graphdef, state, batch, key, weights=weights, aug=aug)[0]
 
   def grads_fn(state, batch):
-    return train.loss_and_grads(graphdef, state, batch, key, weights=weights, aug=aug)[2]
+    return steps_lib.loss_and_grads(graphdef, state, batch, key, weights=weights, aug=aug)[2]
 
   grads = jax.device_get(parallel.jit_data_parallel(grads_fn, mesh)(
       parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh)))
@@ -116,116 +113,3 @@ def test_indivisible_batch_is_a_clear_error():
     parallel.check_batch_size(10, mesh, name="config.batch_size")
   with pytest.raises(ValueError, match=r"num_devices must be in \[1, 4\], got 5"):
     parallel.make_mesh(5)
-
-
-_F = "--xla_cpu_experimental_ynn_fusion_type="
-
-
-@pytest.mark.parametrize("flags,expected", [
-    ("", {"individual_dot", "individual_convolution"}),                 # jaxlib 0.10 default
-    (_F + "-individual_convolution", {"individual_dot"}),
-    ("--xla_force_host_platform_device_count=4 " + _F + "dot", {"dot"}),  # replaces the list
-    (_F, set()),                                                          # none
-    (_F + "dot " + _F + "+eltwise", {"dot", "eltwise"}),                  # later edits apply
-    (_F + "+reduce," + "-individual_dot", {"individual_convolution", "reduce"}),
-    (_F + "-individual_convolution " + _F + "individual_convolution",
-     {"individual_convolution"}),
-])
-def test_ynn_fusion_types_follow_xlas_rules(flags, expected):
-  assert parallel.ynn_fusion_types(flags) == expected
-
-
-_CONV_HLO_USES_YNN = """
-import jax
-from capsjax import parallel
-x, w = jax.numpy.ones((2, 20, 20, 32)), jax.numpy.ones((9, 9, 32, 32))
-hlo = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-    x, w, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(
-        x, w).compile().as_text()
-print('"__ynn_fusion"' in hlo, parallel.cpu_convs_on_ynnpack())
-"""
-
-
-@pytest.mark.parametrize("flags,on_ynn", [("", True), (_F + "-individual_convolution", False)])
-def test_cpu_convs_on_ynnpack_agrees_with_the_compiled_hlo(flags, on_ynn):
-  """What the flag parser says is what XLA:CPU compiles (a PrimaryCaps-like conv)."""
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _CONV_HLO_USES_YNN], env=env,
-                       capture_output=True, text=True, timeout=300, check=True).stdout
-  assert out.split() == [str(on_ynn), str(on_ynn)]
-
-
-def test_use_xla_cpu_convs_keeps_the_users_flag_and_a_started_backend(monkeypatch):
-  jax.devices()                                            # backends are running here.
-  monkeypatch.setenv("XLA_FLAGS", _F)                      # the user: no YNNPACK at all.
-  assert parallel.use_xla_cpu_convs() is True              # convs are XLA's then too.
-  assert os.environ["XLA_FLAGS"] == _F
-  monkeypatch.setenv("XLA_FLAGS", _F + "+individual_convolution")
-  assert parallel.use_xla_cpu_convs() is False
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-  assert parallel.use_xla_cpu_convs() is False             # too late: not set.
-  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
-
-
-def test_use_xla_cpu_convs_in_a_fresh_process():
-  """Before the backend starts it adds the flag; 'auto' then picks 'winograd' on CPU."""
-  code = ("import os; from capsjax import parallel, conv; import jax; "
-          "print(parallel.use_xla_cpu_convs(), os.environ['XLA_FLAGS'], "
-          "jax.default_backend(), conv.resolve_impl('auto'))")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                       text=True, timeout=300, check=True).stdout.split()
-  assert out == ["True", "--xla_force_host_platform_device_count=2",
-                 parallel.XLA_CPU_CONV_FLAG, "cpu", "winograd"]
-
-
-_TOUCH_TWICE = """
-import ctypes, resource, sys
-from capsjax import parallel
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-if sys.argv[1] == "keep":
-  assert parallel.keep_host_memory()
-n = 200 << 20
-def touch():
-  p = libc.malloc(n)
-  ctypes.memset(p, 1, n)
-  libc.free(p)
-touch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-touch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def _transparent_huge_pages_always() -> bool:
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      return "[always]" in f.read()
-  except OSError:
-    return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-@pytest.mark.skipif(_transparent_huge_pages_always(),
-                    reason="huge pages make the default fault count small too")
-def test_keep_host_memory_reuses_freed_blocks_without_page_faults():
-  """A freed 200 MB block is faulted in again by default, reused after keep_host_memory."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "CAPSJAX_KEEP"))}
-  faults = {}
-  for mode in ("default", "keep"):
-    out = subprocess.run([sys.executable, "-c", _TOUCH_TWICE, mode], capture_output=True,
-                         text=True, timeout=120, check=True, env=env)
-    faults[mode] = int(out.stdout.split()[-1])
-  pages = (200 << 20) // 4096
-  assert faults["default"] > pages // 2, faults           # unmapped on free, faulted again
-  assert faults["keep"] < pages // 20, faults             # kept and reused
-
-
-def test_keep_host_memory_can_be_turned_off(monkeypatch):
-  monkeypatch.setenv("CAPSJAX_KEEP_HOST_MEMORY", "0")
-  assert parallel.keep_host_memory() is False
