@@ -144,16 +144,6 @@ def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   return y.astype(x.dtype)                                 # [B, Ho, Wo, C_out]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _im2col(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-  return _im2col_fwd_math(x, w, stride)
-
-
-def _im2col_fwd(x, w, stride):
-  # Only x and w are saved; the backward pass rebuilds the patches from them.
-  return _im2col_fwd_math(x, w, stride), (x, w)
-
-
 def _im2col_bwd(stride, res, g):
   x, w = res                                               # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
@@ -171,7 +161,17 @@ def _im2col_bwd(stride, res, g):
   return dx, dw
 
 
-_im2col.defvjp(_im2col_fwd, _im2col_bwd)
+def _with_vjp(forward, backward):
+  """forward(x, w, stride) with the gradient `backward(stride, (x, w), g) -> (dx, dw)`.
+
+  Only x and w are saved for the backward pass, which rebuilds what it needs from them.
+  """
+  f = jax.custom_vjp(forward, nondiff_argnums=(2,))
+  f.defvjp(lambda x, w, stride: (forward(x, w, stride), (x, w)), backward)
+  return f
+
+
+_im2col = _with_vjp(_im2col_fwd_math, _im2col_bwd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -212,15 +212,6 @@ def _taps_dx(x, w, g, stride):
 # and weight gradient run near GEMM speed on CPU, faster than im2col, whose patch matrix
 # build costs as much as its GEMM. XLA's input gradient of a strided conv (a conv with lhs
 # dilation) stays far slower, so that one is per tap (benchmarks/conv.py, RESULTS.md).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _hybrid(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-  return _xla(x, w, stride)
-
-
-def _hybrid_fwd(x, w, stride):
-  return _xla(x, w, stride), (x, w)
-
-
 def _hybrid_bwd(stride, res, g):
   x, w = res                                               # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
@@ -235,7 +226,7 @@ def _hybrid_bwd(stride, res, g):
   return dx, dw
 
 
-_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
+_hybrid = _with_vjp(_xla, _hybrid_bwd)
 
 
 # ----------------------------------------------------------------------------------------
