@@ -47,6 +47,13 @@ def get_base_config() -> config_dict.ConfigDict:
   config.keep_checkpoints = 3                        # latest N; the selected one is kept too.
   config.init_from = ""                              # checkpoint dir/step to load weights from.
   config.overwrite = False                           # allow a workdir used with another config.
+  # Resume a workdir's checkpoints although these run-defining fields changed (e.g.
+  # 'optim.learning_rate' after a non-finite loss): comma-separated dotted fields or
+  # prefixes ('optim' covers every optim.* field); '*' accepts any change, and is needed
+  # when config.json is missing beside checkpoints. Each change is logged old -> new and
+  # the old config.json is kept as config.json.previous-<time>. Checkpoints of another
+  # model shape are still refused.
+  config.resume_with_changes = ""
   config.progress_bar = True
 
   config.model = config_dict.ConfigDict()
