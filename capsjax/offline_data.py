@@ -218,6 +218,18 @@ def _digest_owner(table: Mapping[str, Mapping[str, Any]], digest: str) -> tuple[
   return None
 
 
+def _wrong_file_message(dataset: str, path: str, owner: tuple[str, str]) -> str:
+  """Names the release file whose published digest `path` has: another split's, another
+  kind's (images/labels) or another dataset's."""
+  other, fname = owner
+  if other != dataset:
+    return f'{path} is the {other!r} file {fname}, not a {dataset!r} file.'
+  split = next(s for s, names in _IDX_NAMES.items() if fname.startswith(names))
+  kind = 'labels' if 'labels' in fname else 'images'
+  return (f'{path}: this looks like the {split} {kind} file ({fname} of {dataset!r}), not '
+          f'{os.path.basename(path)}: are the train and test files swapped or misnamed?')
+
+
 def _read_idx_payload(path: str) -> bytes:
   """Whole (decompressed) content of an IDX file; DatasetValidationError if corrupt."""
   try:
@@ -241,8 +253,7 @@ def _verify_idx_checksum(dataset: str, path: str, payload: bytes) -> None:
       return  # Byte-identical to the upstream release.
     owner = _digest_owner(_GZ_SHA256, digest)
     if owner:
-      raise errors.DatasetValidationError(
-          f'{path} is the {owner[0]!r} file {owner[1]}, not a {dataset!r} file.')
+      raise errors.DatasetValidationError(_wrong_file_message(dataset, path, owner))
     if published and os.path.getsize(path) == published[0]:
       raise errors.DatasetValidationError(
           f'{path}: sha256 {digest} does not match the published {published[1]} although '
@@ -255,9 +266,8 @@ def _verify_idx_checksum(dataset: str, path: str, payload: bytes) -> None:
   if expected and digest == expected:
     return
   owner = _digest_owner(_PAYLOAD_SHA256, digest)
-  if owner and owner[0] != dataset:
-    raise errors.DatasetValidationError(
-        f'{path} holds the {owner[0]!r} file {owner[1]}, not a {dataset!r} file.')
+  if owner and owner != (dataset, stem):
+    raise errors.DatasetValidationError(_wrong_file_message(dataset, path, owner))
   if expected:
     raise errors.DatasetValidationError(
         f'{path}: decompressed sha256 {digest} does not match the published content '
