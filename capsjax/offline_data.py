@@ -520,7 +520,8 @@ def _unreachable(url: str, timeout: float = DOWNLOAD_CHECK_TIMEOUT_S) -> str | N
   thread.join(timeout)
   if result.get('ok'):
     return None
-  return f'cannot connect to {host}:{port} ({result.get("error") or f"no answer within {timeout:.0f} s"})'
+  why = result.get('error') or f'no answer within {timeout:.0f} s'
+  return f'cannot connect to {host}:{port} ({why})'
 
 
 def offline_routes(dataset: str, data_dir: str) -> str:
