@@ -92,21 +92,26 @@ def config_field(name: str):
 USER_ERROR_EXIT_CODE = 2
 
 
-def print_user_error(message: str, *, stream=None) -> None:
-  """Writes `capsjax: error: <message>` to stderr, starting on a line of its own.
+def print_fresh_line(text: str, *, stream=None) -> None:
+  """Writes `text` and a newline to stderr (or `stream`), starting on a line of its own.
 
   A progress bar (TFDS's, the epoch bar) leaves the cursor after a carriage return, not
-  a newline: in a log file the error would then share its line, and
-  `grep '^capsjax: error'` would miss it. On a terminal the bar's line is cleared
-  instead, so the screen shows no empty line.
+  a newline: in a log file the text would then share the bar's line, and
+  `grep '^capsjax: error'` would miss it. So a newline comes first; on a terminal the
+  bar's line is cleared and reused instead, so the screen shows no empty line.
   """
   stream = sys.stderr if stream is None else stream
   try:
     tty = stream.isatty()
   except (AttributeError, ValueError):
     tty = False
-  stream.write(("\r\033[K" if tty else "\n") + f"capsjax: error: {message}\n")
+  stream.write(("\r\033[K" if tty else "\n") + text + "\n")
   stream.flush()
+
+
+def print_user_error(message: str, *, stream=None) -> None:
+  """Writes `capsjax: error: <message>` on a line of its own (see `print_fresh_line`)."""
+  print_fresh_line(f"capsjax: error: {message}", stream=stream)
 
 
 @contextlib.contextmanager

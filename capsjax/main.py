@@ -123,6 +123,7 @@ def main(argv):
 def _run():
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   from capsjax import processes  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
@@ -136,7 +137,7 @@ def _run():
                  jax.devices())
     train.train_and_evaluate(config, _WORKDIR.value)
   except processes.Preempted as e:
-    print(f"capsjax: {e}", file=sys.stderr, flush=True)
+    errors.print_fresh_line(f"capsjax: {e}")
     sys.exit(processes.PREEMPTED_EXIT_CODE)
 
 

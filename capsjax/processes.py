@@ -24,6 +24,8 @@ import threading
 from absl import logging
 import numpy as np
 
+from capsjax import errors
+
 # A run stopped by SIGTERM/SIGINT after saving a checkpoint exits with this code, so a
 # SLURM script can tell preemption (requeue) from failure. 75 is EX_TEMPFAIL.
 PREEMPTED_EXIT_CODE = 75
@@ -105,10 +107,8 @@ def _ignore(signum, frame):
 def _exit_now(signum: int, why: str) -> None:
   code = interrupted_exit_code(signum)
   try:
-    sys.stderr.write(f"\ncapsjax: stopped by signal {signum} {why} "
-                     f"(exit code {code})\n")
-    sys.stderr.flush()
     sys.stdout.flush()
+    errors.print_fresh_line(f"capsjax: stopped by signal {signum} {why} (exit code {code})")
   finally:
     # No interpreter shutdown: XLA or Orbax threads may be mid-compile or mid-write, and
     # tearing Python down under them is what crashed. A checkpoint being written is left
@@ -152,6 +152,8 @@ def handle_signals() -> bool:
   """
   if threading.current_thread() is not threading.main_thread():
     return False
+  if _WATCHING.is_set():
+    return True
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
   for sig in _SIGNALS:

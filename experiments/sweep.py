@@ -458,7 +458,7 @@ def run_cli(body: Callable[[Any], None], argv: Sequence[str]) -> None:
     try:
       body(f)
     except processes.Preempted as e:
-      print(f"capsjax: {e}", file=sys.stderr, flush=True)
+      errors.print_fresh_line(f"capsjax: {e}")
       sys.exit(processes.PREEMPTED_EXIT_CODE)
 
 
