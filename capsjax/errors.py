@@ -5,8 +5,10 @@ Each is a `CapsjaxError`, and keeps the built-in exception it specialises as a s
 base (`ConfigError` is a `ValueError`, `DatasetNotFoundError` a `FileNotFoundError`), so
 code that catches the built-in still works. The entry points (`capsjax.main`,
 `capsjax.visualize`, the experiments) print a `CapsjaxError` as one
-`capsjax: error: ...` line and exit with code 2. Anything else, a `ValueError` from a
-bug in capsjax, JAX or NumPy included, keeps its traceback.
+`capsjax: error: ...` line, on a line of its own, and exit with code 2; they share the
+helpers at the end of this module: `parse_flags` (absl's flag parsing, mistakes included)
+and `exit_on_user_error` (around the work). Anything else, a `ValueError` from a bug in
+capsjax, JAX or NumPy included, keeps its traceback.
 
 The pure functions (`squash`, `dynamic_routing`, the losses, `conv2d`, the augmentations)
 raise plain `ValueError`/`TypeError`: they are a library, and a bad argument there is the
