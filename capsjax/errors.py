@@ -180,11 +180,11 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   given = {}
-  for arg in argv[1:]:
+  for arg, following in zip(argv[1:], [*argv[2:], None]):
     name, sep, value = arg.lstrip("-").partition("=")
-    if sep and name in config_flags:
-      given[name] = value
-      add_config_root(value)
+    if name in config_flags and arg.startswith("-") and (sep or following is not None):
+      given[name] = value if sep else following   # --config=FILE or --config FILE.
+      add_config_root(given[name])
   def load_error(name, e):
     # ml_collections words a missing file over several lines; the last names the cause.
     last = [l.strip() for l in str(e).splitlines() if l.strip()][-1:] or [type(e).__name__]
