@@ -5,8 +5,10 @@ Each is a `CapsjaxError`, and keeps the built-in exception it specialises as a s
 base (`ConfigError` is a `ValueError`, `DatasetNotFoundError` a `FileNotFoundError`), so
 code that catches the built-in still works. The entry points (`capsjax.main`,
 `capsjax.visualize`, the experiments) print a `CapsjaxError` as one
-`capsjax: error: ...` line and exit with code 2. Anything else, a `ValueError` from a
-bug in capsjax, JAX or NumPy included, keeps its traceback.
+`capsjax: error: ...` line, on a line of its own, and exit with code 2; they share the
+helpers at the end of this module: `parse_flags` (absl's flag parsing, mistakes included)
+and `exit_on_user_error` (around the work). Anything else, a `ValueError` from a bug in
+capsjax, JAX or NumPy included, keeps its traceback.
 
 The pure functions (`squash`, `dynamic_routing`, the losses, `conv2d`, the augmentations)
 raise plain `ValueError`/`TypeError`: they are a library, and a bad argument there is the
@@ -16,6 +18,9 @@ calling code's bug. Code that passes a user's value to them converts with `confi
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
 
 
 class CapsjaxError(Exception):
@@ -81,3 +86,132 @@ def config_field(name: str):
     raise
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.{name}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------
+# The entry points' shared ending for user mistakes.
+# ----------------------------------------------------------------------------------------
+USER_ERROR_EXIT_CODE = 2
+
+
+def print_fresh_line(text: str, *, stream=None) -> None:
+  """Writes `text` and a newline to stderr (or `stream`), starting on a line of its own.
+
+  A progress bar (TFDS's, the epoch bar) leaves the cursor after a carriage return, not
+  a newline: in a log file the text would then share the bar's line, and
+  `grep '^capsjax: error'` would miss it. So a newline comes first; on a terminal the
+  bar's line is cleared and reused instead, so the screen shows no empty line.
+  """
+  stream = sys.stderr if stream is None else stream
+  try:
+    tty = stream.isatty()
+  except (AttributeError, ValueError):
+    tty = False
+  stream.write(("\r\033[K" if tty else "\n") + text + "\n")
+  stream.flush()
+
+
+def print_user_error(message: str, *, stream=None) -> None:
+  """Writes `capsjax: error: <message>` on a line of its own (see `print_fresh_line`)."""
+  print_fresh_line(f"capsjax: error: {message}", stream=stream)
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+  """Ends the process on a `CapsjaxError`: one `capsjax: error:` line, exit code 2.
+
+  with errors.exit_on_user_error():
+    run(flags)
+
+  Anything else (a bug in capsjax, JAX or NumPy) propagates with its traceback, and so
+  does a `CapsjaxError` when $CAPSJAX_TRACEBACK is set.
+  """
+  try:
+    yield
+  except CapsjaxError as e:
+    if os.environ.get("CAPSJAX_TRACEBACK"):
+      raise
+    print_user_error(str(e))
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    # The traceback only with --verbosity=1: user mistakes get the one line above.
+    logging.debug("traceback (set CAPSJAX_TRACEBACK=1 to raise it)", exc_info=True)
+    sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def add_config_root(config_path: str) -> None:
+  """Makes `from configs import common` work in a config file loaded by path from any cwd.
+
+  Config files are loaded by path, not imported, so their `configs` package is only found
+  when its parent directory is on sys.path (the repository root as the cwd). For a path
+  `<root>/configs/x.py[:arg]`, `<root>` is added.
+  """
+  path = os.path.abspath(os.path.expanduser(config_path.split(":", 1)[0]))
+  parent = os.path.dirname(path)
+  if (os.path.basename(parent) == "configs"
+      and os.path.isfile(os.path.join(parent, "__init__.py"))):
+    root = os.path.dirname(parent)
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
+def _flag_error_text(e: Exception) -> str:
+  """One line from absl's/ml_collections' error text (which may hold a whole traceback)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if not lines:
+    return type(e).__name__
+  required = re.search(r"Flag --(\S+) must have a value other than None", lines[0])
+  if required:
+    return f"missing required flag --{required.group(1)}"
+  if "Traceback (most recent call last)" in str(e):
+    # A config file's get_config raised: its own message is the traceback's last line.
+    flag = lines[0].split(": Error whilst parsing config file")[0]
+    return f"{flag.removeprefix('flag ')}: {lines[-1].removeprefix('ValueError: ')}"
+  return lines[0].removeprefix("flag ")
+
+
+def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",)) -> list[str]:
+  """absl's flag parsing, ending every mistake with one `capsjax: error:` line and exit 2.
+
+  For `app.run(main, flags_parser=errors.parse_flags)`. absl itself exits 1 with
+  "FATAL Flags parsing error" (and ml_collections with a traceback) for: a value of the
+  wrong type, a missing required flag, an unknown `--config.` field, a config file that
+  cannot be loaded or whose `get_config` rejects its argument. `config_flags` names the
+  config-file flags whose loading is checked after parsing.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  given = {}
+  for arg, following in zip(argv[1:], [*argv[2:], None]):
+    name, sep, value = arg.lstrip("-").partition("=")
+    if name in config_flags and arg.startswith("-") and (sep or following is not None):
+      given[name] = value if sep else following   # --config=FILE or --config FILE.
+      add_config_root(given[name])
+  def load_error(name, e):
+    # ml_collections words a missing file over several lines; the last names the cause.
+    last = [l.strip() for l in str(e).splitlines() if l.strip()][-1:] or [type(e).__name__]
+    return ConfigError(f"--{name}={given[name]}: cannot load the config file ({last[0]})")
+
+  try:
+    try:
+      rest = flags.FLAGS(argv)
+    except OSError as e:  # a --config. override applied to a file that failed to load.
+      raise load_error(next(iter(given)), e) if given else e
+    for name in given:
+      try:
+        getattr(flags.FLAGS, name).keys()   # a file that failed to load raises only when used.
+      except OSError as e:
+        raise load_error(name, e) from e
+  except ConfigError as e:
+    print_user_error(str(e))
+    sys.exit(USER_ERROR_EXIT_CODE)
+  except flags.Error as e:
+    print_user_error(_flag_error_text(e))
+    sys.exit(USER_ERROR_EXIT_CODE)
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config. field.
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
+    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    what = (f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint
+            else text.strip("'\"").splitlines()[0])
+    print_user_error(f"unknown config field {what} in: {overrides}")
+    sys.exit(USER_ERROR_EXIT_CODE)
+  return rest

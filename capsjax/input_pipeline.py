@@ -276,8 +276,9 @@ def load_split(
     data_dir: TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets. The cache
       lives in `<data_dir>/capsjax_cache/` (delete it to drop the cache).
     manual_dir: directory with the original release files.
-    download: allow a network download. Off by default: offline, a TFDS download retries
-      for minutes, while a missing dataset raises in well under a second.
+    download: allow a network download. Off by default: a missing dataset then raises in
+      well under a second. On, an unreachable download host raises within seconds
+      (`offline_data.download`), before TFDS would retry for minutes.
     use_cache: read and write the decoded-array cache.
 
   Returns:

@@ -17,13 +17,18 @@ Exit codes:
   0   finished
   1   a bug (Python traceback)
   2   a user error (bad flag/config value, missing data, wrong checkpoint, non-finite
-      loss, disk full, workdir in use): one line `capsjax: error: ...` on stderr
+      loss, disk full, workdir in use): one line `capsjax: error: ...` on stderr, on a
+      line of its own (`grep '^capsjax: error'` finds it in a log)
   75  preempted: SIGTERM/SIGINT received, a checkpoint was saved at the next step
       boundary; rerun the same command to resume (EX_TEMPFAIL; see experiments/slurm/)
+  130 SIGINT (Ctrl-C) outside the training loop (start-up, data, model set-up,
+      evaluation), or a second Ctrl-C during training: stopped at once without saving
+  143 SIGTERM outside the training loop: stopped at once, nothing new to save
+  Rerun the same command after 75, 130 or 143: it resumes from the last complete
+  checkpoint, if any.
 """
 
 import os
-import re
 import sys
 
 from absl import app
@@ -92,25 +97,31 @@ def _maybe_init_distributed(jax) -> None:
 
 
 def _parse_flags(argv):
-  """absl's parser, but a misspelt `--config.` field is a one-line error, not a traceback."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # raised by ml_collections for unknown fields.
-    text = str(e).replace("\\n", "\n").replace("\\'", "'")
-    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
-    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-    what = (f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint
-            else text.strip("'\"").splitlines()[0])
-    print(f"capsjax: error: unknown config field {what} in: {overrides}", file=sys.stderr,
-          flush=True)
-    sys.exit(2)
+  """The process's start: signals handled, then flags parsed, mistakes as one line.
+
+  Signals come first so that a Ctrl-C or SIGTERM at any later moment (imports, model
+  set-up, the first compile) ends the process cleanly (see `capsjax.processes`).
+  """
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  from capsjax import processes  # pylint: disable=g-import-not-at-top
+  processes.handle_signals()
+  return errors.parse_flags(argv)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors do not pay for the JAX import.
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  # User mistakes (capsjax.errors) end with one line naming the problem; anything else
+  # (a bug in capsjax, JAX or NumPy, an XLA runtime failure) keeps its traceback.
+  with errors.exit_on_user_error():
+    if len(argv) > 1:
+      raise errors.ConfigError(f"unexpected command-line arguments {argv[1:]}; capsjax.main "
+                               "takes only flags, e.g. --config=FILE --workdir=DIR")
+    _run()
+
+
+def _run():
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
@@ -126,17 +137,8 @@ def main(argv):
                  jax.devices())
     train.train_and_evaluate(config, _WORKDIR.value)
   except processes.Preempted as e:
-    print(f"capsjax: {e}", file=sys.stderr, flush=True)
+    errors.print_fresh_line(f"capsjax: {e}")
     sys.exit(processes.PREEMPTED_EXIT_CODE)
-  # User mistakes (capsjax.errors) end with one line naming the problem; anything else
-  # (a bug in capsjax, JAX or NumPy, an XLA runtime failure) keeps its traceback.
-  except errors.CapsjaxError as e:
-    if os.environ.get("CAPSJAX_TRACEBACK"):
-      raise
-    print(f"capsjax: error: {e}", file=sys.stderr, flush=True)
-    # The traceback only with --verbosity=1: user mistakes get the one line above.
-    logging.debug("traceback (set CAPSJAX_TRACEBACK=1 to raise it)", exc_info=True)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

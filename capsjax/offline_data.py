@@ -16,7 +16,12 @@ import gzip
 import hashlib
 import io
 import os
+import socket
 import struct
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -218,6 +223,18 @@ def _digest_owner(table: Mapping[str, Mapping[str, Any]], digest: str) -> tuple[
   return None
 
 
+def _wrong_file_message(dataset: str, path: str, owner: tuple[str, str]) -> str:
+  """Names the release file whose published digest `path` has: another split's, another
+  kind's (images/labels) or another dataset's."""
+  other, fname = owner
+  if other != dataset:
+    return f'{path} is the {other!r} file {fname}, not a {dataset!r} file.'
+  split = next(s for s, names in _IDX_NAMES.items() if fname.startswith(names))
+  kind = 'labels' if 'labels' in fname else 'images'
+  return (f'{path}: this looks like the {split} {kind} file ({fname} of {dataset!r}), not '
+          f'{os.path.basename(path)}: are the train and test files swapped or misnamed?')
+
+
 def _read_idx_payload(path: str) -> bytes:
   """Whole (decompressed) content of an IDX file; DatasetValidationError if corrupt."""
   try:
@@ -241,8 +258,7 @@ def _verify_idx_checksum(dataset: str, path: str, payload: bytes) -> None:
       return  # Byte-identical to the upstream release.
     owner = _digest_owner(_GZ_SHA256, digest)
     if owner:
-      raise errors.DatasetValidationError(
-          f'{path} is the {owner[0]!r} file {owner[1]}, not a {dataset!r} file.')
+      raise errors.DatasetValidationError(_wrong_file_message(dataset, path, owner))
     if published and os.path.getsize(path) == published[0]:
       raise errors.DatasetValidationError(
           f'{path}: sha256 {digest} does not match the published {published[1]} although '
@@ -255,9 +271,8 @@ def _verify_idx_checksum(dataset: str, path: str, payload: bytes) -> None:
   if expected and digest == expected:
     return
   owner = _digest_owner(_PAYLOAD_SHA256, digest)
-  if owner and owner[0] != dataset:
-    raise errors.DatasetValidationError(
-        f'{path} holds the {owner[0]!r} file {owner[1]}, not a {dataset!r} file.')
+  if owner and owner != (dataset, stem):
+    raise errors.DatasetValidationError(_wrong_file_message(dataset, path, owner))
   if expected:
     raise errors.DatasetValidationError(
         f'{path}: decompressed sha256 {digest} does not match the published content '
@@ -470,16 +485,88 @@ def prepare_offline(
   return os.fspath(builder.data_dir)
 
 
+# Where each download starts; the first host is tried before TFDS is handed the download.
+_DOWNLOAD_URLS = {'mnist': tfds_mnist.MNIST.URL, 'fashion_mnist': tfds_mnist.FashionMNIST.URL,
+                  'kmnist': tfds_mnist.KMNIST.URL,
+                  'cifar10': 'https://www.cs.toronto.edu/~kriz/'}
+# Seconds to wait for a TCP connection to the download host (or proxy), DNS included.
+DOWNLOAD_CHECK_TIMEOUT_S = 5.0
+
+
+def _unreachable(url: str, timeout: float = DOWNLOAD_CHECK_TIMEOUT_S) -> str | None:
+  """Why `url`'s host (or the proxy for it) takes no TCP connection; None if it does.
+
+  Offline, TFDS retries a download for minutes before it fails with a traceback; one
+  connection attempt tells within seconds. It runs in a thread so that a hanging DNS
+  lookup, which socket timeouts do not cover, is bounded too.
+  """
+  parts = urllib.parse.urlsplit(url)
+  host, port = parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  if proxy and not urllib.request.proxy_bypass(host):
+    proxy_parts = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+    host, port = proxy_parts.hostname, proxy_parts.port or 80
+  result = {}
+
+  def connect():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      result['ok'] = True
+    except OSError as e:
+      result['error'] = e
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if result.get('ok'):
+    return None
+  why = result.get('error') or f'no answer within {timeout:.0f} s'
+  return f'cannot connect to {host}:{port} ({why})'
+
+
+def offline_routes(dataset: str, data_dir: str) -> str:
+  """One sentence naming the ways to get `dataset` without a network."""
+  routes = []
+  if dataset in OFFLINE_DATASETS:
+    routes.append(f'copy the original release files into a directory and pass '
+                  f'--config.manual_dir=DIR (or set {MANUAL_DIR_ENV}=DIR)')
+  if dataset == 'fashion_mnist':
+    routes.append('install them with `sudo apt-get install dataset-fashion-mnist` (Debian/'
+                  'Ubuntu; found in /usr/share/datasets/fashion-mnist)')
+  routes.append(f'on a connected machine run `tfds build {dataset} --file_format=array_record '
+                f'--data_dir=D` and copy D to {data_dir} (or pass --config.data_dir=D)')
+  return 'offline, either ' + '; or '.join(routes)
+
+
 def download(dataset: str, *, data_dir: str) -> None:
   """Downloads and prepares `dataset` as array_record in `data_dir`; needs internet.
 
   TFDS verifies the published checksums. The MNIST family goes through the builders above
   (no TensorFlow); other datasets use the official builder, whose PNG encoding may need
   TensorFlow.
+
+  Raises:
+    DatasetNotFoundError: the download host cannot be reached (found out within
+      `DOWNLOAD_CHECK_TIMEOUT_S`, before TFDS starts retrying) or the download failed on
+      the network; one line naming the offline routes.
   """
+  url = _DOWNLOAD_URLS.get(dataset)
+  why = _unreachable(url) if url else None
+  if why:
+    raise errors.DatasetNotFoundError(
+        f'--config.download=True: {why}, so {dataset!r} cannot be downloaded; '
+        f'{offline_routes(dataset, data_dir)}.')
   logging.info('Downloading %s into %s (download=True).', dataset, data_dir)
   if dataset in _OFFLINE_BUILDERS:
     builder = _OFFLINE_BUILDERS[dataset](data_dir=data_dir, file_format='array_record')
   else:
     builder = tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()
+  import requests  # pylint: disable=g-import-not-at-top  # TFDS's own download client.
+  try:
+    builder.download_and_prepare()
+  except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+          urllib.error.URLError) as e:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise errors.DatasetNotFoundError(
+        f'--config.download=True: downloading {dataset!r} failed on the network '
+        f'({type(e).__name__}: {first[:300]}); {offline_routes(dataset, data_dir)}.') from e

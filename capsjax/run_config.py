@@ -112,6 +112,7 @@ def validate_config(config) -> None:
     _check(isinstance(value, (int, float)) and value == value and value >= 0, f"loss.{name}",
            f"must be a number >= 0, got {value!r}")
   optim.validate(config.optim)
+  _check_resume_changes(config)
   # The model's own checks (sizes, dtype, length_eps), before any parameter exists.
   jax.eval_shape(lambda: nnx.split(models.create_model(
       config.model, image_shape=info.image_shape, num_classes=info.num_classes,
@@ -139,11 +140,48 @@ def run_defining_view(config) -> dict:
   return {k: d[k] for k in RUN_DEFINING_FIELDS if k in d}
 
 
-def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-  """'field: a (saved) vs b (now)' for every leaf where nested dicts `a` and `b` differ."""
+def changes(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted field, value in a, value in b) for every leaf where nested dicts differ."""
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
     for k in sorted(set(a) | set(b)):
-      out += diff(a.get(k), b.get(k), f"{prefix}{k}.")
+      out += changes(a.get(k), b.get(k), f"{prefix}{k}.")
     return out
-  return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} (saved) vs {b!r} (now)"]
+  return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  """'field: a (saved) vs b (now)' for every leaf where nested dicts `a` and `b` differ."""
+  return [f"{field}: {x!r} (saved) vs {y!r} (now)" for field, x, y in changes(a, b, prefix)]
+
+
+ANY_CHANGE = "*"
+
+
+def resume_changes(config) -> tuple[str, ...]:
+  """The fields or prefixes of `config.resume_with_changes`, e.g. ('optim.learning_rate',)."""
+  return tuple(f.strip() for f in str(config.get("resume_with_changes") or "").split(",")
+               if f.strip())
+
+
+def change_allowed(field: str, allowed: tuple[str, ...]) -> bool:
+  """Whether dotted `field` is one of `allowed`, lies under one of them, or '*' is given."""
+  return any(a == ANY_CHANGE or field == a or field.startswith(a + ".") for a in allowed)
+
+
+def _check_resume_changes(config) -> None:
+  allowed = resume_changes(config)
+  for name in allowed:
+    if name == ANY_CHANGE:
+      continue
+    try:
+      get_field(config, name)
+    except (KeyError, AttributeError, TypeError):
+      raise errors.ConfigError(
+          f"config.resume_with_changes: {name!r} is not a config field") from None
+    _check(name.split(".")[0] in RUN_DEFINING_FIELDS, "resume_with_changes",
+           f"lists {name!r}, which is not run-defining (it may change on any resume); "
+           f"run-defining fields lie under {RUN_DEFINING_FIELDS}")
+  _check(not (allowed and config.overwrite), "resume_with_changes",
+         f"={config.resume_with_changes!r} (continue this run's checkpoints) contradicts "
+         "overwrite=True (move them aside and start fresh): give one of them")

@@ -211,8 +211,10 @@ class _Run:
           "training stopped without saving. " + (
               f"The last good checkpoint is {self.ckpt.directory}/{last}" if last is not None
               else "No checkpoint was written yet")
-          + f". To retry with a lower config.optim.learning_rate "
+          + f". To continue from it with a lower config.optim.learning_rate "
           f"(now {self.config.optim.learning_rate}), rerun with "
+          "--config.optim.learning_rate=<lower> "
+          "--config.resume_with_changes=optim.learning_rate; or start afresh with "
           "--config.overwrite=True (moves this run aside), or in a new --workdir with "
           "--config.init_from=<a good checkpoint> (weights only)")
 

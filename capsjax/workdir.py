@@ -2,7 +2,9 @@
 
 Workdir layout (everything a run writes; only process 0 writes files):
   config.json            the resolved config of the run (a rerun that changes a run-defining
-                         field, e.g. the model or dataset, is refused)
+                         field, e.g. the model or dataset, is refused unless
+                         config.resume_with_changes names it)
+  config.json.previous-<time>  the config.json a resume with changes replaced
   checkpoints/<step>/    Orbax checkpoints (latest N + the selected one), see checkpoint.py
   metrics.csv, epochs.csv, tensorboard/, plots/curves.png   see metrics.py
   summary.json           test metrics of the final checkpoint, of the epoch selected on
@@ -22,6 +24,7 @@ import time
 from absl import logging
 import jax
 
+from capsjax import checkpoint as ckpt_lib
 from capsjax import errors
 from capsjax import processes
 from capsjax import run_config
@@ -60,38 +63,99 @@ def _read_saved_config(path: str) -> dict:
   return run_config.with_legacy_defaults(saved)
 
 
+def _has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir/checkpoints/` holds a step (complete or being written)."""
+  try:
+    return any(n[:1].isdigit() for n in os.listdir(os.path.join(workdir, ckpt_lib.CKPT_DIR)))
+  except OSError:
+    return False
+
+
+def _move_aside(workdir: str) -> None:
+  backup = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
+  os.makedirs(backup)
+  for name in os.listdir(workdir):
+    if not name.startswith(("previous-", ".lock")):
+      shutil.move(os.path.join(workdir, name), os.path.join(backup, name))
+  logging.warning("config differs from the earlier run; moved its files to %s", backup)
+
+
+def _accept_changes(config, workdir: str, path: str, changed) -> None:
+  """Logs each accepted change old -> new and keeps the old config.json beside the new."""
+  if not changed:
+    return
+  for field, old, new in changed:
+    logging.warning("resuming %s with config.%s changed: %r -> %r "
+                    "(config.resume_with_changes=%r)", workdir, field, old, new,
+                    config.resume_with_changes)
+  if jax.process_index() == 0 and os.path.lexists(path):
+    # Never overwritten: each resume with changes keeps the config it replaced.
+    backup = f"{path}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while os.path.lexists(backup):
+      backup = f"{path}.previous-{time.strftime('%Y%m%d-%H%M%S')}.{n}"
+      n += 1
+    shutil.copy2(path, backup)
+    logging.warning("the earlier config.json is kept as %s", backup)
+
+
 def check_config(config, workdir: str) -> None:
   """Refuses to reuse a workdir trained with a different run-defining config.
 
   With `config.overwrite`, the earlier run's files are moved to
-  `WORKDIR/previous-<time>/` (never deleted) and training starts fresh. Then writes the
-  whole resolved config to `WORKDIR/config.json`.
+  `WORKDIR/previous-<time>/` (never deleted) and training starts fresh. With
+  `config.resume_with_changes`, changes to the fields it names are accepted: each is
+  logged old -> new, and the old config.json is kept as `config.json.previous-<time>`.
+  Checkpoints without a config.json beside them are refused unless `overwrite` is set or
+  `resume_with_changes` is '*', since nothing tells which config trained them. Then writes
+  the whole resolved config to `WORKDIR/config.json`.
   """
   path = os.path.join(workdir, CONFIG_NAME)
   now = run_config.run_defining_view(config)
+  allowed = run_config.resume_changes(config)
+  changed = []
   if os.path.lexists(path):
     saved = _read_saved_config(path)
-    diffs = run_config.diff(
+    changed = run_config.changes(
         {k: saved[k] for k in run_config.RUN_DEFINING_FIELDS if k in saved}, now)
-    if diffs and not config.overwrite:
+    refused = [c for c in changed if not run_config.change_allowed(c[0], allowed)]
+    if refused and not config.overwrite:
       raise errors.WorkdirError(
           f"workdir {workdir} was used by a run with a different config ("
-          + "; ".join(diffs[:5]) + "). Use another --workdir, or "
-          "--config.overwrite=True to move the earlier run aside and start fresh")
-    if diffs and jax.process_index() == 0:
-      backup = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
-      os.makedirs(backup)
-      for name in os.listdir(workdir):
-        if not name.startswith(("previous-", ".lock")):
-          shutil.move(os.path.join(workdir, name), os.path.join(backup, name))
-      logging.warning("config differs from the earlier run; moved its files to %s", backup)
+          + "; ".join(f"{f}: {a!r} (saved) vs {b!r} (now)" for f, a, b in refused[:5])
+          + "). Use another --workdir; or --config.resume_with_changes="
+          + ",".join(f for f, _, _ in refused[:5]) + " to continue its checkpoints with "
+          "the new values; or --config.overwrite=True to move the earlier run aside and "
+          "start fresh")
+    if changed and config.overwrite and jax.process_index() == 0:
+      _move_aside(workdir)
+    elif changed:
+      _accept_changes(config, workdir, path, changed)
+  elif _has_checkpoints(workdir):
+    if config.overwrite:
+      if jax.process_index() == 0:
+        _move_aside(workdir)
+    elif run_config.ANY_CHANGE in allowed:
+      logging.warning("resuming the checkpoints of %s without a %s: their config is "
+                      "unknown, so nothing was compared (config.resume_with_changes='*'); "
+                      "checkpoints of another model shape are still refused", workdir,
+                      CONFIG_NAME)
+    else:
+      raise errors.WorkdirError(
+          f"workdir {workdir} has checkpoints but no {CONFIG_NAME}, so nothing tells "
+          "whether they were trained with this config. Restore its config.json; or pass "
+          "--config.resume_with_changes='*' to continue them with this config anyway; or "
+          "--config.overwrite=True to move them aside and start fresh")
   # Every process has read the saved config (and raised alike) before process 0 rewrites it.
   processes.sync("capsjax_config_checked")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     # The whole resolved config; only the run-defining fields are compared on reruns.
-    with open(path, "w") as f:
+    # Written whole or not at all: a run stopped mid-write must not leave half a file.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
       json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
   processes.sync("capsjax_config_written")
 
 

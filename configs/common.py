@@ -26,8 +26,9 @@ def get_base_config() -> config_dict.ConfigDict:
   config.dataset = "fashion_mnist"
   config.data_dir = config_dict.placeholder(str)     # TFDS data dir; None = TFDS default.
   config.manual_dir = config_dict.placeholder(str)   # original IDX/npz files for offline builds.
-  # Let TFDS download missing data. Off by default: offline, a TFDS download retries for
-  # minutes; capsjax instead fails at once with the files/commands that would fix it.
+  # Let TFDS download missing data. Off by default, so that a missing dataset fails at
+  # once with the files/commands that would fix it; with it on and no network, capsjax
+  # finds out in seconds (before TFDS's minutes of retries) and names the offline routes.
   config.download = False
   config.train_examples = 0                          # > 0: train on the first N only (quick runs).
   config.eval_examples = 0                           # > 0: evaluate on the first N only.
@@ -47,6 +48,13 @@ def get_base_config() -> config_dict.ConfigDict:
   config.keep_checkpoints = 3                        # latest N; the selected one is kept too.
   config.init_from = ""                              # checkpoint dir/step to load weights from.
   config.overwrite = False                           # allow a workdir used with another config.
+  # Resume a workdir's checkpoints although these run-defining fields changed (e.g.
+  # 'optim.learning_rate' after a non-finite loss): comma-separated dotted fields or
+  # prefixes ('optim' covers every optim.* field); '*' accepts any change, and is needed
+  # when config.json is missing beside checkpoints. Each change is logged old -> new and
+  # the old config.json is kept as config.json.previous-<time>. Checkpoints of another
+  # model shape are still refused.
+  config.resume_with_changes = ""
   config.progress_bar = True
 
   config.model = config_dict.ConfigDict()

@@ -38,8 +38,9 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from capsjax import input_pipeline
 from capsjax import analysis
+from capsjax import errors
+from capsjax import input_pipeline
 from experiments import sweep
 
 RUN_FIELDS = ("iterations", "seed", "accuracy", "loss", "margin_loss", "recon_loss", "step",
@@ -192,11 +193,12 @@ def run_sweep(config, workdir: str, iterations: Sequence[int], seeds: Sequence[i
   iterations = [int(i) for i in iterations]
   seeds = [int(s) for s in seeds]
   if not iterations or any(i < 1 for i in iterations):
-    raise ValueError(f"iterations must be a non-empty list of ints >= 1, got {iterations}")
+    raise errors.ConfigError(
+        f"iterations must be a non-empty list of ints >= 1, got {iterations}")
   if not seeds:
-    raise ValueError("seeds must be a non-empty list of ints")
+    raise errors.ConfigError("seeds must be a non-empty list of ints")
   if len(set(iterations)) != len(iterations) or len(set(seeds)) != len(seeds):
-    raise ValueError(f"iterations {iterations} and seeds {seeds} must not repeat")
+    raise errors.ConfigError(f"iterations {iterations} and seeds {seeds} must not repeat")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   images = None
@@ -221,9 +223,12 @@ def run_sweep(config, workdir: str, iterations: Sequence[int], seeds: Sequence[i
 
 
 def main(argv: Sequence[str]) -> None:
-  f = sweep.start_cli(argv)
-  rows = run_sweep(f.config, f.workdir, [int(x) for x in f.iterations],
-                   [int(x) for x in f.seeds], entropy_examples=f.entropy_examples)
+  sweep.run_cli(_main, argv)
+
+
+def _main(f) -> None:
+  iterations, seeds = sweep.int_list("iterations", f.iterations), sweep.int_list("seeds", f.seeds)
+  rows = run_sweep(f.config, f.workdir, iterations, seeds, entropy_examples=f.entropy_examples)
   with open(os.path.join(os.path.abspath(f.workdir), "results.md")) as fh:
     print(fh.read(), flush=True)
   logging.info("%d runs; results in %s", len(rows), f.workdir)
@@ -250,4 +255,4 @@ def _define_flags(flag_values=None) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=sweep.flags_parser(("config",)))

@@ -40,11 +40,12 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import logging
 
+from capsjax import errors
 from capsjax import metrics as metrics_lib
 from capsjax import run_config
 from capsjax import train
@@ -66,12 +67,16 @@ def load_recipe(spec: str):
   """`configs/fashion.py:quick` -> the ConfigDict its `get_config('quick')` returns."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"recipe config file {path!r} (from {spec!r}) does not exist")
+    raise errors.ConfigError(f"recipe config file {path!r} (from {spec!r}) does not exist")
+  errors.add_config_root(path)   # its `from configs import common`, from any cwd.
   name = "capsjax_recipe_" + re.sub(r"\W", "_", os.path.abspath(path))
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except ValueError as e:   # e.g. an unknown :variant.
+    raise errors.ConfigError(f"recipe {spec!r}: {e}") from e
 
 
 def recipe_name(spec: str) -> str:
@@ -86,23 +91,24 @@ def parse_value(config, field: str, text: str) -> Any:
   try:
     current = run_config.get_field(config, field)
   except (KeyError, AttributeError, TypeError):
-    raise ValueError(f"unknown config field {field!r}") from None
+    raise errors.ConfigError(f"unknown config field {field!r}") from None
   if isinstance(current, bool):
     if text.lower() not in ("true", "false"):
-      raise ValueError(f"{field} expects True or False, got {text!r}")
+      raise errors.ConfigError(f"{field} expects True or False, got {text!r}")
     return text.lower() == "true"
   if isinstance(current, str) or current is None:
     return text
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise ValueError(f"{field} expects a {type(current).__name__}, got {text!r}") from None
+    raise errors.ConfigError(
+        f"{field} expects a {type(current).__name__}, got {text!r}") from None
   if isinstance(current, float) and isinstance(value, int):
     value = float(value)
   if isinstance(current, tuple) and isinstance(value, list):
     value = tuple(value)
   if type(value) is not type(current):
-    raise ValueError(f"{field} expects a {type(current).__name__}, got {text!r}")
+    raise errors.ConfigError(f"{field} expects a {type(current).__name__}, got {text!r}")
   return value
 
 
@@ -112,14 +118,15 @@ def parse_axes(config, specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
   for spec in specs:
     field, sep, values = spec.partition("=")
     if not sep or not values:
-      raise ValueError(f"--sweep expects FIELD=V1,V2,..., got {spec!r}")
+      raise errors.ConfigError(f"--sweep expects FIELD=V1,V2,..., got {spec!r}")
     parsed = [parse_value(config, field, v) for v in values.split(",")]
     if len(set(map(repr, parsed))) != len(parsed):
-      raise ValueError(f"--sweep {field} repeats a value: {values}")
+      raise errors.ConfigError(f"--sweep {field} repeats a value: {values}")
     axes.append((field, parsed))
   fields = [f for f, _ in axes]
   if len(set(fields)) != len(fields) or "seed" in fields:
-    raise ValueError(f"--sweep fields must be distinct and not 'seed' (use --seeds): {fields}")
+    raise errors.ConfigError(
+        f"--sweep fields must be distinct and not 'seed' (use --seeds): {fields}")
   return axes
 
 
@@ -339,6 +346,15 @@ def plot_curves(path: str, rows: Sequence[dict], *, title: str = "") -> str:
   return path
 
 
+def int_list(flag: str, values: Sequence[Any]) -> list[int]:
+  """The integers of a list flag such as --seeds=0,1,2; ConfigError naming the flag."""
+  try:
+    return [int(v) for v in values]
+  except (TypeError, ValueError):
+    raise errors.ConfigError(f"--{flag} expects integers, e.g. --{flag}=0,1, got "
+                             f"{','.join(map(str, values))!r}") from None
+
+
 def join_recipe_specs(tokens: Sequence[str]) -> list[str]:
   """Re-joins comma-split recipe specs: ['k.py:augment', 'quick'] -> ['k.py:augment,quick'].
 
@@ -370,20 +386,20 @@ def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = ()
   Returns:
     The per-run rows (RUN_FIELDS), in (recipe, values, seed) order.
   """
-  seeds = [int(s) for s in seeds]
+  seeds = int_list("seeds", seeds)
   if not recipes or not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f"need at least one recipe and distinct seeds, got {list(recipes)} and "
-                     f"{seeds}")
+    raise errors.ConfigError(
+        f"need at least one recipe and distinct seeds, got {list(recipes)} and {seeds}")
   names = [recipe_name(r) for r in recipes]
   if len(set(names)) != len(names):
-    raise ValueError(f"recipes must differ: {list(recipes)}")
+    raise errors.ConfigError(f"recipes must differ: {list(recipes)}")
   configs = []
   for spec in recipes:
     config = load_recipe(spec)
     for text in overrides:
       field, sep, value = text.partition("=")
       if not sep:
-        raise ValueError(f"--set expects FIELD=VALUE, got {text!r}")
+        raise errors.ConfigError(f"--set expects FIELD=VALUE, got {text!r}")
       run_config.set_field(config, field, parse_value(config, field, value))
     configs.append(config)
   axes = parse_axes(configs[0], sweep)
@@ -413,14 +429,44 @@ def start_cli(argv: Sequence[str]):
   """The sweeps' CLI start: no stray arguments, CPU runtime set up; returns absl's FLAGS."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
+    raise errors.ConfigError(f"unexpected arguments: {argv[1:]}; only flags are taken")
   from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
   cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
   return flags.FLAGS
 
 
+def flags_parser(config_flags: tuple[str, ...] = ()):
+  """The sweeps' `app.run` flags parser: signals handled from here on (as capsjax.main),
+  and every flag mistake one `capsjax: error:` line with exit code 2."""
+  def parse(argv):
+    from capsjax import processes  # pylint: disable=g-import-not-at-top
+    processes.handle_signals()
+    return errors.parse_flags(argv, config_flags=config_flags)
+  return parse
+
+
+def run_cli(body: Callable[[Any], None], argv: Sequence[str]) -> None:
+  """Runs `body(FLAGS)` as the sweeps' main, ending as capsjax.main does.
+
+  A user mistake is one `capsjax: error:` line and exit code 2; a preemption (SIGTERM
+  during a run's training: its checkpoint saved) exit code 75, so rerunning the sweep
+  resumes that run.
+  """
+  from capsjax import processes  # pylint: disable=g-import-not-at-top
+  with errors.exit_on_user_error():
+    f = start_cli(argv)
+    try:
+      body(f)
+    except processes.Preempted as e:
+      errors.print_fresh_line(f"capsjax: {e}")
+      sys.exit(processes.PREEMPTED_EXIT_CODE)
+
+
 def main(argv: Sequence[str]) -> None:
-  f = start_cli(argv)
+  run_cli(_main, argv)
+
+
+def _main(f) -> None:
   rows = run_sweep(join_recipe_specs(f.recipes), f.workdir, sweep=f.sweep or (), seeds=f.seeds,
                    overrides=f.set or (), command=" ".join(["python -m experiments.sweep",
                                                             *sys.argv[1:]]))
@@ -449,4 +495,4 @@ def _define_flags(flag_values=None) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=flags_parser())

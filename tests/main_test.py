@@ -7,6 +7,7 @@ the console, is under test.
 """
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -142,3 +143,192 @@ def test_a_library_value_error_keeps_its_traceback(capsys, tmp_path, mock, monke
   with pytest.raises(ValueError, match="a bug inside the loss"):
     _cli(capsys, f"--workdir={tmp_path / 'run'}")
   assert "capsjax: error" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Flag parsing (issue 17, defect 17): every mistake is one line and exit code 2.
+# ---------------------------------------------------------------------------------------
+
+
+def _main_process(argv, cwd=REPO, env=None):
+  return subprocess.run([sys.executable, "-m", "capsjax.main", *argv], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def _only_error_line(r) -> str:
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr and "FATAL" not in r.stderr, r.stderr
+  lines = [l for l in r.stderr.split("\n") if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("capsjax: error: "), r.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (("--config=configs/fashion.py:smoke", "--workdir=W", "--config.seed=abc"),
+     "capsjax: error: --config.seed=abc: invalid literal for int() with base 10: 'abc'"),
+    (("--config=configs/fashion.py:smoke", "--workdir=W", "--config.optim.learning_rate=x"),
+     "capsjax: error: --config.optim.learning_rate=x: could not convert string to float: 'x'"),
+    (("--config=configs/fashion.py:bogus", "--workdir=W"),
+     "capsjax: error: --config=configs/fashion.py:bogus: unknown config variant 'bogus'; "
+     "expected one of: 'quick', 'smoke'"),
+    (("--config=configs/nothere.py", "--workdir=W", "--config.seed=1"),
+     "capsjax: error: --config=configs/nothere.py: cannot load the config file ([Errno 2] No "
+     "such file or directory: 'configs/nothere.py')"),
+    (("--config=configs/fashion.py:smoke",), "capsjax: error: missing required flag --workdir"),
+    (("--workdir=W",), "capsjax: error: missing required flag --config"),
+    (("--config=configs/fashion.py:smoke", "--workdir=W", "stray"),
+     "capsjax: error: unexpected command-line arguments ['stray']; capsjax.main takes only "
+     "flags, e.g. --config=FILE --workdir=DIR"),
+])
+def test_flag_parsing_errors_are_one_line_and_exit_2(tmp_path, argv, expected):
+  argv = [a.replace("=W", f"={tmp_path / 'w'}") for a in argv]
+  assert _only_error_line(_main_process(argv)) == expected
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_config_file_loads_from_any_cwd(tmp_path):
+  # capsjax importable, but neither the cwd nor sys.path holds the repository root (an
+  # installed capsjax, a job script run from elsewhere): `from configs import common` in
+  # the config file must still work.
+  site = tmp_path / "site"
+  site.mkdir()
+  os.symlink(os.path.join(REPO, "capsjax"), site / "capsjax")
+  env = dict(os.environ, PYTHONPATH=str(site))
+  config = os.path.relpath(os.path.join(REPO, "configs", "kmnist.py"), tmp_path)
+  r = _main_process([f"--config={config}:augment,smoke", f"--workdir={tmp_path / 'w'}",
+                     "--config.seed=-1"], cwd=str(tmp_path), env=env)
+  # The config loaded: the error is about the value, found by capsjax's own checks.
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert [l for l in r.stderr.split("\n") if l.startswith("capsjax")] == [
+      "capsjax: error: config.seed must be >= 0, got -1"], r.stderr
+
+
+def test_user_error_starts_on_a_fresh_line_after_a_progress_bar(capsys, tmp_path,
+                                                                monkeypatch):
+  # A progress bar (TFDS's, the epoch bar) ends its updates with '\r', not '\n': the error
+  # must still start a line of its own, so `grep '^capsjax: error'` finds it in a log.
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  from capsjax import train  # pylint: disable=g-import-not-at-top
+
+  def fails_mid_bar(config, workdir):
+    sys.stderr.write("\rGenerating train examples...:  42%|####      | 25k/60k")
+    raise errors.DatasetValidationError("train-images-idx3-ubyte.gz: corrupt")
+  monkeypatch.setattr(train, "train_and_evaluate", fails_mid_bar)
+  code, _, err = _cli(capsys, f"--workdir={tmp_path}")
+  assert code == 2
+  grep = [l for l in err.split("\n") if l.startswith("capsjax: error")]
+  assert grep == ["capsjax: error: train-images-idx3-ubyte.gz: corrupt"], repr(err)
+
+
+def test_print_user_error_in_a_log_file_and_on_a_terminal(tmp_path):
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  log = tmp_path / "run.log"
+  with open(log, "w") as f:
+    f.write("epoch 1/2:  50%|#####     | 2/4\r")
+    errors.print_user_error("bad", stream=f)
+  assert [l for l in log.read_text().split("\n") if l.startswith("capsjax: error")] == [
+      "capsjax: error: bad"]
+
+  class Tty(list):
+    def isatty(self):
+      return True
+    write = list.append
+
+    def flush(self):
+      pass
+  tty = Tty()
+  errors.print_user_error("bad", stream=tty)
+  # On a terminal the bar's line is cleared and reused: no empty line on screen.
+  assert "".join(tty) == "\r\033[Kcapsjax: error: bad\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming with changes (defects 5 and 18).
+# ---------------------------------------------------------------------------------------
+
+
+def _train(workdir, **overrides):
+  from capsjax import train  # pylint: disable=g-import-not-at-top
+  return train.train_and_evaluate(_config(**overrides), workdir)
+
+
+def test_checkpoints_without_config_json_are_refused(capsys, tmp_path, src):
+  workdir = _copy(src, tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  # Before: this silently continued the old checkpoints with 1 routing iteration.
+  _one_line_error(capsys, ("has checkpoints but no config.json",
+                           "--config.resume_with_changes='*'", "--config.overwrite=True"),
+                  f"--workdir={workdir}", "--config.model.routing_iterations=1",
+                  "--config.num_epochs=3")
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  # The escape hatch, given explicitly, resumes them (step 8 -> 12).
+  summary = _train(workdir, num_epochs=3, resume_with_changes="*")
+  assert summary["step"] == 12
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["resume_with_changes"] == "*"
+
+
+def test_overwrite_moves_checkpoints_without_config_json_aside(tmp_path, src):
+  workdir = _copy(src, tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  assert _train(workdir, num_epochs=1, overwrite=True)["step"] == 4
+  assert [n for n in os.listdir(workdir) if n.startswith("previous-")]
+
+
+def test_resume_with_changes_after_nan_advice(capsys, tmp_path, src, caplog):
+  workdir = _copy(src, tmp_path)
+  # The plain retry the NaN message used to suggest is refused, naming the way on.
+  _one_line_error(capsys, ("optim.learning_rate: 0.001 (saved) vs 0.0001 (now)",
+                           "--config.resume_with_changes=optim.learning_rate"),
+                  f"--workdir={workdir}", "--config.optim.learning_rate=0.0001",
+                  "--config.num_epochs=3")
+  with caplog.at_level("WARNING"):
+    summary = _train(workdir, num_epochs=3, resume_with_changes="optim.learning_rate",
+                     **{"optim.learning_rate": 1e-4})
+  assert summary["step"] == 12          # continued from step 8, not restarted.
+  assert "config.optim.learning_rate changed: 0.001 -> 0.0001" in caplog.text
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["optim"]["learning_rate"] == 1e-4
+  previous = [n for n in os.listdir(workdir) if n.startswith("config.json.previous-")]
+  assert len(previous) == 1, os.listdir(workdir)
+  with open(os.path.join(workdir, previous[0])) as f:
+    assert json.load(f)["optim"]["learning_rate"] == 1e-3
+  # Only the fields named: another change is still refused.
+  _one_line_error(capsys, ("seed: 0 (saved) vs 1 (now)",), f"--workdir={workdir}",
+                  "--config.optim.learning_rate=0.0001", "--config.seed=1",
+                  "--config.resume_with_changes=optim.learning_rate")
+
+
+def test_resume_with_changes_still_refuses_another_model_shape(capsys, tmp_path, src):
+  workdir = _copy(src, tmp_path)
+  _one_line_error(capsys, ("has shape (80, 32) in the checkpoint but (40, 32) in the model",),
+                  f"--workdir={workdir}", "--config.model.digit_dim=4",
+                  "--config.resume_with_changes=model", "--config.num_epochs=3")
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("optim.learnin_rate", "config.resume_with_changes: 'optim.learnin_rate' is not a config "
+                           "field"),
+    ("num_epochs", "config.resume_with_changes lists 'num_epochs', which is not run-defining"),
+])
+def test_resume_with_changes_names_run_defining_fields(capsys, tmp_path, mock, value,
+                                                       expected):
+  _one_line_error(capsys, (expected,), f"--workdir={tmp_path}",
+                  f"--config.resume_with_changes={value}")
+  assert not os.listdir(tmp_path)
+
+
+def test_non_finite_message_names_resume_with_changes():
+  from capsjax import train  # pylint: disable=g-import-not-at-top
+  run = types.SimpleNamespace(
+      ckpt=types.SimpleNamespace(latest_step=lambda: 8, directory="W/checkpoints"),
+      steps_per_epoch=4, config=_config())
+  with pytest.raises(errors_lib().NonFiniteLossError) as e:
+    train._Run.check_finite(run, [(9, {"loss": float("nan")})])
+  assert ("--config.optim.learning_rate=<lower> "
+          "--config.resume_with_changes=optim.learning_rate") in str(e.value)
+
+
+def errors_lib():
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  return errors

@@ -3,6 +3,8 @@
 No network and no real data: the IDX/npz fixtures are tiny and written to tmp_path.
 """
 import gzip
+import hashlib
+import os
 import struct
 
 import numpy as np
@@ -200,6 +202,44 @@ def test_fashion_content_digest_mismatch_is_rejected(tmp_path):
   with pytest.raises(errors.DatasetValidationError,
                      match='does not match the published content'):
     _read(tmp_path, dataset='fashion_mnist')
+
+
+def test_swapped_train_and_test_files_are_named_as_such(tmp_path, monkeypatch):
+  # Re-compressed copies (Debian's) are checked on their payload: the test images written
+  # under the train name must be called the test file, not just "does not match".
+  fixture = fx.write_idx_dataset(tmp_path / 'orig')
+  payload = {}
+  for split in ('train', 'test'):
+    for name, magic, array in zip(od._IDX_NAMES[split], (2051, 2049), fixture[split]):
+      header = struct.pack(f'>I{array.ndim}I', magic, *array.shape)
+      payload[name] = hashlib.sha256(header + array.tobytes()).hexdigest()
+  monkeypatch.setattr(od, '_PAYLOAD_SHA256', {'fashion_mnist': payload})
+  swapped = tmp_path / 'swapped'
+  swapped.mkdir()
+  for a, b in zip(od._IDX_NAMES['train'], od._IDX_NAMES['test']):
+    (swapped / f'{a}.gz').write_bytes((tmp_path / 'orig' / f'{b}.gz').read_bytes())
+    (swapped / f'{b}.gz').write_bytes((tmp_path / 'orig' / f'{a}.gz').read_bytes())
+  _read(tmp_path / 'orig', split='train', count=N_TRAIN, dataset='fashion_mnist')   # OK
+  with pytest.raises(errors.DatasetValidationError) as e:
+    _read(swapped, split='train', count=N_TRAIN, dataset='fashion_mnist')
+  assert str(e.value) == (
+      f'{swapped / "train-images-idx3-ubyte.gz"}: this looks like the test images file '
+      "(t10k-images-idx3-ubyte of 'fashion_mnist'), not train-images-idx3-ubyte.gz: are the "
+      'train and test files swapped or misnamed?')
+  with pytest.raises(errors.DatasetValidationError, match='looks like the train images file'):
+    _read(swapped, split='test', count=N_TEST, dataset='fashion_mnist')
+
+
+@pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_swapped_debian_fashion_mnist_files(tmp_path):
+  src = '/usr/share/datasets/fashion-mnist'
+  for a, b in zip(od._IDX_NAMES['train'], od._IDX_NAMES['test']):
+    os.symlink(os.path.join(src, f'{b}.gz'), tmp_path / f'{a}.gz')
+  paths = od.find_original_files('fashion_mnist', 'train', manual_dir=tmp_path)
+  with pytest.raises(errors.DatasetValidationError,
+                     match=r'this looks like the test images file \(t10k-images-idx3-ubyte'):
+    od.read_original_split('fashion_mnist', *paths, expected_count=60000)
 
 
 # ---------------------------------------------------------------------------------------

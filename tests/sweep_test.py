@@ -87,3 +87,59 @@ def test_two_recipes_two_seeds_write_mean_and_std(tmp_path, monkeypatch):
     # Rerunning skips every finished run.
     again = sweep.run_sweep(RECIPES, workdir, seeds=[0, 1], overrides=overrides)
   assert len(calls) == 4 and all(r["skipped"] for r in again)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line: a user mistake is one `capsjax: error:` line and exit code 2.
+# ---------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli_error(module, *argv) -> str:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  r = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr and "FATAL" not in r.stderr, r.stderr
+  lines = [l for l in r.stderr.split("\n") if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("capsjax: error: "), r.stderr
+  return lines[0][len("capsjax: error: "):]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (("--recipes=configs/nothere.py",),
+     "recipe config file 'configs/nothere.py' (from 'configs/nothere.py') does not exist"),
+    (("--recipes=configs/fashion.py:bogus",),
+     "recipe 'configs/fashion.py:bogus': unknown config variant 'bogus'; expected one of: "
+     "'quick', 'smoke'"),
+    (("--recipes=configs/fashion.py:smoke", "--seeds=a"),
+     "--seeds expects integers, e.g. --seeds=0,1, got 'a'"),
+    (("--recipes=configs/fashion.py:smoke", "--set=model.routing=2"),
+     "unknown config field 'model.routing'"),
+    (("--recipes=configs/fashion.py:smoke", "--set=model.routing_iterations=0"),
+     "config.model.routing_iterations: num_iterations must be >= 1, got 0"),
+    (("--recipes=configs/fashion.py:smoke", "--sweep=seed=1,2"),
+     "--sweep fields must be distinct and not 'seed' (use --seeds): ['seed']"),
+    (("--recipes=configs/fashion.py:smoke", "stray"),
+     "unexpected arguments: ['stray']; only flags are taken"),
+    ((), "missing required flag --recipes"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, argv, expected):
+  argv = [*argv, f"--workdir={tmp_path / 'w'}"] if argv else [f"--workdir={tmp_path}"]
+  assert _cli_error("experiments.sweep", *argv) == expected
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (("--config=configs/fashion.py:bogus",),
+     "--config=configs/fashion.py:bogus: unknown config variant 'bogus'; expected one of: "
+     "'quick', 'smoke'"),
+    (("--config=configs/fashion.py:smoke", "--config.seed=x"),
+     "--config.seed=x: invalid literal for int() with base 10: 'x'"),
+    (("--config=configs/fashion.py:smoke", "--iterations=0"),
+     "iterations must be a non-empty list of ints >= 1, got [0]"),
+    (("--config=configs/fashion.py:smoke", "--iterations=one"),
+     "--iterations expects integers, e.g. --iterations=0,1, got 'one'"),
+])
+def test_routing_sweep_command_line_mistakes_are_one_line(tmp_path, argv, expected):
+  assert _cli_error("experiments.routing_sweep", *argv, f"--workdir={tmp_path / 'w'}") == expected
