@@ -27,7 +27,6 @@ line. A user mistake (no checkpoint, a bad flag value) ends the command with one
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -346,7 +345,7 @@ def main(argv: Sequence[str]) -> None:
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
+  with errors.exit_on_user_error():
     if len(argv) > 1:
       raise errors.ConfigError(f"unexpected arguments: {argv[1:]}; capsjax.visualize takes "
                                "only flags, e.g. --workdir=RUN")
@@ -356,11 +355,6 @@ def main(argv: Sequence[str]) -> None:
                          num_examples=f.num_examples, num_routing=f.num_routing,
                          eval_examples=f.eval_examples, example_index=f.example_index,
                          data_dir=f.data_dir, manual_dir=f.manual_dir)
-  except errors.CapsjaxError as e:
-    if os.environ.get("CAPSJAX_TRACEBACK"):
-      raise
-    print(f"capsjax: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
   for name, path in paths.items():
     logging.info("%s: %s", name, path)
   print("\n".join(paths.values()), flush=True)
@@ -387,4 +381,4 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

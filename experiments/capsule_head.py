@@ -164,13 +164,18 @@ def train(*, steps: int, batch_size: int = 32, head: str = "routed",
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
-  cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
-  f = flags.FLAGS
-  losses_ = train(steps=f.steps, batch_size=f.batch_size, head=f.head,
-                  routing_iterations=f.routing_iterations, seed=f.seed)
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  with errors.exit_on_user_error():
+    if len(argv) > 1:
+      raise errors.ConfigError(f"unexpected arguments: {argv[1:]}; only flags are taken")
+    from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+    cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
+    f = flags.FLAGS
+    for name in ("steps", "batch_size", "routing_iterations"):
+      if f[name].value < 1:
+        raise errors.ConfigError(f"--{name}={f[name].value}: expected an integer >= 1")
+    losses_ = train(steps=f.steps, batch_size=f.batch_size, head=f.head,
+                    routing_iterations=f.routing_iterations, seed=f.seed)
   print(f"{f.head} head, {f.routing_iterations} routing iterations: loss "
         f"{losses_[0]:.4f} (step 1) -> {losses_[-1]:.4f} (step {len(losses_)})", flush=True)
 
@@ -183,4 +188,5 @@ if __name__ == "__main__":
   flags.DEFINE_enum("head", "routed", HEADS, "Capsule head.")
   flags.DEFINE_integer("routing_iterations", 3, "Routing iterations.")
   flags.DEFINE_integer("seed", 0, "Seed.")
-  app.run(main)
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=errors.parse_flags)
