@@ -1,4 +1,7 @@
-"""CapsNet (Sabour, Frosst & Hinton 2017): Conv1 -> PrimaryCaps -> DigitCaps -> decoder.
+"""CapsNet (Sabour, Frosst & Hinton 2017): Conv1 -> PrimaryCaps -> DigitCaps -> decoder,
+with any routing of `capsjax.routing` (`routing=`), and two paper architectures:
+`EfficientCapsNet` (Mazzia et al. 2021) and `MatrixCapsNet` (a small EM network, Hinton
+et al. 2018). `create_model` builds the one `config.model.architecture` names.
 
 For 28x28x1 inputs and 10 classes with the paper's sizes the model has 8,215,568
 parameters (6,804,224 without the decoder); `init='tf'` adds the 160 routing biases.
@@ -95,6 +98,13 @@ class CapsNet(nnx.Module):
   reference). The config value 'auto' depends on the backend and XLA's flags, so it is
   resolved at start-up (`cpu_runtime.resolve_conv_impl`, which `create_model` calls) and
   raises here.
+
+  `routing` (a name in `routing.ROUTINGS`) picks the class capsules' routing, the
+  primary-capsule nonlinearity its authors use (`layers.PRIMARY_NONLINEARITY`), EM's
+  sigmoid activation head and the routing's learned parameters (`layers.RoutedCaps`);
+  `class_scores` says what 'lengths' is for each. `stop_gradient` applies to dynamic
+  routing only; `em_final_lambda` to EM only. The default, 'dynamic', is the model
+  (parameters, values and gradients) of before the routing field existed.
   """
 
   def __init__(self, *, image_shape: Sequence[int], num_classes: int,
