@@ -260,8 +260,10 @@ def run_sweep(config, workdir: str, iterations: Sequence[int], seeds: Sequence[i
   if not routings or len(set(routings)) != len(routings):
     raise ValueError(f"routings {routings} must be a non-empty list without repeats")
   for name in routings:
-    with errors.config_field("routings"):
+    try:
       routing_lib.get(name)
+    except ValueError as e:
+      raise errors.ConfigError(f"--routings: {e}") from None
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   images = None

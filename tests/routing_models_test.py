@@ -378,3 +378,18 @@ def test_smoke_training_resume_and_assignments(case, tmp_path, mock_mnist):
   config.num_epochs = 3
   assert train.train_and_evaluate(config, workdir)["step"] == 12
   assert analysis.load_run(workdir).step == 12
+
+
+def test_readme_em_example_runs_and_prints_what_it_says(capsys):
+  """The README's "Routing algorithms" example: routing.em as the head of a non-CapsNet
+  NNX module."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index("## Routing algorithms"):]
+  code = section[section.index("```python\n") + 10:]
+  code = code[:code.index("```")]
+  assert "routing.em(" in code and "CapsNet" not in code
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.strip() == "(2, 5, 16) (2, 5) (2, 32, 5)"
+

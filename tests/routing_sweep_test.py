@@ -145,7 +145,7 @@ def test_sweep_over_routings(tmp_path, mock_data, count_training):
   with open(os.path.join(sweep, "results.md")) as f:
     md = f.read()
   assert "\n| em | 129,016 | 3 | 1 |" in md and "\n| self_attention | 125,248 | 1 | 1 |" in md
-  with pytest.raises(errors.ConfigError, match=r"^config.routings: unknown routing 'fast'"):
+  with pytest.raises(errors.ConfigError, match=r"^--routings: unknown routing 'fast'; valid "):
     routing_sweep.run_sweep(config, sweep, [1], [0], routings=["fast"])
 
 
