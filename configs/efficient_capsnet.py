@@ -1,16 +1,15 @@
 """Efficient-CapsNet's MNIST model (Mazzia, Salvetti & Chiaberge, "Efficient-CapsNet:
 Capsule Network with Self-Attention Routing", Scientific Reports 2021).
 
-Published: **99.74%** MNIST test accuracy (mean of their ensemble-free runs) with
-**161K** parameters. Architecture from the authors' code (EscVM/Efficient-CapsNet,
-`models/efficient_capsnet_graph_mnist.py` and `utils/layers.py`): Conv 5x5x32, 3x3x64,
-3x3x64, 3x3x128 stride 2 (ReLU + BatchNorm each), depthwise 9x9 PrimaryCaps giving 16
-capsules of 8 dimensions, FCCaps 10x16 with self-attention routing; 161,824 trainable
-parameters without the decoder (tests/routing_models_test.py checks the count). Recipe
-from the authors' `config.json`: Adam 5e-4 decayed x0.97 per epoch, batch 16, 150 epochs,
-reconstruction weight 0.392, margin loss. Not replicated: their augmentation (random
-shift, rotation, elastic-like patches) and their BatchNorm running averages
-(`capsjax.models.EfficientCapsNet` lists the departures).
+Published: **99.74%** MNIST test accuracy with **161K** parameters. Architecture from the
+authors' code (EscVM/Efficient-CapsNet, `models/efficient_capsnet_graph_mnist.py` and
+`utils/layers.py`): Conv 5x5x32, 3x3x64, 3x3x64, 3x3x128 stride 2 (ReLU + BatchNorm each),
+depthwise 9x9 PrimaryCaps giving 16 capsules of 8 dimensions, FCCaps 10x16 with
+self-attention routing; 161,824 trainable parameters without the decoder
+(tests/routing_models_test.py checks the count). Recipe from the authors' `config.json`:
+Adam 5e-4 decayed x0.97 per epoch, batch 16, 150 epochs, reconstruction weight 0.392,
+margin loss. Not replicated: their MNIST augmentation (`utils/pre_process_mnist.py`) and
+their BatchNorm running averages (`capsjax.models.EfficientCapsNet` lists the departures).
 
   python -m capsjax.main --config=configs/efficient_capsnet.py --workdir=/tmp/effcaps
   python -m capsjax.main --config=configs/efficient_capsnet.py:quick --workdir=/tmp/effcaps_q

@@ -2,15 +2,17 @@
 capsules with EM routing", ICLR 2018).
 
 Published: **1.8%** test error on smallNORB and **0.44%** on MNIST, with the paper's
-full network: ReLU Conv1 (5x5, A=32 channels in the main model) -> PrimaryCaps (B=32 types of
+full network: ReLU Conv1 (5x5, A=32 channels) -> PrimaryCaps (B=32 types of
 4x4 pose matrices with sigmoid activations) -> ConvCaps1 (K=3, stride 2, C=32) -> ConvCaps2
 (K=3, D=32) -> Class Capsules (shared transformation matrices, coordinate addition),
 3 EM iterations, spread loss. This config is a SMALL version (`models.MatrixCapsNet`):
 Conv1 (5x5, stride 2, A=64) -> PrimaryCaps (B=8) -> Class Capsules, without the two
-ConvCaps layers (capsjax has no convolutional EM routing yet), A=64 and B=8 as in the
-paper's smaller smallNORB network. It trains with the margin loss on the class
-activations (the loss every capsjax routing shares), not the spread loss; do not
-compare its accuracy with the published numbers as a reproduction.
+ConvCaps layers (capsjax has no convolutional EM routing yet); A=64 and B=8 are the
+first two sizes of the small "A=64, B=8, C=D=16" network that public implementations
+train (yl-1993/Matrix-Capsules-EM-PyTorch, README.md). It trains with the margin loss
+on the class activations (the loss every capsjax routing shares), not the spread loss
+(`losses.spread_loss` exists but the train step does not use it); do not compare its
+accuracy with the published numbers as a reproduction.
 
   python -m capsjax.main --config=configs/matrix_capsules_em.py --workdir=/tmp/em
   python -m capsjax.main --config=configs/matrix_capsules_em.py:quick --workdir=/tmp/em_q

@@ -14,10 +14,10 @@ Each run trains through `capsjax.train.train_and_evaluate` (the code behind
 `capsjax.main`) in `WORKDIR/iter{N}_seed{S}/` (dynamic routing) or
 `WORKDIR/{routing}_iter{N}_seed{S}/`, with `config.model.routing`,
 `config.model.routing_iterations=N` and `config.seed=S`. Self-attention routing is a single
-pass that ignores the iteration count, so it runs once per seed (as iterations=1). Rerunning the command skips finished runs (`summary.json` reports
-`num_epochs` epochs and the run's `config.json` matches) and resumes killed ones from their
-latest checkpoint. The single-run form stays
-`python -m capsjax.main ... --config.model.routing_iterations=N`.
+pass that ignores the iteration count, so it runs once per seed (as iterations=1).
+Rerunning the command skips finished runs (`summary.json` reports `num_epochs` epochs and
+the run's `config.json` matches) and resumes killed ones from their latest checkpoint. The
+single-run form stays `python -m capsjax.main ... --config.model.routing_iterations=N`.
 
 Written into WORKDIR:
   iter{N}_seed{S}/          a normal capsjax run dir, plus sweep_run.json (wall time of the
