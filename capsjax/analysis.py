@@ -161,10 +161,12 @@ def predict(model: models.CapsNet, images, *, batch_size: int = 100) -> dict[str
 
 
 def couplings(model: models.CapsNet, images) -> np.ndarray:
-  """Final coupling coefficients.
+  """Final coupling coefficients: the `assignments` of the model's routing algorithm
+  (`capsjax.routing.Routed`): dynamic routing's c, EM's R, inverted dot-product
+  routing's r, self-attention's C (without the log prior).
 
   Args:
-    model: a CapsNet.
+    model: any model `models.create_model` builds.
     images: float32 [B, H, W, C].
 
   Returns:
@@ -256,3 +258,12 @@ def primary_grid(model_cfg: dict, image_shape: Sequence[int]) -> tuple[int, int,
   k1, kp, sp = model_cfg["conv1_kernel"], model_cfg["primary_kernel"], model_cfg["primary_stride"]
   return ((h - k1 + 1 - kp) // sp + 1, (w - k1 + 1 - kp) // sp + 1,
           int(model_cfg["primary_types"]))
+
+
+def model_primary_grid(model, model_cfg: dict, image_shape: Sequence[int]
+                       ) -> tuple[int, int, int]:
+  """(H', W', types) of a model's primary capsules: the model's own `primary_grid`
+  (every architecture in `models` has one), else `primary_grid` of its config."""
+  grid = getattr(model, "primary_grid", None)
+  return tuple(grid) if grid is not None else primary_grid(model_cfg, image_shape)
+

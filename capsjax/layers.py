@@ -1,5 +1,8 @@
 """Flax NNX capsule layers: Conv2D (fast lowerings), PrimaryCaps, RoutedCaps, Decoder.
 
+`RoutedCaps` routes with any algorithm of `capsjax.routing` (`routing=` a name in
+`routing.ROUTINGS`); 'dynamic' keeps the fast `caps_ops.predict_and_route` path.
+
 Why NNX: it is the API Flax points new users to, and its modules are plain Python
 objects researchers can subclass and poke at (`model.digit_caps.w[...]`). The training
 step still uses NNX's functional form (split/merge around a pure `jax.jit` step, see
@@ -20,6 +23,7 @@ from flax import nnx
 
 from capsjax import caps_ops
 from capsjax import conv as conv_lib
+from capsjax import routing as routing_lib
 
 INITS = ("torch", "keras", "tf")
 # Truncated-normal stddevs of the authors' code (Sarasra/models, research/capsules):
@@ -81,14 +85,17 @@ class Conv2D(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
                impl: str = "xla", dtype=jnp.float32, init: str = "torch",
-               role: str = "conv1", rngs: nnx.Rngs):
+               role: str = "conv1", kernel_init=None, bias_init=None, rngs: nnx.Rngs):
     if impl not in conv_lib.IMPLS:
       raise ValueError(f"conv impl must be one of {conv_lib.IMPLS}, got {impl!r} ('auto' is "
                        "resolved at start-up by cpu_runtime.resolve_conv_impl)")
     self.stride = stride
     self.impl = impl
     self.dtype = jnp.dtype(dtype)
-    kernel_init, bias_init = initializers(init, role, kernel * kernel * in_channels)
+    scheme_kernel, scheme_bias = initializers(init, role, kernel * kernel * in_channels)
+    # Architectures from other papers (Efficient-CapsNet's he_normal) pass their own.
+    kernel_init = kernel_init or scheme_kernel
+    bias_init = bias_init or scheme_bias
     self.kernel = nnx.Param(kernel_init(
         rngs.params(), (kernel, kernel, in_channels, out_channels), jnp.float32))
     self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,), jnp.float32))
@@ -100,47 +107,110 @@ class Conv2D(nnx.Module):
     return y.astype(jnp.float32) + self.bias[...]
 
 
+# How each routing's inputs are made from PrimaryCaps' conv output: the nonlinearity the
+# algorithm's authors put on their primary capsules, and whether EM's input activations
+# come from a sigmoid head.
+PRIMARY_NONLINEARITY = {
+    "dynamic": "squash",                   # Sabour et al.: squash.
+    "em": "none",                          # Hinton et al.: raw poses + sigmoid activations.
+    "inverted_dot_product": "layer_norm",  # Tsai et al.: nn.LayerNorm(caps_dim).
+    "self_attention": "efficient_squash",  # Mazzia et al.: their Squash.
+}
+NONLINEARITIES = ("squash", "efficient_squash", "layer_norm", "none")
+
+
 class PrimaryCaps(nnx.Module):
-  """Conv -> capsules -> squash: `types` capsule types of `dim` dimensions per pixel.
+  """Conv -> capsules -> nonlinearity: `types` capsule types of `dim` dimensions per pixel.
 
   The `dim` consecutive channels at one pixel form one capsule (channel
   t*dim + d is dimension d of type t), the grouping of the authors' code
   (Sarasra/models research/capsules).
+
+  `nonlinearity`: 'squash' (Sabour et al.), 'efficient_squash' (Efficient-CapsNet's),
+  'layer_norm' (the learned `nn.LayerNorm(caps_dim)` that inverted dot-product routing's
+  authors put on their primary capsules: apple/ml-capsules-inverted-attention-routing,
+  `src/capsule_model.py`, `self.nonlinear_act`) or 'none'. `activation_head=True` adds a
+  second conv with the same kernel and stride and one sigmoid output per capsule: the
+  input activations of EM routing.
   """
 
   def __init__(self, in_channels: int, types: int, dim: int, kernel: int, stride: int, *,
-               impl: str = "xla", dtype=jnp.float32, init: str = "torch", rngs: nnx.Rngs):
+               impl: str = "xla", dtype=jnp.float32, init: str = "torch",
+               nonlinearity: str = "squash", activation_head: bool = False,
+               rngs: nnx.Rngs):
+    if nonlinearity not in NONLINEARITIES:
+      raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
     self.types = types
     self.dim = dim
+    self.nonlinearity = nonlinearity
     self.conv = Conv2D(in_channels, types * dim, kernel, stride=stride, impl=impl,
                        dtype=dtype, init=init, role="primary", rngs=rngs)
+    # Attributes that are None add no parameters, so the default (dynamic routing) layer
+    # has exactly the parameter tree of older checkpoints.
+    self.ln_scale = nnx.Param(jnp.ones((dim,))) if nonlinearity == "layer_norm" else None
+    self.ln_bias = nnx.Param(jnp.zeros((dim,))) if nonlinearity == "layer_norm" else None
+    self.activation_conv = (Conv2D(in_channels, types, kernel, stride=stride, impl=impl,
+                                   dtype=dtype, init=init, role="primary", rngs=rngs)
+                            if activation_head else None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, C] -> u: [B, N_in, D_in] with N_in = H' * W' * types."""
+  def __call__(self, x: jax.Array):
+    """x: [B, H, W, C] -> u: [B, N_in, D_in] with N_in = H' * W' * types.
+
+    With `activation_head`, returns (u, a) with a: [B, N_in] in (0, 1), in the order of u.
+    """
     y = self.conv(x)                                                   # [B, H', W', types*D_in]
     u = y.reshape(y.shape[0], -1, self.dim)                            # [B, N_in, D_in]
-    return caps_ops.squash(u)                                          # [B, N_in, D_in]
+    if self.nonlinearity == "squash":
+      u = caps_ops.squash(u)
+    elif self.nonlinearity == "efficient_squash":
+      u = routing_lib.efficient_squash(u)
+    elif self.nonlinearity == "layer_norm":
+      u = routing_lib.layer_norm(u, scale=self.ln_scale[...], bias=self.ln_bias[...])
+    if self.activation_conv is None:
+      return u
+    a = jax.nn.sigmoid(self.activation_conv(x))                        # [B, H', W', types]
+    return u, a.reshape(a.shape[0], -1)                                # [B, N_in]
 
 
 class RoutedCaps(nnx.Module):
-  """Fully connected capsule layer with dynamic routing (DigitCaps).
+  """Fully connected capsule layer: votes u_hat = u W, then a routing of `capsjax.routing`.
 
   A weight matrix W_ij per (input capsule, output capsule) and, as in the paper, no
   bias; `init='tf'` adds the bias b_j [N_out, D_out] of the authors' code
-  (Sarasra/models research/capsules) to every s_j.
+  (Sarasra/models research/capsules) to every s_j of dynamic routing.
+
+  `routing` names the algorithm (`routing.ROUTINGS`), and the layer holds its learned
+  parameters:
+    'dynamic': none (the fast `caps_ops.predict_and_route` path);
+    'em': beta_u, beta_a [N_out] (zeros), and `em_final_lambda` (the λ schedule's limit);
+    'inverted_dot_product': ln_scale [D_out] (ones), ln_bias [D_out] (zeros), the
+      affine LayerNorm of the routing;
+    'self_attention': log_prior [N_in, N_out] (zeros), the log prior B.
   """
 
   def __init__(self, num_in: int, in_dim: int, num_out: int, out_dim: int, *,
                routing_iterations: int, stop_gradient: bool = False, dtype=jnp.float32,
-               init: str = "torch", rngs: nnx.Rngs):
+               init: str = "torch", routing: str = "dynamic", em_final_lambda: float = 0.01,
+               w_init=None, rngs: nnx.Rngs):
     caps_ops.check_iterations(routing_iterations)  # fail at construction, not in jit.
+    routing_lib.get(routing)                       # ValueError naming the valid ones.
     self.routing_iterations = routing_iterations
     self.stop_gradient = stop_gradient
+    self.routing = routing
+    self.em_final_lambda = float(em_final_lambda)
     self.dtype = jnp.dtype(dtype)
-    w_init, bias_init = initializers(init, "capsule", in_dim)
+    scheme_w_init, bias_init = initializers(init, "capsule", in_dim)
+    w_init = w_init or scheme_w_init
     self.w = nnx.Param(w_init(rngs.params(), (num_in, num_out, in_dim, out_dim), jnp.float32))
-    self.bias = (None if bias_init is None else
+    self.bias = (None if bias_init is None or routing != "dynamic" else
                  nnx.Param(bias_init(rngs.params(), (num_out, out_dim), jnp.float32)))
+    em, idp = routing == "em", routing == "inverted_dot_product"
+    self.beta_u = nnx.Param(jnp.zeros((num_out,))) if em else None
+    self.beta_a = nnx.Param(jnp.zeros((num_out,))) if em else None
+    self.ln_scale = nnx.Param(jnp.ones((out_dim,))) if idp else None
+    self.ln_bias = nnx.Param(jnp.zeros((out_dim,))) if idp else None
+    self.log_prior = (nnx.Param(jnp.zeros((num_in, num_out)))
+                      if routing == "self_attention" else None)
 
   def predictions(self, u: jax.Array) -> jax.Array:
     """u: [B, N_in, D_in] -> u_hat: [B, N_in, N_out, D_out] in float32."""
@@ -148,17 +218,50 @@ class RoutedCaps(nnx.Module):
                        preferred_element_type=jnp.float32)             # [B, N_in, N_out, D_out]
     return u_hat
 
-  def __call__(self, u: jax.Array, *, return_couplings: bool = False):
+  def route_votes(self, u_hat: jax.Array, *, a_in: jax.Array | None = None
+                  ) -> routing_lib.Routed:
+    """Routes given votes with this layer's algorithm and parameters.
+
+    Args:
+      u_hat: [B, N_in, N_out, D_out] votes.
+      a_in: [B, N_in] input activations (EM only; None: all ones).
+
+    Returns:
+      routing.Routed(poses [B, N_out, D_out], activations [B, N_out],
+      assignments [B, N_in, N_out]).
+    """
+    fn = routing_lib.get(self.routing)
+    n = self.routing_iterations
+    if self.routing == "dynamic":
+      return fn(u_hat, n, stop_gradient=self.stop_gradient,
+                bias=None if self.bias is None else self.bias[...])
+    if self.routing == "em":
+      return fn(u_hat, n, a_in=a_in, beta_u=self.beta_u[...], beta_a=self.beta_a[...],
+                final_lambda=self.em_final_lambda)
+    if self.routing == "inverted_dot_product":
+      return fn(u_hat, n, ln_scale=self.ln_scale[...], ln_bias=self.ln_bias[...])
+    return fn(u_hat, n, log_prior=self.log_prior[...])
+
+  def route(self, u: jax.Array, *, a_in: jax.Array | None = None) -> routing_lib.Routed:
+    """u: [B, N_in, D_in] (a_in: [B, N_in] for EM) -> `route_votes(predictions(u))`."""
+    return self.route_votes(self.predictions(u), a_in=a_in)
+
+  def __call__(self, u: jax.Array, *, a_in: jax.Array | None = None,
+               return_couplings: bool = False):
     """u: [B, N_in, D_in] -> v: [B, N_out, D_out] (and c: [B, N_in, N_out]).
 
-    Equal to `dynamic_routing(self.predictions(u), ...)`, computed by
+    For dynamic routing equal to `dynamic_routing(self.predictions(u), ...)`, computed by
     `caps_ops.predict_and_route`, which never builds u_hat in the [B, N_in, N_out, D_out]
     layout (much faster forward and backward on CPU; RESULTS.md). With a bfloat16 dtype, u and W are
     rounded to bfloat16 and their products accumulated in float32, as in `predictions`.
     A layer with a bias routes `predictions(u)` through `dynamic_routing` (autodiff;
-    the hand-written gradient of `predict_and_route` has no bias term).
+    the hand-written gradient of `predict_and_route` has no bias term). Other routings
+    return `route(u, a_in=a_in)`'s poses (and assignments, as c).
     """
     f32 = jnp.float32
+    if self.routing != "dynamic":
+      r = self.route(u, a_in=a_in)
+      return caps_ops.RoutingResult(v=r.poses, c=r.assignments) if return_couplings else r.poses
     if self.bias is not None:
       return caps_ops.dynamic_routing(
           self.predictions(u), self.routing_iterations, stop_gradient=self.stop_gradient,
@@ -192,3 +295,98 @@ class Decoder(nnx.Module):
       x = jax.nn.relu(layer(x))                                        # [B, hidden]
     x = jax.nn.sigmoid(self.layers[-1](x).astype(jnp.float32))         # [B, H*W*C]
     return x.reshape(x.shape[0], *self.image_shape)                    # [B, H, W, C]
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalisation with learned scale and bias and no running statistics.
+
+  Normalises over every axis but the last with the batch's own mean and (biased)
+  variance, in training and evaluation alike: capsjax's train and eval steps have no
+  train/eval switch, so running averages would never be read. eps = 1e-3 is Keras'
+  `BatchNormalization` default (what Efficient-CapsNet's code uses).
+  """
+
+  def __init__(self, features: int, *, eps: float = 1e-3):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((features,)))
+    self.bias = nnx.Param(jnp.zeros((features,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, ..., C] -> same shape, float32."""
+    x = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)                                      # [C]
+    var = jnp.mean(jnp.square(x - mean), axis=axes)                    # [C]
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class DepthwiseConv2D(nnx.Module):
+  """VALID depthwise 2-D convolution with bias: one k x k filter per channel.
+
+  Keras `Conv2D(F, K, groups=F)` as Efficient-CapsNet's PrimaryCaps uses it
+  (EscVM/Efficient-CapsNet, `utils/layers.py`, `PrimaryCaps.build`), with Keras' default
+  glorot_uniform kernel and zero bias: k*k*C + C parameters.
+  """
+
+  def __init__(self, channels: int, kernel: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(dtype)
+    self.kernel = nnx.Param(nnx.initializers.glorot_uniform()(
+        rngs.params(), (kernel, kernel, 1, channels), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((channels,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> [B, H - k + 1, W - k + 1, C] in float32."""
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+        preferred_element_type=jnp.float32)                            # [B, H', W', C]
+    return y + self.bias[...]
+
+
+class MatrixClassCaps(nnx.Module):
+  """Class capsules of a matrix-capsule network, routed by EM (Hinton et al. 2018).
+
+  Every input capsule i of type t at grid cell (y, x) holds a 4x4 pose matrix M_i; its
+  vote for class j is V_ij = M_i W_tj, with one W_tj [4, 4] per (type, class) shared over
+  the grid, as the paper's class-capsule layer shares transformation matrices between
+  positions. With `coordinate_addition`, the cell's centre ((y + 0.5) / H, (x + 0.5) / W)
+  is added to the first two elements of the vote's right-hand column (Sec. 3.1,
+  "Coordinate Addition"): flattened indices 3 and 7. Then `routing.em` with learned
+  beta_u, beta_a [N_out].
+  """
+
+  def __init__(self, types: int, num_out: int, *, routing_iterations: int,
+               final_lambda: float = 0.01, coordinate_addition: bool = True,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    caps_ops.check_iterations(routing_iterations)
+    self.routing_iterations = routing_iterations
+    self.final_lambda = float(final_lambda)
+    self.coordinate_addition = coordinate_addition
+    self.dtype = jnp.dtype(dtype)
+    # stddev 1/2: for unit-variance poses, each vote entry (a sum of 4 products) also has
+    # unit variance.
+    self.w = nnx.Param(nnx.initializers.truncated_normal(0.5)(
+        rngs.params(), (types, num_out, 4, 4), jnp.float32))
+    self.beta_u = nnx.Param(jnp.zeros((num_out,)))
+    self.beta_a = nnx.Param(jnp.zeros((num_out,)))
+
+  def votes(self, poses: jax.Array) -> jax.Array:
+    """poses: [B, H, W, types, 16] -> votes [B, N_in, N_out, 16], N_in = H * W * types."""
+    b, h, w, t, _ = poses.shape
+    m = poses.reshape(b, h, w, t, 4, 4).astype(self.dtype)
+    v = jnp.einsum('byxtik,tmko->byxtmio', m, self.w[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32)                 # [B, H, W, T, N_out, 4, 4]
+    v = v.reshape(*v.shape[:-2], 16)                                   # [B, H, W, T, N_out, 16]
+    if self.coordinate_addition:
+      rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h              # [H]
+      cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w              # [W]
+      coord = jnp.zeros((h, w, 16), jnp.float32)
+      coord = coord.at[:, :, 3].set(rows[:, None]).at[:, :, 7].set(cols[None, :])
+      v = v + coord[:, :, None, None, :]
+    return v.reshape(b, h * w * t, v.shape[-2], 16)                    # [B, N_in, N_out, 16]
+
+  def __call__(self, poses: jax.Array, a_in: jax.Array) -> routing_lib.Routed:
+    """poses [B, H, W, types, 16], a_in [B, H * W * types] -> routing.Routed of EM."""
+    return routing_lib.em(self.votes(poses), self.routing_iterations, a_in=a_in,
+                          beta_u=self.beta_u[...], beta_a=self.beta_a[...],
+                          final_lambda=self.final_lambda)

@@ -105,3 +105,35 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, *,
   err = jnp.square(images.astype(dtype) - reconstructions.astype(dtype))
   axes = tuple(range(batch_dims, err.ndim))
   return jnp.sum(err, axis=axes) if reduction == "sum" else jnp.mean(err, axis=axes)
+
+
+def spread_loss(activations: jax.Array, labels: jax.Array, *, margin: float = 0.2
+                ) -> jax.Array:
+  """Spread loss of EM routing (Hinton, Sabour & Frosst 2018, Sec. 3.1, Eq. 3).
+
+  L = sum over the wrong classes i of max(0, m - (a_t - a_i))^2, with a_t the target
+  class's activation. It asks only that a_t exceed every other activation by the margin,
+  not that activations reach fixed levels as the margin loss does; the paper raises m
+  linearly from 0.2 to 0.9 during training (the caller's schedule).
+
+  Args:
+    activations: [..., K] class activations a_i.
+    labels: [...] integer class ids in [0, K).
+    margin: m.
+
+  Returns:
+    [...] per-example loss, dtype of `activations` (at least float32).
+  """
+  activations = jnp.asarray(activations)
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+  if activations.ndim < 1 or labels.shape != activations.shape[:-1]:
+    raise ValueError(f"activations must have shape [..., K] and labels [...]; got "
+                     f"{activations.shape} and {labels.shape}")
+  a = activations.astype(jnp.promote_types(activations.dtype, jnp.float32))
+  t = jax.nn.one_hot(labels, a.shape[-1], dtype=a.dtype)               # [..., K]
+  a_t = jnp.sum(a * t, axis=-1, keepdims=True)                         # [..., 1]
+  per_class = jnp.square(jnp.maximum(0.0, margin - (a_t - a)))         # [..., K]
+  return jnp.sum((1.0 - t) * per_class, axis=-1)                       # [...]
+

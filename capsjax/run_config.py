@@ -35,7 +35,8 @@ RUN_DEFINING_FIELDS = ("seed", "dataset", "train_examples", "val_examples", "bat
 # past initialisation, so that difference does not matter to the comparison.)
 LEGACY_DEFAULTS = {"val_examples": 0, "model.init": "torch", "model.length_eps": 1e-7,
                    "augment.shift_fraction": 0.0, "augment.fill": "zero",
-                   "optim.min_learning_rate": 0.0}
+                   "optim.min_learning_rate": 0.0, "model.architecture": "capsnet",
+                   "model.routing": "dynamic", "model.em_final_lambda": 0.01}
 
 
 def _parent(node, field: str):

@@ -12,10 +12,13 @@ Loads the latest checkpoint of `--workdir` (or `--checkpoint`, anything
                         (paper Fig. 3); the decoder is masked by the predicted class
   perturbations.png     one row per dimension of the predicted class's capsule, one column
                         per offset in [-0.25, 0.25] step 0.05 (paper Fig. 4)
-  routing.png           final coupling coefficients primary capsules -> classes for a few
-                        examples: the full [N_in, N_out] matrix as deviations from uniform
-                        routing (1/N_out), the mean coupling per class, and where (on the
-                        PrimaryCaps grid) the predicted class draws its input from
+  routing.png           the final assignments (coupling coefficients) of the model's
+                        routing algorithm (dynamic, EM, inverted dot-product or
+                        self-attention: each sums to 1 over the classes), primary capsules
+                        -> classes, for a few examples: the full [N_in, N_out] matrix as
+                        deviations from uniform routing (1/N_out), the mean per class, and
+                        where (on the PrimaryCaps grid) the predicted class draws its
+                        input from
   confusion.png         confusion matrix on the first `--eval_examples` test examples
   curves.png            accuracy and loss curves from the run's metrics.csv
 
@@ -297,7 +300,9 @@ def make_figures(workdir: str, *, checkpoint: str | None = None, out_dir: str | 
                              f"{run.info.name} test split has {len(images)} examples")
   out = analysis.predict(run.model, images, batch_size=batch_size)
   it = run.model.digit_caps.routing_iterations
-  tag = f"{run.info.name}, step {run.step}, {it} routing iteration{'s' * (it != 1)}"
+  routing = getattr(run.model, "routing", "dynamic")
+  tag = (f"{run.info.name}, step {run.step}, {routing} routing, {it} "
+         f"iteration{'s' * (it != 1)}")
   paths = {}
   n = min(num_examples, len(images))
   if run.model.decoder is not None:
@@ -318,9 +323,9 @@ def make_figures(workdir: str, *, checkpoint: str | None = None, out_dir: str | 
   c = analysis.couplings(run.model, images[:nr])
   paths["routing.png"] = plot_routing(
       images[:nr], c, labels[:nr], out["pred"][:nr], names,
-      analysis.primary_grid(run.model_cfg, run.info.image_shape),
+      analysis.model_primary_grid(run.model, run.model_cfg, run.info.image_shape),
       os.path.join(out_dir, "routing.png"),
-      title=f"Final coupling coefficients, primary capsules -> classes ({tag})")
+      title=f"Final routing assignments, primary capsules -> classes ({tag})")
   ne = len(images) if eval_examples == 0 else min(eval_examples, len(images))
   cm = analysis.confusion_matrix(labels[:ne], out["pred"][:ne], run.info.num_classes)
   paths["confusion.png"] = plot_confusion(

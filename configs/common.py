@@ -80,6 +80,16 @@ def get_base_config() -> config_dict.ConfigDict:
   # scales the margin loss's gradient down; CapsNet-Keras' Length layer (Keras 2.0.x) has
   # no epsilon, the K-MNIST seed project's TF2 port adds 1e-7.
   config.model.length_eps = 1e-7
+  # Which class models.create_model builds: 'capsnet' (this skeleton); the
+  # Efficient-CapsNet and matrix-capsule configs set their own model fields.
+  config.model.architecture = "capsnet"
+  # The routing of the class capsules, a name in capsjax.routing.ROUTINGS: 'dynamic'
+  # (Sabour et al.), 'em' (Hinton et al. 2018), 'inverted_dot_product' (Tsai et al.
+  # 2020), 'self_attention' (Mazzia et al. 2021). Each brings the primary-capsule
+  # nonlinearity and learned parameters of its paper (capsjax.layers.RoutedCaps).
+  config.model.routing = "dynamic"
+  # EM routing's inverse-temperature limit (capsjax.routing.em_inverse_temperatures).
+  config.model.em_final_lambda = 0.01
 
   config.optim = config_dict.ConfigDict()
   config.optim.learning_rate = 1e-3

@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
+from capsjax import losses
 from capsjax.losses import margin_loss, reconstruction_loss
 
 
@@ -231,3 +232,23 @@ class TestReconstructionLoss:
         fn = jax.jit(functools.partial(reconstruction_loss, reduction=reduction))
         check_grads(fn, (images, recons), order=2, modes=["fwd"])
         check_grads(fn, (images, recons), order=1, modes=["rev"])
+
+
+def test_spread_loss_against_numpy_and_hand_values():
+  """Spread loss (Hinton et al. 2018, Eq. 3) against a NumPy loop over classes."""
+  rng = np.random.default_rng(0)
+  a = rng.uniform(0, 1, (6, 5)).astype(np.float32)
+  y = rng.integers(0, 5, 6).astype(np.int32)
+  for m in (0.2, 0.9):
+    expected = np.array([sum(max(0.0, m - (a[b, y[b]] - a[b, i])) ** 2
+                             for i in range(5) if i != y[b]) for b in range(6)])
+    got = jax.jit(lambda a, y, m=m: losses.spread_loss(a, y, margin=m))(a, y)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+  # Target ahead of every other class by more than the margin: zero; all equal: (K-1) m^2.
+  np.testing.assert_allclose(losses.spread_loss(jnp.array([[0.9, 0.1, 0.5]]),
+                                                jnp.array([0]), margin=0.3), [0.0])
+  np.testing.assert_allclose(losses.spread_loss(jnp.full((1, 4), 0.5), jnp.array([2]),
+                                                margin=0.2), [3 * 0.04], rtol=1e-6)
+  with pytest.raises(TypeError, match="integer class ids"):
+    losses.spread_loss(a, y.astype(np.float32))
+

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from capsjax import errors
 from capsjax import train
 from experiments import routing_sweep
 from experiments import sweep as sweep_lib
@@ -52,6 +53,8 @@ def test_sweep_runs_tabulates_and_skips_finished_runs(tmp_path, mock_data, count
   assert count_training == [(1, 0, "iter1_seed0"), (2, 0, "iter2_seed0")]
   assert [(r["iterations"], r["seed"], r["skipped"]) for r in rows] == [(1, 0, False),
                                                                           (2, 0, False)]
+  # The :smoke CapsNet's parameters (tests/routing_models_test.py counts them by hand).
+  assert [r["parameters"] for r in rows] == [123_808, 123_808]
   for it in (1, 2):
     rdir = os.path.join(sweep, f"iter{it}_seed0")
     assert os.listdir(os.path.join(rdir, "checkpoints")) == ["4"]   # 32 examples / batch 8
@@ -82,7 +85,8 @@ def test_sweep_runs_tabulates_and_skips_finished_runs(tmp_path, mock_data, count
     md = f.read()
   assert "| routing iterations | seeds | test accuracy (%) |" in md
   assert "coupling entropy (nats)" in md and "train images/s" in md
-  assert md.count("\n| 1 | 1 |") == 1 and md.count("\n| 2 | 1 |") == 1
+  assert md.count("\n| dynamic | 123,808 | 1 | 1 |") == 1
+  assert md.count("\n| dynamic | 123,808 | 2 | 1 |") == 1
   assert os.path.getsize(os.path.join(sweep, "accuracy_vs_iterations.png")) > 5000
 
   # Rerun: nothing is retrained and the runs' files are untouched; tables are rewritten.
@@ -123,12 +127,37 @@ def test_unfinished_run_resumes(tmp_path, mock_data, count_training):
   assert record["wall_s"] == pytest.approx(sum(c["wall_s"] for c in record["calls"]))
 
 
+@pytest.mark.slow  # two smoke trainings.
+def test_sweep_over_routings(tmp_path, mock_data, count_training):
+  """--routings: one run per routing in its own dir; self-attention (a single pass) runs
+  once, as iterations=1; parameters per routing in the table."""
+  sweep = str(tmp_path / "sweep")
+  config = _config(tmp_path, num_epochs=1)
+  rows = routing_sweep.run_sweep(config, sweep, [2, 3], [0], entropy_examples=8,
+                                 routings=["em", "self_attention"])
+  assert count_training == [(2, 0, "em_iter2_seed0"), (3, 0, "em_iter3_seed0"),
+                            (1, 0, "self_attention_iter1_seed0")]
+  results = _read(os.path.join(sweep, "results.csv"))
+  assert [(r["routing"], int(r["iterations"]), int(r["parameters"])) for r in results] == [
+      ("em", 2, 129_016), ("em", 3, 129_016), ("self_attention", 1, 125_248)]
+  for r in rows:   # every routing's assignments sum to 1: entropy in (0, ln 10].
+    assert 0.0 < r["coupling_entropy"] <= np.log(10) + 1e-6
+  with open(os.path.join(sweep, "results.md")) as f:
+    md = f.read()
+  assert "\n| em | 129,016 | 3 | 1 |" in md and "\n| self_attention | 125,248 | 1 | 1 |" in md
+  with pytest.raises(errors.ConfigError, match=r"^--routings: unknown routing 'fast'; valid "):
+    routing_sweep.run_sweep(config, sweep, [1], [0], routings=["fast"])
+
+
 def test_summarize_mean_and_std_over_seeds():
-  rows = [{"iterations": 3, "seed": s, "accuracy": a, "loss": 1.0, "margin_loss": 0.5,
-           "recon_loss": 0.1, "images_per_s": 10.0, "wall_s": 2.0, "coupling_entropy": e,
-           "epochs": 1.0} for s, a, e in ((0, 0.8, 2.0), (1, 0.9, 1.0))]
-  (r,) = routing_sweep.summarize(rows)
-  assert r["num_seeds"] == 2
+  rows = [{"routing": "dynamic", "iterations": 3, "seed": s, "accuracy": a, "loss": 1.0,
+           "margin_loss": 0.5, "recon_loss": 0.1, "images_per_s": 10.0, "wall_s": 2.0,
+           "coupling_entropy": e, "epochs": 1.0, "parameters": 7}
+          for s, a, e in ((0, 0.8, 2.0), (1, 0.9, 1.0))]
+  rows.append(dict(rows[0], routing="em", accuracy=0.5))
+  r, em = routing_sweep.summarize(rows)
+  assert (em["routing"], em["num_seeds"], em["accuracy_mean"]) == ("em", 1, 0.5)
+  assert r["num_seeds"] == 2 and r["parameters"] == 7
   np.testing.assert_allclose(r["accuracy_mean"], 0.85)
   np.testing.assert_allclose(r["accuracy_std"], np.std([0.8, 0.9], ddof=1))
   np.testing.assert_allclose(r["coupling_entropy"], 1.5)
@@ -147,10 +176,11 @@ def test_validates_arguments(tmp_path):
 def test_command_line_flags_and_config_overrides(monkeypatch):
   from absl import flags
   argv = ["prog", "--config=configs/fashion.py:smoke", "--config.model.digit_dim=4",
-          "--iterations=1,3,5", "--seeds=0,1", "--workdir=/tmp/x"]
+          "--iterations=1,3,5", "--seeds=0,1", "--workdir=/tmp/x", "--routings=em,dynamic"]
   monkeypatch.setattr("sys.argv", argv)  # config_flags reads its overrides from sys.argv.
   fv = flags.FlagValues()
   routing_sweep._define_flags(fv)
   fv(argv)
   assert fv.iterations == ["1", "3", "5"] and fv.seeds == ["0", "1"]
+  assert fv.routings == ["em", "dynamic"]
   assert fv.config.model.digit_dim == 4 and fv.config.train_examples == 32

@@ -1,0 +1,395 @@
+"""The routing zoo inside models: layers against `capsjax.routing` on NumPy votes, class
+scores against NumPy, hand-counted parameters, config errors, and a `:smoke` training run
+(with a resume) per routing and per paper architecture."""
+
+import csv
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from capsjax import analysis
+from capsjax import errors
+from capsjax import layers
+from capsjax import models
+from capsjax import routing
+from capsjax import run_config
+from capsjax import train
+from capsjax import visualize
+from capsjax import workdir as workdir_lib
+from configs import efficient_capsnet
+from configs import fashion
+from configs import matrix_capsules_em
+from tests import helpers
+
+ROUTINGS = tuple(routing.ROUTINGS)
+
+
+def _set(param, value):
+  param[...] = jnp.asarray(value, jnp.float32)
+
+
+def _jit_call(module, fn, *args):
+  graphdef, state = nnx.split(module)
+  return jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a))(state, *args)
+
+
+# ----------------------------------------------------------------------------------------
+# RoutedCaps == routing.<name> on votes computed in NumPy
+# ----------------------------------------------------------------------------------------
+
+
+def _random_routed_caps(name, *, iterations=3, seed=0, num_in=5, in_dim=3, num_out=4,
+                        out_dim=6):
+  rng = np.random.default_rng(seed)
+  layer = layers.RoutedCaps(num_in, in_dim, num_out, out_dim, routing_iterations=iterations,
+                            routing=name, em_final_lambda=0.05, rngs=nnx.Rngs(seed))
+  params = {"w": rng.normal(0, 0.5, (num_in, num_out, in_dim, out_dim))}
+  if name == "em":
+    params.update(beta_u=rng.normal(0, 1, num_out), beta_a=rng.normal(0, 1, num_out))
+  if name == "inverted_dot_product":
+    params.update(ln_scale=rng.uniform(0.5, 1.5, out_dim), ln_bias=rng.normal(0, 0.3, out_dim))
+  if name == "self_attention":
+    params.update(log_prior=rng.normal(0, 0.2, (num_in, num_out)))
+  for k, v in params.items():
+    _set(getattr(layer, k), v)
+  return layer, {k: np.asarray(v, np.float32) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("name", ROUTINGS)
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_routed_caps_equals_routing_of_numpy_votes(name, iterations):
+  layer, p = _random_routed_caps(name, iterations=iterations)
+  rng = np.random.default_rng(1)
+  u = rng.normal(0, 1, (2, 5, 3)).astype(np.float32)                   # [B, N_in, D_in]
+  a_in = rng.uniform(0.1, 0.9, (2, 5)).astype(np.float32)              # [B, N_in]
+  votes = np.einsum("bni,nmio->bnmo", u.astype(np.float64), p["w"])   # [B, N_in, N_out, D]
+  kwargs = {"dynamic": {},
+            "em": dict(a_in=a_in, beta_u=p.get("beta_u"), beta_a=p.get("beta_a"),
+                       final_lambda=0.05),
+            "inverted_dot_product": dict(ln_scale=p.get("ln_scale"), ln_bias=p.get("ln_bias")),
+            "self_attention": dict(log_prior=p.get("log_prior"))}[name]
+  expected = routing.get(name)(jnp.asarray(votes, jnp.float32), iterations, **kwargs)
+  got = _jit_call(layer, lambda m, x, a: m.route(x, a_in=a if name == "em" else None),
+                  u, a_in)
+  for field in routing.Routed._fields:
+    np.testing.assert_allclose(getattr(got, field), getattr(expected, field), rtol=2e-5,
+                               atol=2e-6, err_msg=f"{name} {field}")
+  # The layer call (predict_and_route for dynamic routing) gives the same poses and
+  # assignments.
+  called = _jit_call(layer, lambda m, x, a: m(x, a_in=a if name == "em" else None,
+                                              return_couplings=True), u, a_in)
+  np.testing.assert_allclose(called.v, expected.poses, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(called.c, expected.assignments, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(np.sum(called.c, -1), 1.0, rtol=1e-5)
+
+
+def test_each_routing_holds_exactly_its_own_parameters():
+  expected = {"dynamic": {"w"}, "em": {"w", "beta_u", "beta_a"},
+              "inverted_dot_product": {"w", "ln_scale", "ln_bias"},
+              "self_attention": {"w", "log_prior"}}
+  for name in ROUTINGS:
+    layer = layers.RoutedCaps(5, 3, 4, 6, routing_iterations=2, routing=name,
+                              rngs=nnx.Rngs(0))
+    assert set(nnx.state(layer, nnx.Param).keys()) == expected[name], name
+  with pytest.raises(ValueError, match="unknown routing 'fast'; valid routings: 'dynamic'"):
+    layers.RoutedCaps(5, 3, 4, 6, routing_iterations=2, routing="fast", rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------------------
+# CapsNet: the class scores ('lengths') each routing gives, recomputed in NumPy
+# ----------------------------------------------------------------------------------------
+
+
+def _np_squash(s):
+  sq = np.sum(s * s, -1, keepdims=True)
+  return s * sq / (1 + sq) / np.sqrt(sq + 1e-7)
+
+
+def _np_efficient_squash(s):
+  n = np.sqrt(np.sum(s * s, -1, keepdims=True) + 1e-7)
+  return (1 - np.exp(-n)) * s / n
+
+
+def _np_layer_norm(x, scale, bias):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-5) * scale + bias
+
+
+def _small_capsnet(name, seed=0):
+  return models.CapsNet(image_shape=(12, 12, 1), num_classes=3, conv1_channels=4,
+                        conv1_kernel=5, primary_types=2, primary_dim=4, primary_kernel=3,
+                        primary_stride=2, digit_dim=4, routing_iterations=2,
+                        decoder_hidden=(8,), routing=name, em_final_lambda=0.05,
+                        conv_impl="xla", rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("name", ROUTINGS)
+def test_capsnet_class_scores_against_numpy(name):
+  model = _small_capsnet(name)
+  rng = np.random.default_rng(2)
+  if name == "inverted_dot_product":                       # not the identity init.
+    _set(model.primary_caps.ln_scale, rng.uniform(0.5, 1.5, 4))
+    _set(model.primary_caps.ln_bias, rng.normal(0, 0.3, 4))
+  images = rng.uniform(0, 1, (3, 12, 12, 1)).astype(np.float32)
+  out = _jit_call(model, lambda m, x: m(x, return_couplings=True), images)
+
+  # The conv trunk (tested in models_test/conv_test) from the model; the rest in NumPy.
+  x = jax.nn.relu(model.conv1(images))
+  y = np.asarray(model.primary_caps.conv(x), np.float64)               # [B, 4, 4, 8]
+  raw = y.reshape(3, -1, 4)                                            # [B, N_in=32, 4]
+  prim = {"dynamic": _np_squash, "em": lambda s: s,
+          "self_attention": _np_efficient_squash,
+          "inverted_dot_product": lambda s: _np_layer_norm(
+              s, np.asarray(model.primary_caps.ln_scale[...]),
+              np.asarray(model.primary_caps.ln_bias[...]))}[name](raw)
+  w = np.asarray(model.digit_caps.w[...], np.float64)
+  votes = np.einsum("bni,nmio->bnmo", prim, w)                         # [B, 32, 3, 4]
+  caps = model.digit_caps
+  if name == "em":
+    a_in = 1 / (1 + np.exp(-np.asarray(model.primary_caps.activation_conv(x), np.float64)))
+    r = routing.em(jnp.asarray(votes, jnp.float32), 2, a_in=a_in.reshape(3, -1),
+                   beta_u=caps.beta_u[...], beta_a=caps.beta_a[...], final_lambda=0.05)
+    scores = np.asarray(r.activations)
+  elif name == "inverted_dot_product":
+    r = routing.inverted_dot_product(jnp.asarray(votes, jnp.float32), 2,
+                                     ln_scale=caps.ln_scale[...], ln_bias=caps.ln_bias[...])
+    fc_w = np.asarray(model.class_fc.kernel[...])[:, 0]
+    fc_b = float(np.asarray(model.class_fc.bias[...])[0])
+    scores = 1 / (1 + np.exp(-(np.asarray(r.poses) @ fc_w + fc_b)))
+  else:
+    r = routing.get(name)(jnp.asarray(votes, jnp.float32), 2,
+                          **({"log_prior": caps.log_prior[...]}
+                             if name == "self_attention" else {}))
+    scores = np.sqrt(np.sum(np.asarray(r.poses, np.float64) ** 2, -1) + 1e-7)
+  np.testing.assert_allclose(out["v"], r.poses, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out["couplings"], r.assignments, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out["lengths"], scores, rtol=1e-4, atol=1e-6)
+  assert np.all((out["lengths"] > 0) & (out["lengths"] < 1))
+  np.testing.assert_array_equal(out["pred"], np.argmax(scores, -1))
+
+
+def test_matrix_votes_and_coordinate_addition_against_numpy():
+  rng = np.random.default_rng(3)
+  caps = layers.MatrixClassCaps(2, 3, routing_iterations=2, rngs=nnx.Rngs(0))
+  poses = rng.normal(0, 1, (2, 3, 4, 2, 16)).astype(np.float32)        # [B, H, W, T, 16]
+  w = np.asarray(caps.w[...], np.float64)                              # [T, N_out, 4, 4]
+  got = np.asarray(_jit_call(caps, lambda m, p: m.votes(p), poses))    # [B, 24, 3, 16]
+  expected = np.zeros((2, 3, 4, 2, 3, 16))
+  for yy in range(3):
+    for xx in range(4):
+      for t in range(2):
+        for j in range(3):
+          v = poses[:, yy, xx, t].reshape(2, 4, 4).astype(np.float64) @ w[t, j]  # [B, 4, 4]
+          v[:, 0, 3] += (yy + 0.5) / 3                                 # row, right column
+          v[:, 1, 3] += (xx + 0.5) / 4                                 # column
+          expected[:, yy, xx, t, j] = v.reshape(2, 16)
+  np.testing.assert_allclose(got, expected.reshape(2, 24, 3, 16), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter counts, by hand
+# ----------------------------------------------------------------------------------------
+
+
+def _count(config):
+  model = nnx.eval_shape(lambda: models.create_model(
+      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0),
+      conv_impl="xla"))
+  decoder = 0 if model.decoder is None else models.count_params(model.decoder)
+  return models.count_params(model), decoder
+
+
+def test_parameter_counts_per_routing_in_the_smoke_capsnet():
+  # :smoke: conv1 9x9x1->16, PrimaryCaps 9x9x16->4 types x 4D stride 2 (6x6 grid, 144
+  # capsules), W [144, 10, 4, 8], decoder 80->32->64->784.
+  conv1, primary, w = 9 * 9 * 16 + 16, 9 * 9 * 16 * 16 + 16, 144 * 10 * 4 * 8
+  decoder = (80 * 32 + 32) + (32 * 64 + 64) + (64 * 784 + 784)
+  base = conv1 + primary + w + decoder
+  extra = {"dynamic": 0,
+           "em": (9 * 9 * 16 * 4 + 4) + 10 + 10,             # activation conv, beta_u, beta_a
+           "inverted_dot_product": 4 + 4 + 8 + 8 + 8 + 1,    # primary LN, routing LN, final_fc
+           "self_attention": 144 * 10}                       # log prior
+  for name in ROUTINGS:
+    total, dec = _count(helpers.smoke_config(**{"model.routing": name}))
+    assert (total, dec) == (base + extra[name], decoder), name
+
+
+def test_paper_capsnet_count_is_unchanged():
+  assert _count(fashion.get_config()) == (8_215_568, 8_215_568 - 6_804_224)
+
+
+def test_efficient_capsnet_has_the_published_161k_parameters():
+  # EscVM/Efficient-CapsNet models/efficient_capsnet_graph_mnist.py: four convs (+ bias)
+  # each followed by BatchNorm (scale, bias), depthwise 9x9 PrimaryCaps (+ bias), FCCaps
+  # W [10, 16, 8, 16] and b [10, 16, 1].
+  convs = (5 * 5 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (3 * 3 * 64 * 64 + 64) + (
+      3 * 3 * 64 * 128 + 128)
+  norms = 2 * (32 + 64 + 64 + 128)
+  primary = 9 * 9 * 128 + 128
+  fccaps = 16 * 10 * 8 * 16 + 16 * 10
+  total, decoder = _count(efficient_capsnet.get_config())
+  assert total - decoder == convs + norms + primary + fccaps == 161_824
+  assert (total - decoder) // 1000 == 161                  # the paper's "161K"
+  assert decoder == (160 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 784 + 784)
+
+
+def test_matrix_capsnet_parameter_count():
+  # Conv1 5x5x1->64, 1x1 pose conv 64->8x16 and activation conv 64->8, W [8, 10, 4, 4],
+  # beta_u and beta_a [10]; no decoder.
+  expected = (5 * 5 * 64 + 64) + (64 * 128 + 128) + (64 * 8 + 8) + 8 * 10 * 16 + 20
+  assert _count(matrix_capsules_em.get_config()) == (expected, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Config errors and legacy configs
+# ----------------------------------------------------------------------------------------
+
+
+def _build(config):
+  return nnx.eval_shape(lambda: models.create_model(
+      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0),
+      conv_impl="xla"))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("model.routing", "fast", r"^config.model.routing: unknown routing 'fast'; valid "
+                              r"routings: 'dynamic', 'em', 'inverted_dot_product', "
+                              r"'self_attention'"),
+    ("model.architecture", "resnet", r"^config.model.architecture: must be one of "
+                                     r"\['capsnet', 'efficient_capsnet', 'matrix_capsnet'\]"),
+    ("model.em_final_lambda", 0.0, r"^config.model.em_final_lambda: must be a number > 0"),
+])
+def test_bad_routing_fields_are_config_errors(field, value, match):
+  with pytest.raises(errors.ConfigError, match=match):
+    _build(helpers.smoke_config(**{field: value}))
+
+
+def test_paper_architectures_refuse_routings_they_do_not_build():
+  config = efficient_capsnet.get_config("smoke")
+  config.model.routing = "em"
+  with pytest.raises(errors.ConfigError, match=r"^config.model.routing: this architecture "
+                                               r"supports 'self_attention', got 'em'"):
+    _build(config)
+  config = matrix_capsules_em.get_config("smoke")
+  config.model.primary_types = 0
+  with pytest.raises(errors.ConfigError, match=r"^config.model.primary_types: must be"):
+    _build(config)
+
+
+@pytest.mark.parametrize("module", [efficient_capsnet, matrix_capsules_em])
+@pytest.mark.parametrize("variant", [None, "quick", "smoke"])
+def test_paper_configs_load_and_declare_exactly_their_model_fields(module, variant):
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = module.get_config(variant)
+  assert set(config.to_dict()) == set(common.get_base_config().to_dict())
+  assert set(config.model) == models.model_fields(config.model.architecture)
+  if variant == "smoke":
+    assert config.batch_size % 4 == 0  # divides the 4 forced test devices.
+  run_config.validate_config(config)
+
+
+def test_old_workdirs_without_the_routing_fields_still_resume(tmp_path):
+  config = helpers.smoke_config()
+  saved = json.loads(config.to_json_best_effort())
+  for leaf in ("architecture", "routing", "em_final_lambda"):
+    del saved["model"][leaf]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  workdir_lib.check_config(config, str(tmp_path))      # the legacy values: accepted.
+  model = nnx.eval_shape(lambda: models.create_model(
+      saved["model"] | {"conv_impl": "xla"}, image_shape=(28, 28, 1), num_classes=10,
+      rngs=nnx.Rngs(0)))
+  assert model.routing == "dynamic"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config.model.routing = "em"                          # another routing: refused.
+  with pytest.raises(ValueError, match=r"model.routing: 'dynamic' \(saved\) vs 'em' \(now\)"):
+    workdir_lib.check_config(config, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------
+# :smoke training per routing and architecture, with a resume
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mock_mnist():
+  with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+# Each case: (config, the parameters of its routing with their initial values).
+def _case(case):
+  if case == "efficient_capsnet":
+    config = efficient_capsnet.get_config("smoke")
+    return config, {"digit_caps.log_prior": 0.0, "norms.0.scale": 1.0}
+  if case == "matrix_capsnet":
+    config = matrix_capsules_em.get_config("smoke")
+    return config, {"digit_caps.beta_u": 0.0, "digit_caps.beta_a": 0.0}
+  config = helpers.smoke_config(**{"model.routing": case})
+  return config, {"dynamic": {},
+                  "em": {"digit_caps.beta_u": 0.0, "digit_caps.beta_a": 0.0},
+                  "inverted_dot_product": {"digit_caps.ln_scale": 1.0,
+                                           "digit_caps.ln_bias": 0.0,
+                                           "primary_caps.ln_scale": 1.0},
+                  "self_attention": {"digit_caps.log_prior": 0.0}}[case]
+
+
+def _param(model, dotted):
+  node = model
+  for part in dotted.split("."):
+    node = node[int(part)] if part.isdigit() else getattr(node, part)
+  return np.asarray(node[...])
+
+
+@pytest.mark.parametrize("case", ROUTINGS + ("efficient_capsnet", "matrix_capsnet"))
+def test_smoke_training_resume_and_assignments(case, tmp_path, mock_mnist):
+  config, own = _case(case)
+  for key, value in {"dataset": "mnist", "train_examples": 32, "eval_examples": 24,
+                     "data_dir": str(tmp_path / "tfds")}.items():
+    run_config.set_field(config, key, value)
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["step"] == 8                              # 32 / 8 x 2 epochs
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    rows = list(csv.DictReader(f))
+  losses = [float(r["loss"]) for r in rows]
+  assert losses and all(math.isfinite(x) for x in losses)
+  run = analysis.load_run(workdir)
+  for dotted, init in own.items():                         # the routing's parameters learned.
+    value = _param(run.model, dotted)
+    assert np.all(np.isfinite(value)) and np.max(np.abs(value - init)) > 1e-6, dotted
+  # The model's couplings are its routing's assignments: [B, N_in, 10], rows sum to 1.
+  images = helpers.synthetic_batch(4)["image"]
+  c = analysis.couplings(run.model, images)
+  assert c.shape == (4, run.model.num_primary, 10)
+  np.testing.assert_allclose(c.sum(-1), 1.0, rtol=1e-5)
+  # visualize draws the routing's assignments on its primary-capsule grid.
+  paths = visualize.make_figures(workdir, num_examples=2, num_routing=2, eval_examples=8,
+                                 data_dir=config.data_dir)
+  assert os.path.getsize(paths["routing.png"]) > 5000
+  # Resuming with one more epoch continues from step 8.
+  config.num_epochs = 3
+  assert train.train_and_evaluate(config, workdir)["step"] == 12
+  assert analysis.load_run(workdir).step == 12
+
+
+def test_readme_em_example_runs_and_prints_what_it_says(capsys):
+  """The README's "Routing algorithms" example: routing.em as the head of a non-CapsNet
+  NNX module."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index("## Routing algorithms"):]
+  code = section[section.index("```python\n") + 10:]
+  code = code[:code.index("```")]
+  assert "routing.em(" in code and "CapsNet" not in code
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.strip() == "(2, 5, 16) (2, 5) (2, 32, 5)"
+
