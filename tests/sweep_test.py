@@ -25,8 +25,8 @@ def test_parse_value_types_like_the_field():
   assert sweep.parse_value(config, "model.decoder_hidden", "(8, 16)") == (8, 16)
   with pytest.raises(ValueError, match="model.routing_iterations expects a int, got '1.5'"):
     sweep.parse_value(config, "model.routing_iterations", "1.5")
-  with pytest.raises(ValueError, match="unknown config field 'model.routing'"):
-    sweep.parse_value(config, "model.routing", "3")
+  with pytest.raises(ValueError, match="unknown config field 'model.routings'"):
+    sweep.parse_value(config, "model.routings", "3")
   axes = sweep.parse_axes(config, ["optim.decay_rate=0.9,0.95", "model.routing_iterations=1,3"])
   assert axes == [("optim.decay_rate", [0.9, 0.95]), ("model.routing_iterations", [1, 3])]
   with pytest.raises(ValueError, match="not 'seed'"):
