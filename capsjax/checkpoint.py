@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging as std_logging
 import os
 import re
@@ -143,6 +144,14 @@ def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source:
     raise errors.CheckpointMismatchError(
         f"checkpoint {source} has parameters this model lacks, e.g. {extra[0]}: it was "
         "saved from a different architecture")
+
+
+def _meta_digest(meta: dict) -> str:
+  """sha256 of `meta` as canonical JSON, leaving out its DIGESTS field."""
+  meta = {k: v for k, v in meta.items() if k != DIGESTS}
+  # Through JSON first: a tuple saved comes back as a list.
+  text = json.dumps(json.loads(json.dumps(meta)), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _first_line(e: BaseException) -> str:
@@ -289,7 +298,7 @@ class Checkpointer:
         full), also for an earlier asynchronous save that failed since.
     """
     meta = dict(meta, step=int(step), param_shapes=_param_shapes(state))
-    meta[DIGESTS] = content_digests(state)
+    meta[DIGESTS] = dict(content_digests(state), meta=_meta_digest(meta))
     # Orbax's save first waits for the previous one; doing that here (bounded) names the
     # step that failed if it was the previous save.
     with self._save_errors(self._in_flight):
@@ -337,7 +346,12 @@ class Checkpointer:
           f"{self.directory} holds no checkpoint of step {step}; its steps are {steps}")
     with self._read_errors(step):
       meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-      return meta["meta"]
+      meta = meta["meta"]
+      saved = (meta.get(DIGESTS) or {}).get("meta") if isinstance(meta, dict) else None
+      if saved is not None and saved != _meta_digest(meta):
+        raise _DigestMismatch("its metadata (meta/) does not match the digest saved with it: "
+                              "the file was changed or damaged after the save")
+      return meta
 
   @contextlib.contextmanager
   def _read_errors(self, step: int):
