@@ -1,5 +1,6 @@
 """What a user sees, in a real `capsjax.main` process, when checkpoint storage fails or
-`init_from` is wrong: one `capsjax: error:` line, exit code 2, no traceback, no hang.
+`init_from` is wrong: one `capsjax: error:` line, exit code 2, no traceback, no hang. And
+outside checkpoints/: a CSV that cannot be written is a WorkdirError, a plot a warning.
 
 Real processes, because the failures under test happen at interpreter exit (Orbax
 threads that keep a process alive for minutes, or print a traceback after the error).
@@ -12,6 +13,7 @@ are not allowed (not root, no user namespaces) those tests are skipped, saying s
 `checkpoint_test.py` covers the same errors in-process by refusing the system calls.
 """
 
+import errno
 import functools
 import os
 import shutil
@@ -112,3 +114,50 @@ def test_init_from_errors_end_with_one_line_and_no_orbax_traceback(tmp_path, jax
       rc, out = _run(workdir, jax_cache, "--config.num_epochs=1",
                      f"--config.init_from={tmp_path / name}")
       _assert_one_line_error(rc, out, expected)
+
+
+# ----------------------------------------------------------------------------------------
+# Outside checkpoints/: the run's record (CSV, TensorBoard) and its plot.
+# ----------------------------------------------------------------------------------------
+def _no_space(*args, **kwargs):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_metrics_csv_on_a_full_disk_is_a_workdir_error(tmp_path, monkeypatch):
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  from capsjax import metrics  # pylint: disable=g-import-not-at-top
+  writer = metrics.MetricWriter(str(tmp_path))
+  monkeypatch.setattr(metrics, "open", _no_space, raising=False)
+  with pytest.raises(errors.WorkdirError,
+                     match=rf"could not write {tmp_path}/metrics.csv: the disk is full\. "
+                           r"Checkpoints already saved are kept"):
+    writer.write(1, 0.25, "train", {"loss": 1.0})
+  with pytest.raises(errors.WorkdirError, match=r"epochs.csv: the disk is full"):
+    writer.write_epoch(1, 4, {"loss": 1.0}, {"loss": 1.0}, seconds=1.0, images=8)
+  writer.close()
+
+
+def test_a_plot_on_a_full_disk_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top
+  from capsjax import metrics  # pylint: disable=g-import-not-at-top
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(4, 1.0, "train", {"loss": 1.0, "accuracy": 0.5})
+  writer.close()
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _no_space)
+  with caplog.at_level("WARNING"):
+    assert metrics.plot_curves(writer.path, str(tmp_path / "plots" / "curves.png")) is None
+  assert "could not write the plot" in caplog.text and "the disk is full" in caplog.text
+
+
+def test_full_disk_for_plots_does_not_stop_training(tmp_path, jax_cache):
+  if _mount_problem():
+    pytest.skip(f"needs a small tmpfs ({_mount_problem()})")
+  workdir = str(tmp_path / "run")
+  plots = os.path.join(workdir, "plots")
+  os.makedirs(plots)
+  # 8 KiB: too small for curves.png (about 50 KB).
+  rc, out = _run(workdir, jax_cache, "--config.num_epochs=1",
+                 mount=f"mount -t tmpfs -o size=8k tmpfs {plots}")
+  assert rc == 0, out[-3000:]
+  assert "Traceback" not in out and "could not write the plot" in out, out[-3000:]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
