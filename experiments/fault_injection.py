@@ -1,13 +1,25 @@
-"""Fault injection: SIGKILL a `:smoke` run at random moments, resume it, compare.
+"""Fault injection: SIGKILL a `:smoke` run at random moments, resume it, compare; or
+damage its checkpoint files and check that no resume uses the damaged data (--corrupt).
 
   python -m experiments.fault_injection --n=5
   python -m experiments.fault_injection --n=3 --mock_examples=96   # TFDS mock data, no files
+  python -m experiments.fault_injection --corrupt --trials=50
+  python -m experiments.fault_injection --corrupt --trials=50 --mock_examples=48 \
+      --override=--config.dataset=mnist --override=--config.train_examples=32
 
 Runs one uninterrupted reference run, then N runs that are each killed with SIGKILL at
 a random moment of their training phase (mid-step, mid-epoch, mid-save, or after the
 end) and rerun with the same command until they finish. The final parameters of every
 resumed run must be bit-identical (CPU) to the reference. Prints
 "N resumes, 0 divergences"; exits 1 on any divergence.
+
+--corrupt trains one reference run of the config (or takes a finished one, --workdir), then in
+each of N trials XORs 1 to 5 random bytes of one random checkpoint file (array data,
+tree metadata, the meta JSON, manifests) in a copy, and restores the copy as a resumed
+run does (`Checkpointer.restore_latest`). It prints "N trials, 0 silent resumes from
+corrupt data" with the counts of each outcome (unaffected, detected and fell back to an
+earlier step, refused, other errors); exits 1 on a silent resume (restored arrays or
+meta that differ from those saved at that step, without a warning) or a deleted step.
 
 The module is also the test harness's child process:
   python -m experiments.fault_injection child <capsjax.main flags>
@@ -27,6 +39,7 @@ plumbing only; capsjax itself has no hooks):
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import random
@@ -298,7 +311,7 @@ class _Warnings:
 
 
 def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None = None,
-                   verbose: bool = True) -> dict[str, int]:
+                   files: str = "*", verbose: bool = True) -> dict[str, int]:
   """Damages copies of a finished run's checkpoints and restores them as a resume does.
 
   Each trial copies `workdir`, XORs 1 to 5 random bytes of one random checkpoint file
@@ -311,6 +324,14 @@ def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None
   (CheckpointReadError: no readable step left), 'silent' (restored, different from what
   was saved at that step: the failure this guards against), 'crash' (any other
   exception), 'deleted' (a step directory vanished instead of being set aside).
+
+  Args:
+    workdir: a finished run (with its config.json), left untouched.
+    trials: how many damaged copies to restore.
+    seed: of the file and byte choices.
+    root: where the copies go (each is removed after its trial).
+    files: only damage files whose path under `workdir` matches this glob.
+    verbose: print one line per trial.
 
   Returns:
     {outcome: count}.
@@ -335,7 +356,8 @@ def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None
       state, step_meta = clean.restore(step, target)
       saved[step] = (jax.device_get(state), step_meta)
   root = root or tempfile.mkdtemp(prefix="capsjax_corrupt_")
-  files = [os.path.relpath(p, workdir) for p in _checkpoint_files(workdir)]
+  files = [n for n in (os.path.relpath(p, workdir) for p in _checkpoint_files(workdir))
+           if fnmatch.fnmatch(n, files)]
   counts = {k: 0 for k in ("unaffected", "fell_back", "refused", "silent", "crash",
                            "deleted")}
   for i in range(trials):
@@ -377,7 +399,7 @@ def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None
 
 def run_corrupt(trials: int, *, seed: int = 0, config: str = "configs/fashion.py:smoke",
                 overrides: tuple[str, ...] = (), mock_examples: int = 0,
-                root: str | None = None, workdir: str | None = None,
+                root: str | None = None, workdir: str | None = None, files: str = "*",
                 verbose: bool = True) -> dict[str, int]:
   """`--corrupt`: trains a reference run (unless `workdir` is given), then corrupt_trials."""
   root = root or tempfile.mkdtemp(prefix="capsjax_corrupt_")
@@ -396,7 +418,7 @@ def run_corrupt(trials: int, *, seed: int = 0, config: str = "configs/fashion.py
                                   policy=tfds.testing.MockPolicy.USE_CODE)
   with data:
     return corrupt_trials(workdir, trials, seed=seed, root=os.path.join(root, "trials"),
-                          verbose=verbose)
+                          files=files, verbose=verbose)
 
 
 def main(argv=None):
@@ -406,6 +428,9 @@ def main(argv=None):
   p.add_argument("--corrupt", action="store_true",
                  help="flip random bytes in random checkpoint files instead of killing runs")
   p.add_argument("--trials", type=int, default=20, help="--corrupt: number of trials")
+  p.add_argument("--files", default="*",
+                 help="--corrupt: damage only files matching this glob, e.g. "
+                      "'checkpoints/*/state/ocdbt.process_0/d/*' (the arrays)")
   p.add_argument("--workdir", default=None,
                  help="--corrupt: a finished run to damage copies of (default: train one)")
   p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
@@ -423,7 +448,7 @@ def main(argv=None):
     if args.corrupt:
       counts = run_corrupt(args.trials, seed=args.seed, config=args.config,
                            overrides=tuple(args.override), mock_examples=args.mock_examples,
-                           root=root, workdir=args.workdir)
+                           root=root, workdir=args.workdir, files=args.files)
       bad = counts["silent"] + counts["deleted"]
     else:
       bad = run(args.n, seed=args.seed, config=args.config, overrides=tuple(args.override),

@@ -376,3 +376,25 @@ def test_unwritable_checkpoints_fail_before_training_with_the_right_advice(
   assert advice in message and "free space" not in message, message
   # It failed on opening the directory, before an epoch was spent training.
   assert not os.path.exists(os.path.join(workdir, "metrics.csv"))
+
+
+def test_corruption_trials_find_no_silent_resume(tmp_path, src, capsys):
+  # experiments/fault_injection.py --corrupt, on this module's finished run: random bytes
+  # of random checkpoint files, each trial restored as a resume does.
+  from experiments import fault_injection as fi  # pylint: disable=g-import-not-at-top
+  counts = fi.corrupt_trials(src, 8, seed=3, root=str(tmp_path), verbose=False)
+  assert counts["silent"] == counts["deleted"] == 0, counts
+  assert sum(counts.values()) == 8
+  assert "8 trials, 0 silent resumes from corrupt data" in capsys.readouterr().out
+
+
+def test_corruption_trials_see_silent_resumes_when_digests_are_not_checked(
+    tmp_path, src, monkeypatch):
+  # The script's own check: with verification off, damaged array bytes are restored
+  # silently (the behaviour before digests), and the trials count them.
+  from experiments import fault_injection as fi  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "_verify", lambda *args: None)
+  largest = os.path.relpath(_largest_array_file(src, 8), src)
+  counts = fi.corrupt_trials(src, 3, seed=0, root=str(tmp_path), files=largest,
+                             verbose=False)
+  assert counts["silent"] >= 1, counts
