@@ -1,4 +1,4 @@
-"""Cost of the checkpoint content digests: hashing, and a save and a restore with and without.
+"""Cost of the checkpoint content digests: hashing, and saves and restores with/without.
 
   python -m benchmarks.checkpoint_digest                 # the :smoke and the full model
   python -m benchmarks.checkpoint_digest --configs=full --repeats=3
@@ -41,7 +41,8 @@ def measure(name: str, repeats: int) -> dict:
   info = input_pipeline.dataset_info("fashion_mnist")
   _, state = steps_lib.create_model_and_optimizer(config, info, 100, jax.random.key(0))
   state = jax.device_put(state, jax.devices()[0])
-  real_digests, real_verify = ckpt_lib.content_digests, ckpt_lib.Checkpointer._verify  # pylint: disable=protected-access
+  real_digests = ckpt_lib.content_digests
+  real_verify = ckpt_lib.Checkpointer._verify  # pylint: disable=protected-access
   times = {k: [] for k in ("digest_s", "save_s_with", "save_s_without", "restore_s_with",
                            "restore_s_without")}
   with tempfile.TemporaryDirectory() as d:
@@ -51,7 +52,9 @@ def measure(name: str, repeats: int) -> dict:
         mode = "with" if digests else "without"
         # Stubbed out: what a save and a restore cost before digests.
         ckpt_lib.content_digests = real_digests if digests else (lambda tree: {})
-        ckpt._verify = (lambda *a: real_verify(ckpt, *a)) if digests else (lambda *a: None)  # pylint: disable=protected-access
+        # pylint: disable-next=protected-access
+        ckpt._verify = ((lambda *a: real_verify(ckpt, *a)) if digests
+                        else (lambda *a: None))
         step = 2 * i + (1 if digests else 2)
         t0 = time.perf_counter()
         ckpt.save(step, state, {"epoch": step})

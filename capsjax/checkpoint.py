@@ -3,7 +3,8 @@
 A checkpoint is a directory `WORKDIR/checkpoints/<step>/` with two items:
   state   the NNX state of (model, optimizer) as an Orbax StandardSave pytree: entry
           MODEL_ITEM (0) is the model, entry 1 the optimizer
-  meta    JSON: step, epoch, dataset, model config, parameter shapes, metrics
+  meta    JSON: step, epoch, dataset, model config, parameter shapes, metrics, and the
+          content digests (`DIGESTS`)
 `Checkpointer.restore` reads the whole state (resuming training);
 `restore_params` reads only the model entry, for analysis and figures, which need no
 optimizer. Saves are asynchronous; `Checkpointer.close()` waits for them. The latest
@@ -14,10 +15,27 @@ Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and
 it to `<step>/` only when every item is on disk, so a run killed mid-save leaves a
 temporary directory, never a half-written `<step>/`. Such leftovers are ignored with a
 warning (and removed when the workdir is opened for training); the previous complete
-checkpoints stay untouched, as they do when a save fails (e.g. disk full), which raises
-`CheckpointSaveError` naming the directory and the steps still available.
-"""
+checkpoints stay untouched, as they do when a save fails.
 
+Integrity: each save records a sha256 digest of every state entry (each leaf's name,
+dtype, shape and bytes) and of the meta JSON; each restore recomputes them. Orbax and
+TensorStore notice missing or truncated files but not changed bytes, which would
+otherwise restore as silently wrong parameters. A step that cannot be read or fails its
+digest is treated alike (`first_readable`, shared by training and `mode=eval`): a
+warning, the previous step instead, and, in a run that will save again, the damaged
+step moved to `checkpoints-unreadable/` (kept, never deleted). A model-only restore
+checks the model entry's digest. Checkpoints from before digests restore unchecked.
+The digests cost one pass over the host arrays per save (about 0.2 s for the full
+model's 94 MB state on a CPU) and per restore.
+
+Storage failures: a `checkpoints/` that cannot be written (read-only, no permission)
+fails when the checkpointer opens, before any training; one that fills up fails at the
+save. Both raise one `CheckpointSaveError` naming the directory, the cause (from the
+errno, or TensorStore's RESOURCE_EXHAUSTED for a full disk), the steps still available
+and what to do. Every wait on a background save is bounded (`SAVE_TIMEOUT_S`), and
+every Checkpointer is closed on the paths that open one, so no Orbax thread outlives a
+run to hang it or print a traceback after its error.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +73,8 @@ _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 # The meta field holding the content digests: {state entry: sha256 hex}.
 DIGESTS = "digests"
-# The longest wait on a background save (`wait`, `close`) before giving up with an error.
-# A save of the full model takes well under a second; a minute means the storage hangs.
+# The longest wait on a background save (`save`, `wait`, `close`) before giving up with an
+# error. A save of the full model takes about a second; two minutes mean the storage hangs.
 SAVE_TIMEOUT_S = 120
 
 

@@ -5,6 +5,12 @@ The latest checkpoint of a workdir (or of `init_from`), or with
 come from the checkpoint's own metadata, so a command line that differs in a setting the
 parameter shapes cannot reveal (routing iterations, dtype) does not silently change what
 is evaluated.
+
+A latest checkpoint that cannot be read, or fails its content digest, falls back with a
+warning to the newest readable one before it (`Checkpointer.first_readable`, as a
+resumed training run does); nothing is moved aside, eval being read-only. A checkpoint
+named by its step (`init_from=.../checkpoints/<step>`) or the selected one is evaluated
+as it is or refused with `CheckpointReadError`.
 """
 
 from __future__ import annotations

@@ -13,13 +13,14 @@ end) and rerun with the same command until they finish. The final parameters of 
 resumed run must be bit-identical (CPU) to the reference. Prints
 "N resumes, 0 divergences"; exits 1 on any divergence.
 
---corrupt trains one reference run of the config (or takes a finished one, --workdir), then in
-each of N trials XORs 1 to 5 random bytes of one random checkpoint file (array data,
-tree metadata, the meta JSON, manifests) in a copy, and restores the copy as a resumed
-run does (`Checkpointer.restore_latest`). It prints "N trials, 0 silent resumes from
-corrupt data" with the counts of each outcome (unaffected, detected and fell back to an
-earlier step, refused, other errors); exits 1 on a silent resume (restored arrays or
-meta that differ from those saved at that step, without a warning) or a deleted step.
+--corrupt trains one reference run of the config (or takes a finished one,
+--workdir), then in each of N trials XORs 1 to 5 random bytes of one random checkpoint
+file (array data, tree metadata, the meta JSON, manifests) in a copy, and restores the
+copy as a resumed run does (`Checkpointer.restore_latest`). It prints "N trials, 0
+silent resumes from corrupt data" with the count of each outcome (unaffected, detected
+and fell back to an earlier step, refused, other errors); it exits 1 on a silent resume
+(restored arrays or meta that differ from those saved at that step, without a warning)
+or a deleted step.
 
 The module is also the test harness's child process:
   python -m experiments.fault_injection child <capsjax.main flags>
