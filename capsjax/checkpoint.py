@@ -78,13 +78,15 @@ DIGESTS = "digests"
 SAVE_TIMEOUT_S = 120
 
 
-def _host_array(x) -> np.ndarray:
-  """The value of one state leaf as a host NumPy array."""
+def _host_array(x) -> np.ndarray | None:
+  """The value of one state leaf as a host NumPy array; None if no process holds it all."""
   if isinstance(x, jax.Array):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     if not x.is_fully_addressable:
-      # The state is replicated (P()) across processes: each local shard is the whole array.
+      if not x.sharding.is_fully_replicated:
+        return None
+      # Replicated across processes (capsjax's state, P()): a local shard is the array.
       x = x.addressable_data(0)
   return np.asarray(x)
 
@@ -101,7 +103,8 @@ def content_digests(tree: Any) -> dict[str, str]:
       model and '1' the optimizer.
 
   Returns:
-    {entry name: 64 hex digits}.
+    {entry name: 64 hex digits, or None for an entry with an array sharded across
+    processes, which no single process can digest}.
   """
   entries: dict[str, list[tuple[str, Any]]] = {}
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -111,10 +114,14 @@ def content_digests(tree: Any) -> dict[str, str]:
   for entry, leaves in entries.items():
     h = hashlib.sha256()
     for name, x in sorted(leaves, key=lambda t: t[0]):
-      a = np.ascontiguousarray(_host_array(x))
+      a = _host_array(x)
+      if a is None:
+        h = None
+        break
+      a = np.ascontiguousarray(a)
       h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
       h.update(a.data)
-    digests[entry] = h.hexdigest()
+    digests[entry] = None if h is None else h.hexdigest()
   return digests
 
 
@@ -398,6 +405,8 @@ class Checkpointer:
                    "not verified", self.directory, step)
       return
     for entry, digest in content_digests(tree).items():
+      if saved.get(entry) is None or digest is None:
+        continue   # not digested at save (or now): sharded across processes.
       if saved.get(entry) != digest:
         raise _DigestMismatch(
             f"the content digest of state entry {entry} is {digest[:12]}... but "
