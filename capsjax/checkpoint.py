@@ -179,6 +179,25 @@ def _meta_digest(meta: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager, reading a damaged metrics file as no metrics.
+
+  Orbax parses every step's `metrics/metrics` when it opens the directory, and a file
+  that is not JSON stopped it with a traceback. The metrics only decide which step is
+  kept as the best, so that step just loses its "best" candidacy; its state and meta
+  are checked by their digests when restored. The file stays where it is.
+  """
+
+  def _get_metrics(self, step: int):
+    try:
+      return super()._get_metrics(step)
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+      logging.warning("ignoring the damaged metrics file of checkpoint %s/%d (%s): it only "
+                      "decides which checkpoint is kept as the best", self.directory, step,
+                      _first_line(e))
+      return None
+
+
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0] if text else ''}"
@@ -291,8 +310,7 @@ class Checkpointer:
         async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_S,
                                        create_directories_asynchronously=False))
     with self._save_errors(None):
-      self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+      self._mngr = _Manager(self.directory, options=options, item_names=("state", "meta"))
     self._closed = False
 
   def _check_writable(self) -> None:

@@ -419,3 +419,25 @@ def test_corruption_trials_see_silent_resumes_when_digests_are_not_checked(
   counts = fi.corrupt_trials(src, 3, seed=0, root=str(tmp_path), files=largest,
                              verbose=False)
   assert counts["silent"] >= 1, counts
+
+
+def test_a_damaged_metrics_file_is_ignored_and_the_checkpoint_still_restores(
+    tmp_path, src, caplog):
+  # Found by the corruption trials: Orbax parses every step's metrics/metrics when it
+  # opens the directory, so one bad byte there was a JSONDecodeError traceback.
+  workdir = _copy(src, tmp_path)
+  path = os.path.join(workdir, "checkpoints", "8", "metrics", "metrics")
+  with open(path, "r+b") as f:
+    f.seek(1)
+    f.write(b"\xff")
+  with caplog.at_level("WARNING"):
+    assert _latest(workdir)[1] == 8   # read-only: eval, figures
+    with ckpt_lib.Checkpointer(workdir) as ckpt:   # writable: a resuming run
+      _, _, step = ckpt.restore_latest(_full_state())
+  assert step == 8
+  assert re.search(r"ignoring the damaged metrics file of checkpoint .*/checkpoints/8 "
+                   r"\(UnicodeDecodeError", caplog.text), caplog.text
+  assert os.path.exists(path)   # left where it is
+  # Training goes on from it.
+  summary = train.train_and_evaluate(_config(num_epochs=3), workdir)
+  assert summary["step"] == 12
