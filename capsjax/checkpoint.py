@@ -3,7 +3,8 @@
 A checkpoint is a directory `WORKDIR/checkpoints/<step>/` with two items:
   state   the NNX state of (model, optimizer) as an Orbax StandardSave pytree: entry
           MODEL_ITEM (0) is the model, entry 1 the optimizer
-  meta    JSON: step, epoch, dataset, model config, parameter shapes, metrics
+  meta    JSON: step, epoch, dataset, model config, parameter shapes, metrics, and the
+          content digests (`DIGESTS`)
 `Checkpointer.restore` reads the whole state (resuming training);
 `restore_params` reads only the model entry, for analysis and figures, which need no
 optimizer. Saves are asynchronous; `Checkpointer.close()` waits for them. The latest
@@ -14,19 +15,44 @@ Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and
 it to `<step>/` only when every item is on disk, so a run killed mid-save leaves a
 temporary directory, never a half-written `<step>/`. Such leftovers are ignored with a
 warning (and removed when the workdir is opened for training); the previous complete
-checkpoints stay untouched, as they do when a save fails (e.g. disk full), which raises
-`CheckpointSaveError` naming the directory and the steps still available.
-"""
+checkpoints stay untouched, as they do when a save fails.
 
+Integrity: each save records a sha256 digest of every state entry (each leaf's name,
+dtype, shape and bytes) and of the meta JSON; each restore recomputes them. Orbax and
+TensorStore notice missing or truncated files but not changed bytes, which would
+otherwise restore as silently wrong parameters. A step that cannot be read or fails its
+digest is treated alike (`first_readable`, shared by training and `mode=eval`): a
+warning, the previous step instead, and, in a run that will save again, the damaged
+step moved to `checkpoints-unreadable/` (kept, never deleted). A model-only restore
+checks the model entry's digest. Checkpoints from before digests restore unchecked.
+A damaged Orbax metrics file, which only decides the kept "best" step, is ignored with a
+warning (`_Manager`). `python -m experiments.fault_injection --corrupt` tests all this.
+The digests cost one pass over the host arrays per save (about 0.2 s for the full
+model's 94 MB state on a CPU) and per restore.
+
+Storage failures: a `checkpoints/` that cannot be written (read-only, no permission)
+fails when the checkpointer opens, before any training; one that fills up fails at the
+save. Both raise one `CheckpointSaveError` naming the directory, the cause (from the
+errno, or TensorStore's RESOURCE_EXHAUSTED for a full disk), the steps still available
+and what to do. Every wait on a background save is bounded (`SAVE_TIMEOUT_S`), and
+every Checkpointer is closed on the paths that open one, so no Orbax thread outlives a
+run to hang it or print a traceback after its error.
+"""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
+import logging as std_logging
 import os
 import re
 import shutil
+import sys
+import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -47,6 +73,59 @@ CheckpointSaveError = errors.CheckpointSaveError
 
 
 _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+# The meta field holding the content digests: {state entry: sha256 hex}.
+DIGESTS = "digests"
+# The longest wait on a background save (`save`, `wait`, `close`) before giving up with an
+# error. A save of the full model takes about a second; two minutes mean the storage hangs.
+SAVE_TIMEOUT_S = 120
+
+
+def _host_array(x) -> np.ndarray | None:
+  """The value of one state leaf as a host NumPy array; None if no process holds it all."""
+  if isinstance(x, jax.Array):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        return None
+      # Replicated across processes (capsjax's state, P()): a local shard is the array.
+      x = x.addressable_data(0)
+  return np.asarray(x)
+
+
+def content_digests(tree: Any) -> dict[str, str]:
+  """sha256 of the arrays of each top-level entry of `tree`: {'0': hex, '1': hex}.
+
+  Each leaf adds its name (as in `_param_shapes`), dtype, shape and bytes, in sorted
+  name order, so the digest depends on values only, not on pytree flattening order or
+  where the arrays live.
+
+  Args:
+    tree: a pytree of arrays (`jax.Array`, NumPy); for a saved state, entry '0' is the
+      model and '1' the optimizer.
+
+  Returns:
+    {entry name: 64 hex digits, or None for an entry with an array sharded across
+    processes, which no single process can digest}.
+  """
+  entries: dict[str, list[tuple[str, Any]]] = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [n for n in map(_key_name, path) if n != "value"]
+    entries.setdefault(names[0] if names else "", []).append(("/".join(names), x))
+  digests = {}
+  for entry, leaves in entries.items():
+    h = hashlib.sha256()
+    for name, x in sorted(leaves, key=lambda t: t[0]):
+      a = _host_array(x)
+      if a is None:
+        h = None
+        break
+      a = np.ascontiguousarray(a)
+      h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
+      h.update(a.data)
+    digests[entry] = None if h is None else h.hexdigest()
+  return digests
 
 
 def incomplete_checkpoints(directory: str) -> list[str]:
@@ -95,17 +174,151 @@ def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source:
         "saved from a different architecture")
 
 
+def _meta_digest(meta: dict) -> str:
+  """sha256 of `meta` as canonical JSON, leaving out its DIGESTS field."""
+  meta = {k: v for k, v in meta.items() if k != DIGESTS}
+  # Through JSON first: a tuple saved comes back as a list.
+  text = json.dumps(json.loads(json.dumps(meta)), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager, reading a damaged metrics file as no metrics.
+
+  Orbax parses every step's `metrics/metrics` when it opens the directory, and a file
+  that is not JSON stopped it with a traceback. The metrics only decide which step is
+  kept as the best, so that step just loses its "best" candidacy; its state and meta
+  are checked by their digests when restored. The file stays where it is.
+  """
+
+  def _get_metrics(self, step: int):
+    try:
+      return super()._get_metrics(step)
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+      logging.warning("ignoring the damaged metrics file of checkpoint %s/%d (%s): it only "
+                      "decides which checkpoint is kept as the best", self.directory, step,
+                      _first_line(e))
+      return None
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _save_failure(e: BaseException) -> tuple[str, str] | None:
+  """(reason, advice) for a storage failure anywhere in `e`'s chain, else None.
+
+  Orbax raises the OSError of a failed file operation, possibly wrapped; TensorStore,
+  which writes the arrays, raises ValueError with an absl status code instead of errno
+  (a full disk reads "RESOURCE_EXHAUSTED: ... No space left on device").
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    text = str(e)
+    full = ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
+            or "Disk quota exceeded" in text)
+    if full:
+      return "the disk is full", "free space"
+    read_only = ((isinstance(e, OSError) and e.errno == errno.EROFS)
+                 or "Read-only file system" in text)
+    if read_only:
+      return ("the file system is read-only",
+              "make it writable (or start a copy of the run in another --workdir)")
+    denied = ((isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM))
+              or "PERMISSION_DENIED" in text or "Permission denied" in text)
+    if denied:
+      return ("permission denied",
+              "give this user write permission on it (or start a copy of the run in "
+              "another --workdir)")
+    if isinstance(e, OSError):
+      return _first_line(e), "fix the storage"
+    e = e.__cause__ or e.__context__
+  return None
+
+
+class _DigestMismatch(Exception):
+  pass
+
+
+class _OrbaxErrorsWithoutTraceback(std_logging.Filter):
+  """Drops the traceback of Orbax's own error records, keeping their one-line message.
+
+  A failed background save is logged, with a traceback, by each Orbax thread it stops
+  (about ten for one read-only directory), then raised to capsjax, which reports it as
+  one CheckpointSaveError. The same goes for asyncio's "Task exception was never
+  retrieved" about an Orbax write task, logged at exit. `--verbosity=1` keeps the
+  tracebacks.
+  """
+
+  def filter(self, record) -> bool:
+    if record.exc_info and logging.get_verbosity() < 1 and (
+        "/orbax/" in record.pathname
+        or (record.name == "asyncio" and "orbax" in record.getMessage())):
+      record.exc_info = record.exc_text = None
+    return True
+
+
+_ORBAX_FILTER = _OrbaxErrorsWithoutTraceback()
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the 'Event loop is closed' errors left behind by a failed save (idempotent).
+
+  When one array write fails (a full disk), Orbax closes its event loop while TensorStore
+  still completes the other writes; each completion then raises RuntimeError in a
+  TensorStore thread, which Python prints as an unraisable traceback after capsjax's
+  one-line error. Only that exact error, with no object attached, is dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_capsjax", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if (unraisable.object is None and isinstance(e, RuntimeError)
+        and str(e) == "Event loop is closed"):
+      logging.debug("ignored after a failed save: RuntimeError: Event loop is closed")
+      return
+    previous(unraisable)
+
+  hook._capsjax = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
-  """Orbax CheckpointManager for (model, optimizer) state plus JSON metadata."""
+  """Orbax CheckpointManager for (model, optimizer) state plus JSON metadata.
+
+  Every save records a sha256 content digest of each state entry in the meta JSON
+  (`DIGESTS`); every restore recomputes and compares it, so flipped bits in a checkpoint
+  file surface as `CheckpointReadError` instead of silently wrong parameters.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False,
                best_metric: str = "test_accuracy"):
     self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
     self._read_only = read_only
+    for logger in ("absl", "asyncio"):
+      std_logging.getLogger(logger).addFilter(_ORBAX_FILTER)   # idempotent.
+    _quiet_closed_loop_callbacks()
+    self._closed = True   # until the manager exists: close() then has nothing to release.
+    self._hung = False      # a wait timed out: Orbax's own (unbounded) waits are skipped.
+    self._failed = False    # a save failure was raised: close() does not raise it again.
+    self._in_flight = None  # the step of the latest save started, for messages.
+    if not read_only:
+      with self._save_errors(None):
+        self._check_writable()
     for path in incomplete_checkpoints(self.directory):
       logging.warning("ignoring incomplete checkpoint %s (a save that was interrupted)%s",
                       path, "" if read_only else "; removing it")
+      if not read_only and jax.process_index() == 0:
+        # Removed here rather than by Orbax's cleanup_tmp_directories, which runs in a
+        # thread that nothing waits for: a run that fails right after opening its
+        # checkpoints (a bad init_from) then dies with that thread's traceback at exit.
+        shutil.rmtree(path, ignore_errors=True)
     policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
     # The metric that picks the kept "best" checkpoint: 'val_accuracy' when the run holds
     # out a validation split. Steps saved without it (mid-epoch stops) are never best.
@@ -122,10 +335,24 @@ class Checkpointer:
         best_fn=best, best_mode="max",
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=("state", "meta"))
+        cleanup_tmp_directories=False,
+        # Creating the step's directories in `save` itself makes an unwritable directory
+        # fail there, at once. Created in the background, a failure leaves Orbax threads
+        # waiting for a "directory created" signal that never comes: the process then
+        # hangs for minutes at exit.
+        async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_S,
+                                       create_directories_asynchronously=False))
+    with self._save_errors(None):
+      self._mngr = _Manager(self.directory, options=options, item_names=("state", "meta"))
     self._closed = False
+
+  def _check_writable(self) -> None:
+    """Creates and removes a file in the directory: an unwritable one fails now, not at
+    the first save an epoch later."""
+    os.makedirs(self.directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".capsjax-write-test-", dir=self.directory)
+    os.close(fd)
+    os.remove(probe)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -137,56 +364,138 @@ class Checkpointer:
     return self._mngr.best_step()
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> bool:
-    """Starts an asynchronous save of `state` (any pytree of arrays) with JSON `meta`."""
+    """Starts an asynchronous save of `state` (any pytree of arrays) with JSON `meta`.
+
+    The content digests are computed here, from the arrays as they are now: the save
+    itself finishes in the background, after the training loop has moved on.
+
+    Raises:
+      CheckpointSaveError: the directory cannot be written (read-only, permissions, disk
+        full), also for an earlier asynchronous save that failed since.
+    """
     meta = dict(meta, step=int(step), param_shapes=_param_shapes(state))
+    meta[DIGESTS] = dict(content_digests(state), meta=_meta_digest(meta))
+    # Orbax's save first waits for the previous one; doing that here (bounded) names the
+    # step that failed if it was the previous save.
+    with self._save_errors(self._in_flight):
+      self._wait_bounded()
     with self._save_errors(step):
-      return self._mngr.save(
+      saved = self._mngr.save(
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                         meta=ocp.args.JsonSave(meta)),
           metrics=metrics)
+    self._in_flight = step
+    return saved
 
   @contextlib.contextmanager
   def _save_errors(self, step):
-    """Turns an OSError of a (possibly earlier, asynchronous) save into one clear error."""
+    """Turns a storage failure of a (possibly earlier, asynchronous) save into one error."""
     try:
       yield
-    except OSError as e:
-      reason = ("the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                else f"{type(e).__name__}: {e}")
+    except errors.CapsjaxError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      failure = _save_failure(e)
+      if failure is None:
+        raise
+      reason, advice = failure
+      self._failed = True
       kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if (
           os.path.isdir(self.directory)) else []
+      what = "could not write checkpoint" + ("" if step is None else f" (step {step})")
+      earlier = (f"Earlier checkpoints are kept (steps {kept}); " if kept else
+                 "No checkpoint was written; ")
       raise errors.CheckpointSaveError(
-          f"could not write checkpoint (step {step}) in {self.directory}: {reason}. "
-          f"Earlier checkpoints are kept (steps {kept}); free space and rerun the same "
+          f"{what} in {self.directory}: {reason}. {earlier}{advice} and rerun the same "
           "command to resume from the latest") from e
 
   def read_meta(self, step: int) -> dict:
-    """The JSON metadata saved with `step`; CheckpointNotFoundError if there is none."""
+    """The JSON metadata saved with `step`.
+
+    Raises:
+      CheckpointNotFoundError: there is no checkpoint of `step`.
+      CheckpointReadError: its metadata cannot be read.
+    """
     steps = self.all_steps()
     if step not in steps:
       raise errors.CheckpointNotFoundError(
           f"{self.directory} holds no checkpoint of step {step}; its steps are {steps}")
-    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with self._read_errors(step):
+      meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta["meta"]
+      saved = (meta.get(DIGESTS) or {}).get("meta") if isinstance(meta, dict) else None
+      if saved is not None and saved != _meta_digest(meta):
+        raise _DigestMismatch("its metadata (meta/) does not match the digest saved with it: "
+                              "the file was changed or damaged after the save")
+      return meta
+
+  @contextlib.contextmanager
+  def _read_errors(self, step: int):
+    """Turns a failure to read checkpoint `step`'s files into CheckpointReadError."""
+    try:
+      yield
+    except errors.CapsjaxError:
+      raise
+    except _DigestMismatch as e:
+      raise errors.CheckpointReadError(
+          f"checkpoint {self.directory}/{step} is corrupt: {e}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore report damaged files as ValueError, KeyError, OSError, ...
+      raise errors.CheckpointReadError(
+          f"cannot read checkpoint {self.directory}/{step} ({_first_line(e)})") from e
+
+  def _verify(self, step: int, meta: dict, tree: Any) -> None:
+    """Compares the digests of the restored `tree` with those saved in `meta`.
+
+    Only the entries in `tree` are checked (a model-only restore has just entry 0).
+    Checkpoints saved before capsjax recorded digests pass unchecked.
+    """
+    saved = meta.get(DIGESTS)
+    if not saved:
+      logging.info("checkpoint %s/%d has no content digest (saved by an older capsjax); "
+                   "not verified", self.directory, step)
+      return
+    for entry, digest in content_digests(tree).items():
+      if saved.get(entry) is None or digest is None:
+        continue   # not digested at save (or now): sharded across processes.
+      if saved.get(entry) != digest:
+        raise _DigestMismatch(
+            f"the content digest of state entry {entry} is {digest[:12]}... but "
+            f"{str(saved.get(entry))[:12]}... was saved: its files were changed or "
+            "damaged after the save")
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores the state saved at `step` into the structure/shardings of `target`.
 
-    `target` may hold arrays or `jax.ShapeDtypeStruct`s; shapes are checked first so a
-    checkpoint of another architecture fails with the parameter's name.
+    Args:
+      step: a step in `all_steps()`.
+      target: a pytree of arrays or `jax.ShapeDtypeStruct`s; shapes are checked first so
+        a checkpoint of another architecture fails with the parameter's name.
+
+    Returns:
+      (state shaped like `target`, the checkpoint's meta).
+
+    Raises:
+      CheckpointNotFoundError: no checkpoint at `step`.
+      CheckpointMismatchError: another architecture.
+      CheckpointReadError: its files cannot be read, or its content digest does not match.
     """
     meta = self.read_meta(step)
     check_compatible(meta.get("param_shapes", {}), target,
                      source=os.path.join(self.directory, str(step)))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self._mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    with self._read_errors(step):
+      restored = self._mngr.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+      self._verify(step, meta, restored["state"])
     return restored["state"], meta
 
   def restore_params(self, step: int, target_params: Any) -> Any:
     """Restores only the model entry of the state saved at `step`, not the optimizer.
 
     Orbax reads just the arrays under state entry MODEL_ITEM (a partial restore), so a
-    model can be loaded without rebuilding the optimizer that trained it.
+    model can be loaded without rebuilding the optimizer that trained it. The model
+    entry's content digest is verified.
 
     Args:
       step: a step in `all_steps()`.
@@ -201,8 +510,10 @@ class Checkpointer:
       CheckpointNotFoundError: no checkpoint at `step`.
       CheckpointMismatchError: the checkpoint's model has other parameters or shapes; the
         message names the first one that differs.
+      CheckpointReadError: its files cannot be read, or the model's digest does not match.
     """
-    saved = self.read_meta(step).get("param_shapes", {})
+    meta = self.read_meta(step)
+    saved = meta.get("param_shapes", {})
     source = os.path.join(self.directory, str(step))
     prefix = f"{MODEL_ITEM}/"
     check_compatible({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)},
@@ -211,36 +522,66 @@ class Checkpointer:
     item = {MODEL_ITEM: jax.tree.map(_abstract_on_device, target_params)}
     # A checkpointer of its own: the manager has registered StandardRestore for 'state'
     # and refuses other restore arguments for that item.
-    with ocp.PyTreeCheckpointer() as reader:
+    with self._read_errors(step), ocp.PyTreeCheckpointer() as reader:
       restored = reader.restore(
           os.path.join(source, "state"),
           args=ocp.args.PyTreeRestore(
               item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))
+      self._verify(step, meta, {MODEL_ITEM: restored[MODEL_ITEM]})
     return restored[MODEL_ITEM]
 
   def restore_latest(self, target: Any) -> tuple[Any, dict, int] | None:
     """Restores the newest checkpoint that can be read: (state, meta, step), or None.
 
-    A checkpoint that cannot be read (e.g. damaged by a full disk) is skipped with a
-    warning in favour of the one before; one of another architecture raises.
+    A checkpoint that cannot be read or fails its content digest is skipped with a
+    warning in favour of the one before (see `first_readable`); one of another
+    architecture raises.
     """
-    steps = sorted(self.all_steps(), reverse=True)
+    found = self.first_readable(self.all_steps(), lambda step: self.restore(step, target))
+    if found is None:
+      return None
+    step, (state, meta) = found
+    return state, meta, step
+
+  def first_readable(self, steps: list[int], restore: Callable[[int], Any], *,
+                     advice: str = "; move the directory aside to start over"
+                     ) -> tuple[int, Any] | None:
+    """(step, restore(step)) for the newest of `steps` that restores, or None if no steps.
+
+    Training and `mode=eval` share this fallback. A step whose restore raises
+    CheckpointReadError (unreadable files, a content digest that does not match) is
+    skipped with a warning; a writable checkpointer then moves the skipped steps to
+    `checkpoints-unreadable/` (kept, never deleted). Other errors (another architecture,
+    a bad config) raise.
+
+    Args:
+      steps: candidate steps, in any order.
+      restore: reads one step; raises CheckpointReadError if it cannot.
+      advice: the end of the error when no step can be read.
+
+    Raises:
+      CheckpointReadError: none of `steps` can be read (a single step: its own error).
+    """
+    steps = sorted(steps, reverse=True)
     for i, step in enumerate(steps):
       try:
-        state, meta = self.restore(step, target)
-        if i and not self._read_only:
+        result = restore(step)
+      except errors.CheckpointReadError as e:
+        if len(steps) == 1:
+          raise
+        logging.warning("%s; trying the previous checkpoint", e)
+        continue
+      if i:
+        logging.warning("%s/%d is the newest readable checkpoint; unreadable: steps %s",
+                        self.directory, step, steps[:i])
+        if not self._read_only:
           self._set_aside(steps[:i])
-        return state, meta, step
-      except errors.CheckpointMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("cannot read checkpoint %s/%d (%s: %s); trying the previous one",
-                        self.directory, step, type(e).__name__, e)
+      return step, result
     if steps:  # Never silently start over next to checkpoints that exist.
       raise errors.CheckpointReadError(
           f"none of the checkpoints {sorted(steps)} in {self.directory} can be read (see the "
-          "warnings above); move the directory aside to start over")
+          f"warnings above){advice}")
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -262,18 +603,69 @@ class Checkpointer:
       multihost_utils.sync_global_devices("capsjax_checkpoints_set_aside")
     self._mngr.reload()
 
+  def _wait_bounded(self) -> None:
+    """`wait_until_finished`, but giving up after SAVE_TIMEOUT_S with CheckpointSaveError.
+
+    Orbax joins its save thread without a timeout; storage that stops answering would
+    hang the process, so the join runs in a daemon thread that this one waits for.
+    """
+    failure: list[BaseException] = []
+
+    def wait():
+      try:
+        self._mngr.wait_until_finished()
+      except BaseException as e:  # pylint: disable=broad-except
+        failure.append(e)
+
+    waiter = threading.Thread(target=wait, name="capsjax_wait_for_save", daemon=True)
+    waiter.start()
+    waiter.join(SAVE_TIMEOUT_S)
+    if waiter.is_alive():
+      self._hung = True
+      raise errors.CheckpointSaveError(
+          f"a checkpoint save in {self.directory} did not finish within {SAVE_TIMEOUT_S} s: "
+          "the storage is not responding. Earlier checkpoints are kept; rerun the same "
+          "command to resume from the latest")
+    if failure:
+      raise failure[0]
+
   def wait(self) -> None:
-    with self._save_errors(self.latest_step()):
-      self._mngr.wait_until_finished()
+    """Waits (bounded) for saves in flight; CheckpointSaveError if one failed."""
+    with self._save_errors(self._in_flight):
+      self._wait_bounded()
 
   def close(self) -> None:
-    """Waits for saves in flight, then releases the manager (idempotent)."""
+    """Waits (bounded) for saves in flight, then releases the manager (idempotent).
+
+    The manager is released even when a save failed, so that no Orbax thread outlives
+    the run; the failure is then raised as CheckpointSaveError.
+    """
     if self._closed:
       return
     self._closed = True
-    with self._save_errors(self.latest_step()):
-      self._mngr.wait_until_finished()
-    self._mngr.close()
+    self._failed_before_close = self._failed
+    try:
+      with self._save_errors(self._in_flight):
+        self._wait_bounded()
+    except errors.CheckpointSaveError as e:
+      if not self._failed_before_close:
+        raise
+      # The failure was raised already (by `save`); an exit path closing the manager
+      # must not report it a second time.
+      logging.info("checkpoint save failure, already reported: %s", e)
+    finally:
+      if not self._hung:  # Orbax's close() waits again, without a bound.
+        try:
+          self._mngr.close()
+        except Exception as e:  # pylint: disable=broad-except
+          # A failed save raises again here; it was reported above.
+          logging.info("while closing the checkpoint manager: %s", _first_line(e))
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def _abstract_on_device(x) -> jax.ShapeDtypeStruct:
@@ -299,11 +691,8 @@ def restore_params(path: str, step: int | None, target_params: Any) -> tuple[Any
   """
   workdir, found = find_checkpoint(path)
   step = found if step is None else int(step)
-  ckpt = Checkpointer(workdir, read_only=True)
-  try:
+  with Checkpointer(workdir, read_only=True) as ckpt:
     return ckpt.restore_params(step, target_params), step
-  finally:
-    ckpt.close()
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:
@@ -326,7 +715,10 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     raise errors.CheckpointNotFoundError(
         f"no checkpoints under {path}: expected a '{CKPT_DIR}/' directory written by "
         "`python -m capsjax.main`")
-  step = Checkpointer(workdir, read_only=True).latest_step()
+  # Closed at once: an Orbax manager left open can still be running a thread at
+  # interpreter exit, which then prints a traceback after the run's own error.
+  with Checkpointer(workdir, read_only=True) as ckpt:
+    step = ckpt.latest_step()
   if step is None:
     raise errors.CheckpointNotFoundError(f"{os.path.join(workdir, CKPT_DIR)} holds no complete checkpoint")
   return workdir, step

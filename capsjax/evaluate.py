@@ -5,12 +5,19 @@ The latest checkpoint of a workdir (or of `init_from`), or with
 come from the checkpoint's own metadata, so a command line that differs in a setting the
 parameter shapes cannot reveal (routing iterations, dtype) does not silently change what
 is evaluated.
+
+A latest checkpoint that cannot be read, or fails its content digest, falls back with a
+warning to the newest readable one before it (`Checkpointer.first_readable`, as a
+resumed training run does); nothing is moved aside, eval being read-only. A checkpoint
+named by its step (`init_from=.../checkpoints/<step>`) or the selected one is evaluated
+as it is or refused with `CheckpointReadError`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 from ml_collections import config_dict
@@ -76,22 +83,49 @@ def selected_step(ckpt: ckpt_lib.Checkpointer, step: int) -> int:
   return chosen
 
 
+def _names_a_step(path: str) -> bool:
+  """Whether `path` is one `checkpoints/<step>` directory (not a workdir)."""
+  path = os.path.abspath(os.path.expanduser(path)).rstrip("/")
+  return (os.path.basename(path).isdigit()
+          and os.path.basename(os.path.dirname(path)) == ckpt_lib.CKPT_DIR)
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   """`mode=eval`: evaluates a checkpoint of `workdir` (or `init_from`) on test.
 
   The latest one, or with `eval_checkpoint='selected'` the one of the selected epoch. The
   model and dataset come from the checkpoint's metadata (see _with_checkpoint_model).
+  The latest checkpoint falls back, with a warning, to the newest one before it that
+  can be read and passes its content digest, as a resumed training run does; a
+  checkpoint named by its step, or the selected one, is evaluated or refused as it is.
+
+  Raises:
+    CheckpointNotFoundError: no checkpoint there (or the selected one was not kept).
+    CheckpointReadError: the checkpoint (every candidate) cannot be read or is corrupt.
   """
   source = config.init_from or workdir
   src_dir, src_step = ckpt_lib.find_checkpoint(source)
-  src = ckpt_lib.Checkpointer(src_dir, read_only=True)
-  if config.eval_checkpoint == "selected":
-    src_step = selected_step(src, src_step)
-  meta = src.read_meta(src_step)
-  config = _with_checkpoint_model(config, meta, f"{src.directory}/{src_step}")
+  # Closed on every path: an open Orbax manager can leave a thread that prints a
+  # traceback at interpreter exit, after the one-line error.
+  with ckpt_lib.Checkpointer(src_dir, read_only=True) as src:
+    if config.eval_checkpoint == "selected":
+      candidates = [selected_step(src, src_step)]
+    elif _names_a_step(source):
+      candidates = [src_step]
+    else:
+      candidates = [s for s in src.all_steps() if s <= src_step]
+
+    def restore(step):
+      meta = src.read_meta(step)
+      step_config = _with_checkpoint_model(config, meta, f"{src.directory}/{step}")
+      spe = meta.get("steps_per_epoch", 1)
+      info, mesh, graphdef, state, _, _ = train.setup(step_config, spe)
+      state, _ = src.restore(step, state)
+      return step_config, meta, info, mesh, graphdef, state
+
+    src_step, (config, meta, info, mesh, graphdef, state) = src.first_readable(
+        candidates, restore, advice="")
   test_images, test_labels = train.load_data(config, "test", config.eval_examples)
-  info, mesh, graphdef, state, _, _ = train.setup(config, meta.get("steps_per_epoch", 1))
-  state, _ = src.restore(src_step, state)
   state = parallel.replicate(state, mesh)
   _, eval_fn = steps_lib.make_steps(graphdef, config, meta.get("steps_per_epoch", 1), mesh)
   result = steps_lib.evaluate(eval_fn, state, test_images, test_labels,

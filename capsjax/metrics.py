@@ -9,11 +9,17 @@ Files a run writes into its workdir (only process 0 writes):
                      rate, seconds and images/s (as Keras' CSVLogger)
   tensorboard/       TensorBoard event files (`tensorboard --logdir WORKDIR/tensorboard`)
   plots/curves.png   accuracy and loss curves, redrawn after every epoch
+
+A CSV or TensorBoard file that cannot be written (disk full, read-only, permissions)
+stops the run with `WorkdirError`, since the run's record would have a gap; the plot is
+not essential, so `plot_curves` only warns and training goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import math
 import os
 import time
@@ -24,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from capsjax import errors
+
 CSV_NAME = "metrics.csv"
 CSV_FIELDS = ("step", "epoch", "split", "loss", "margin_loss", "recon_loss", "accuracy",
               "learning_rate", "grad_norm", "images_per_s", "wall_s")
@@ -33,6 +41,23 @@ EPOCH_FIELDS = ("epoch", "step", *(f"train_{k}" for k in _TERMS),
                 *(f"val_{k}" for k in _TERMS), *(f"test_{k}" for k in _TERMS),
                 "selected_epoch", "selected_test_accuracy", "learning_rate", "train_steps",
                 "seconds", "images_per_s")
+
+
+def _reason(e: OSError) -> str:
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return "the disk is full"
+  return os.strerror(e.errno).lower() if e.errno else str(e)
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+  """Turns an OSError while writing the run's record at `path` into one WorkdirError."""
+  try:
+    yield
+  except OSError as e:
+    raise errors.WorkdirError(
+        f"could not write {path}: {_reason(e)}. Checkpoints already saved are kept; fix "
+        "that (e.g. free space) and rerun the same command to resume from the latest") from e
 
 
 def accuracy(lengths: jax.Array, labels: jax.Array) -> jax.Array:
@@ -75,15 +100,16 @@ class MetricWriter:
     self._wall_offset = 0.0
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    with _writing(workdir):
+      os.makedirs(workdir, exist_ok=True)
     if resume_step is not None:
       truncate_csv(self.path, resume_step)
       truncate_csv(self.epoch_path, resume_step, EPOCH_FIELDS)
     if not os.path.exists(self.epoch_path):
-      with open(self.epoch_path, "w", newline="") as f:
+      with _writing(self.epoch_path), open(self.epoch_path, "w", newline="") as f:
         csv.DictWriter(f, EPOCH_FIELDS).writeheader()
     if not os.path.exists(self.path):
-      with open(self.path, "w", newline="") as f:
+      with _writing(self.path), open(self.path, "w", newline="") as f:
         csv.DictWriter(f, CSV_FIELDS).writeheader()
     else:
       walls = [float(r["wall_s"]) for r in read_csv(self.path) if r.get("wall_s")]
@@ -100,12 +126,13 @@ class MetricWriter:
     values = {"wall_s": self._wall_offset + time.time() - self._t0, **values}
     row = {"step": step, "epoch": f"{epoch:.4f}", "split": split}
     row.update({k: f"{float(v):.6g}" for k, v in values.items() if k in CSV_FIELDS})
-    with open(self.path, "a", newline="") as f:
+    with _writing(self.path), open(self.path, "a", newline="") as f:
       csv.DictWriter(f, CSV_FIELDS).writerow(row)
     if self._tb is not None:
-      for k, v in values.items():
-        self._tb.add_scalar(f"{split}/{k}", float(v), step)
-      self._tb.flush()
+      with _writing(os.path.dirname(self.path) + "/tensorboard"):
+        for k, v in values.items():
+          self._tb.add_scalar(f"{split}/{k}", float(v), step)
+        self._tb.flush()
 
   def write_epoch(self, epoch: int, step: int, train: Mapping[str, float],
                   test: Mapping[str, float], *, seconds: float, images: int,
@@ -130,7 +157,7 @@ class MetricWriter:
     if selected is not None:
       row["selected_epoch"] = selected[0]
       row["selected_test_accuracy"] = f"{selected[1]:.6g}"
-    with open(self.epoch_path, "a", newline="") as f:
+    with _writing(self.epoch_path), open(self.epoch_path, "a", newline="") as f:
       csv.DictWriter(f, EPOCH_FIELDS).writerow(row)
 
   def close(self) -> None:
@@ -155,11 +182,12 @@ def truncate_csv(path: str, max_step: int, fields: Sequence[str] = CSV_FIELDS) -
     return
   kept = [{k: v for k, v in r.items() if k in fields} for r in kept]
   tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fields)
-    w.writeheader()
-    w.writerows(kept)
-  os.replace(tmp, path)
+  with _writing(path):
+    with open(tmp, "w", newline="") as f:
+      w = csv.DictWriter(f, fields)
+      w.writeheader()
+      w.writerows(kept)
+    os.replace(tmp, path)
 
 
 def select(history: Sequence[Mapping[str, float]], on: str) -> Mapping[str, float] | None:
@@ -243,8 +271,12 @@ def _series(rows: Iterable[Mapping[str, str]], split: str, key: str):
   return np.array(xs), np.array(ys)
 
 
-def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str:
-  """Draws accuracy and loss vs epoch (train, val, test) from metrics.csv into a PNG."""
+def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str | None:
+  """Draws accuracy and loss vs epoch (train, val, test) from metrics.csv into a PNG.
+
+  Returns `out_path`, or None (with a warning) if the file cannot be written: a plot
+  is redrawn from metrics.csv at any time, so it never stops a run.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -267,9 +299,15 @@ def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
+  try:
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+  except OSError as e:
+    logging.warning("could not write the plot %s (%s); continuing without it", out_path,
+                    _reason(e))
+    return None
+  finally:
+    plt.close(fig)
   return out_path
 
 

@@ -132,8 +132,8 @@ def restore_or_init(config, workdir: str, ckpt: ckpt_lib.Checkpointer, state):
     return state, step, meta
   if config.init_from:
     src_dir, src_step = ckpt_lib.find_checkpoint(config.init_from)
-    src = ckpt_lib.Checkpointer(src_dir, read_only=True)
-    restored, _ = src.restore(src_step, state)
+    with ckpt_lib.Checkpointer(src_dir, read_only=True) as src:
+      restored, _ = src.restore(src_step, state)
     # Only the weights: the optimizer (step count, moments) starts fresh.
     state = nnx.State({0: restored[0], 1: state[1]})
     logging.info("initialised weights from %s step %d", src.directory, src_step)

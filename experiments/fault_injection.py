@@ -1,13 +1,26 @@
-"""Fault injection: SIGKILL a `:smoke` run at random moments, resume it, compare.
+"""Fault injection: SIGKILL a `:smoke` run at random moments, resume it, compare; or
+damage its checkpoint files and check that no resume uses the damaged data (--corrupt).
 
   python -m experiments.fault_injection --n=5
   python -m experiments.fault_injection --n=3 --mock_examples=96   # TFDS mock data, no files
+  python -m experiments.fault_injection --corrupt --trials=50
+  python -m experiments.fault_injection --corrupt --trials=50 --mock_examples=48 \
+      --override=--config.dataset=mnist --override=--config.train_examples=32
 
 Runs one uninterrupted reference run, then N runs that are each killed with SIGKILL at
 a random moment of their training phase (mid-step, mid-epoch, mid-save, or after the
 end) and rerun with the same command until they finish. The final parameters of every
 resumed run must be bit-identical (CPU) to the reference. Prints
 "N resumes, 0 divergences"; exits 1 on any divergence.
+
+--corrupt trains one reference run of the config (or takes a finished one,
+--workdir), then in each of N trials XORs 1 to 5 random bytes of one random checkpoint
+file (array data, tree metadata, the meta JSON, manifests) in a copy, and restores the
+copy as a resumed run does (`Checkpointer.restore_latest`). It prints "N trials, 0
+silent resumes from corrupt data" with the count of each outcome (unaffected, detected
+and fell back to an earlier step, refused, other errors); it exits 1 on a silent resume
+(restored arrays or meta that differ from those saved at that step, without a warning)
+or a deleted step.
 
 The module is also the test harness's child process:
   python -m experiments.fault_injection child <capsjax.main flags>
@@ -27,6 +40,8 @@ plumbing only; capsjax itself has no hooks):
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import os
 import random
 import shutil
@@ -247,10 +262,178 @@ def run(n: int, *, seed: int = 0, config: str = "configs/fashion.py:smoke",
   return divergences
 
 
+# ----------------------------------------------------------------------------------------
+# Corruption trials (--corrupt).
+# ----------------------------------------------------------------------------------------
+def flip_bytes(path: str, rng: random.Random, count: int) -> list[int]:
+  """XORs `count` random bytes of the file at `path` with random non-zero masks."""
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    if not data:
+      return []
+    offsets = sorted(rng.randrange(len(data)) for _ in range(count))
+    for o in offsets:
+      data[o] ^= rng.randrange(1, 256)
+    f.seek(0)
+    f.write(data)
+  return offsets
+
+
+def _checkpoint_files(workdir: str) -> list[str]:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  return sorted(os.path.join(r, n) for r, _, names in os.walk(ckpt_dir) for n in names
+                if n != "commit_success.txt" and os.path.getsize(os.path.join(r, n)))
+
+
+def _step_dirs(workdir: str) -> list[str]:
+  """'checkpoints/8', 'checkpoints-unreadable/8', ...: every step directory, wherever."""
+  out = []
+  for sub in ("checkpoints", "checkpoints-unreadable"):
+    d = os.path.join(workdir, sub)
+    if os.path.isdir(d):
+      out += [f"{sub}/{n}" for n in os.listdir(d) if n.split("-")[0].isdigit()]
+  return sorted(out)
+
+
+class _Warnings:
+  """Collects the WARNING records of absl logging while it is active."""
+
+  def __enter__(self):
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+    self.records = []
+    self._handler = std_logging.Handler(level=std_logging.WARNING)
+    self._handler.emit = lambda r: self.records.append(r.getMessage())
+    self._logger = std_logging.getLogger("absl")
+    self._logger.addHandler(self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    self._logger.removeHandler(self._handler)
+
+
+def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None = None,
+                   files: str = "*", verbose: bool = True) -> dict[str, int]:
+  """Damages copies of a finished run's checkpoints and restores them as a resume does.
+
+  Each trial copies `workdir`, XORs 1 to 5 random bytes of one random checkpoint file
+  (array data, tree metadata, the meta JSON, manifests: every non-empty file of every
+  step) and calls `Checkpointer.restore_latest`, which training and `mode=eval` use. The
+  restored state and meta are compared with those saved at the step it reports.
+
+  Outcomes: 'unaffected' (restored and identical: the bytes were not read, or not from
+  the newest step), 'fell_back' (a warning, then an identical earlier step), 'refused'
+  (CheckpointReadError: no readable step left), 'silent' (restored, different from what
+  was saved at that step: the failure this guards against), 'crash' (any other
+  exception), 'deleted' (a step directory vanished instead of being set aside).
+
+  Args:
+    workdir: a finished run (with its config.json), left untouched.
+    trials: how many damaged copies to restore.
+    seed: of the file and byte choices.
+    root: where the copies go (each is removed after its trial).
+    files: only damage files whose path under `workdir` matches this glob.
+    verbose: print one line per trial.
+
+  Returns:
+    {outcome: count}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from capsjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+  from capsjax import train  # pylint: disable=g-import-not-at-top
+
+  rng = random.Random(seed)
+  say = print if verbose else (lambda *a, **k: None)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = config_dict.ConfigDict(json.load(f))
+  clean = ckpt_lib.Checkpointer(workdir, read_only=True)
+  with clean:
+    steps = clean.all_steps()
+    meta = clean.read_meta(steps[-1])
+    target = train.setup(config, meta["steps_per_epoch"])[3]
+    saved = {}
+    for step in steps:
+      state, step_meta = clean.restore(step, target)
+      saved[step] = (jax.device_get(state), step_meta)
+  root = root or tempfile.mkdtemp(prefix="capsjax_corrupt_")
+  files = [n for n in (os.path.relpath(p, workdir) for p in _checkpoint_files(workdir))
+           if fnmatch.fnmatch(n, files)]
+  counts = {k: 0 for k in ("unaffected", "fell_back", "refused", "silent", "crash",
+                           "deleted")}
+  for i in range(trials):
+    copy = os.path.join(root, f"trial{i}")
+    shutil.copytree(workdir, copy)
+    name = rng.choice(files)
+    offsets = flip_bytes(os.path.join(copy, name), rng, rng.randint(1, 5))
+    before = len(_step_dirs(copy))
+    with _Warnings() as warned:
+      try:
+        with ckpt_lib.Checkpointer(copy) as ckpt:
+          state, step_meta, step = ckpt.restore_latest(target)
+        state = jax.device_get(state)
+        ref_state, ref_meta = saved[step]
+        same = step_meta == ref_meta and all(
+            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+            zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)))
+        outcome = ("silent" if not same else
+                   "fell_back" if step != steps[-1] else "unaffected")
+        detail = f"restored step {step}"
+      except errors.CheckpointReadError as e:
+        outcome, detail = "refused", str(e)[:120]
+      except Exception as e:  # pylint: disable=broad-except
+        outcome, detail = "crash", f"{type(e).__name__}: {str(e)[:120]}"
+    if outcome == "fell_back" and not warned.records:
+      outcome = "silent"   # an earlier step, without saying so.
+    if outcome != "silent" and len(_step_dirs(copy)) != before:
+      outcome = "deleted"
+    counts[outcome] += 1
+    say(f"trial {i}: {name} bytes {offsets} -> {outcome} ({detail}; "
+        f"{len(warned.records)} warning(s))")
+    shutil.rmtree(copy, ignore_errors=True)
+  print(f"{trials} trials, {counts['silent']} silent resumes from corrupt data "
+        f"(unaffected {counts['unaffected']}, detected and fell back {counts['fell_back']}, "
+        f"refused {counts['refused']}, other errors {counts['crash']}, "
+        f"deleted {counts['deleted']})", flush=True)
+  return counts
+
+
+def run_corrupt(trials: int, *, seed: int = 0, config: str = "configs/fashion.py:smoke",
+                overrides: tuple[str, ...] = (), mock_examples: int = 0,
+                root: str | None = None, workdir: str | None = None, files: str = "*",
+                verbose: bool = True) -> dict[str, int]:
+  """`--corrupt`: trains a reference run (unless `workdir` is given), then corrupt_trials."""
+  root = root or tempfile.mkdtemp(prefix="capsjax_corrupt_")
+  os.makedirs(root, exist_ok=True)
+  if workdir is None:
+    workdir = os.path.join(root, "ref")
+    env = child_env(devices=1, cache_dir=os.path.join(root, "jax_cache"),
+                    **({"mock_examples": mock_examples} if mock_examples else {}))
+    if start(child_cmd(config, workdir, *overrides), env,
+             os.path.join(root, "ref.log")).wait() != 0:
+      raise RuntimeError(f"reference run failed; see {root}/ref.log")
+  data = contextlib.nullcontext()
+  if mock_examples:  # the target is built from the dataset's info, as in the run.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    data = tfds.testing.mock_data(num_examples=mock_examples,
+                                  policy=tfds.testing.MockPolicy.USE_CODE)
+  with data:
+    return corrupt_trials(workdir, trials, seed=seed, root=os.path.join(root, "trials"),
+                          files=files, verbose=verbose)
+
+
 def main(argv=None):
   import argparse  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--n", type=int, default=3, help="number of random kill points")
+  p.add_argument("--corrupt", action="store_true",
+                 help="flip random bytes in random checkpoint files instead of killing runs")
+  p.add_argument("--trials", type=int, default=20, help="--corrupt: number of trials")
+  p.add_argument("--files", default="*",
+                 help="--corrupt: damage only files matching this glob, e.g. "
+                      "'checkpoints/*/state/ocdbt.process_0/d/*' (the arrays)")
+  p.add_argument("--workdir", default=None,
+                 help="--corrupt: a finished run to damage copies of (default: train one)")
   p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
   p.add_argument("--config", default="configs/fashion.py:smoke")
   p.add_argument("--mock_examples", type=int, default=0,
@@ -263,8 +446,14 @@ def main(argv=None):
   args = p.parse_args(argv)
   root = args.root or tempfile.mkdtemp(prefix="capsjax_faults_")
   try:
-    bad = run(args.n, seed=args.seed, config=args.config, overrides=tuple(args.override),
-              mock_examples=args.mock_examples, root=root)
+    if args.corrupt:
+      counts = run_corrupt(args.trials, seed=args.seed, config=args.config,
+                           overrides=tuple(args.override), mock_examples=args.mock_examples,
+                           root=root, workdir=args.workdir, files=args.files)
+      bad = counts["silent"] + counts["deleted"]
+    else:
+      bad = run(args.n, seed=args.seed, config=args.config, overrides=tuple(args.override),
+                mock_examples=args.mock_examples, root=root)
   finally:
     if not args.keep and not args.root:
       shutil.rmtree(root, ignore_errors=True)

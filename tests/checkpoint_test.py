@@ -1,11 +1,13 @@
-"""Checkpoint safety: resume, fallback, disk full, non-finite losses, the kept best, and
-the model-only restore.
+"""Checkpoint safety: resume, fallback, disk full, non-finite losses, the kept best, the
+model-only restore, and integrity: content digests that catch flipped bytes, the fallback
+training and `mode=eval` share, read-only or full checkpoint storage.
 
 Runs in-process on TFDS mock MNIST with the `:smoke` config (4 steps per epoch).
 """
 
 import errno
 import os
+import re
 import shutil
 
 import jax
@@ -191,3 +193,251 @@ def test_restore_params_of_a_training_run_and_mismatch(src):
   with pytest.raises(errors.CheckpointMismatchError,
                      match="has parameters this model lacks, e.g. decoder/layers/0/bias"):
     ckpt_lib.restore_params(src, None, no_decoder)
+
+
+# ----------------------------------------------------------------------------------------
+# Integrity: content digests, the shared fallback, storage failures (issue 17).
+# ----------------------------------------------------------------------------------------
+def _largest_array_file(workdir, step):
+  d = os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d")
+  return max((os.path.join(d, n) for n in os.listdir(d)), key=os.path.getsize)
+
+
+def _flip(path, offsets=(500_000, 600_000, 700_000)):
+  """Inverts the bytes at `offsets` (the issue's repro: damage no format check notices)."""
+  with open(path, "r+b") as f:
+    for offset in offsets:
+      f.seek(offset)
+      byte = f.read(1)
+      f.seek(offset)
+      f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _corrupt_copy(src, tmp_path, name="corrupt"):
+  workdir = _copy(src, tmp_path / name)
+  _flip(_largest_array_file(workdir, 8))
+  return workdir
+
+
+def _full_state():
+  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return steps_lib.create_model_and_optimizer(
+      _config(), input_pipeline.dataset_info("mnist"), 4, jax.random.key(0))[1]
+
+
+def _latest(workdir):
+  with ckpt_lib.Checkpointer(workdir, read_only=True) as ckpt:
+    state, _, step = ckpt.restore_latest(_full_state())
+  return jax.device_get(state), step
+
+
+def test_content_digest_depends_on_values_only():
+  state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.int32(3)}}
+  digests = ckpt_lib.content_digests(state)
+  assert set(digests) == {"a", "b"}
+  # The same values on a device, or flattened in another order, digest the same.
+  assert ckpt_lib.content_digests(jax.device_put(state)) == digests
+  assert ckpt_lib.content_digests({"b": state["b"], "a": state["a"]}) == digests
+  changed = dict(state, a=state["a"].copy())
+  changed["a"][1, 2] = np.nextafter(changed["a"][1, 2], np.float32(9))  # one ulp
+  assert ckpt_lib.content_digests(changed)["a"] != digests["a"]
+  assert ckpt_lib.content_digests(changed)["b"] == digests["b"]
+  assert ckpt_lib.content_digests({"a": state["a"].astype(np.int32), "b": state["b"]}) != digests
+
+
+def test_flipped_bytes_are_detected_and_training_resumes_from_the_previous_step(
+    tmp_path, src, caplog):
+  # The issue's repro: 3 bytes of the largest array file of step 8 inverted, then one
+  # more epoch. Before digests this resumed at step 8 from a decoder entry off by 1e28.
+  corrupt = _corrupt_copy(src, tmp_path)
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(_config(num_epochs=3), corrupt)
+  assert re.search(r"checkpoint .*/checkpoints/8 is corrupt: the content digest of state "
+                   r"entry \d is [0-9a-f]{12}\.\.\. but [0-9a-f]{12}\.\.\. was saved",
+                   caplog.text), caplog.text
+  assert re.search(r"resumed from .*/checkpoints at step 4\b", caplog.text)
+  # Set aside, not deleted: the damaged step stays for inspection.
+  assert os.path.isdir(os.path.join(corrupt, "checkpoints-unreadable", "8"))
+  # The result is that of a clean run resumed from step 4.
+  clean = _copy(src, tmp_path / "clean")
+  shutil.rmtree(os.path.join(clean, "checkpoints", "8"))
+  train.train_and_evaluate(_config(num_epochs=3), clean)
+  (got, got_step), (want, want_step) = _latest(corrupt), _latest(clean)
+  assert got_step == want_step == 12
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def _model_corrupt_copy(src, tmp_path):
+  """A copy of `src` whose step 8 has one flipped byte inside the model's arrays.
+
+  Orbax's file layout varies from save to save (arrays are written concurrently), so
+  the byte is searched for: the first of a few evenly spaced offsets of the array files
+  that a full restore reports as a digest mismatch of entry 0.
+  """
+  d = os.path.dirname(_largest_array_file(src, 8))
+  names = sorted(os.listdir(d), key=lambda n: -os.path.getsize(os.path.join(d, n)))
+  for name in names[:2]:
+    size = os.path.getsize(os.path.join(d, name))
+    for k in range(1, 20):
+      workdir = _copy(src, tmp_path / f"{name[:8]}_{k}")
+      _flip(os.path.join(os.path.dirname(_largest_array_file(workdir, 8)), name),
+            [size * k // 20])
+      try:
+        with ckpt_lib.Checkpointer(workdir, read_only=True) as ckpt:
+          ckpt.restore(8, _full_state())
+      except errors.CheckpointReadError as e:
+        if "content digest of state entry 0 " in str(e):
+          return workdir
+      shutil.rmtree(workdir)
+  pytest.fail("no flipped byte of the array files was reported as damage to the model")
+
+
+def test_restore_params_verifies_the_model_digest(tmp_path, src):
+  corrupt = _model_corrupt_copy(src, tmp_path)
+  _, target = nnx.split(_smoke_model(jax.random.key(0)))
+  with pytest.raises(errors.CheckpointReadError,
+                     match=r"checkpoints/8 is corrupt: the content digest of state entry 0 "):
+    ckpt_lib.restore_params(corrupt, 8, target)
+  _, step = ckpt_lib.restore_params(corrupt, 4, target)   # an intact step still loads.
+  assert step == 4
+
+
+def test_a_damaged_meta_json_is_detected(tmp_path, src):
+  workdir = _copy(src, tmp_path)
+  path = os.path.join(workdir, "checkpoints", "8", "meta", "metadata")
+  with open(path) as f:
+    text = f.read()
+  # Still valid JSON, different content: only the digest can tell.
+  with open(path, "w") as f:
+    f.write(text.replace('"steps_per_epoch": 4', '"steps_per_epoch": 5'))
+  with pytest.raises(errors.CheckpointReadError,
+                     match=r"checkpoints/8 is corrupt: its metadata \(meta/\) does not match"):
+    ckpt_lib.Checkpointer(workdir, read_only=True).read_meta(8)
+  assert _latest(workdir)[1] == 4
+
+
+@pytest.mark.parametrize("damage", ["flipped", "removed"])
+def test_eval_falls_back_to_the_previous_readable_checkpoint(tmp_path, src, caplog, damage):
+  # mode=eval shares training's fallback; being read-only, it moves nothing aside.
+  if damage == "flipped":
+    workdir = _corrupt_copy(src, tmp_path)
+    reason = "is corrupt: the content digest"
+  else:   # unreadable: TensorStore's error, a traceback before
+    workdir = _copy(src, tmp_path)
+    for name in os.listdir(d := os.path.dirname(_largest_array_file(workdir, 8))):
+      os.remove(os.path.join(d, name))
+    reason = "cannot read checkpoint"
+  with caplog.at_level("WARNING"):
+    result = train.train_and_evaluate(_config(mode="eval"), workdir)
+  assert result["step"] == 4
+  assert reason in caplog.text and "checkpoints/4 is the newest readable" in caplog.text
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
+  assert not os.path.exists(os.path.join(workdir, "checkpoints-unreadable"))
+  # A checkpoint named by its step is evaluated as it is, or refused: no fallback.
+  with pytest.raises(errors.CheckpointReadError, match=r"checkpoints/8"):
+    train.train_and_evaluate(
+        _config(mode="eval", init_from=os.path.join(workdir, "checkpoints", "8")),
+        str(tmp_path / "other"))
+
+
+def test_tensorstore_disk_full_says_the_disk_is_full(tmp_path, src, monkeypatch):
+  # TensorStore reports ENOSPC as ValueError('RESOURCE_EXHAUSTED: ...'), not OSError.
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  workdir = _copy(src, tmp_path)
+  orig = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    if self._final_path.name == "12":  # pylint: disable=protected-access
+      raise ValueError(
+          'RESOURCE_EXHAUSTED: Error writing "0.conv1.bias.value/0" in OCDBT database at '
+          'local file "12.orbax-checkpoint-tmp/state/": Failed to write 287463 bytes to '
+          "file 11: No space left on device [os_error_code='28']")
+    return await orig(self)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  with pytest.raises(errors.CheckpointSaveError,
+                     match=r"could not write checkpoint \(step 12\) in .*: the disk is full. "
+                           r"Earlier checkpoints are kept \(steps \[4, 8\]\); free space"):
+    train.train_and_evaluate(_config(num_epochs=3), workdir)
+
+
+@pytest.mark.parametrize("code,reason,advice", [
+    (errno.EROFS, "the file system is read-only", "make it writable"),
+    (errno.EACCES, "permission denied", "give this user write permission"),
+])
+def test_unwritable_checkpoints_fail_before_training_with_the_right_advice(
+    tmp_path, mock, monkeypatch, code, reason, advice):
+  # Root ignores file permissions, so the refusal is simulated at the system calls that
+  # create files and directories under checkpoints/ (as a read-only mount refuses them).
+  del mock
+  workdir = str(tmp_path / "run")
+  guarded = os.path.join(workdir, "checkpoints")
+  orig_mkdir, orig_open = os.mkdir, os.open
+
+  def refused(path):
+    return os.path.abspath(os.fspath(path)).startswith(guarded) and not os.path.exists(path)
+
+  def mkdir(path, *args, **kwargs):
+    if refused(path) and os.path.exists(os.path.dirname(os.path.abspath(path))):
+      raise OSError(code, os.strerror(code), path)
+    return orig_mkdir(path, *args, **kwargs)
+
+  def open_(path, flags, *args, **kwargs):
+    if flags & os.O_CREAT and refused(path):
+      raise OSError(code, os.strerror(code), path)
+    return orig_open(path, flags, *args, **kwargs)
+
+  os.makedirs(guarded)
+  monkeypatch.setattr(os, "mkdir", mkdir)
+  monkeypatch.setattr(os, "open", open_)
+  with pytest.raises(errors.CheckpointSaveError) as e:
+    train.train_and_evaluate(_config(num_epochs=1), workdir)
+  message = str(e.value)
+  assert f"could not write checkpoint in {guarded}: {reason}. " in message, message
+  assert advice in message and "free space" not in message, message
+  # It failed on opening the directory, before an epoch was spent training.
+  assert not os.path.exists(os.path.join(workdir, "metrics.csv"))
+
+
+def test_corruption_trials_find_no_silent_resume(tmp_path, src, capsys):
+  # experiments/fault_injection.py --corrupt, on this module's finished run: random bytes
+  # of random checkpoint files, each trial restored as a resume does.
+  from experiments import fault_injection as fi  # pylint: disable=g-import-not-at-top
+  counts = fi.corrupt_trials(src, 8, seed=3, root=str(tmp_path), verbose=False)
+  assert counts["silent"] == counts["deleted"] == 0, counts
+  assert sum(counts.values()) == 8
+  assert "8 trials, 0 silent resumes from corrupt data" in capsys.readouterr().out
+
+
+def test_corruption_trials_see_silent_resumes_when_digests_are_not_checked(
+    tmp_path, src, monkeypatch):
+  # The script's own check: with verification off, damaged array bytes are restored
+  # silently (the behaviour before digests), and the trials count them.
+  from experiments import fault_injection as fi  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "_verify", lambda *args: None)
+  largest = os.path.relpath(_largest_array_file(src, 8), src)
+  counts = fi.corrupt_trials(src, 3, seed=0, root=str(tmp_path), files=largest,
+                             verbose=False)
+  assert counts["silent"] >= 1, counts
+
+
+def test_a_damaged_metrics_file_is_ignored_and_the_checkpoint_still_restores(
+    tmp_path, src, caplog):
+  # Found by the corruption trials: Orbax parses every step's metrics/metrics when it
+  # opens the directory, so one bad byte there was a JSONDecodeError traceback.
+  workdir = _copy(src, tmp_path)
+  path = os.path.join(workdir, "checkpoints", "8", "metrics", "metrics")
+  with open(path, "r+b") as f:
+    f.seek(1)
+    f.write(b"\xff")
+  with caplog.at_level("WARNING"):
+    assert _latest(workdir)[1] == 8   # read-only: eval, figures
+    with ckpt_lib.Checkpointer(workdir) as ckpt:   # writable: a resuming run
+      _, _, step = ckpt.restore_latest(_full_state())
+  assert step == 8
+  assert re.search(r"ignoring the damaged metrics file of checkpoint .*/checkpoints/8 "
+                   r"\(UnicodeDecodeError", caplog.text), caplog.text
+  assert os.path.exists(path)   # left where it is
+  # Training goes on from it.
+  summary = train.train_and_evaluate(_config(num_epochs=3), workdir)
+  assert summary["step"] == 12

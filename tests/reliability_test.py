@@ -137,3 +137,12 @@ def test_fault_injection_script_reports_no_divergence(tmp_path, capfd):
 def test_preempted_exit_code_is_documented():
   from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
   assert "75  preempted" in main_lib.__doc__
+
+
+@pytest.mark.slow
+def test_corruption_script_reports_no_silent_resume(tmp_path, capfd):
+  # The command line of `--corrupt`: trains its own reference run, then the trials.
+  counts = fi.run_corrupt(5, seed=2, config=CONFIG, overrides=OVERRIDES[:2],
+                          mock_examples=48, root=str(tmp_path), verbose=True)
+  assert counts["silent"] == 0, counts
+  assert "5 trials, 0 silent resumes from corrupt data" in capfd.readouterr().out
