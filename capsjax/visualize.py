@@ -334,8 +334,10 @@ def make_figures(workdir: str, *, checkpoint: str | None = None, out_dir: str | 
             f"{100 * np.trace(cm) / max(ne, 1):.2f}% correct\n{tag}")
   csv_path = os.path.join(run.workdir, metrics_lib.CSV_NAME)
   if os.path.exists(csv_path):
-    paths["curves.png"] = metrics_lib.plot_curves(
+    curves = metrics_lib.plot_curves(
         csv_path, os.path.join(out_dir, "curves.png"), title=f"CapsNet on {run.info.name}")
+    if curves is not None:   # None: it could not be written (plot_curves warned).
+      paths["curves.png"] = curves
   else:
     logging.warning("no %s: skipping curves.png", csv_path)
   return paths
