@@ -55,24 +55,38 @@ def squash(s: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.Array:
     v: same shape and dtype as `s`, with |v| = |s|^2/(1+|s|^2) < 1 along `axis`.
   """
   s = jnp.asarray(s)
-  if not jnp.issubdtype(s.dtype, jnp.floating):
-    raise TypeError(f"squash expects a floating-point array, got dtype {s.dtype}")
-  x = s.astype(compute_dtype(s.dtype))
-  # The rescale only guards against overflow of |s|^2; treating it as a constant gives
-  # the exact gradient because v(s) does not depend on it.
-  scale = jax.lax.stop_gradient(
-      jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1.0))   # [..., 1, ...]
-  # Divide by `scale` as two multiplications by 1/sqrt(scale). XLA rewrites `x / scale`
-  # into `x * (1 / scale)`, and 1/scale is subnormal (flushed to 0) for |s| >= ~1e38 in
-  # float32, which turned v into 0/0 = NaN; 1/sqrt(scale) stays a normal number.
-  r = jax.lax.rsqrt(scale)                                             # [..., 1, ...]
-  k = r * r                                                            # [..., 1, ...], ~1/scale
-  inv_sq = jnp.square(k)                                               # [..., 1, ...]
-  t = (x * r) * r                                                      # [..., D, ...]
+  t, _, inv_sq = rescale_capsules(s, axis=axis, name="squash")
   sq = jnp.sum(jnp.square(t), axis=axis, keepdims=True)                # [..., 1, ...]
-  # |s|^2/(1+|s|^2) / |s| written in the rescaled t = s*k (exactly invariant to k).
+  # |s|^2/(1+|s|^2) / |s| written in the rescaled t = s/m (exactly invariant to m).
   v = t * sq / ((inv_sq + sq) * jnp.sqrt(sq + eps * inv_sq))           # [..., D, ...]
   return v.astype(s.dtype)
+
+
+def rescale_capsules(s: jax.Array, *, axis: int = -1, name: str = "squash"):
+  """s / m with m = max(1, max_i |s_i|) along `axis`, for squash-like non-linearities.
+
+  The rescale only guards against overflow of |s|^2: a squash written in t = s/m is
+  invariant to m, so m is a constant for autodiff (stop_gradient) and the gradient stays
+  exact. The division is two multiplications by 1/sqrt(m): XLA rewrites `x / m` into
+  `x * (1 / m)`, and 1/m is subnormal (flushed to 0) for |s| >= ~1e38 in float32, which
+  turned v into 0/0 = NaN; 1/sqrt(m) stays a normal number.
+
+  Args:
+    s: [..., D, ...] floating-point capsules; `axis` is the pose axis.
+    name: the caller, for the error message.
+
+  Returns:
+    (t [..., D, ...], m [..., 1, ...], 1/m^2 [..., 1, ...]), in the compute dtype
+    (`compute_dtype`).
+  """
+  if not jnp.issubdtype(s.dtype, jnp.floating):
+    raise TypeError(f"{name} expects a floating-point array, got dtype {s.dtype}")
+  x = s.astype(compute_dtype(s.dtype))
+  m = jax.lax.stop_gradient(
+      jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1.0))   # [..., 1, ...]
+  r = jax.lax.rsqrt(m)                                                 # [..., 1, ...]
+  t = (x * r) * r                                                      # [..., D, ...]
+  return t, m, jnp.square(r * r)
 
 
 def capsule_lengths(v: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.Array:

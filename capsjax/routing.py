@@ -368,16 +368,7 @@ def efficient_squash(s: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.
     v: same shape and dtype as s, |v| < 1 along `axis`.
   """
   s = jnp.asarray(s)
-  if not jnp.issubdtype(s.dtype, jnp.floating):
-    raise TypeError(f"efficient_squash expects a floating-point array, got dtype {s.dtype}")
-  x = s.astype(_compute_dtype(s.dtype))
-  m = jax.lax.stop_gradient(
-      jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1.0))  # [..., 1, ...]
-  # Two multiplications by 1/sqrt(m): XLA turns x / m into x * (1/m), and 1/m is
-  # subnormal (flushed to 0) for m >= ~1e38 in float32.
-  r = jax.lax.rsqrt(m)                                                 # [..., 1, ...]
-  t = (x * r) * r                                                      # [..., D, ...], s/m
-  k2 = jnp.square(r * r)                                               # [..., 1, ...], 1/m^2
+  t, m, k2 = caps_ops.rescale_capsules(s, axis=axis, name="efficient_squash")  # t = s/m
   n_t = jnp.sqrt(jnp.sum(jnp.square(t), axis=axis, keepdims=True) + eps * k2)  # |s|/m
   v = -jnp.expm1(-(n_t * m)) * t / n_t                                 # [..., D, ...]
   return v.astype(s.dtype)
