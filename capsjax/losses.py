@@ -36,6 +36,23 @@ class LossWeights:
 PAPER = LossWeights()
 
 
+def _scores_and_targets(scores, labels, name: str):
+  """(scores in at least float32 [..., K], one-hot targets [..., K]); checks the shapes."""
+  scores = jnp.asarray(scores)
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+  if scores.ndim < 1:
+    raise ValueError(
+        f"{name} must have shape [..., K] (a class axis), got shape {scores.shape}")
+  if labels.shape != scores.shape[:-1]:
+    raise ValueError(
+        f"labels shape {labels.shape} must equal {name} shape without the class axis "
+        f"{scores.shape[:-1]} ({name} shape {scores.shape})")
+  x = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+  return x, jax.nn.one_hot(labels, x.shape[-1], dtype=x.dtype)
+
+
 def margin_loss(lengths: jax.Array, labels: jax.Array, *, m_plus: float = PAPER.m_plus,
                 m_minus: float = PAPER.m_minus, lam: float = PAPER.lam) -> jax.Array:
   """Margin loss, Eq. 4 of the paper, summed over classes.
@@ -50,19 +67,7 @@ def margin_loss(lengths: jax.Array, labels: jax.Array, *, m_plus: float = PAPER.
   Returns:
     [...] per-example loss, dtype of `lengths` (at least float32).
   """
-  lengths = jnp.asarray(lengths)
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
-  if lengths.ndim < 1:
-    raise ValueError(
-        f"lengths must have shape [..., K] (a class axis), got shape {lengths.shape}")
-  if labels.shape != lengths.shape[:-1]:
-    raise ValueError(
-        f"labels shape {labels.shape} must equal lengths shape without the class axis "
-        f"{lengths.shape[:-1]} (lengths shape {lengths.shape})")
-  x = lengths.astype(jnp.promote_types(lengths.dtype, jnp.float32))
-  t = jax.nn.one_hot(labels, x.shape[-1], dtype=x.dtype)              # [..., K]
+  x, t = _scores_and_targets(lengths, labels, "lengths")
   present = t * jnp.square(jnp.maximum(0.0, m_plus - x))              # [..., K]
   absent = lam * (1.0 - t) * jnp.square(jnp.maximum(0.0, x - m_minus))
   return jnp.sum(present + absent, axis=-1)                           # [...]
@@ -124,15 +129,7 @@ def spread_loss(activations: jax.Array, labels: jax.Array, *, margin: float = 0.
   Returns:
     [...] per-example loss, dtype of `activations` (at least float32).
   """
-  activations = jnp.asarray(activations)
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
-  if activations.ndim < 1 or labels.shape != activations.shape[:-1]:
-    raise ValueError(f"activations must have shape [..., K] and labels [...]; got "
-                     f"{activations.shape} and {labels.shape}")
-  a = activations.astype(jnp.promote_types(activations.dtype, jnp.float32))
-  t = jax.nn.one_hot(labels, a.shape[-1], dtype=a.dtype)               # [..., K]
+  a, t = _scores_and_targets(activations, labels, "activations")
   a_t = jnp.sum(a * t, axis=-1, keepdims=True)                         # [..., 1]
   per_class = jnp.square(jnp.maximum(0.0, margin - (a_t - a)))         # [..., K]
   return jnp.sum((1.0 - t) * per_class, axis=-1)                       # [...]

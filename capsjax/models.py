@@ -140,26 +140,15 @@ class CapsNet(nnx.Module):
       caps_ops.check_iterations(routing_iterations)   # fail at construction, not in jit.
     _check_architecture(architecture, "capsnet")
     routing = check_routing(routing)
-    em_final_lambda = _positive_float("em_final_lambda", em_final_lambda)
+    _check_shared(init, length_eps, em_final_lambda)
+    em_final_lambda = float(em_final_lambda)
     stop_gradient = _check_bool("stop_gradient", stop_gradient)
     use_decoder = _check_bool("use_decoder", use_decoder)
     if conv_impl == "auto":
       raise errors.ConfigError(
           "config.model.conv_impl: 'auto' must be resolved before the model is built: pass "
           "cpu_runtime.resolve_conv_impl('auto') (models.create_model does)")
-    if conv_impl not in conv_lib.IMPLS:
-      raise errors.ConfigError(f"config.model.conv_impl: must be 'auto' or one of "
-                               f"{conv_lib.IMPLS}, got {conv_impl!r}")
-    if dtype not in _DTYPES:
-      raise errors.ConfigError(f"config.model.dtype: must be one of {sorted(_DTYPES)}, got "
-                               f"{dtype!r}")
-    if init not in layers.INITS:
-      raise errors.ConfigError(f"config.model.init: must be one of {layers.INITS}, got "
-                               f"{init!r}")
-    if (isinstance(length_eps, bool) or not isinstance(length_eps, numbers.Real)
-        or not 0 < length_eps <= 1e-3):
-      raise errors.ConfigError(f"config.model.length_eps: must be in (0, 1e-3], got "
-                               f"{length_eps!r}")
+    conv_impl, dt = _check_impl_and_dtype(conv_impl, dtype)
     k1, kp, sp = sizes["conv1_kernel"], sizes["primary_kernel"], sizes["primary_stride"]
     h1, w1 = conv_lib.out_size(h, k1, 1), conv_lib.out_size(w, k1, 1)
     h2, w2 = conv_lib.out_size(h1, kp, sp), conv_lib.out_size(w1, kp, sp)
@@ -168,7 +157,6 @@ class CapsNet(nnx.Module):
           f"config.model.conv1_kernel={k1}, primary_kernel={kp}, primary_stride={sp}: the "
           f"image shape {(h, w, c)} is too small for them (PrimaryCaps grid would be "
           f"{h2}x{w2})")
-    dt = _DTYPES[dtype]
     self.image_shape = (h, w, c)
     self.num_classes = int(num_classes)
     self.num_primary = h2 * w2 * sizes["primary_types"]
@@ -308,11 +296,8 @@ class EfficientCapsNet(nnx.Module):
                use_decoder: bool = True, conv_impl: str = "xla", dtype: str = "float32",
                length_eps: float = 1e-7, init: str = "keras", em_final_lambda: float = 0.01,
                rngs: nnx.Rngs):
-    _check_architecture(architecture, "efficient_capsnet")
-    check_routing(routing, ("self_attention",))
-    _check_shared(init, length_eps, em_final_lambda)
-    with errors.config_field("model.routing_iterations"):
-      caps_ops.check_iterations(routing_iterations)
+    _check_paper_model(architecture, "efficient_capsnet", routing, ("self_attention",), routing_iterations,
+                       init, length_eps, em_final_lambda)
     channels = _check_sizes("conv_channels", conv_channels)
     kernels = _check_sizes("conv_kernels", conv_kernels)
     strides = _check_sizes("conv_strides", conv_strides)
@@ -408,11 +393,8 @@ class MatrixCapsNet(nnx.Module):
                decoder_hidden: Sequence[int] = (512, 1024), use_decoder: bool = False,
                conv_impl: str = "xla", dtype: str = "float32", init: str = "torch",
                length_eps: float = 1e-7, rngs: nnx.Rngs):
-    _check_architecture(architecture, "matrix_capsnet")
-    check_routing(routing, ("em",))
-    _check_shared(init, length_eps, em_final_lambda)
-    with errors.config_field("model.routing_iterations"):
-      caps_ops.check_iterations(routing_iterations)
+    _check_paper_model(architecture, "matrix_capsnet", routing, ("em",), routing_iterations,
+                       init, length_eps, em_final_lambda)
     ch1 = _positive_int("conv1_channels", conv1_channels)
     k1 = _positive_int("conv1_kernel", conv1_kernel)
     s1 = _positive_int("conv1_stride", conv1_stride)
@@ -467,6 +449,16 @@ class MatrixCapsNet(nnx.Module):
     r = self.routed(images)
     return _outputs(self, r.poses, r.activations.astype(jnp.float32), labels,
                     r.assignments if return_couplings else None)
+
+
+def _check_paper_model(architecture, expected: str, routing, allowed: Sequence[str],
+                       routing_iterations, init, length_eps, em_final_lambda) -> None:
+  """The checks every paper architecture shares: its name, routing and shared fields."""
+  _check_architecture(architecture, expected)
+  check_routing(routing, allowed)
+  _check_shared(init, length_eps, em_final_lambda)
+  with errors.config_field("model.routing_iterations"):
+    caps_ops.check_iterations(routing_iterations)
 
 
 def _check_shared(init, length_eps, em_final_lambda) -> None:
