@@ -221,11 +221,36 @@ def _hybrid_fwd(x, w, stride):
   return _xla(x, w, stride), (x, w)
 
 
+def _dw_stride1(x: jax.Array, g: jax.Array) -> jax.Array:
+  """The weight gradient of a stride-1 VALID conv, written as the conv XLA:CPU runs.
+
+  XLA:CPU rewrites a weight-gradient conv into this form (batch and channels swapped, run
+  by Eigen) only in a program's entry computation; in a loop body (the scanned training
+  loop, `steps.train_chunk`) it runs its own conv instead, which rounds differently.
+  Written out, the conv is the same everywhere, and equal to the rewritten one bit for bit.
+
+  Args:
+    x: [B, H, W, C_in].
+    g: [B, Ho, Wo, C_out], the output's cotangent.
+
+  Returns:
+    [kh, kw, C_in, C_out].
+  """
+  dw = lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),  # [C_in,H,W,B], [Ho,Wo,B,C_out]
+      window_strides=(1, 1), padding="VALID", dimension_numbers=_DIMS,
+      preferred_element_type=caps_ops.compute_dtype(x.dtype))      # [C_in, kh, kw, C_out]
+  return jnp.transpose(dw, (1, 2, 0, 3)).astype(x.dtype)           # [kh, kw, C_in, C_out]
+
+
 def _hybrid_bwd(stride, res, g):
   x, w = res                                               # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
-  # linear_transpose, unlike vjp, does not run the forward conv again (outside jit).
-  (dw,) = jax.linear_transpose(lambda w: _xla(x, w, stride), w)(g)  # [kh, kw, C_in, C_out]
+  if stride == 1:
+    dw = _dw_stride1(x, g)                                 # [kh, kw, C_in, C_out]
+  else:
+    # linear_transpose, unlike vjp, does not run the forward conv again (outside jit).
+    (dw,) = jax.linear_transpose(lambda w: _xla(x, w, stride), w)(g)  # [kh, kw, C_in, C_out]
   if stride == 1:
     (dx,) = jax.linear_transpose(lambda x: _xla(x, w, 1), x)(g)      # [B, H, W, C_in]
   else:
