@@ -29,6 +29,24 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+LOOPS = ("auto", "step", "scan")
+
+
+def resolve_loop(loop: str) -> str:
+  """Maps `config.loop` to the training loop this backend runs: 'step' or 'scan'.
+
+  'auto' is 'scan' on accelerators, where a step is short enough for the host's
+  per-step work (dispatch, host batches) to leave the device idle, and 'step' on CPU,
+  where a step takes a fraction of a second and the scanned loop is no faster
+  (`benchmarks/epoch_loop.py`). Starts the backends (asks for the default one).
+  """
+  if loop not in LOOPS:
+    raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+  if loop != "auto":
+    return loop
+  return "step" if jax.default_backend() == "cpu" else "scan"
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   """A 1-D data-parallel mesh over the first `num_devices` devices (default: all).
 

@@ -48,6 +48,18 @@ def get_base_config() -> config_dict.ConfigDict:
   config.init_from = ""                              # checkpoint dir/step to load weights from.
   config.overwrite = False                           # allow a workdir used with another config.
   config.progress_bar = True
+  # The training loop (capsjax.train); both give the same parameters, bit for bit.
+  # 'step': one jitted step per batch, batches cut and cast on the host. 'scan': the uint8
+  # training set is copied to every device once, and a chunk of steps (gather, cast,
+  # augmentation, update, metrics) runs as one jitted loop: the host touches the devices
+  # once per chunk. 'auto': 'scan' on GPU/TPU; on CPU 'step', measured as fast or faster
+  # by benchmarks/epoch_loop.py (RESULTS.md).
+  config.loop = "auto"
+  # A scanned chunk ends at the next log step or epoch end, after at most scan_chunk_steps
+  # steps (0 = no limit) and, in a one-process run, after about scan_chunk_seconds: the
+  # longest a SIGTERM waits before the checkpoint.
+  config.scan_chunk_steps = 0
+  config.scan_chunk_seconds = 10.0
 
   config.model = config_dict.ConfigDict()
   config.model.conv1_channels = 256
