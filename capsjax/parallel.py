@@ -35,10 +35,10 @@ LOOPS = ("auto", "step", "scan")
 def resolve_loop(loop: str) -> str:
   """Maps `config.loop` to the training loop this backend runs: 'step' or 'scan'.
 
-  'auto' is 'scan' on accelerators, where a step is short enough for the host's
-  per-step work (dispatch, host batches) to leave the device idle, and 'step' on CPU,
-  where a step takes a fraction of a second and the scanned loop is no faster
-  (`benchmarks/epoch_loop.py`). Starts the backends (asks for the default one).
+  'auto' is 'scan' on accelerators, whose steps are short enough for the host's work
+  per step (dispatch, cutting batches) to matter, and 'step' on CPU, where a step takes
+  seconds and `benchmarks/epoch_loop.py` measured the two loops equal within noise.
+  Starts the backends (asks for the default one).
   """
   if loop not in LOOPS:
     raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")

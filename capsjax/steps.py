@@ -4,6 +4,8 @@ Flax NNX in its functional form: `graphdef, state = nnx.split((model, optimizer)
 then a jitted step `(state, batch, key) -> (state, metrics)` merges once, differentiates,
 updates and splits again (as Flax's NNX functional-API example does). The state is
 donated; the routing iteration count is part of `graphdef`, so it is static.
+`train_chunk` runs the same step over a chunk of batches gathered on the device, as one
+program (the scanned training loop, `config.loop='scan'`).
 """
 
 from __future__ import annotations

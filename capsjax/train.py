@@ -254,11 +254,19 @@ class _EpochBar:
     self._in_flight = None
 
   def tick(self, value, steps: int = 1) -> None:
-    """Counts `steps` more steps once `value`, the last one's output, is computed."""
+    """Counts `steps` more steps once `value`, the last one's output, is computed.
+
+    A device value counts when the next step is dispatched; a host value (a scanned
+    chunk's, fetched at its end) counts at once.
+    """
     if self._in_flight is not None:
       jax.block_until_ready(self._in_flight[0])
       self._bar.update(self._in_flight[1])
-    self._in_flight = (value, steps)
+      self._in_flight = None
+    if isinstance(value, jax.Array):
+      self._in_flight = (value, steps)
+    else:
+      self._bar.update(steps)
 
   def show(self, values: dict[str, float]) -> None:
     self._bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
@@ -410,7 +418,6 @@ class _ScanTrainer:
     self._step_s = None       # seconds per step of the last timed chunk.
     self._compiled = False
     self.stop_check_every_advance = True
-
 
   def advance(self, state, step: int):
     """One chunk from `step`: (state, [metrics of each step, host scalars])."""

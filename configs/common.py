@@ -52,8 +52,8 @@ def get_base_config() -> config_dict.ConfigDict:
   # 'step': one jitted step per batch, batches cut and cast on the host. 'scan': the uint8
   # training set is copied to every device once, and a chunk of steps (gather, cast,
   # augmentation, update, metrics) runs as one jitted loop: the host touches the devices
-  # once per chunk. 'auto': 'scan' on GPU/TPU; on CPU 'step', measured as fast or faster
-  # by benchmarks/epoch_loop.py (RESULTS.md).
+  # once per chunk. 'auto': 'scan' on GPU/TPU; 'step' on CPU, where benchmarks/epoch_loop.py
+  # measured the two equal within noise (RESULTS.md) and the per-step loop is the proven one.
   config.loop = "auto"
   # A scanned chunk ends at the next log step or epoch end, after at most scan_chunk_steps
   # steps (0 = no limit) and, in a one-process run, after about scan_chunk_seconds: the
