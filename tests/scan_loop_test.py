@@ -3,7 +3,8 @@
 `steps.train_chunk` against `steps.make_steps`' step on 1 and 4 forced devices, then whole
 `:smoke` runs on TFDS mock MNIST (32 examples / batch 8 = 4 steps per epoch): the same
 parameters, metrics.csv and epochs.csv rows, also after a stop and resume in the middle
-of a chunk. (The SIGTERM-mid-chunk subprocess test is in reliability_test.py.)
+of a chunk; and the conv weight gradient that made the two equal on XLA:CPU. (The
+SIGTERM-mid-chunk subprocess test is in reliability_test.py.)
 """
 
 import csv
@@ -12,10 +13,12 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from capsjax import checkpoint as ckpt_lib
+from capsjax import conv
 from capsjax import errors
 from capsjax import input_pipeline
 from capsjax import parallel
@@ -82,6 +85,28 @@ def test_chunks_equal_steps(n):
     assert a == b
   # Ten Adam steps moved the parameters: the comparison is not of two initial states.
   assert np.abs(got[0]["digit_caps"]["w"][...] - state0[0]["digit_caps"]["w"][...]).max() > 0
+
+
+@pytest.mark.parametrize("impl", ["hybrid", "winograd"])
+def test_conv1_weight_gradient_has_the_same_bits_in_a_loop_body(impl):
+  # XLA:CPU rewrites a weight-gradient conv into Eigen's layout only at a program's top
+  # level; conv.py writes the stride-1 one out so that a loop body computes the same.
+  rng = np.random.default_rng(0)
+  x = rng.random((8, 28, 28, 1), np.float32)                   # [B, H, W, C_in]
+  w = rng.standard_normal((9, 9, 1, 16)).astype(np.float32)    # [kh, kw, C_in, C_out]
+  g = rng.standard_normal((8, 20, 20, 16)).astype(np.float32)  # [B, Ho, Wo, C_out]
+
+  def dw(x, w):
+    return jax.vjp(lambda w: conv.conv2d(x, w, impl=impl), w)[1](g)[0]
+
+  def in_loop(x, w, n):
+    return jax.lax.fori_loop(0, n, lambda i, acc: acc + dw(x, w), jnp.zeros_like(w))
+
+  top = jax.jit(dw)(x, w)
+  np.testing.assert_array_equal(jax.jit(in_loop)(x, w, 1), top)
+  # Against XLA's own transpose of the conv (what the step compiled to before): same bits.
+  ref = jax.jit(lambda x, w: jax.vjp(lambda w: conv.conv2d(x, w, impl="xla"), w)[1](g)[0])
+  np.testing.assert_array_equal(top, ref(x, w))
 
 
 def test_epoch_batch_indices_are_train_batches():
