@@ -37,7 +37,7 @@ def resolve_loop(loop: str) -> str:
 
   'auto' is 'scan' on accelerators, whose steps are short enough for the host's work
   per step (dispatch, cutting batches) to matter, and 'step' on CPU, where a step takes
-  seconds and `benchmarks/epoch_loop.py` measured the two loops equal within noise.
+  about a second and `benchmarks/epoch_loop.py` measured the two loops equal within noise.
   Starts the backends (asks for the default one).
   """
   if loop not in LOOPS:
