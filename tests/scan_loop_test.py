@@ -3,7 +3,8 @@
 `steps.train_chunk` against `steps.make_steps`' step on 1 and 4 forced devices, then whole
 `:smoke` runs on TFDS mock MNIST (32 examples / batch 8 = 4 steps per epoch): the same
 parameters, metrics.csv and epochs.csv rows, also after a stop and resume in the middle
-of a chunk; and the conv weight gradient that made the two equal on XLA:CPU. (The
+of a chunk, and under jax.distributed; and the conv weight gradient that made the two
+equal on XLA:CPU. (The
 SIGTERM-mid-chunk subprocess test is in reliability_test.py.)
 """
 
@@ -11,6 +12,7 @@ import csv
 import json
 import os
 import signal
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +247,40 @@ def test_loop_settings_are_checked(tmp_path):
   assert not (tmp_path / "w").exists()
   assert parallel.resolve_loop("scan") == "scan" and parallel.resolve_loop("step") == "step"
   assert parallel.resolve_loop("auto") == "step"      # on CPU (benchmarks/epoch_loop.py).
+
+
+@pytest.mark.slow
+def test_two_processes_scanning_match_one_process_stepping(tmp_path):
+  # jax.distributed (gloo, 1 CPU device per process): the set is placed on every process's
+  # devices, chunks end at the same steps everywhere (no time bound), stop flags are
+  # compared at chunk ends.
+  from experiments import fault_injection as fi  # pylint: disable=g-import-not-at-top
+  config = "configs/fashion.py:smoke"
+  overrides = ("--config.dataset=mnist", "--config.train_examples=32", "--config.num_epochs=1")
+  cache = str(tmp_path / "jax_cache")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = fi.child_env(devices=1, cache_dir=cache, mock_examples=48,
+                       dump_dir=str(tmp_path / "dist_params"))
+    cmd = fi.child_cmd(config, str(tmp_path / "dist"), *overrides, "--config.loop=scan",
+                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                       f"--process_id={pid}")
+    procs.append(fi.start(cmd, env, str(tmp_path / f"dist{pid}.log")))
+  for pid, p in enumerate(procs):
+    with open(tmp_path / f"dist{pid}.log") as f:
+      assert p.wait(timeout=300) == 0, f.read()[-3000:]
+  env = fi.child_env(devices=2, cache_dir=cache, mock_examples=48,
+                     dump_dir=str(tmp_path / "single_params"))
+  p = fi.start(fi.child_cmd(config, str(tmp_path / "single"), *overrides, "--config.loop=step"),
+               env, str(tmp_path / "single.log"))
+  assert p.wait(timeout=300) == 0
+  p0 = fi.final_params(str(tmp_path / "dist_params"), process=0)
+  p1 = fi.final_params(str(tmp_path / "dist_params"), process=1)
+  single = fi.final_params(str(tmp_path / "single_params"))
+  assert fi.diverges(p0, p1) is None
+  # Gloo's all-reduce against one process's: equal to float tolerance (as distributed_test).
+  for k in single:
+    np.testing.assert_allclose(p0[k], single[k], rtol=1e-6, atol=1e-7, err_msg=k)
