@@ -3,9 +3,9 @@
 `steps.train_chunk` against `steps.make_steps`' step on 1 and 4 forced devices, then whole
 `:smoke` runs on TFDS mock MNIST (32 examples / batch 8 = 4 steps per epoch): the same
 parameters, metrics.csv and epochs.csv rows, also after a stop and resume in the middle
-of a chunk, and under jax.distributed; and the conv weight gradient that made the two
-equal on XLA:CPU. (The
-SIGTERM-mid-chunk subprocess test is in reliability_test.py.)
+of a chunk; two jax.distributed processes (equal to float tolerance, as gloo's all-reduce
+is); and the conv weight gradient that made the loops equal on XLA:CPU. The SIGTERM in the
+middle of a chunk, in a real subprocess, is in reliability_test.py.
 """
 
 import csv
