@@ -386,11 +386,12 @@ class _StepTrainer:
 def _chunk_end(step: int, *, steps_per_epoch: int, log_every: int, max_steps: int,
                seconds: float | None, step_seconds: float | None) -> int:
   """Where a scanned chunk from `step` ends (exclusive): at the next log step or epoch
-  end, after `max_steps`, and after about `seconds` at `step_seconds` a step (if known)."""
+  end, after `max_steps`, and after about `seconds` at `step_seconds` a step; while the
+  speed is unknown (`step_seconds` None), after one step."""
   end = min((step // steps_per_epoch + 1) * steps_per_epoch,
             (step // log_every + 1) * log_every, step + max_steps)
-  if seconds is not None and step_seconds:
-    end = min(end, step + max(1, int(seconds / step_seconds)))
+  if seconds is not None:
+    end = min(end, step + (max(1, int(seconds / step_seconds)) if step_seconds else 1))
   return end
 
 
@@ -435,7 +436,9 @@ class _ScanTrainer:
     state, stacked = self._chunk(state, self._data, self._indices, np.int32(start),
                                  np.int32(n), self._aug_key)
     stacked = jax.device_get(stacked)     # the chunk's one wait for the devices.
-    if self._compiled:   # The first chunk's time is mostly compilation.
+    # The first chunk's time is mostly compilation: the second one (also one step under
+    # a time bound) is the first timed.
+    if self._compiled:
       self._step_s = (time.perf_counter() - t0) / n
     self._compiled = True
     return state, [{k: v[i] for k, v in stacked.items()} for i in range(n)]

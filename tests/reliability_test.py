@@ -114,7 +114,9 @@ def test_sigterm_in_the_middle_of_a_scanned_chunk_saves_exits_75_and_resumes(
   # Chunks of up to 3 steps, ending at log steps and epoch ends (4, 8, 12): 0-3, 3-4,
   # 4-7, ... The SIGTERM lands while the chunk 4-7 runs (holding step 6); the loop
   # finishes the chunk, saves at its end and exits 75.
-  scan = ("--config.loop=scan", "--config.scan_chunk_steps=3", "--config.log_every_steps=4")
+  # (A time bound far above any step keeps the chunks where they are on a loaded machine.)
+  scan = ("--config.loop=scan", "--config.scan_chunk_steps=3", "--config.log_every_steps=4",
+          "--config.scan_chunk_seconds=3600")
   os.makedirs(workdir, exist_ok=True)
   proc = fi.start(fi.child_cmd(CONFIG, workdir, *OVERRIDES, *scan),
                   _env(jax_cache, hold_at_step=6, marker=marker),
