@@ -208,15 +208,36 @@ def _taps_dx(x, w, g, stride):
   return dx.astype(x.dtype)
 
 
-# With convolutions off YNNPACK (`cpu_runtime.use_xla_cpu_convs`), XLA's own conv forward
-# and weight gradient run near GEMM speed on CPU, faster than im2col, whose patch matrix
-# build costs as much as its GEMM. XLA's input gradient of a strided conv (a conv with lhs
-# dilation) stays far slower, so that one is per tap (benchmarks/conv.py, RESULTS.md).
+def _dw_stride1(x: jax.Array, g: jax.Array) -> jax.Array:
+  """The weight gradient of a stride-1 VALID conv, written as the conv XLA:CPU runs.
+
+  XLA:CPU rewrites a weight-gradient conv into this form (batch and channels swapped, run
+  by Eigen) only in a program's entry computation; in a loop body (the scanned training
+  loop, `steps.train_chunk`) it runs its own conv instead, which rounds differently.
+  Written out, the conv is the same everywhere, and equal to the rewritten one bit for bit.
+
+  Args:
+    x: [B, H, W, C_in].
+    g: [B, Ho, Wo, C_out], the output's cotangent.
+
+  Returns:
+    [kh, kw, C_in, C_out].
+  """
+  dw = lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),  # [C_in,H,W,B], [Ho,Wo,B,C_out]
+      window_strides=(1, 1), padding="VALID", dimension_numbers=_DIMS,
+      preferred_element_type=caps_ops.compute_dtype(x.dtype))      # [C_in, kh, kw, C_out]
+  return jnp.transpose(dw, (1, 2, 0, 3)).astype(x.dtype)           # [kh, kw, C_in, C_out]
+
+
 def _hybrid_bwd(stride, res, g):
   x, w = res                                               # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
-  # linear_transpose, unlike vjp, does not run the forward conv again (outside jit).
-  (dw,) = jax.linear_transpose(lambda w: _xla(x, w, stride), w)(g)  # [kh, kw, C_in, C_out]
+  if stride == 1:
+    dw = _dw_stride1(x, g)                                 # [kh, kw, C_in, C_out]
+  else:
+    # linear_transpose, unlike vjp, does not run the forward conv again (outside jit).
+    (dw,) = jax.linear_transpose(lambda w: _xla(x, w, stride), w)(g)  # [kh, kw, C_in, C_out]
   if stride == 1:
     (dx,) = jax.linear_transpose(lambda x: _xla(x, w, 1), x)(g)      # [B, H, W, C_in]
   else:
@@ -226,6 +247,10 @@ def _hybrid_bwd(stride, res, g):
   return dx, dw
 
 
+# With convolutions off YNNPACK (`cpu_runtime.use_xla_cpu_convs`), XLA's own conv forward
+# and weight gradient run near GEMM speed on CPU, faster than im2col, whose patch matrix
+# build costs as much as its GEMM. XLA's input gradient of a strided conv (a conv with lhs
+# dilation) stays far slower, so that one is per tap (benchmarks/conv.py, RESULTS.md).
 _hybrid = _with_vjp(_xla, _hybrid_bwd)
 
 

@@ -1,6 +1,8 @@
 """Datasets as NumPy arrays: the dataset registry, `load_split` with its cache, batching.
 
-No JAX here: batches are NumPy, and `train.py` puts them on devices. Reading and
+No JAX import here: batches are NumPy, and `train.py` puts them on devices. `batch_at`
+indexes and casts with array methods only, so the scanned training loop
+(`steps.train_chunk`) runs the very same code on device arrays inside `jit`. Reading and
 validating the original release files, and building TFDS datasets from them offline, is
 `offline_data`'s job.
 """
@@ -375,6 +377,36 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def epoch_batch_indices(num_examples: int, *, batch_size: int, seed: int,
+                        epoch: int) -> np.ndarray:
+  """The examples of every batch of `epoch`: int32 [S, B], S = steps_per_epoch.
+
+  Row s is batch s of `train_batches(..., seed=seed, epoch=epoch)`: the first S * B
+  entries of `epoch_permutation`, the last N % B dropped.
+  """
+  steps = steps_per_epoch(num_examples, batch_size)
+  perm = epoch_permutation(num_examples, seed=seed, epoch=epoch)      # [N]
+  return perm[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)  # [S, B]
+
+
+def batch_at(images, labels, idx) -> dict[str, Any]:
+  """The training batch of the examples `idx` [B].
+
+  Works on NumPy arrays and, unchanged, on JAX arrays inside `jit` (the scanned loop
+  gathers from the uint8 set on the device), so both loops cast pixels the same way.
+
+  Args:
+    images: uint8 [N, H, W, C].
+    labels: int [N].
+    idx: int [B].
+
+  Returns:
+    {'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}.
+  """
+  return {'image': to_float(images[idx]),                # [B, H, W, C]
+          'label': labels[idx].astype(np.int32)}         # [B]
+
+
 def train_batches(
     images: np.ndarray,
     labels: np.ndarray,
@@ -401,11 +433,9 @@ def train_batches(
   steps = steps_per_epoch(len(images), batch_size)
   if not 0 <= start_step <= steps:
     raise ValueError(f'start_step must be in [0, {steps}], got {start_step}.')
-  perm = epoch_permutation(len(images), seed=seed, epoch=epoch)
+  indices = epoch_batch_indices(len(images), batch_size=batch_size, seed=seed, epoch=epoch)
   for step in range(start_step, steps):
-    idx = perm[step * batch_size:(step + 1) * batch_size]
-    yield {'image': to_float(images[idx]),            # [B, H, W, C]
-           'label': labels[idx].astype(np.int32)}     # [B]
+    yield batch_at(images, labels, indices[step])
 
 
 def eval_batches(

@@ -29,6 +29,24 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+LOOPS = ("auto", "step", "scan")
+
+
+def resolve_loop(loop: str) -> str:
+  """Maps `config.loop` to the training loop this backend runs: 'step' or 'scan'.
+
+  'auto' is 'scan' on accelerators, whose steps are short enough for the host's work
+  per step (dispatch, cutting batches) to matter, and 'step' on CPU, where a step takes
+  about a second and `benchmarks/epoch_loop.py` measured the two loops equal within noise.
+  Starts the backends (asks for the default one).
+  """
+  if loop not in LOOPS:
+    raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+  if loop != "auto":
+    return loop
+  return "step" if jax.default_backend() == "cpu" else "scan"
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   """A 1-D data-parallel mesh over the first `num_devices` devices (default: all).
 
@@ -106,6 +124,52 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[s
     rows = process_rows(x.shape[0], mesh)
     out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(x[rows]), x.shape)
   return out
+
+
+def to_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, spec: P = P()) -> jax.Array:
+  """A host array that every process holds whole, placed on `mesh` as `spec` says.
+
+  Each process copies only the slices its own devices hold, so this also serves
+  `jax.distributed` runs (where `jax.device_put` of a host array to other processes'
+  devices is not possible).
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+
+def put_dataset(images: np.ndarray, labels: np.ndarray,
+                mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """The uint8 training set on every device of `mesh`, for the scanned loop.
+
+  Replicated, not split: a batch is a random draw from the whole set, so with the set
+  split over devices every step would need a collective to fetch its rows, while a copy
+  per device keeps the gather local. Fashion-MNIST's 60k images are 47 MB of uint8.
+
+  Args:
+    images: uint8 [N, H, W, C].
+    labels: int [N].
+
+  Returns:
+    {'image': uint8 [N, H, W, C], 'label': int32 [N]}, replicated.
+  """
+  return {"image": to_mesh(images, mesh), "label": to_mesh(labels.astype(np.int32), mesh)}
+
+
+def put_batch_indices(indices: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+  """int [S, B] example indices of an epoch's batches, split along B like the batches.
+
+  Each device then holds the indices of exactly the rows it trains on.
+  """
+  return to_mesh(indices, mesh, P(None, DATA_AXIS))
+
+
+def constrain_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Inside `jit`: pins every [B, ...] array of `batch` to `P('data')`.
+
+  A batch gathered on the device (the scanned loop) is then split exactly as one placed
+  by `shard_batch`, and the step compiled the same way.
+  """
+  return jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
 
 
 def jit_data_parallel(fn, mesh: jax.sharding.Mesh, *, donate_argnums=()):

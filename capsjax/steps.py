@@ -4,6 +4,8 @@ Flax NNX in its functional form: `graphdef, state = nnx.split((model, optimizer)
 then a jitted step `(state, batch, key) -> (state, metrics)` merges once, differentiates,
 updates and splits again (as Flax's NNX functional-API example does). The state is
 donated; the routing iteration count is part of `graphdef`, so it is static.
+`train_chunk` runs the same step over a chunk of batches gathered on the device, as one
+program (the scanned training loop, `config.loop='scan'`).
 """
 
 from __future__ import annotations
@@ -123,6 +125,49 @@ def train_step(graphdef, state, batch, key, *, weights: LossWeights, aug: Augmen
   return nnx.state((model, optimizer)), aux
 
 
+def train_chunk(graphdef, state, data, indices, start, num_steps, key, *, weights: LossWeights,
+                aug: AugmentSpec, schedule: optax.Schedule, max_steps: int, mesh):
+  """Up to `max_steps` train steps as one loop on the device, batches gathered there.
+
+  Step i trains on batch `start + i` of the epoch: the examples `indices[start + i]`,
+  cast by `input_pipeline.batch_at` as the host loop casts them, then exactly
+  `train_step`. `num_steps` is traced, so one compiled program serves every chunk
+  length (a chunk ends early at a log step, an epoch end or a time bound).
+
+  Args:
+    state: nnx.State of (model, optimizer).
+    data: {'image': uint8 [N, H, W, C], 'label': int32 [N]}, the training set
+      (`parallel.put_dataset`).
+    indices: int32 [S, B], the examples of each batch of the epoch
+      (`input_pipeline.epoch_batch_indices`, placed by `parallel.put_batch_indices`).
+    start: int32 [], the epoch's batch index of the first step.
+    num_steps: int32 [], steps to run, 1 <= num_steps <= max_steps, start + num_steps <= S.
+    key: the augmentation key, as for `train_step`.
+    max_steps: static length of the returned metric buffers.
+    mesh: the data-parallel mesh the batches are split over.
+
+  Returns:
+    (state, aux): aux holds each metric of `train_step` per step, float32 [max_steps];
+    entries from num_steps on are 0.
+  """
+  def one_step(state, i):
+    idx = jax.lax.dynamic_index_in_dim(indices, start + i, keepdims=False)    # [B]
+    batch = parallel.constrain_batch(
+        input_pipeline.batch_at(data["image"], data["label"], idx), mesh)    # [B, H, W, C]
+    return train_step(graphdef, state, batch, key, weights=weights, aug=aug,
+                      schedule=schedule)
+
+  aux_shapes = jax.eval_shape(one_step, state, 0)[1]
+  stacked = {k: jnp.zeros((max_steps, *v.shape), v.dtype) for k, v in aux_shapes.items()}
+
+  def body(i, carry):
+    state, stacked = carry
+    state, aux = one_step(state, i)
+    return state, {k: stacked[k].at[i].set(aux[k]) for k in stacked}
+
+  return jax.lax.fori_loop(0, num_steps, body, (state, stacked))
+
+
 def eval_step(graphdef, state, batch, *, weights: LossWeights):
   """Masked sums over one padded eval batch: {'correct','margin_loss','recon_loss','count'}.
 
@@ -151,6 +196,21 @@ def make_steps(graphdef, config, steps_per_epoch: int, mesh):
   evaluate_fn = parallel.jit_data_parallel(
       lambda state, batch: eval_step(graphdef, state, batch, weights=weights), mesh)
   return train, evaluate_fn
+
+
+def make_train_chunk(graphdef, config, steps_per_epoch: int, mesh, max_steps: int):
+  """Jitted `train_chunk` (state, data, indices, start, num_steps, key) -> (state, aux).
+
+  The state is donated; outputs are replicated over `mesh`, as `make_steps`' step.
+  """
+  weights = LossWeights.from_config(config.loss)
+  aug = AugmentSpec.from_config(config.augment)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch)
+  return parallel.jit_data_parallel(
+      lambda state, data, indices, start, num_steps, key: train_chunk(
+          graphdef, state, data, indices, start, num_steps, key, weights=weights, aug=aug,
+          schedule=schedule, max_steps=max_steps, mesh=mesh),
+      mesh, donate_argnums=0)
 
 
 def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *,

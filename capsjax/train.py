@@ -3,8 +3,10 @@
 The pieces live in their own modules: the pure steps (`steps`), config checks
 (`run_config`), the workdir guard (`workdir`, which also describes the workdir's layout),
 signals and processes (`processes`), checkpoints (`checkpoint`), metrics and logs
-(`metrics`). This module is the driver: one flat loop over steps with "is it time?"
-checks, and the end-of-epoch work.
+(`metrics`). This module is the driver: one flat loop with "is it time?" checks, and the
+end-of-epoch work. Each turn of the loop runs one step (`config.loop='step'`, batches cut on
+the host) or one chunk of steps as a single program on the devices ('scan'), with the same
+results bit for bit; chunks end where the loop has work to do (log steps, epoch ends).
 
 Model selection: with `config.val_examples > 0` a fixed part of the training split is held
 out (`input_pipeline.split_validation`), and the kept "best" checkpoint, the selected epoch
@@ -140,6 +142,19 @@ def restore_or_init(config, workdir: str, ckpt: ckpt_lib.Checkpointer, state):
   return state, 0, {}
 
 
+def _check_loop_config(config) -> None:
+  """Raises ConfigError for a training-loop setting the loop could not use."""
+  if config.loop not in parallel.LOOPS:
+    raise errors.ConfigError(f"config.loop must be one of {parallel.LOOPS}, got {config.loop!r}")
+  steps = config.scan_chunk_steps
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise errors.ConfigError(
+        f"config.scan_chunk_steps must be an integer >= 0 (0 = no limit), got {steps!r}")
+  if not config.scan_chunk_seconds > 0:
+    raise errors.ConfigError(
+        f"config.scan_chunk_seconds must be > 0, got {config.scan_chunk_seconds!r}")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir`) and evaluates on the whole test split.
 
@@ -147,6 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   `config.mode == 'eval'` it only evaluates a checkpoint and returns its test metrics.
   """
   run_config.validate_config(config)
+  _check_loop_config(config)
   if config.mode == "eval":
     # Imported here: capsjax.evaluate builds on this module's data and set-up helpers.
     from capsjax import evaluate  # pylint: disable=g-import-not-at-top
@@ -239,11 +255,20 @@ class _EpochBar:
                      desc=f"epoch {epoch + 1}/{config.num_epochs}", disable=not enabled)
     self._in_flight = None
 
-  def tick(self, value: jax.Array) -> None:
+  def tick(self, value, steps: int = 1) -> None:
+    """Counts `steps` more steps once `value`, the last one's output, is computed.
+
+    A device value counts when the next step is dispatched; a host value (a scanned
+    chunk's, fetched at its end) counts at once.
+    """
     if self._in_flight is not None:
-      jax.block_until_ready(self._in_flight)
-      self._bar.update(1)
-    self._in_flight = value
+      jax.block_until_ready(self._in_flight[0])
+      self._bar.update(self._in_flight[1])
+      self._in_flight = None
+    if isinstance(value, jax.Array):
+      self._in_flight = (value, steps)
+    else:
+      self._bar.update(steps)
 
   def show(self, values: dict[str, float]) -> None:
     self._bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
@@ -251,7 +276,7 @@ class _EpochBar:
 
   def close(self) -> None:
     if self._in_flight is not None:
-      self._bar.update(1)
+      self._bar.update(self._in_flight[1])
     self._bar.close()
 
 
@@ -313,7 +338,8 @@ def _train(config, workdir: str) -> dict[str, Any]:
     run = _Run(config, workdir, info, mesh, data, steps_per_epoch, ckpt, writer, eval_fn,
                meta, [dict(h) for h in restored_meta.get("history", [])], is_main)
     try:
-      state, step, test_metrics = _train_loop(run, state, step, train_fn, aug_key)
+      trainer = _make_trainer(run, graphdef, train_fn, aug_key, step)
+      state, step, test_metrics = _train_loop(run, state, step, trainer)
     finally:
       writer.close()
   except BaseException:
@@ -341,29 +367,118 @@ def _train(config, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def _train_loop(run: _Run, state, step: int, train_fn: Callable, aug_key: jax.Array):
-  """Trains from `step` to the end; returns (state, step, last test metrics or {})."""
+class _StepTrainer:
+  """The per-step loop: host batches (`_train_batches`), one jitted step each."""
+
+  def __init__(self, run: _Run, train_fn: Callable, aug_key: jax.Array, step: int):
+    self._train_fn, self._aug_key = train_fn, aug_key
+    self._batches = parallel.prefetch(
+        _train_batches(run.config, *run.data.train, run.steps_per_epoch, step), run.mesh)
+    # Under jax.distributed the processes compare stop flags (a collective) at steps they
+    # all know of: logging steps. With one process: after every step.
+    self.stop_check_every_advance = jax.process_count() == 1
+
+  def advance(self, state, step: int):
+    """One step from `step`: (state, [its metrics, device scalars])."""
+    del step  # The batches follow on from the start step.
+    state, values = self._train_fn(state, next(self._batches), self._aug_key)
+    return state, [values]
+
+
+def _chunk_end(step: int, *, steps_per_epoch: int, log_every: int, max_steps: int,
+               seconds: float | None, step_seconds: float | None) -> int:
+  """Where a scanned chunk from `step` ends (exclusive): at the next log step or epoch
+  end, after `max_steps`, and after about `seconds` at `step_seconds` a step; while the
+  speed is unknown (`step_seconds` None), after one step."""
+  end = min((step // steps_per_epoch + 1) * steps_per_epoch,
+            (step // log_every + 1) * log_every, step + max_steps)
+  if seconds is not None:
+    end = min(end, step + (max(1, int(seconds / step_seconds)) if step_seconds else 1))
+  return end
+
+
+class _ScanTrainer:
+  """The scanned loop: chunks of steps as one jitted loop over the set on the devices.
+
+  The uint8 training set goes to every device once (`parallel.put_dataset`); each epoch's
+  batch indices are computed on the host and sent once per epoch. A chunk runs from
+  `step` to the next log step or epoch end, capped by `config.scan_chunk_steps` and, in
+  a one-process run, by `config.scan_chunk_seconds` at the last chunk's speed; so
+  logging, NaN checks, evaluation, checkpoints and SIGTERM all fall on chunk ends.
+  """
+
+  def __init__(self, run: _Run, graphdef, aug_key: jax.Array):
+    config, spe = run.config, run.steps_per_epoch
+    self._run, self._aug_key = run, aug_key
+    self.max_steps = min(spe, config.log_every_steps, config.scan_chunk_steps or spe)
+    self._chunk = steps_lib.make_train_chunk(graphdef, config, spe, run.mesh,
+                                             self.max_steps)
+    self._data = parallel.put_dataset(*run.data.train, run.mesh)
+    self._epoch, self._indices = None, None
+    # Processes must agree on chunk ends (they compare stop flags there), so a time bound,
+    # which each would measure differently, applies only to a one-process run.
+    self._seconds = config.scan_chunk_seconds if jax.process_count() == 1 else None
+    self._step_s = None       # seconds per step of the last timed chunk.
+    self._compiled = False
+    self.stop_check_every_advance = True
+
+  def advance(self, state, step: int):
+    """One chunk from `step`: (state, [metrics of each step, host scalars])."""
+    config, spe = self._run.config, self._run.steps_per_epoch
+    epoch, start = divmod(step, spe)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._indices = parallel.put_batch_indices(input_pipeline.epoch_batch_indices(
+          len(self._run.data.train[1]), batch_size=config.batch_size, seed=config.seed,
+          epoch=epoch), self._run.mesh)                                   # [S, B]
+    n = _chunk_end(step, steps_per_epoch=spe, log_every=config.log_every_steps,
+                   max_steps=self.max_steps, seconds=self._seconds,
+                   step_seconds=self._step_s) - step
+    t0 = time.perf_counter()
+    state, stacked = self._chunk(state, self._data, self._indices, np.int32(start),
+                                 np.int32(n), self._aug_key)
+    stacked = jax.device_get(stacked)     # the chunk's one wait for the devices.
+    # The first chunk's time is mostly compilation: the second one (also one step under
+    # a time bound) is the first timed.
+    if self._compiled:
+      self._step_s = (time.perf_counter() - t0) / n
+    self._compiled = True
+    return state, [{k: v[i] for k, v in stacked.items()} for i in range(n)]
+
+
+def _make_trainer(run: _Run, graphdef, train_fn: Callable, aug_key: jax.Array, step: int):
+  """The loop `config.loop` resolves to on this backend (`parallel.resolve_loop`)."""
+  kind = parallel.resolve_loop(run.config.loop)
+  logging.info("training loop: %s (config.loop=%r)", kind, run.config.loop)
+  if kind == "scan":
+    return _ScanTrainer(run, graphdef, aug_key)
+  return _StepTrainer(run, train_fn, aug_key, step)
+
+
+def _train_loop(run: _Run, state, step: int, trainer):
+  """Trains from `step` to the end; returns (state, step, last test metrics or {}).
+
+  `trainer.advance(state, step)` runs one step or one chunk of steps; the rest (logging,
+  NaN checks, evaluation, checkpoints, stopping) happens between advances.
+  """
   config, steps_per_epoch = run.config, run.steps_per_epoch
-  # Under jax.distributed the processes must agree on when to stop (a signal may reach
-  # them at different steps): they compare flags at logging steps. One process: every step.
-  multi = jax.process_count() > 1
   means = _TrainMeans(config.batch_size)
   test_metrics: dict[str, float] = {}
   bar = None
   if run.early_stopped():   # a resumed run that had already stopped early.
     return state, step, test_metrics
-  batches = _train_batches(config, *run.data.train, steps_per_epoch, step)
   with processes.StopFlag() as stop:
-    for batch in parallel.prefetch(batches, run.mesh):
+    while step < run.total_steps:
       if bar is None:
         epoch, start = divmod(step, steps_per_epoch)
         bar = _EpochBar(config, epoch, start, steps_per_epoch,
                         enabled=config.progress_bar and run.is_main)
         means.start_epoch()
-      state, values = train_fn(state, batch, aug_key)
-      step += 1
-      means.add(step, values)
-      bar.tick(values["loss"])
+      state, values = trainer.advance(state, step)
+      for v in values:
+        step += 1
+        means.add(step, v)
+      bar.tick(values[-1]["loss"], len(values))
       epoch_end = step % steps_per_epoch == 0
       log_now = epoch_end or step % config.log_every_steps == 0
       if log_now:
@@ -373,7 +488,7 @@ def _train_loop(run: _Run, state, step: int, train_fn: Callable, aug_key: jax.Ar
         bar.show(logged)
       if not epoch_end:
         # Mid-epoch stop; at an epoch end the epoch's evaluation and checkpoint come first.
-        if (log_now or not multi) and stop.anywhere():
+        if (log_now or trainer.stop_check_every_advance) and stop.anywhere():
           run.check_finite(means.take_recent())   # never checkpoint non-finite parameters.
           run.save(state, step, step / steps_per_epoch)
           raise run.preempted(step, stop.signal)

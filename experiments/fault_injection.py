@@ -34,7 +34,8 @@ plumbing only; capsjax itself has no hooks):
   CAPSJAX_HOLD_IN_SAVE=k     hang inside the save of step >= k, before Orbax renames the
                              temporary directory (an async save in flight)
   CAPSJAX_HOLD_AT_STEP=k     after train step k, touch CAPSJAX_MARKER and wait (up to 60 s)
-                             for SIGTERM/SIGINT before finishing the step
+                             for SIGTERM/SIGINT before finishing the step (with
+                             config.loop='scan': before finishing the chunk holding step k)
 """
 
 from __future__ import annotations
@@ -111,6 +112,15 @@ def _install_hooks():
 
   if hold_step:
     orig_make_steps = steps_lib.make_steps
+    orig_make_train_chunk = steps_lib.make_train_chunk
+
+    def hold():
+      _touch(marker)
+      handler = signal.getsignal(signal.SIGTERM)
+      for _ in range(600):
+        if getattr(getattr(handler, "__self__", None), "signal", None) is not None:
+          break
+        time.sleep(0.1)
 
     def make_steps(*args, **kwargs):
       train_fn, eval_fn = orig_make_steps(*args, **kwargs)
@@ -120,17 +130,26 @@ def _install_hooks():
         out = train_fn(state, batch, key)
         calls[0] += 1
         if calls[0] == hold_step:
-          _touch(marker)
-          handler = signal.getsignal(signal.SIGTERM)
-          for _ in range(600):
-            if getattr(getattr(handler, "__self__", None), "signal", None) is not None:
-              break
-            time.sleep(0.1)
+          hold()
         return out
 
       return train_hooked, eval_fn
 
+    def make_train_chunk(*args, **kwargs):
+      chunk_fn = orig_make_train_chunk(*args, **kwargs)
+      steps_run = [0]
+
+      def chunk_hooked(state, data, indices, start, num_steps, key):
+        out = chunk_fn(state, data, indices, start, num_steps, key)
+        steps_run[0] += int(num_steps)
+        if steps_run[0] - int(num_steps) < hold_step <= steps_run[0]:
+          hold()
+        return out
+
+      return chunk_hooked
+
     steps_lib.make_steps = make_steps
+    steps_lib.make_train_chunk = make_train_chunk
 
 
 def child_main(argv):

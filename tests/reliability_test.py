@@ -1,4 +1,5 @@
-"""Exact resume after SIGKILL (after a checkpoint, and mid async save) and after SIGTERM.
+"""Exact resume after SIGKILL (after a checkpoint, and mid async save) and after SIGTERM
+(between steps, and in the middle of a scanned chunk of steps).
 
 Each run is a real `capsjax.main` process (via `experiments.fault_injection child`, which
 adds test-only hooks that pause the child at a chosen point so the kill lands there) on
@@ -104,6 +105,34 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, jax_cache, 
   assert [int(s) for s, _, split in rows if split == "test"] == [4, 8, 12]
   train_steps = [int(s) for s, _, split in rows if split == "train"]
   assert train_steps == sorted(set(train_steps)), train_steps
+
+
+def test_sigterm_in_the_middle_of_a_scanned_chunk_saves_exits_75_and_resumes(
+    tmp_path, jax_cache, reference):
+  workdir = str(tmp_path / "run")
+  marker = str(tmp_path / "marker")
+  # Chunks of up to 3 steps, ending at log steps and epoch ends (4, 8, 12): 0-3, 3-4,
+  # 4-7, ... The SIGTERM lands while the chunk 4-7 runs (holding step 6); the loop
+  # finishes the chunk, saves at its end and exits 75.
+  # (A time bound far above any step keeps the chunks where they are on a loaded machine.)
+  scan = ("--config.loop=scan", "--config.scan_chunk_steps=3", "--config.log_every_steps=4",
+          "--config.scan_chunk_seconds=3600")
+  os.makedirs(workdir, exist_ok=True)
+  proc = fi.start(fi.child_cmd(CONFIG, workdir, *OVERRIDES, *scan),
+                  _env(jax_cache, hold_at_step=6, marker=marker),
+                  os.path.join(workdir, "..", "run.log"))
+  assert fi.wait_for(marker, proc, TIMEOUT), _log(workdir)[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=TIMEOUT) == processes.PREEMPTED_EXIT_CODE == 75, _log(workdir)[-3000:]
+  assert "capsjax: stopped by signal 15 at step 7 (epoch 1.75)" in _log(workdir)
+  assert _checkpoints(workdir) == ["4", "7"]
+  # Resumed from step 7 with the default chunks (the smoke config logs every 2 steps), the
+  # run ends with the per-step reference's parameters.
+  proc = fi.start(fi.child_cmd(CONFIG, workdir, *OVERRIDES, "--config.loop=scan"),
+                  _env(jax_cache), os.path.join(workdir, "..", "run.log"))
+  assert proc.wait(timeout=TIMEOUT) == 0, _log(workdir)[-3000:]
+  assert "resumed from" in _log(workdir) and "at step 7" in _log(workdir)
+  _assert_identical(workdir, reference)
 
 
 def test_sigkill_during_async_save_then_resume_is_bit_identical(tmp_path, jax_cache,
