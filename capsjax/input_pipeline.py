@@ -5,6 +5,9 @@ indexes and casts with array methods only, so the scanned training loop
 (`steps.train_chunk`) runs the very same code on device arrays inside `jit`. Reading and
 validating the original release files, and building TFDS datasets from them offline, is
 `offline_data`'s job.
+
+Why ~470 lines: the registry, the cache and the batching are the three parts of one job,
+"a split as arrays, then its batches", and each is short.
 """
 from __future__ import annotations
 

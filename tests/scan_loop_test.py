@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from capsjax import loop as loop_lib
 from capsjax import checkpoint as ckpt_lib
 from capsjax import conv
 from capsjax import errors
@@ -227,17 +228,17 @@ def test_chunk_ends_fall_on_log_steps_epoch_ends_and_bounds():
   plan = dict(steps_per_epoch=7, log_every=5, max_steps=4)
   ends, step = [], 0
   while step < 21:
-    step = train._chunk_end(step, seconds=10.0, step_seconds=0.1, **plan)
+    step = loop_lib.chunk_end(step, seconds=10.0, step_seconds=0.1, **plan)
     ends.append(step)
   # Log steps 5, 10, 15, 20; epoch ends 7, 14, 21; at most 4 steps.
   assert ends == [4, 5, 7, 10, 14, 15, 19, 20, 21]
   # 4 s a step against a 10 s bound: 2 steps a chunk.
-  assert train._chunk_end(0, seconds=10.0, step_seconds=4.0, **plan) == 2
+  assert loop_lib.chunk_end(0, seconds=10.0, step_seconds=4.0, **plan) == 2
   # A step longer than the bound still makes progress.
-  assert train._chunk_end(0, seconds=10.0, step_seconds=60.0, **plan) == 1
+  assert loop_lib.chunk_end(0, seconds=10.0, step_seconds=60.0, **plan) == 1
   # Speed not known yet: one step. No time bound (several processes): none.
-  assert train._chunk_end(0, seconds=10.0, step_seconds=None, **plan) == 1
-  assert train._chunk_end(0, seconds=None, step_seconds=60.0, **plan) == 4
+  assert loop_lib.chunk_end(0, seconds=10.0, step_seconds=None, **plan) == 1
+  assert loop_lib.chunk_end(0, seconds=None, step_seconds=60.0, **plan) == 4
 
 
 def test_loop_settings_are_checked(tmp_path):
