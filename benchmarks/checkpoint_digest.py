@@ -43,18 +43,19 @@ def measure(name: str, repeats: int) -> dict:
   state = jax.device_put(state, jax.devices()[0])
   real_digests = ckpt_lib.content_digests
   real_verify = ckpt_lib.Checkpointer._verify  # pylint: disable=protected-access
-  times = {k: [] for k in ("digest_s", "save_s_with", "save_s_without", "restore_s_with",
-                           "restore_s_without")}
+  times = {
+    k: []
+    for k in ("digest_s", "save_s_with", "save_s_without", "restore_s_with", "restore_s_without")
+  }
   with tempfile.TemporaryDirectory() as d:
     ckpt = ckpt_lib.Checkpointer(d, keep=2, keep_best=False)
-    for i in range(repeats + 1):   # the first round warms up and is not counted
+    for i in range(repeats + 1):  # the first round warms up and is not counted
       for digests in (True, False):
         mode = "with" if digests else "without"
         # Stubbed out: what a save and a restore cost before digests.
         ckpt_lib.content_digests = real_digests if digests else (lambda tree: {})
         # pylint: disable-next=protected-access
-        ckpt._verify = ((lambda *a: real_verify(ckpt, *a)) if digests
-                        else (lambda *a: None))
+        ckpt._verify = (lambda *a: real_verify(ckpt, *a)) if digests else (lambda *a: None)
         step = 2 * i + (1 if digests else 2)
         t0 = time.perf_counter()
         ckpt.save(step, state, {"epoch": step})
@@ -79,15 +80,21 @@ def measure(name: str, repeats: int) -> dict:
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+
   rows = [measure(name, _REPEATS.value) for name in _CONFIGS.value]
-  print(f"{platform.processor() or platform.machine()}, JAX {jax.__version__}, "
-        f"{jax.default_backend()}")
-  print(f"{'model':6} {'state MB':>9} {'digest ms':>10} {'save ms (w/ / w/o)':>20} "
-        f"{'restore ms (w/ / w/o)':>22}")
+  print(
+    f"{platform.processor() or platform.machine()}, JAX {jax.__version__}, {jax.default_backend()}"
+  )
+  print(
+    f"{'model':6} {'state MB':>9} {'digest ms':>10} {'save ms (w/ / w/o)':>20} "
+    f"{'restore ms (w/ / w/o)':>22}"
+  )
   for r in rows:
-    print(f"{r['model']:6} {r['state_mb']:9.1f} {1e3 * r['digest_s']:10.1f} "
-          f"{1e3 * r['save_s_with']:9.1f} / {1e3 * r['save_s_without']:7.1f}  "
-          f"{1e3 * r['restore_s_with']:10.1f} / {1e3 * r['restore_s_without']:7.1f}")
+    print(
+      f"{r['model']:6} {r['state_mb']:9.1f} {1e3 * r['digest_s']:10.1f} "
+      f"{1e3 * r['save_s_with']:9.1f} / {1e3 * r['save_s_without']:7.1f}  "
+      f"{1e3 * r['restore_s_with']:10.1f} / {1e3 * r['restore_s_without']:7.1f}"
+    )
   print(json.dumps(rows))
 
 

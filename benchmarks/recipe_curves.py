@@ -45,25 +45,44 @@ import numpy as np
 DEFAULT_CAPSJAX_CONFIG = "configs/capsnet_fashion_mnist.py"
 DATASET = "fashion_mnist"
 BATCH_SIZE = 100
-TORCH_FIELDS = ("epoch", "step", "learning_rate", "train_loss", "train_accuracy",
-                "test_accuracy", "test_loss", "test_margin_loss", "test_recon_loss",
-                "seconds", "eval_seconds", "images_per_s")
+TORCH_FIELDS = (
+  "epoch",
+  "step",
+  "learning_rate",
+  "train_loss",
+  "train_accuracy",
+  "test_accuracy",
+  "test_loss",
+  "test_margin_loss",
+  "test_recon_loss",
+  "seconds",
+  "eval_seconds",
+  "images_per_s",
+)
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--train_examples", type=int, default=0,
-                      help="> 0: train on the first N training examples only (as capsjax)")
+  parser.add_argument(
+    "--train_examples",
+    type=int,
+    default=0,
+    help="> 0: train on the first N training examples only (as capsjax)",
+  )
   parser.add_argument("--threads", type=int, default=2, help="torch threads")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--skip_capsjax", action="store_true")
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--capsjax_config", default=DEFAULT_CAPSJAX_CONFIG)
-  parser.add_argument("--torch_length_eps", type=float, default=0.0,
-                      help="torch port's capsule length sqrt(|v|^2 + eps): 0 as Keras, "
-                      "1e-7 as capsjax (to tell whether it explains a gap)")
+  parser.add_argument(
+    "--torch_length_eps",
+    type=float,
+    default=0.0,
+    help="torch port's capsule length sqrt(|v|^2 + eps): 0 as Keras, "
+    "1e-7 as capsjax (to tell whether it explains a gap)",
+  )
   # Tests of this script only: a test-set subset changes what the accuracy means.
   parser.add_argument("--eval_examples", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -92,10 +111,16 @@ def _subset(images: np.ndarray, labels: np.ndarray, n: int):
 
 
 def capsjax_command(args: argparse.Namespace) -> list[str]:
-  cmd = [sys.executable, "-m", "capsjax.main", f"--config={args.capsjax_config}",
-         f"--workdir={os.path.join(args.workdir, 'capsjax')}",
-         f"--config.num_epochs={args.epochs}", f"--config.seed={args.seed}",
-         "--config.progress_bar=False"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "capsjax.main",
+    f"--config={args.capsjax_config}",
+    f"--workdir={os.path.join(args.workdir, 'capsjax')}",
+    f"--config.num_epochs={args.epochs}",
+    f"--config.seed={args.seed}",
+    "--config.progress_bar=False",
+  ]
   if args.train_examples:
     cmd.append(f"--config.train_examples={args.train_examples}")
   if args.eval_examples:
@@ -105,10 +130,16 @@ def capsjax_command(args: argparse.Namespace) -> list[str]:
 
 def _capsjax_rows(args: argparse.Namespace) -> list[dict]:
   path = os.path.join(args.workdir, "capsjax", "epochs.csv")
-  rows = [{"epoch": int(r["epoch"]), "test_accuracy": float(r["test_accuracy"]),
-           "seconds": float(r["seconds"]),
-           "images_per_s": float(r.get("images_per_s") or "nan")}
-          for r in _read_csv(path) if r.get("test_accuracy")]
+  rows = [
+    {
+      "epoch": int(r["epoch"]),
+      "test_accuracy": float(r["test_accuracy"]),
+      "seconds": float(r["seconds"]),
+      "images_per_s": float(r.get("images_per_s") or "nan"),
+    }
+    for r in _read_csv(path)
+    if r.get("test_accuracy")
+  ]
   return [r for r in rows if r["epoch"] <= args.epochs]
 
 
@@ -123,13 +154,17 @@ def _check_capsjax_workdir(args: argparse.Namespace) -> None:
     return
   with open(path) as f:
     saved = json.load(f)
-  wanted = {"seed": args.seed, "train_examples": args.train_examples,
-            "eval_examples": args.eval_examples}
+  wanted = {
+    "seed": args.seed,
+    "train_examples": args.train_examples,
+    "eval_examples": args.eval_examples,
+  }
   diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k, v) != v}
   if diff:
     raise SystemExit(
-        f"{args.workdir}/capsjax is a run with other settings (saved, wanted): {diff}; "
-        "use another --workdir")
+      f"{args.workdir}/capsjax is a run with other settings (saved, wanted): {diff}; "
+      "use another --workdir"
+    )
 
 
 def run_capsjax(args: argparse.Namespace) -> list[dict]:
@@ -137,8 +172,7 @@ def run_capsjax(args: argparse.Namespace) -> list[dict]:
   _check_capsjax_workdir(args)
   rows = _capsjax_rows(args)
   if len(rows) >= args.epochs:
-    print(f"capsjax: {len(rows)} epochs already in {args.workdir}/capsjax, not rerun",
-          flush=True)
+    print(f"capsjax: {len(rows)} epochs already in {args.workdir}/capsjax, not rerun", flush=True)
     return rows
   cmd = capsjax_command(args)
   print("capsjax:", shlex.join(cmd), flush=True)
@@ -156,9 +190,13 @@ def run_capsjax(args: argparse.Namespace) -> list[dict]:
 
 def _torch_settings(args: argparse.Namespace, recipe) -> dict:
   """What the torch rows depend on (not --threads: it changes speed, not results)."""
-  return {"seed": args.seed, "train_examples": args.train_examples,
-          "eval_examples": args.eval_examples, "batch_size": BATCH_SIZE,
-          "recipe": dataclasses.asdict(recipe)}
+  return {
+    "seed": args.seed,
+    "train_examples": args.train_examples,
+    "eval_examples": args.eval_examples,
+    "batch_size": BATCH_SIZE,
+    "recipe": dataclasses.asdict(recipe),
+  }
 
 
 def run_torch(args: argparse.Namespace) -> list[dict]:
@@ -177,23 +215,27 @@ def run_torch(args: argparse.Namespace) -> list[dict]:
     rows = _read_csv(csv_path)
     if done.get("settings") == settings and len(rows) >= args.epochs:
       print(f"torch: {len(rows)} epochs already in {out_dir}, not rerun", flush=True)
-      return [{k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in r.items()}
-              for r in rows[:args.epochs]]
+      return [
+        {k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in r.items()}
+        for r in rows[: args.epochs]
+      ]
 
-  train_images, train_labels = _subset(*input_pipeline.load_split(
-      DATASET, "train", data_dir=None, manual_dir=None, download=False),
-      args.train_examples)                               # uint8 [N, 28, 28, 1], int [N]
-  test_images, test_labels = _subset(*input_pipeline.load_split(
-      DATASET, "test", data_dir=None, manual_dir=None, download=False),
-      args.eval_examples)
-  test_images = input_pipeline.to_float(test_images)     # float32 [M, 28, 28, 1]
+  train_images, train_labels = _subset(
+    *input_pipeline.load_split(DATASET, "train", data_dir=None, manual_dir=None, download=False),
+    args.train_examples,
+  )  # uint8 [N, 28, 28, 1], int [N]
+  test_images, test_labels = _subset(
+    *input_pipeline.load_split(DATASET, "test", data_dir=None, manual_dir=None, download=False),
+    args.eval_examples,
+  )
+  test_images = input_pipeline.to_float(test_images)  # float32 [M, 28, 28, 1]
 
   def batches(epoch):
     # capsjax's own generator: the identical permutation and batch boundaries.
-    for batch in input_pipeline.train_batches(train_images, train_labels,
-                                              batch_size=BATCH_SIZE, seed=args.seed,
-                                              epoch=epoch):
-      yield batch["image"], batch["label"]               # [B, 28, 28, 1], [B]
+    for batch in input_pipeline.train_batches(
+      train_images, train_labels, batch_size=BATCH_SIZE, seed=args.seed, epoch=epoch
+    ):
+      yield batch["image"], batch["label"]  # [B, 28, 28, 1], [B]
 
   os.makedirs(out_dir, exist_ok=True)
   if os.path.exists(meta_path):
@@ -204,16 +246,28 @@ def run_torch(args: argparse.Namespace) -> list[dict]:
   def on_epoch(row):
     with open(csv_path, "a", newline="") as f:
       csv.DictWriter(f, TORCH_FIELDS).writerow(
-          {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+      )
 
-  print(f"torch: {len(train_labels)} train / {len(test_labels)} test examples, "
-        f"{len(train_labels) // BATCH_SIZE} steps/epoch, {args.threads} threads", flush=True)
-  rows = torch_peer.train_recipe(batches, test_images, test_labels, epochs=args.epochs,
-                                 seed=args.seed, threads=args.threads, recipe=recipe,
-                                 on_epoch=on_epoch)
+  print(
+    f"torch: {len(train_labels)} train / {len(test_labels)} test examples, "
+    f"{len(train_labels) // BATCH_SIZE} steps/epoch, {args.threads} threads",
+    flush=True,
+  )
+  rows = torch_peer.train_recipe(
+    batches,
+    test_images,
+    test_labels,
+    epochs=args.epochs,
+    seed=args.seed,
+    threads=args.threads,
+    recipe=recipe,
+    on_epoch=on_epoch,
+  )
   with open(meta_path, "w") as f:
-    json.dump({"settings": settings, "epochs": args.epochs,
-               "torch": _version("torch")}, f, indent=2)
+    json.dump(
+      {"settings": settings, "epochs": args.epochs, "torch": _version("torch")}, f, indent=2
+    )
   return rows
 
 
@@ -240,33 +294,30 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def markdown(args: argparse.Namespace, argv: list[str], results: dict[str, list[dict]]
-             ) -> str:
+def markdown(args: argparse.Namespace, argv: list[str], results: dict[str, list[dict]]) -> str:
   """The report: a header (command, hardware, versions, date) and one row per epoch."""
   by_epoch = {fw: {r["epoch"]: r for r in rows} for fw, rows in results.items()}
   epochs = sorted({e for rows in by_epoch.values() for e in rows})
   cmd = shlex.join(["python", "-m", "benchmarks.recipe_curves", *argv])
   lines = [
-      "# CapsNet-Fashion-MNIST recipe: capsjax vs a PyTorch port",
-      "",
-      f"- command: `{cmd}`",
-      f"- capsjax config: `{args.capsjax_config}`"
-      + (" (not run: --skip_capsjax)" if args.skip_capsjax else ""),
-      f"- PyTorch port: `benchmarks.torch_peer.train_recipe`, capsule length eps "
-      f"{args.torch_length_eps:g}" + (" (not run: --skip_torch)" if args.skip_torch else ""),
-      f"- hardware: {_cpu_model()}, {os.cpu_count()} logical CPUs; "
-      f"torch threads: {args.threads}",
-      f"- versions: torch {_version('torch')}, jax {_version('jax')}, "
-      f"Python {platform.python_version()}",
-      f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-      f"- data: Fashion-MNIST, "
-      f"{args.train_examples or 60000} train examples in capsjax's order (seed "
-      f"{args.seed}), test accuracy on "
-      f"{args.eval_examples or 10000} test images",
-      "",
-      "| epoch | capsjax test acc | PyTorch port test acc | capsjax s/epoch | "
-      "PyTorch s/epoch |",
-      "|---:|---:|---:|---:|---:|",
+    "# CapsNet-Fashion-MNIST recipe: capsjax vs a PyTorch port",
+    "",
+    f"- command: `{cmd}`",
+    f"- capsjax config: `{args.capsjax_config}`"
+    + (" (not run: --skip_capsjax)" if args.skip_capsjax else ""),
+    f"- PyTorch port: `benchmarks.torch_peer.train_recipe`, capsule length eps "
+    f"{args.torch_length_eps:g}" + (" (not run: --skip_torch)" if args.skip_torch else ""),
+    f"- hardware: {_cpu_model()}, {os.cpu_count()} logical CPUs; torch threads: {args.threads}",
+    f"- versions: torch {_version('torch')}, jax {_version('jax')}, "
+    f"Python {platform.python_version()}",
+    f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+    f"- data: Fashion-MNIST, "
+    f"{args.train_examples or 60000} train examples in capsjax's order (seed "
+    f"{args.seed}), test accuracy on "
+    f"{args.eval_examples or 10000} test images",
+    "",
+    "| epoch | capsjax test acc | PyTorch port test acc | capsjax s/epoch | PyTorch s/epoch |",
+    "|---:|---:|---:|---:|---:|",
   ]
   for e in epochs:
     cells = [str(e)]
@@ -289,6 +340,7 @@ def write_csv(path: str, results: dict[str, list[dict]]) -> None:
 
 def plot(path: str, results: dict[str, list[dict]]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
@@ -297,8 +349,12 @@ def plot(path: str, results: dict[str, list[dict]]) -> None:
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for fw, rows in results.items():
     if rows:
-      ax.plot([r["epoch"] for r in rows], [100 * r["test_accuracy"] for r in rows],
-              marker="o", label=labels.get(fw, fw))
+      ax.plot(
+        [r["epoch"] for r in rows],
+        [100 * r["test_accuracy"] for r in rows],
+        marker="o",
+        label=labels.get(fw, fw),
+      )
   ax.set_xlabel("epoch")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title("CapsNet-Fashion-MNIST recipe")

@@ -42,15 +42,15 @@ def numpy_routing(u_hat: np.ndarray, num_iterations: int) -> np.ndarray:
   Returns:
     v: [B, N_out, D] output capsules, dtype of `u_hat`.
   """
-  b = np.zeros(u_hat.shape[:-1], u_hat.dtype)                         # [B, N_in, N_out]
+  b = np.zeros(u_hat.shape[:-1], u_hat.dtype)  # [B, N_in, N_out]
   for r in range(num_iterations):
-    e = np.exp(b - b.max(axis=-1, keepdims=True))                      # [B, N_in, N_out]
-    c = e / e.sum(axis=-1, keepdims=True)                              # softmax over parents
-    s = np.einsum('bnm,bnmo->bmo', c, u_hat)                           # [B, N_out, D]
-    sq = np.sum(s * s, axis=-1, keepdims=True)                         # [B, N_out, 1]
-    v = s * (sq / (1.0 + sq) / np.sqrt(sq + 1e-7))                     # [B, N_out, D]
+    e = np.exp(b - b.max(axis=-1, keepdims=True))  # [B, N_in, N_out]
+    c = e / e.sum(axis=-1, keepdims=True)  # softmax over parents
+    s = np.einsum("bnm,bnmo->bmo", c, u_hat)  # [B, N_out, D]
+    sq = np.sum(s * s, axis=-1, keepdims=True)  # [B, N_out, 1]
+    v = s * (sq / (1.0 + sq) / np.sqrt(sq + 1e-7))  # [B, N_out, D]
     if r < num_iterations - 1:
-      b = b + np.einsum('bnmo,bmo->bnm', u_hat, v)                     # [B, N_in, N_out]
+      b = b + np.einsum("bnmo,bmo->bnm", u_hat, v)  # [B, N_in, N_out]
   return v
 
 
@@ -68,18 +68,19 @@ def run(batch: int, repeats: int, iterations: list[int], seed: int) -> dict:
   rng = np.random.default_rng(seed)
   # Small predictions (|u_hat| ~ 0.05 per entry) as after a freshly initialised W.
   u_np = (0.05 * rng.standard_normal((batch, N_IN, N_OUT, D_OUT))).astype(np.float32)
-  u_dev = jax.device_put(u_np)                                         # [B, N_in, N_out, D]
+  u_dev = jax.device_put(u_np)  # [B, N_in, N_out, D]
   u_dev.block_until_ready()
   rows = []
   for r in iterations:
     route = jax.jit(functools.partial(dynamic_routing, num_iterations=r))
     start = time.perf_counter()
-    v_jax = route(u_dev).block_until_ready()                           # compile + first run
+    v_jax = route(u_dev).block_until_ready()  # compile + first run
     compile_s = time.perf_counter() - start
     jax_s = _median_seconds(lambda: route(u_dev).block_until_ready(), repeats)
-    v_np = numpy_routing(u_np, r)                                      # warm-up + check
+    v_np = numpy_routing(u_np, r)  # warm-up + check
     numpy_s = _median_seconds(lambda: numpy_routing(u_np, r), repeats)
-    rows.append({
+    rows.append(
+      {
         "iterations": r,
         "jax_ms": 1e3 * jax_s,
         "numpy_ms": 1e3 * numpy_s,
@@ -88,37 +89,41 @@ def run(batch: int, repeats: int, iterations: list[int], seed: int) -> dict:
         "speedup": numpy_s / jax_s,
         "jax_compile_s": compile_s,
         "max_abs_diff": float(np.max(np.abs(np.asarray(v_jax) - v_np))),
-    })
+      }
+    )
   return {
-      "benchmark": "routing",
-      "u_hat_shape": [batch, N_IN, N_OUT, D_OUT],
-      "dtype": "float32",
-      "repeats": repeats,
-      "jax_version": jax.__version__,
-      "numpy_version": np.__version__,
-      "device": str(jax.devices()[0]),
-      "device_kind": jax.devices()[0].device_kind,
-      "cpu": platform.processor() or platform.machine(),
-      "results": rows,
+    "benchmark": "routing",
+    "u_hat_shape": [batch, N_IN, N_OUT, D_OUT],
+    "dtype": "float32",
+    "repeats": repeats,
+    "jax_version": jax.__version__,
+    "numpy_version": np.__version__,
+    "device": str(jax.devices()[0]),
+    "device_kind": jax.devices()[0].device_kind,
+    "cpu": platform.processor() or platform.machine(),
+    "results": rows,
   }
 
 
 def format_table(result: dict) -> str:
-  header = (f"{'iters':>5} | {'JAX ms':>9} | {'JAX ex/s':>10} | {'NumPy ms':>9} | "
-            f"{'NumPy ex/s':>10} | {'speedup':>7} | {'compile s':>9} | {'max|dv|':>8}")
+  header = (
+    f"{'iters':>5} | {'JAX ms':>9} | {'JAX ex/s':>10} | {'NumPy ms':>9} | "
+    f"{'NumPy ex/s':>10} | {'speedup':>7} | {'compile s':>9} | {'max|dv|':>8}"
+  )
   lines = [
-      f"dynamic_routing, u_hat {result['u_hat_shape']} {result['dtype']}, "
-      f"median of {result['repeats']}, JAX {result['jax_version']} on "
-      f"{result['device']} ({result['device_kind']}), NumPy {result['numpy_version']}",
-      header,
-      "-" * len(header),
+    f"dynamic_routing, u_hat {result['u_hat_shape']} {result['dtype']}, "
+    f"median of {result['repeats']}, JAX {result['jax_version']} on "
+    f"{result['device']} ({result['device_kind']}), NumPy {result['numpy_version']}",
+    header,
+    "-" * len(header),
   ]
   for row in result["results"]:
     lines.append(
-        f"{row['iterations']:>5} | {row['jax_ms']:>9.2f} | {row['jax_examples_per_s']:>10.0f}"
-        f" | {row['numpy_ms']:>9.2f} | {row['numpy_examples_per_s']:>10.0f}"
-        f" | {row['speedup']:>6.1f}x | {row['jax_compile_s']:>9.2f}"
-        f" | {row['max_abs_diff']:>8.1e}")
+      f"{row['iterations']:>5} | {row['jax_ms']:>9.2f} | {row['jax_examples_per_s']:>10.0f}"
+      f" | {row['numpy_ms']:>9.2f} | {row['numpy_examples_per_s']:>10.0f}"
+      f" | {row['speedup']:>6.1f}x | {row['jax_compile_s']:>9.2f}"
+      f" | {row['max_abs_diff']:>8.1e}"
+    )
   return "\n".join(lines)
 
 
@@ -142,13 +147,18 @@ def _iteration_list(text: str) -> list[int]:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch", type=_positive_int, default=128, help="examples per call")
-  parser.add_argument("--repeats", type=_positive_int, default=5,
-                      help="timed runs per setting (median reported)")
-  parser.add_argument("--iterations", type=_iteration_list, default=[1, 3, 5],
-                      help="comma-separated routing iteration counts")
+  parser.add_argument(
+    "--repeats", type=_positive_int, default=5, help="timed runs per setting (median reported)"
+  )
+  parser.add_argument(
+    "--iterations",
+    type=_iteration_list,
+    default=[1, 3, 5],
+    help="comma-separated routing iteration counts",
+  )
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  cpu_runtime.configure_cpu_runtime()   # as capsjax.main does, before JAX starts.
+  cpu_runtime.configure_cpu_runtime()  # as capsjax.main does, before JAX starts.
   result = run(args.batch, args.repeats, args.iterations, args.seed)
   print(format_table(result))
   print(json.dumps(result, sort_keys=True))

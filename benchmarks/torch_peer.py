@@ -55,8 +55,8 @@ INITS = ("torch", "keras")
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-7) -> torch.Tensor:
   """v = |s|^2/(1+|s|^2) * s/|s|, with |s| = sqrt(|s|^2 + eps). s: [..., D]."""
-  sq = (s * s).sum(dim=dim, keepdim=True)                      # [..., 1]
-  return s * (sq / (1.0 + sq)) / torch.sqrt(sq + eps)          # [..., D]
+  sq = (s * s).sum(dim=dim, keepdim=True)  # [..., 1]
+  return s * (sq / (1.0 + sq)) / torch.sqrt(sq + eps)  # [..., D]
 
 
 def keras_glorot_limit(shape: Sequence[int]) -> float:
@@ -88,8 +88,13 @@ def keras_glorot_limit(shape: Sequence[int]) -> float:
 class CapsNet(nn.Module):
   """The CapsNet of Sabour et al. (2017) for 28x28x1 images and 10 classes."""
 
-  def __init__(self, routing_iterations: int = 3, init: str = "torch",
-               stop_gradient: bool = False, length_eps: float = 1e-7):
+  def __init__(
+    self,
+    routing_iterations: int = 3,
+    init: str = "torch",
+    stop_gradient: bool = False,
+    length_eps: float = 1e-7,
+  ):
     """Builds the model.
 
     Args:
@@ -118,8 +123,13 @@ class CapsNet(nn.Module):
     # W[n, m, o, i]: N_in=1152, N_out=10, D_out=16, D_in=8.
     self.w = nn.Parameter(0.01 * torch.randn(1152, 10, 16, 8))
     self.decoder = nn.Sequential(
-        nn.Linear(160, 512), nn.ReLU(), nn.Linear(512, 1024), nn.ReLU(),
-        nn.Linear(1024, 784), nn.Sigmoid())
+      nn.Linear(160, 512),
+      nn.ReLU(),
+      nn.Linear(512, 1024),
+      nn.ReLU(),
+      nn.Linear(1024, 784),
+      nn.Sigmoid(),
+    )
     if init == "keras":
       self._keras_init()
 
@@ -148,27 +158,27 @@ class CapsNet(nn.Module):
     Returns (lengths [B, 10], reconstructions [B, 784]).
     """
     b = x.shape[0]
-    h = F.relu(self.conv1(x))                                    # [B, 256, 20, 20]
-    h = self.primary(h)                                          # [B, 256, 6, 6]
-    u = h.permute(0, 2, 3, 1).reshape(b, 6 * 6 * 32, 8)          # [B, 1152, 8]
-    u = squash(u)                                                # [B, 1152, 8]
-    u_hat = torch.einsum('nmoi,bni->bnmo', self.w, u)            # [B, 1152, 10, 16]
-    u_stop = u_hat.detach() if self.stop_gradient else u_hat     # [B, 1152, 10, 16]
-    logits = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)     # [B, 1152, 10]
+    h = F.relu(self.conv1(x))  # [B, 256, 20, 20]
+    h = self.primary(h)  # [B, 256, 6, 6]
+    u = h.permute(0, 2, 3, 1).reshape(b, 6 * 6 * 32, 8)  # [B, 1152, 8]
+    u = squash(u)  # [B, 1152, 8]
+    u_hat = torch.einsum("nmoi,bni->bnmo", self.w, u)  # [B, 1152, 10, 16]
+    u_stop = u_hat.detach() if self.stop_gradient else u_hat  # [B, 1152, 10, 16]
+    logits = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)  # [B, 1152, 10]
     for it in range(self.routing_iterations):
       last = it == self.routing_iterations - 1
       # Only the last iteration's output carries gradient to u_hat in the stopped
       # variant, so the earlier ones (and the logits) are constants for backprop.
-      src = u_hat if last else u_stop                            # [B, 1152, 10, 16]
-      c = torch.softmax(logits, dim=2)                           # [B, 1152, 10]
-      s = torch.einsum('bnm,bnmo->bmo', c, src)                  # [B, 10, 16]
-      v = squash(s)                                              # [B, 10, 16]
+      src = u_hat if last else u_stop  # [B, 1152, 10, 16]
+      c = torch.softmax(logits, dim=2)  # [B, 1152, 10]
+      s = torch.einsum("bnm,bnmo->bmo", c, src)  # [B, 10, 16]
+      v = squash(s)  # [B, 10, 16]
       if not last:
-        logits = logits + torch.einsum('bnmo,bmo->bnm', src, v)
-    lengths = torch.sqrt((v * v).sum(-1) + self.length_eps)      # [B, 10]
+        logits = logits + torch.einsum("bnmo,bmo->bnm", src, v)
+    lengths = torch.sqrt((v * v).sum(-1) + self.length_eps)  # [B, 10]
     if labels is None:
       labels = lengths.argmax(dim=1)
-    mask = F.one_hot(labels, 10).to(v.dtype)                     # [B, 10]
+    mask = F.one_hot(labels, 10).to(v.dtype)  # [B, 10]
     recon = self.decoder((v * mask[:, :, None]).reshape(b, 160))  # [B, 784]
     return lengths, recon
 
@@ -185,9 +195,10 @@ def loss_terms(lengths, recon, images, labels):
   Returns:
     (margin [B], mse [B]).
   """
-  t = F.one_hot(labels, 10).to(lengths.dtype)                    # [B, 10]
-  margin = (t * F.relu(0.9 - lengths) ** 2
-            + 0.5 * (1 - t) * F.relu(lengths - 0.1) ** 2).sum(1)  # [B]
+  t = F.one_hot(labels, 10).to(lengths.dtype)  # [B, 10]
+  margin = (t * F.relu(0.9 - lengths) ** 2 + 0.5 * (1 - t) * F.relu(lengths - 0.1) ** 2).sum(
+    1
+  )  # [B]
   mse = ((recon - images.reshape(images.shape[0], -1)) ** 2).mean(1)  # [B]
   return margin, mse
 
@@ -209,8 +220,9 @@ def _data(batch: int):
   return images, labels
 
 
-def train_images_per_s(batch: int = 100, steps: int = 5, threads: int = 2,
-                       compile: bool = False, warmup: int = 2) -> float:
+def train_images_per_s(
+  batch: int = 100, steps: int = 5, threads: int = 2, compile: bool = False, warmup: int = 2
+) -> float:
   """Train-step (forward, backward, Adam) images/s, median over `steps` timed steps."""
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -218,7 +230,7 @@ def train_images_per_s(batch: int = 100, steps: int = 5, threads: int = 2,
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   images, labels = _data(batch)
 
-  fwd = torch.compile(model) if compile else model   # Adam stays eager
+  fwd = torch.compile(model) if compile else model  # Adam stays eager
 
   def step(images, labels):
     opt.zero_grad(set_to_none=True)
@@ -238,8 +250,9 @@ def train_images_per_s(batch: int = 100, steps: int = 5, threads: int = 2,
   return batch / float(np.median(times))
 
 
-def eval_images_per_s(batch: int = 100, steps: int = 5, threads: int = 2,
-                      compile: bool = False, warmup: int = 2) -> float:
+def eval_images_per_s(
+  batch: int = 100, steps: int = 5, threads: int = 2, compile: bool = False, warmup: int = 2
+) -> float:
   """Eval (no-grad forward incl. decoder masked by the prediction) images/s, median."""
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -278,13 +291,14 @@ def shift_nearest(images: np.ndarray, offsets: np.ndarray) -> np.ndarray:
   """
   b, h, w = images.shape[:3]
   offsets = np.asarray(offsets, np.int64)
-  rows = np.clip(np.arange(h)[None, :] - offsets[:, :1], 0, h - 1)   # [B, H]
-  cols = np.clip(np.arange(w)[None, :] - offsets[:, 1:], 0, w - 1)   # [B, W]
+  rows = np.clip(np.arange(h)[None, :] - offsets[:, :1], 0, h - 1)  # [B, H]
+  cols = np.clip(np.arange(w)[None, :] - offsets[:, 1:], 0, w - 1)  # [B, W]
   return images[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def sample_keras_offsets(rng: np.random.Generator, batch: int, height: int, width: int,
-                         shift_fraction: float) -> np.ndarray:
+def sample_keras_offsets(
+  rng: np.random.Generator, batch: int, height: int, width: int, shift_fraction: float
+) -> np.ndarray:
   """ImageDataGenerator's shifts in whole pixels: int64 [B, 2] (dy, dx).
 
   Keras draws uniform(-f, f) * size per axis; scipy's order-0 interpolation then reads
@@ -293,12 +307,16 @@ def sample_keras_offsets(rng: np.random.Generator, batch: int, height: int, widt
   """
   dy = rng.uniform(-shift_fraction * height, shift_fraction * height, size=batch)
   dx = rng.uniform(-shift_fraction * width, shift_fraction * width, size=batch)
-  return np.rint(np.stack([dy, dx], axis=1)).astype(np.int64)       # [B, 2]
+  return np.rint(np.stack([dy, dx], axis=1)).astype(np.int64)  # [B, 2]
 
 
-def keras_shift_flip(images: np.ndarray, rng: np.random.Generator, *,
-                     shift_fraction: float = 0.1, horizontal_flip: bool = True,
-                     ) -> np.ndarray:
+def keras_shift_flip(
+  images: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  shift_fraction: float = 0.1,
+  horizontal_flip: bool = True,
+) -> np.ndarray:
   """Keras ImageDataGenerator(width/height_shift_range, horizontal_flip) on a batch.
 
   Per image: a shift by `sample_keras_offsets` with 'nearest' (edge) fill, then, with
@@ -318,7 +336,7 @@ def keras_shift_flip(images: np.ndarray, rng: np.random.Generator, *,
   if shift_fraction:
     out = shift_nearest(images, sample_keras_offsets(rng, b, h, w, shift_fraction))
   if horizontal_flip:
-    flip = rng.random(b) < 0.5                                       # [B]
+    flip = rng.random(b) < 0.5  # [B]
     out = np.where(flip[:, None, None, None], out[:, :, ::-1], out)  # [B, H, W, C]
   return out
 
@@ -338,11 +356,12 @@ class KerasRecipe:
   vector: the margin loss barely moves the capsules until |v| grows past ~3e-4, while
   the reconstruction term is unaffected.
   """
+
   batch_size: int = 100
   learning_rate: float = 1e-3
-  lr_decay: float = 0.95                 # lr * lr_decay**epoch, set when each epoch starts.
+  lr_decay: float = 0.95  # lr * lr_decay**epoch, set when each epoch starts.
   adam_eps: float = 1e-8
-  recon_weight: float = 0.392            # x per-pixel MSE (= 0.0005 x SSE on 28x28).
+  recon_weight: float = 0.392  # x per-pixel MSE (= 0.0005 x SSE on 28x28).
   shift_fraction: float = 0.1
   horizontal_flip: bool = True
   init: str = "keras"
@@ -356,13 +375,20 @@ class KerasRecipe:
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
   """float [B, H, W, C] NumPy -> float32 [B, C, H, W] torch."""
-  return torch.from_numpy(np.ascontiguousarray(
-      np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
+  return torch.from_numpy(
+    np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2))
+  )
 
 
 @torch.no_grad()
-def evaluate(model: CapsNet, images: np.ndarray, labels: np.ndarray, *,
-             batch_size: int = 100, recon_weight: float = 0.392) -> dict[str, float]:
+def evaluate(
+  model: CapsNet,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  batch_size: int = 100,
+  recon_weight: float = 0.392,
+) -> dict[str, float]:
   """Accuracy and mean losses over every test example, decoder masked by the prediction.
 
   Args:
@@ -379,28 +405,32 @@ def evaluate(model: CapsNet, images: np.ndarray, labels: np.ndarray, *,
   correct, margin_sum, mse_sum = 0, 0.0, 0.0
   n = len(labels)
   for start in range(0, n, batch_size):
-    x = _nchw(images[start:start + batch_size])                    # [b, 1, 28, 28]
-    y = torch.from_numpy(np.asarray(labels[start:start + batch_size], np.int64))  # [b]
+    x = _nchw(images[start : start + batch_size])  # [b, 1, 28, 28]
+    y = torch.from_numpy(np.asarray(labels[start : start + batch_size], np.int64))  # [b]
     lengths, recon = model(x)
     margin, mse = loss_terms(lengths, recon, x, y)
     correct += int((lengths.argmax(1) == y).sum())
     margin_sum += float(margin.sum())
     mse_sum += float(mse.sum())
-  return {"accuracy": correct / n, "loss": (margin_sum + recon_weight * mse_sum) / n,
-          "margin_loss": margin_sum / n, "recon_loss": mse_sum / n}
+  return {
+    "accuracy": correct / n,
+    "loss": (margin_sum + recon_weight * mse_sum) / n,
+    "margin_loss": margin_sum / n,
+    "recon_loss": mse_sum / n,
+  }
 
 
 def train_recipe(
-    batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
-    test_images: np.ndarray,
-    test_labels: np.ndarray,
-    *,
-    epochs: int,
-    seed: int = 0,
-    threads: int = 2,
-    recipe: KerasRecipe = KerasRecipe(),
-    log_every: int = 100,
-    on_epoch: Callable[[dict], None] | None = None,
+  batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
+  test_images: np.ndarray,
+  test_labels: np.ndarray,
+  *,
+  epochs: int,
+  seed: int = 0,
+  threads: int = 2,
+  recipe: KerasRecipe = KerasRecipe(),
+  log_every: int = 100,
+  on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
   """Trains the CapsNet-Fashion-MNIST recipe; one evaluation on the test set per epoch.
 
@@ -426,15 +456,20 @@ def train_recipe(
   """
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
-  model = CapsNet(recipe.routing_iterations, init=recipe.init,
-                  stop_gradient=recipe.stop_gradient, length_eps=recipe.length_eps)
+  model = CapsNet(
+    recipe.routing_iterations,
+    init=recipe.init,
+    stop_gradient=recipe.stop_gradient,
+    length_eps=recipe.length_eps,
+  )
   if num_params(model) != NUM_PARAMS:
     raise RuntimeError(f"parameter count {num_params(model):,} != {NUM_PARAMS:,}")
-  opt = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate,
-                         betas=(0.9, 0.999), eps=recipe.adam_eps)
+  opt = torch.optim.Adam(
+    model.parameters(), lr=recipe.learning_rate, betas=(0.9, 0.999), eps=recipe.adam_eps
+  )
   rows, step = [], 0
   for epoch in range(epochs):
-    lr = recipe.learning_rate * recipe.lr_decay ** epoch
+    lr = recipe.learning_rate * recipe.lr_decay**epoch
     for group in opt.param_groups:
       group["lr"] = lr
     rng = np.random.default_rng([seed, epoch, recipe.aug_stream])
@@ -442,12 +477,13 @@ def train_recipe(
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
     run_loss, run_n, t_log = 0.0, 0, t0
     for images, labels in batches(epoch):
-      images = keras_shift_flip(images, rng, shift_fraction=recipe.shift_fraction,
-                                horizontal_flip=recipe.horizontal_flip)
-      x = _nchw(images)                                              # [B, 1, 28, 28]
-      y = torch.from_numpy(np.asarray(labels, np.int64))             # [B]
+      images = keras_shift_flip(
+        images, rng, shift_fraction=recipe.shift_fraction, horizontal_flip=recipe.horizontal_flip
+      )
+      x = _nchw(images)  # [B, 1, 28, 28]
+      y = torch.from_numpy(np.asarray(labels, np.int64))  # [B]
       opt.zero_grad(set_to_none=True)
-      lengths, recon = model(x, y)                  # decoder masked by the true label
+      lengths, recon = model(x, y)  # decoder masked by the true label
       margin, mse = loss_terms(lengths, recon, x, y)
       loss = (margin + recipe.recon_weight * mse).mean()
       loss.backward()
@@ -461,20 +497,32 @@ def train_recipe(
       run_loss, run_n = run_loss + loss_value * b, run_n + b
       if log_every and step % log_every == 0:
         now = time.perf_counter()
-        print(f"torch epoch {epoch + 1} step {step}: loss {run_loss / run_n:.4f}, "
-              f"{run_n / (now - t_log):.1f} img/s", flush=True)
+        print(
+          f"torch epoch {epoch + 1} step {step}: loss {run_loss / run_n:.4f}, "
+          f"{run_n / (now - t_log):.1f} img/s",
+          flush=True,
+        )
         run_loss, run_n, t_log = 0.0, 0, now
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     test = evaluate(model, test_images, test_labels, recon_weight=recipe.recon_weight)
-    row = {"epoch": epoch + 1, "step": step, "learning_rate": lr,
-           "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-           **{f"test_{k}": v for k, v in test.items()},
-           "seconds": seconds, "eval_seconds": time.perf_counter() - t1,
-           "images_per_s": seen / max(seconds, 1e-9)}
-    print(f"torch epoch {epoch + 1}: test accuracy {100 * row['test_accuracy']:.2f}% "
-          f"(loss {row['test_loss']:.4f}), {seconds:.1f} s, "
-          f"{row['images_per_s']:.1f} img/s", flush=True)
+    row = {
+      "epoch": epoch + 1,
+      "step": step,
+      "learning_rate": lr,
+      "train_loss": loss_sum / max(seen, 1),
+      "train_accuracy": correct / max(seen, 1),
+      **{f"test_{k}": v for k, v in test.items()},
+      "seconds": seconds,
+      "eval_seconds": time.perf_counter() - t1,
+      "images_per_s": seen / max(seconds, 1e-9),
+    }
+    print(
+      f"torch epoch {epoch + 1}: test accuracy {100 * row['test_accuracy']:.2f}% "
+      f"(loss {row['test_loss']:.4f}), {seconds:.1f} s, "
+      f"{row['images_per_s']:.1f} img/s",
+      flush=True,
+    )
     rows.append(row)
     if on_epoch is not None:
       on_epoch(row)
@@ -487,10 +535,10 @@ def self_check() -> None:
   ramp = np.arange(28 * 28, dtype=np.float32).reshape(1, 28, 28, 1)  # [1, 28, 28, 1]
   for dy, dx in [(0, 0), (3, -3), (-2, 1), (1, 0), (-3, 3)]:
     got = shift_nearest(ramp, np.array([[dy, dx]]))
-    padded = np.pad(ramp[0, :, :, 0], 3, mode="edge")                # [34, 34]
-    want = padded[3 - dy:3 - dy + 28, 3 - dx:3 - dx + 28]
+    padded = np.pad(ramp[0, :, :, 0], 3, mode="edge")  # [34, 34]
+    want = padded[3 - dy : 3 - dy + 28, 3 - dx : 3 - dx + 28]
     assert np.array_equal(got[0, :, :, 0], want), (dy, dx)
-    r, c = 10, 12                                     # an interior pixel moves by (dy, dx)
+    r, c = 10, 12  # an interior pixel moves by (dy, dx)
     assert got[0, r + dy, c + dx, 0] == ramp[0, r, c, 0], (dy, dx)
   got = shift_nearest(ramp, np.array([[2, 0]]))
   assert (got[0, :3, :, 0] == ramp[0, 0, :, 0]).all()  # top row repeated into the gap
@@ -507,13 +555,11 @@ def self_check() -> None:
   f = keras_shift_flip(u8.astype(np.float32) / 255, np.random.default_rng(2))
   assert a.dtype == np.uint8 and f.dtype == np.float32
   assert np.allclose(a.astype(np.float32) / 255, f)
-  flips = [keras_shift_flip(ramp, np.random.default_rng(s), shift_fraction=0.0)
-           for s in range(64)]
+  flips = [keras_shift_flip(ramp, np.random.default_rng(s), shift_fraction=0.0) for s in range(64)]
   n_flip = sum(bool(np.array_equal(x, ramp[:, :, ::-1])) for x in flips)
   assert 16 <= n_flip <= 48, n_flip
   # Keras' glorot limits.
-  assert math.isclose(keras_glorot_limit((10, 1152, 16, 8)),
-                      math.sqrt(6 / ((16 + 8) * 11520)))
+  assert math.isclose(keras_glorot_limit((10, 1152, 16, 8)), math.sqrt(6 / ((16 + 8) * 11520)))
   assert math.isclose(keras_glorot_limit((9, 9, 1, 256)), math.sqrt(6 / (81 * 257)))
   assert math.isclose(keras_glorot_limit((160, 512)), math.sqrt(6 / 672))
   # Keras init: same parameter count, W within its limit, zero biases.
@@ -553,8 +599,11 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-  parser.add_argument("--self_check", action="store_true",
-                      help="check the recipe pieces (shift, init, routing) and exit")
+  parser.add_argument(
+    "--self_check",
+    action="store_true",
+    help="check the recipe pieces (shift, init, routing) and exit",
+  )
   args = parser.parse_args(argv)
   if args.self_check:
     self_check()
@@ -563,21 +612,35 @@ def main(argv=None):
   n = num_params(CapsNet())
   if n != NUM_PARAMS:
     raise RuntimeError(f"parameter count {n:,} != expected {NUM_PARAMS:,}")
-  rows = {"train_img_s": train_images_per_s(args.batch, args.steps, args.threads),
-          "eval_img_s": eval_images_per_s(args.batch, args.steps, args.threads)}
+  rows = {
+    "train_img_s": train_images_per_s(args.batch, args.steps, args.threads),
+    "eval_img_s": eval_images_per_s(args.batch, args.steps, args.threads),
+  }
   if args.compile:
     rows["compile_train_img_s"] = train_images_per_s(
-        args.batch, args.steps, args.threads, compile=True)
+      args.batch, args.steps, args.threads, compile=True
+    )
     rows["compile_eval_img_s"] = eval_images_per_s(
-        args.batch, args.steps, args.threads, compile=True)
-  print(f"PyTorch {torch.__version__} CapsNet peer: batch {args.batch}, "
-        f"{args.threads} threads, {n:,} params")
+      args.batch, args.steps, args.threads, compile=True
+    )
+  print(
+    f"PyTorch {torch.__version__} CapsNet peer: batch {args.batch}, "
+    f"{args.threads} threads, {n:,} params"
+  )
   print(f"{'metric':<22}{'images/s':>10}")
   for k, v in rows.items():
     print(f"{k:<22}{v:>10.1f}")
-  print(json.dumps({"batch": args.batch, "threads": args.threads, "params": n,
-                    "torch": torch.__version__,
-                    **{k: round(v, 2) for k, v in rows.items()}}))
+  print(
+    json.dumps(
+      {
+        "batch": args.batch,
+        "threads": args.threads,
+        "params": n,
+        "torch": torch.__version__,
+        **{k: round(v, 2) for k, v in rows.items()},
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ from capsjax import routing
 from capsjax.routing import Routed
 
 __all__ = [
-    "Routed",
-    "RoutingResult",
-    "capsule_lengths",
-    "dynamic_routing",
-    "margin_loss",
-    "reconstruction_loss",
-    "routing",
-    "squash",
+  "Routed",
+  "RoutingResult",
+  "capsule_lengths",
+  "dynamic_routing",
+  "margin_loss",
+  "reconstruction_loss",
+  "routing",
+  "squash",
 ]

@@ -29,7 +29,7 @@ from capsjax import models
 
 # Offsets added to one capsule dimension: -0.25, -0.20, ..., 0.25 (paper Fig. 4). Built
 # from integers so the middle one is exactly 0.0.
-PERTURBATIONS = np.arange(-5, 6, dtype=np.float32) / np.float32(20.0)   # [11]
+PERTURBATIONS = np.arange(-5, 6, dtype=np.float32) / np.float32(20.0)  # [11]
 
 
 # ----------------------------------------------------------------------------------------
@@ -38,13 +38,14 @@ PERTURBATIONS = np.arange(-5, 6, dtype=np.float32) / np.float32(20.0)   # [11]
 @dataclasses.dataclass
 class Run:
   """A restored CapsNet with what is known about the run that trained it."""
+
   model: models.CapsNet
-  info: input_pipeline.DatasetInfo   # image_shape/num_classes as in the checkpoint
-  meta: dict                         # checkpoint metadata
-  model_cfg: dict                    # config.model of the run (plain dict)
-  workdir: str                       # the run's workdir
-  step: int                          # the restored checkpoint's step
-  config: dict                       # the run's config.json ({} when there is none)
+  info: input_pipeline.DatasetInfo  # image_shape/num_classes as in the checkpoint
+  meta: dict  # checkpoint metadata
+  model_cfg: dict  # config.model of the run (plain dict)
+  workdir: str  # the run's workdir
+  step: int  # the restored checkpoint's step
+  config: dict  # the run's config.json ({} when there is none)
 
 
 def _read_json(path: str) -> dict | None:
@@ -84,35 +85,57 @@ def load_run(path: str, *, step: int | None = None) -> Run:
     dataset = meta.get("dataset") or saved.get("dataset")
     if not model_cfg or not dataset:
       raise errors.CheckpointReadError(
-          f"checkpoint {ckpt.directory}/{step} has no 'model'/'dataset' metadata and "
-          f"{workdir}/config.json does not give them either; cannot rebuild the model")
+        f"checkpoint {ckpt.directory}/{step} has no 'model'/'dataset' metadata and "
+        f"{workdir}/config.json does not give them either; cannot rebuild the model"
+      )
     info = input_pipeline.dataset_info(dataset)
     info = dataclasses.replace(
-        info, image_shape=tuple(meta.get("image_shape", info.image_shape)),
-        num_classes=int(meta.get("num_classes", info.num_classes)))
+      info,
+      image_shape=tuple(meta.get("image_shape", info.image_shape)),
+      num_classes=int(meta.get("num_classes", info.num_classes)),
+    )
     # Shapes only: the weights come from the checkpoint, so nothing is initialised.
-    abstract = nnx.eval_shape(lambda: models.create_model(
-        config_dict.ConfigDict(model_cfg), image_shape=info.image_shape,
-        num_classes=info.num_classes, rngs=nnx.Rngs(params=jax.random.key(0))))
+    abstract = nnx.eval_shape(
+      lambda: models.create_model(
+        config_dict.ConfigDict(model_cfg),
+        image_shape=info.image_shape,
+        num_classes=info.num_classes,
+        rngs=nnx.Rngs(params=jax.random.key(0)),
+      )
+    )
     graphdef, target = nnx.split(abstract)
     model = nnx.merge(graphdef, ckpt.restore_params(step, target))
   finally:
     ckpt.close()
-  logging.info("restored %s step %d (%s, %d routing iterations)", ckpt.directory, step,
-               dataset, model.digit_caps.routing_iterations)
-  return Run(model=model, info=info, meta=meta, model_cfg=dict(model_cfg), workdir=workdir,
-             step=step, config=saved)
+  logging.info(
+    "restored %s step %d (%s, %d routing iterations)",
+    ckpt.directory,
+    step,
+    dataset,
+    model.digit_caps.routing_iterations,
+  )
+  return Run(
+    model=model,
+    info=info,
+    meta=meta,
+    model_cfg=dict(model_cfg),
+    workdir=workdir,
+    step=step,
+    config=saved,
+  )
 
 
-def load_test_images(dataset: str, num: int, *, data_dir: str | None = None,
-                     manual_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_test_images(
+  dataset: str, num: int, *, data_dir: str | None = None, manual_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """The first `num` test examples (0 = all).
 
   Returns:
     (images float32 [N, H, W, C] in [0, 1], labels int32 [N]).
   """
-  images, labels = input_pipeline.load_split(dataset, "test", data_dir=data_dir,
-                                             manual_dir=manual_dir)
+  images, labels = input_pipeline.load_split(
+    dataset, "test", data_dir=data_dir, manual_dir=manual_dir
+  )
   if num:
     images, labels = images[:num], labels[:num]
   return input_pipeline.to_float(images), np.asarray(labels, np.int32)
@@ -130,7 +153,7 @@ def _jitted(model: nnx.Module, fn):
 
 def _as_images(model: models.CapsNet, images) -> np.ndarray:
   images = np.asarray(images, np.float32)
-  model.check_images(images)   # before jit, so the error is not buried in a trace.
+  model.check_images(images)  # before jit, so the error is not buried in a trace.
   return images
 
 
@@ -151,12 +174,12 @@ def predict(model: models.CapsNet, images, *, batch_size: int = 100) -> dict[str
   parts: dict[str, list[np.ndarray]] = {}
   n = len(images)
   for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]                           # [b, H, W, C]
-    pad = batch_size - len(chunk) if n > batch_size else 0             # one compiled shape
+    chunk = images[start : start + batch_size]  # [b, H, W, C]
+    pad = batch_size - len(chunk) if n > batch_size else 0  # one compiled shape
     x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)]) if pad else chunk
     out = jax.device_get(fwd(x))
     for k, v in out.items():
-      parts.setdefault(k, []).append(np.asarray(v)[:len(chunk)])
+      parts.setdefault(k, []).append(np.asarray(v)[: len(chunk)])
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -174,7 +197,7 @@ def couplings(model: models.CapsNet, images) -> np.ndarray:
   """
   images = _as_images(model, images)
   fwd = _jitted(model, lambda m, x: m.capsules(x, return_couplings=True).c)
-  return np.asarray(jax.device_get(fwd(images)))                      # [B, N_in, N_out]
+  return np.asarray(jax.device_get(fwd(images)))  # [B, N_in, N_out]
 
 
 def coupling_entropy(c) -> np.ndarray:
@@ -191,8 +214,9 @@ def coupling_entropy(c) -> np.ndarray:
   return -np.sum(np.where(c > 0, c * np.log(np.where(c > 0, c, 1.0)), 0.0), axis=-1)
 
 
-def perturbation_grid(model: models.CapsNet, v, cls: int, *,
-                      deltas: Sequence[float] = PERTURBATIONS) -> np.ndarray:
+def perturbation_grid(
+  model: models.CapsNet, v, cls: int, *, deltas: Sequence[float] = PERTURBATIONS
+) -> np.ndarray:
   """Reconstructions with one capsule dimension tweaked at a time (paper Fig. 4).
 
   Args:
@@ -213,18 +237,18 @@ def perturbation_grid(model: models.CapsNet, v, cls: int, *,
   n_out, d_out = v.shape
   if not 0 <= int(cls) < n_out:
     raise ValueError(f"cls must be in [0, {n_out}), got {cls}")
-  deltas = np.asarray(deltas, np.float32)                              # [K]
+  deltas = np.asarray(deltas, np.float32)  # [K]
   k = len(deltas)
-  offsets = np.zeros((d_out, k, n_out, d_out), np.float32)             # [D_out, K, N_out, D_out]
+  offsets = np.zeros((d_out, k, n_out, d_out), np.float32)  # [D_out, K, N_out, D_out]
   offsets[np.arange(d_out), :, int(cls), np.arange(d_out)] = deltas
-  vs = (v[None, None] + offsets).reshape(d_out * k, n_out, d_out)      # [D_out*K, N_out, D_out]
+  vs = (v[None, None] + offsets).reshape(d_out * k, n_out, d_out)  # [D_out*K, N_out, D_out]
   decode = _jitted(model, lambda m, x, c: m.decoder(x, c))
   # Decode one image at a time (the same batch shape as a plain single-example decode):
   # XLA's matmul blocking may depend on the batch size, and delta 0 must reproduce the
   # unperturbed reconstruction bit for bit.
   cls_arr = np.full((1,), int(cls), np.int32)
-  recon = np.stack([np.asarray(decode(vs[i:i + 1], cls_arr))[0] for i in range(len(vs))])
-  return recon.reshape(d_out, k, *recon.shape[1:])                    # [D_out, K, H, W, C]
+  recon = np.stack([np.asarray(decode(vs[i : i + 1], cls_arr))[0] for i in range(len(vs))])
+  return recon.reshape(d_out, k, *recon.shape[1:])  # [D_out, K, H, W, C]
 
 
 def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
@@ -256,14 +280,11 @@ def primary_grid(model_cfg: dict, image_shape: Sequence[int]) -> tuple[int, int,
   """
   h, w = image_shape[:2]
   k1, kp, sp = model_cfg["conv1_kernel"], model_cfg["primary_kernel"], model_cfg["primary_stride"]
-  return ((h - k1 + 1 - kp) // sp + 1, (w - k1 + 1 - kp) // sp + 1,
-          int(model_cfg["primary_types"]))
+  return ((h - k1 + 1 - kp) // sp + 1, (w - k1 + 1 - kp) // sp + 1, int(model_cfg["primary_types"]))
 
 
-def model_primary_grid(model, model_cfg: dict, image_shape: Sequence[int]
-                       ) -> tuple[int, int, int]:
+def model_primary_grid(model, model_cfg: dict, image_shape: Sequence[int]) -> tuple[int, int, int]:
   """(H', W', types) of a model's primary capsules: the model's own `primary_grid`
   (every architecture in `models` has one), else `primary_grid` of its config."""
   grid = getattr(model, "primary_grid", None)
   return tuple(grid) if grid is not None else primary_grid(model_cfg, image_shape)
-

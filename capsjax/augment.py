@@ -14,6 +14,7 @@ Two shifts, one per reference family:
     (edge pixels repeated).
 Both take a `fill` of 'zero' or 'nearest'. Never flip characters or digits (K-MNIST, MNIST).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 
-FILLS = ('zero', 'nearest')
+FILLS = ("zero", "nearest")
 
 
 def sample_shift(key: jax.Array, *, max_shift: int) -> jax.Array:
@@ -35,20 +36,18 @@ def fraction_bound(fraction: float, size: int) -> int:
   return int(math.floor(fraction * size + 0.5))
 
 
-def sample_fraction_shift(key: jax.Array, *, fraction: float, height: int,
-                          width: int) -> jax.Array:
+def sample_fraction_shift(key: jax.Array, *, fraction: float, height: int, width: int) -> jax.Array:
   """Keras-style offsets (dy, dx): int32 [2], round(uniform(-f * size, f * size)).
 
   With f = 0.1 on 28 pixels the draw is uniform on [-2.8, 2.8], so 0, +-1 and +-2 each have
   probability 1/5.6 and +-3 has 0.3/5.6.
   """
-  bound = jnp.array([fraction * height, fraction * width], jnp.float32)   # [2]
-  u = jax.random.uniform(key, (2,), jnp.float32, -1.0, 1.0)               # [2]
-  return jnp.round(u * bound).astype(jnp.int32)                           # [2]
+  bound = jnp.array([fraction * height, fraction * width], jnp.float32)  # [2]
+  u = jax.random.uniform(key, (2,), jnp.float32, -1.0, 1.0)  # [2]
+  return jnp.round(u * bound).astype(jnp.int32)  # [2]
 
 
-def shift(image: jax.Array, offset: jax.Array, *, max_shift: int,
-          fill: str = 'zero') -> jax.Array:
+def shift(image: jax.Array, offset: jax.Array, *, max_shift: int, fill: str = "zero") -> jax.Array:
   """Moves pixel (r, c) to (r + dy, c + dx); |dy|, |dx| <= max_shift.
 
   Args:
@@ -62,17 +61,23 @@ def shift(image: jax.Array, offset: jax.Array, *, max_shift: int,
     [H, W, C], same dtype.
   """
   if fill not in FILLS:
-    raise ValueError(f'fill must be one of {FILLS}, got {fill!r}.')
+    raise ValueError(f"fill must be one of {FILLS}, got {fill!r}.")
   h, w, c = image.shape
   m = max_shift
-  mode = 'constant' if fill == 'zero' else 'edge'
-  padded = jnp.pad(image, ((m, m), (m, m), (0, 0)), mode=mode)       # [H+2m, W+2m, C]
+  mode = "constant" if fill == "zero" else "edge"
+  padded = jnp.pad(image, ((m, m), (m, m), (0, 0)), mode=mode)  # [H+2m, W+2m, C]
   start = (m - offset[0], m - offset[1], jnp.zeros((), offset.dtype))
-  return jax.lax.dynamic_slice(padded, start, (h, w, c))             # [H, W, C]
+  return jax.lax.dynamic_slice(padded, start, (h, w, c))  # [H, W, C]
 
 
-def random_shift(key: jax.Array, image: jax.Array, *, max_shift: int = 0,
-                 shift_fraction: float = 0.0, fill: str = 'zero') -> jax.Array:
+def random_shift(
+  key: jax.Array,
+  image: jax.Array,
+  *,
+  max_shift: int = 0,
+  shift_fraction: float = 0.0,
+  fill: str = "zero",
+) -> jax.Array:
   """Shifts [H, W, C] by a random offset; identity when both bounds are 0.
 
   Args:
@@ -86,12 +91,13 @@ def random_shift(key: jax.Array, image: jax.Array, *, max_shift: int = 0,
     [H, W, C], same dtype.
   """
   if max_shift < 0:
-    raise ValueError(f'max_shift must be >= 0, got {max_shift}.')
+    raise ValueError(f"max_shift must be >= 0, got {max_shift}.")
   if not 0.0 <= shift_fraction < 0.5:
-    raise ValueError(f'shift_fraction must be in [0, 0.5), got {shift_fraction}.')
+    raise ValueError(f"shift_fraction must be in [0, 0.5), got {shift_fraction}.")
   if max_shift and shift_fraction:
     raise ValueError(
-        f'give max_shift ({max_shift}) or shift_fraction ({shift_fraction}), not both.')
+      f"give max_shift ({max_shift}) or shift_fraction ({shift_fraction}), not both."
+    )
   if shift_fraction:
     h, w, _ = image.shape
     offset = sample_fraction_shift(key, fraction=shift_fraction, height=h, width=w)
@@ -104,8 +110,8 @@ def random_shift(key: jax.Array, image: jax.Array, *, max_shift: int = 0,
 
 def random_flip(key: jax.Array, image: jax.Array) -> jax.Array:
   """Flips [H, W, C] left-right with probability 0.5."""
-  flip = jax.random.bernoulli(key, 0.5)                              # []
-  return jnp.where(flip, image[:, ::-1, :], image)                   # [H, W, C]
+  flip = jax.random.bernoulli(key, 0.5)  # []
+  return jnp.where(flip, image[:, ::-1, :], image)  # [H, W, C]
 
 
 def sample_cutout_center(key: jax.Array, *, height: int, width: int) -> jax.Array:
@@ -130,8 +136,8 @@ def cutout_at(image: jax.Array, center: jax.Array, *, size: int) -> jax.Array:
   h, w, _ = image.shape
   y0 = center[0] - size // 2
   x0 = center[1] - size // 2
-  rows = jnp.arange(h)[:, None]                                      # [H, 1]
-  cols = jnp.arange(w)[None, :]                                      # [1, W]
+  rows = jnp.arange(h)[:, None]  # [H, 1]
+  cols = jnp.arange(w)[None, :]  # [1, W]
   inside = (rows >= y0) & (rows < y0 + size) & (cols >= x0) & (cols < x0 + size)  # [H, W]
   return jnp.where(inside[..., None], jnp.zeros((), image.dtype), image)  # [H, W, C]
 
@@ -139,28 +145,43 @@ def cutout_at(image: jax.Array, center: jax.Array, *, size: int) -> jax.Array:
 def cutout(key: jax.Array, image: jax.Array, *, size: int) -> jax.Array:
   """Cutout: zeroes a size x size square at a random centre (clipped at the borders)."""
   if size < 0:
-    raise ValueError(f'size must be >= 0, got {size}.')
+    raise ValueError(f"size must be >= 0, got {size}.")
   if size == 0:
     return image
   h, w, _ = image.shape
   return cutout_at(image, sample_cutout_center(key, height=h, width=w), size=size)
 
 
-def augment_example(key: jax.Array, image: jax.Array, *, max_shift: int = 0,
-                    flip: bool = False, cutout_size: int = 0, shift_fraction: float = 0.0,
-                    fill: str = 'zero') -> jax.Array:
+def augment_example(
+  key: jax.Array,
+  image: jax.Array,
+  *,
+  max_shift: int = 0,
+  flip: bool = False,
+  cutout_size: int = 0,
+  shift_fraction: float = 0.0,
+  fill: str = "zero",
+) -> jax.Array:
   """shift -> flip -> Cutout on one image [H, W, C], each with its own subkey."""
   k_shift, k_flip, k_cut = jax.random.split(key, 3)
-  image = random_shift(k_shift, image, max_shift=max_shift, shift_fraction=shift_fraction,
-                       fill=fill)
+  image = random_shift(
+    k_shift, image, max_shift=max_shift, shift_fraction=shift_fraction, fill=fill
+  )
   if flip:
     image = random_flip(k_flip, image)
   return cutout(k_cut, image, size=cutout_size)
 
 
-def augment_batch(key: jax.Array, images: jax.Array, *, max_shift: int = 0,
-                  flip: bool = False, cutout_size: int = 0, shift_fraction: float = 0.0,
-                  fill: str = 'zero') -> jax.Array:
+def augment_batch(
+  key: jax.Array,
+  images: jax.Array,
+  *,
+  max_shift: int = 0,
+  flip: bool = False,
+  cutout_size: int = 0,
+  shift_fraction: float = 0.0,
+  fill: str = "zero",
+) -> jax.Array:
   """Augments every example of [B, H, W, C] independently; identity when all disabled.
 
   Args:
@@ -176,11 +197,17 @@ def augment_batch(key: jax.Array, images: jax.Array, *, max_shift: int = 0,
     [B, H, W, C], same dtype.
   """
   if images.ndim != 4:
-    raise ValueError(f'images must be [B, H, W, C], got shape {images.shape}.')
+    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}.")
   if max_shift == 0 and not shift_fraction and not flip and cutout_size == 0:
     return images
-  keys = jax.random.split(key, images.shape[0])                     # [B] keys
-  fn = lambda k, x: augment_example(k, x, max_shift=max_shift, flip=flip,
-                                    cutout_size=cutout_size, shift_fraction=shift_fraction,
-                                    fill=fill)
-  return jax.vmap(fn)(keys, images)                                  # [B, H, W, C]
+  keys = jax.random.split(key, images.shape[0])  # [B] keys
+  fn = lambda k, x: augment_example(
+    k,
+    x,
+    max_shift=max_shift,
+    flip=flip,
+    cutout_size=cutout_size,
+    shift_fraction=shift_fraction,
+    fill=fill,
+  )
+  return jax.vmap(fn)(keys, images)  # [B, H, W, C]

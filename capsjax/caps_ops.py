@@ -56,9 +56,9 @@ def squash(s: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.Array:
   """
   s = jnp.asarray(s)
   t, _, inv_sq = rescale_capsules(s, axis=axis, name="squash")
-  sq = jnp.sum(jnp.square(t), axis=axis, keepdims=True)                # [..., 1, ...]
+  sq = jnp.sum(jnp.square(t), axis=axis, keepdims=True)  # [..., 1, ...]
   # |s|^2/(1+|s|^2) / |s| written in the rescaled t = s/m (exactly invariant to m).
-  v = t * sq / ((inv_sq + sq) * jnp.sqrt(sq + eps * inv_sq))           # [..., D, ...]
+  v = t * sq / ((inv_sq + sq) * jnp.sqrt(sq + eps * inv_sq))  # [..., D, ...]
   return v.astype(s.dtype)
 
 
@@ -83,9 +83,10 @@ def rescale_capsules(s: jax.Array, *, axis: int = -1, name: str = "squash"):
     raise TypeError(f"{name} expects a floating-point array, got dtype {s.dtype}")
   x = s.astype(compute_dtype(s.dtype))
   m = jax.lax.stop_gradient(
-      jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1.0))   # [..., 1, ...]
-  r = jax.lax.rsqrt(m)                                                 # [..., 1, ...]
-  t = (x * r) * r                                                      # [..., D, ...]
+    jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1.0)
+  )  # [..., 1, ...]
+  r = jax.lax.rsqrt(m)  # [..., 1, ...]
+  t = (x * r) * r  # [..., D, ...]
   return t, m, jnp.square(r * r)
 
 
@@ -109,6 +110,7 @@ class RoutingResult(NamedTuple):
   v: [..., N_out, D] output capsules.
   c: [..., N_in, N_out] coupling coefficients of the last iteration (sum to 1 over N_out).
   """
+
   v: jax.Array
   c: jax.Array
 
@@ -118,17 +120,22 @@ def check_iterations(num_iterations) -> int:
   if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
     # A traced or float value would silently recompile or fail deep inside fori_loop.
     raise TypeError(
-        "num_iterations must be a static Python int >= 1, got "
-        f"{num_iterations!r} of type {type(num_iterations).__name__}")
+      "num_iterations must be a static Python int >= 1, got "
+      f"{num_iterations!r} of type {type(num_iterations).__name__}"
+    )
   if num_iterations < 1:
     raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
   return num_iterations
 
 
-def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
-                    stop_gradient: bool = False,
-                    return_couplings: bool = False,
-                    bias: jax.Array | None = None):
+def dynamic_routing(
+  u_hat: jax.Array,
+  num_iterations: int,
+  *,
+  stop_gradient: bool = False,
+  return_couplings: bool = False,
+  bias: jax.Array | None = None,
+):
   """Routing-by-agreement, Procedure 1 of Sabour, Frosst & Hinton (2017).
 
   For every example the logits start at b = 0, then for each iteration:
@@ -159,14 +166,13 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
   u_hat = jnp.asarray(u_hat)
   if not jnp.issubdtype(u_hat.dtype, jnp.floating):
     # The output is cast back to the input dtype, and |v| < 1 would truncate to 0.
-    raise TypeError(
-        f"dynamic_routing expects a floating-point u_hat, got dtype {u_hat.dtype}")
+    raise TypeError(f"dynamic_routing expects a floating-point u_hat, got dtype {u_hat.dtype}")
   if u_hat.ndim < 3:
     raise ValueError(
-        "u_hat must have shape [..., N_in, N_out, D] (at least 3 dims), got shape "
-        f"{u_hat.shape}")
+      f"u_hat must have shape [..., N_in, N_out, D] (at least 3 dims), got shape {u_hat.shape}"
+    )
   out_dtype = u_hat.dtype
-  u = u_hat.astype(compute_dtype(out_dtype))                          # [..., N_in, N_out, D]
+  u = u_hat.astype(compute_dtype(out_dtype))  # [..., N_in, N_out, D]
   n_out = u.shape[-2]
   add_bias = lambda s: s
   if bias is not None:
@@ -177,46 +183,51 @@ def dynamic_routing(u_hat: jax.Array, num_iterations: int, *,
         raise ValueError
     except ValueError:
       raise ValueError(
-          f"bias of shape {bias.shape} does not broadcast to s = [..., N_out, D] = "
-          f"{s_shape}") from None
+        f"bias of shape {bias.shape} does not broadcast to s = [..., N_out, D] = {s_shape}"
+      ) from None
     add_bias = lambda s: s + bias
 
   if num_iterations == 1:
     # b = 0, so c = softmax(0) = 1/N_out exactly: no softmax, no agreement.
-    c = jnp.full_like(u[..., 0], 1.0 / n_out)                          # [..., N_in, N_out]
-    v = squash(add_bias(jnp.sum(u, axis=-3) / n_out))                  # [..., N_out, D]
+    c = jnp.full_like(u[..., 0], 1.0 / n_out)  # [..., N_in, N_out]
+    v = squash(add_bias(jnp.sum(u, axis=-3) / n_out))  # [..., N_out, D]
   else:
     # Route in the [..., N_out, N_in, D] layout, transposed once outside the loop: both
     # contractions are then batched mat-vecs with leading batch axes, which XLA runs
     # much faster on CPU than the same einsums on [..., N_in, N_out, D] (those transpose
     # or reduce over strided axes in every iteration; RESULTS.md). HIGHEST precision keeps float32
     # routing exact on GPU/TPU (no TF32/bf16 passes).
-    ut = jnp.swapaxes(u, -3, -2)                                       # [..., N_out, N_in, D]
+    ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
     ut_inner = jax.lax.stop_gradient(ut) if stop_gradient else ut
     hi = jax.lax.Precision.HIGHEST
 
     def route(b, preds):
-      c = jax.nn.softmax(b, axis=-2)                                   # [..., N_out, N_in]
-      s = jnp.einsum('...mn,...mno->...mo', c, preds, precision=hi)    # [..., N_out, D]
-      return c, squash(add_bias(s))                                    # [..., N_out, D]
+      c = jax.nn.softmax(b, axis=-2)  # [..., N_out, N_in]
+      s = jnp.einsum("...mn,...mno->...mo", c, preds, precision=hi)  # [..., N_out, D]
+      return c, squash(add_bias(s))  # [..., N_out, D]
 
     def body(_, b):
       _, v = route(b, ut_inner)
-      return b + jnp.einsum('...mno,...mo->...mn', ut_inner, v,
-                            precision=hi)                              # [..., N_out, N_in]
+      return b + jnp.einsum("...mno,...mo->...mn", ut_inner, v, precision=hi)  # [..., N_out, N_in]
 
-    b0 = jnp.zeros_like(ut[..., 0])                                    # [..., N_out, N_in]
+    b0 = jnp.zeros_like(ut[..., 0])  # [..., N_out, N_in]
     b = jax.lax.fori_loop(0, num_iterations - 1, body, b0)
     c_t, v = route(b, ut)
-    c = jnp.swapaxes(c_t, -1, -2)                                      # [..., N_in, N_out]
+    c = jnp.swapaxes(c_t, -1, -2)  # [..., N_in, N_out]
   v = v.astype(out_dtype)
   if return_couplings:
     return RoutingResult(v=v, c=c.astype(out_dtype))
   return v
 
 
-def predict_and_route(u: jax.Array, w: jax.Array, num_iterations: int, *,
-                      stop_gradient: bool = False, return_couplings: bool = False):
+def predict_and_route(
+  u: jax.Array,
+  w: jax.Array,
+  num_iterations: int,
+  *,
+  stop_gradient: bool = False,
+  return_couplings: bool = False,
+):
   """The fully connected capsule layer: u_hat = u W, then `dynamic_routing(u_hat)`.
 
   Equal to `dynamic_routing(jnp.einsum('bni,nmio->bnmo', u, w), ...)` (values and
@@ -241,11 +252,12 @@ def predict_and_route(u: jax.Array, w: jax.Array, num_iterations: int, *,
   num_iterations = check_iterations(num_iterations)
   if u.ndim != 3 or w.ndim != 4 or w.shape[0] != u.shape[1] or w.shape[2] != u.shape[2]:
     raise ValueError(
-        f"expected u [B, N_in, D_in] and w [N_in, N_out, D_in, D_out], got u {u.shape} "
-        f"and w {w.shape}")
+      f"expected u [B, N_in, D_in] and w [N_in, N_out, D_in, D_out], got u {u.shape} "
+      f"and w {w.shape}"
+    )
   v, c_t = _predict_route(u, w, num_iterations, stop_gradient)
   if return_couplings:
-    return RoutingResult(v=v, c=jnp.swapaxes(c_t, -1, -2))            # c: [B, N_in, N_out]
+    return RoutingResult(v=v, c=jnp.swapaxes(c_t, -1, -2))  # c: [B, N_in, N_out]
   return v
 
 
@@ -259,33 +271,33 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def _weighted_sum(c, ut):
-  return jnp.einsum('...mn,...mno->...mo', c, ut, precision=_HI)       # [..., N_out, D]
+  return jnp.einsum("...mn,...mno->...mo", c, ut, precision=_HI)  # [..., N_out, D]
 
 
 def _agreement(ut, v):
-  return jnp.einsum('...mno,...mo->...mn', ut, v, precision=_HI)       # [..., N_out, N_in]
+  return jnp.einsum("...mno,...mo->...mn", ut, v, precision=_HI)  # [..., N_out, N_in]
 
 
 def _softmax_vjp(c, g):
   """Cotangent of b for c = softmax(b, axis=-2) and cotangent g of c."""
-  return c * (g - jnp.sum(c * g, axis=-2, keepdims=True))             # [..., N_out, N_in]
+  return c * (g - jnp.sum(c * g, axis=-2, keepdims=True))  # [..., N_out, N_in]
 
 
 def _squash_vjp(s, g):
-  return jax.vjp(squash, s)[1](g)[0]                                   # [..., N_out, D]
+  return jax.vjp(squash, s)[1](g)[0]  # [..., N_out, D]
 
 
 def _routing_forward(ut, num_iterations):
   """Returns v, c of the last iteration ([..., N_out, N_in]) and the residuals."""
   n_out = ut.shape[-3]
-  s0 = jnp.sum(ut, axis=-2) / n_out                                    # [..., N_out, D], c = 1/N_out
+  s0 = jnp.sum(ut, axis=-2) / n_out  # [..., N_out, D], c = 1/N_out
   v0 = squash(s0)
   if num_iterations == 1:
     return v0, jnp.full_like(ut[..., 0], 1.0 / n_out), (s0, None, None, None, None)
-  b = _agreement(ut, v0)                                               # [..., N_out, N_in], b_1
+  b = _agreement(ut, v0)  # [..., N_out, N_in], b_1
 
   def step(b, _):
-    s = _weighted_sum(jax.nn.softmax(b, axis=-2), ut)                  # [..., N_out, D]
+    s = _weighted_sum(jax.nn.softmax(b, axis=-2), ut)  # [..., N_out, D]
     return b + _agreement(ut, squash(s)), (b, s)
 
   bs = ss = None
@@ -293,8 +305,8 @@ def _routing_forward(ut, num_iterations):
     b_last, (bs, ss) = jax.lax.scan(step, b, None, length=num_iterations - 2)
   else:
     b_last = b
-  c = jax.nn.softmax(b_last, axis=-2)                                  # [..., N_out, N_in]
-  s = _weighted_sum(c, ut)                                             # [..., N_out, D]
+  c = jax.nn.softmax(b_last, axis=-2)  # [..., N_out, N_in]
+  s = _weighted_sum(c, ut)  # [..., N_out, D]
   return squash(s), c, (s0, bs, ss, c, s)
 
 
@@ -309,11 +321,11 @@ def _routing_grad_terms(ut, res, num_iterations, stop_gradient, gv, gc):
   if num_iterations == 1:
     gs0 = _squash_vjp(s0, gv)
     return [(jnp.full_like(ut[..., 0], 1.0 / n_out), gs0)], []
-  gs = _squash_vjp(s, gv)                                              # [..., N_out, D]
+  gs = _squash_vjp(s, gv)  # [..., N_out, D]
   terms, stacked = [(c, gs)], []
-  if stop_gradient:                                                    # c is a constant then.
+  if stop_gradient:  # c is a constant then.
     return terms, stacked
-  gb = _softmax_vjp(c, _agreement(ut, gs) + gc)                        # d b_{r-1}
+  gb = _softmax_vjp(c, _agreement(ut, gs) + gc)  # d b_{r-1}
 
   def back(gb, xs):
     # b_{t+1} = b_t + <ut, v_t>, v_t = squash(s_t), s_t = sum_n softmax(b_t) ut.
@@ -347,10 +359,10 @@ def _outer_sum(terms, stacked, p_map, q_map):
 
 def _predictions_t(u, w):
   """u [B, N_in, D_in], w [N_in, N_out, D_in, D_out] -> u_hat [B, N_out, N_in, D_out]."""
-  wt = jnp.transpose(w, (2, 1, 0, 3))                                  # [D_in, N_out, N_in, D_out]
+  wt = jnp.transpose(w, (2, 1, 0, 3))  # [D_in, N_out, N_in, D_out]
   ut = None
-  for i in range(u.shape[-1]):                                         # one fused multiply-add
-    t = u[:, None, :, i, None] * wt[i][None]                           # [B, N_out, N_in, D_out]
+  for i in range(u.shape[-1]):  # one fused multiply-add
+    t = u[:, None, :, i, None] * wt[i][None]  # [B, N_out, N_in, D_out]
     ut = t if ut is None else ut + t
   return ut
 
@@ -363,7 +375,7 @@ def _predict_route(u, w, num_iterations, stop_gradient):
 
 def _predict_route_fwd(u, w, num_iterations, stop_gradient):
   # The barrier keeps XLA from fusing (and so recomputing) the product into each pass.
-  ut = jax.lax.optimization_barrier(_predictions_t(u, w))              # [B, N_out, N_in, D_out]
+  ut = jax.lax.optimization_barrier(_predictions_t(u, w))  # [B, N_out, N_in, D_out]
   v, c, res = _routing_forward(ut, num_iterations)
   return (v, c), (u, w, ut, res)
 
@@ -376,15 +388,21 @@ def _predict_route_bwd(num_iterations, stop_gradient, saved, g):
   # batched over N_in.
   n_in, b, n_out, d_out = ut.shape[2], ut.shape[0], ut.shape[1], ut.shape[3]
   d_in = u.shape[-1]
-  gn = _outer_sum(terms, stacked, lambda p: jnp.transpose(p, (2, 0, 1))[..., None],
-                  lambda q: q[None])                                   # [N_in, B, N_out, D_out]
+  gn = _outer_sum(
+    terms, stacked, lambda p: jnp.transpose(p, (2, 0, 1))[..., None], lambda q: q[None]
+  )  # [N_in, B, N_out, D_out]
   # The barrier keeps XLA from fusing the sum into (and recomputing it in) both dots.
   gn = jax.lax.optimization_barrier(gn.reshape(n_in, b, n_out * d_out))  # [N_in, B, N_out*D_out]
-  wn = jnp.transpose(w, (0, 2, 1, 3)).reshape(n_in, d_in, n_out * d_out)  # [N_in, D_in, N_out*D_out]
-  du = jax.lax.dot_general(gn, wn, (((2,), (2,)), ((0,), (0,))))       # [N_in, B, D_in]
-  dw = jax.lax.dot_general(jnp.transpose(u, (1, 2, 0)), gn,
-                           (((2,), (1,)), ((0,), (0,))))               # [N_in, D_in, N_out*D_out]
-  dw = jnp.transpose(dw.reshape(n_in, d_in, n_out, d_out), (0, 2, 1, 3))  # [N_in, N_out, D_in, D_out]
+  wn = jnp.transpose(w, (0, 2, 1, 3)).reshape(
+    n_in, d_in, n_out * d_out
+  )  # [N_in, D_in, N_out*D_out]
+  du = jax.lax.dot_general(gn, wn, (((2,), (2,)), ((0,), (0,))))  # [N_in, B, D_in]
+  dw = jax.lax.dot_general(
+    jnp.transpose(u, (1, 2, 0)), gn, (((2,), (1,)), ((0,), (0,)))
+  )  # [N_in, D_in, N_out*D_out]
+  dw = jnp.transpose(
+    dw.reshape(n_in, d_in, n_out, d_out), (0, 2, 1, 3)
+  )  # [N_in, N_out, D_in, D_out]
   return jnp.transpose(du, (1, 0, 2)), dw
 
 

@@ -43,6 +43,7 @@ touches it (saving, bounded waits, storage-failure messages, content digests, fa
 over unreadable steps, model-only restore) stays here rather than leaking Orbax types and
 errors into the rest of capsjax.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -150,8 +151,9 @@ def _key_name(entry) -> str:
 def _param_shapes(tree: Any) -> dict[str, list[int]]:
   """{'0/digit_caps/w': [1152, 10, 8, 16], ...} for every array leaf of `tree`."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(n for n in map(_key_name, path) if n != "value"): list(np.shape(x))
-          for path, x in flat}
+  return {
+    "/".join(n for n in map(_key_name, path) if n != "value"): list(np.shape(x)) for path, x in flat
+  }
 
 
 def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source: str) -> None:
@@ -166,17 +168,20 @@ def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source:
   for name, shape in want.items():
     if name not in saved_shapes:
       raise errors.CheckpointMismatchError(
-          f"checkpoint {source} has no parameter {name} (expected shape {tuple(shape)}): it "
-          "was saved from a different architecture")
+        f"checkpoint {source} has no parameter {name} (expected shape {tuple(shape)}): it "
+        "was saved from a different architecture"
+      )
     if list(saved_shapes[name]) != list(shape):
       raise errors.CheckpointMismatchError(
-          f"checkpoint {source} does not fit this model: parameter {name} has shape "
-          f"{tuple(saved_shapes[name])} in the checkpoint but {tuple(shape)} in the model")
+        f"checkpoint {source} does not fit this model: parameter {name} has shape "
+        f"{tuple(saved_shapes[name])} in the checkpoint but {tuple(shape)} in the model"
+      )
   extra = sorted(set(saved_shapes) - set(want))
   if extra:
     raise errors.CheckpointMismatchError(
-        f"checkpoint {source} has parameters this model lacks, e.g. {extra[0]}: it was "
-        "saved from a different architecture")
+      f"checkpoint {source} has parameters this model lacks, e.g. {extra[0]}: it was "
+      "saved from a different architecture"
+    )
 
 
 def _meta_digest(meta: dict) -> str:
@@ -199,10 +204,14 @@ class _Manager(ocp.CheckpointManager):
   def _get_metrics(self, step: int):
     try:
       return super()._get_metrics(step)
-    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
-      logging.warning("ignoring the damaged metrics file of checkpoint %s/%d (%s): it only "
-                      "decides which checkpoint is kept as the best", self.directory, step,
-                      _first_line(e))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      logging.warning(
+        "ignoring the damaged metrics file of checkpoint %s/%d (%s): it only "
+        "decides which checkpoint is kept as the best",
+        self.directory,
+        step,
+        _first_line(e),
+      )
       return None
 
 
@@ -222,22 +231,32 @@ def _save_failure(e: BaseException) -> tuple[str, str] | None:
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     text = str(e)
-    full = ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
-            or "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
-            or "Disk quota exceeded" in text)
+    full = (
+      (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+      or "RESOURCE_EXHAUSTED" in text
+      or "No space left on device" in text
+      or "Disk quota exceeded" in text
+    )
     if full:
       return "the disk is full", "free space"
-    read_only = ((isinstance(e, OSError) and e.errno == errno.EROFS)
-                 or "Read-only file system" in text)
+    read_only = (
+      isinstance(e, OSError) and e.errno == errno.EROFS
+    ) or "Read-only file system" in text
     if read_only:
-      return ("the file system is read-only",
-              "make it writable (or start a copy of the run in another --workdir)")
-    denied = ((isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM))
-              or "PERMISSION_DENIED" in text or "Permission denied" in text)
+      return (
+        "the file system is read-only",
+        "make it writable (or start a copy of the run in another --workdir)",
+      )
+    denied = (
+      (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM))
+      or "PERMISSION_DENIED" in text
+      or "Permission denied" in text
+    )
     if denied:
-      return ("permission denied",
-              "give this user write permission on it (or start a copy of the run in "
-              "another --workdir)")
+      return (
+        "permission denied",
+        "give this user write permission on it (or start a copy of the run in another --workdir)",
+      )
     if isinstance(e, OSError):
       return _first_line(e), "fix the storage"
     e = e.__cause__ or e.__context__
@@ -259,9 +278,14 @@ class _OrbaxErrorsWithoutTraceback(std_logging.Filter):
   """
 
   def filter(self, record) -> bool:
-    if record.exc_info and logging.get_verbosity() < 1 and (
+    if (
+      record.exc_info
+      and logging.get_verbosity() < 1
+      and (
         "/orbax/" in record.pathname
-        or (record.name == "asyncio" and "orbax" in record.getMessage())):
+        or (record.name == "asyncio" and "orbax" in record.getMessage())
+      )
+    ):
       record.exc_info = record.exc_text = None
     return True
 
@@ -283,8 +307,9 @@ def _quiet_closed_loop_callbacks() -> None:
 
   def hook(unraisable):
     e = unraisable.exc_value
-    if (unraisable.object is None and isinstance(e, RuntimeError)
-        and str(e) == "Event loop is closed"):
+    if (
+      unraisable.object is None and isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+    ):
       logging.debug("ignored after a failed save: RuntimeError: Event loop is closed")
       return
     previous(unraisable)
@@ -301,24 +326,34 @@ class Checkpointer:
   file surface as `CheckpointReadError` instead of silently wrong parameters.
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
-               async_save: bool = True, read_only: bool = False,
-               best_metric: str = "test_accuracy"):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    keep: int = 3,
+    keep_best: bool = True,
+    async_save: bool = True,
+    read_only: bool = False,
+    best_metric: str = "test_accuracy",
+  ):
     self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
     self._read_only = read_only
     for logger in ("absl", "asyncio"):
-      std_logging.getLogger(logger).addFilter(_ORBAX_FILTER)   # idempotent.
+      std_logging.getLogger(logger).addFilter(_ORBAX_FILTER)  # idempotent.
     _quiet_closed_loop_callbacks()
-    self._closed = True   # until the manager exists: close() then has nothing to release.
-    self._hung = False      # a wait timed out: Orbax's own (unbounded) waits are skipped.
-    self._failed = False    # a save failure was raised: close() does not raise it again.
+    self._closed = True  # until the manager exists: close() then has nothing to release.
+    self._hung = False  # a wait timed out: Orbax's own (unbounded) waits are skipped.
+    self._failed = False  # a save failure was raised: close() does not raise it again.
     self._in_flight = None  # the step of the latest save started, for messages.
     if not read_only:
       with self._save_errors(None):
         self._check_writable()
     for path in incomplete_checkpoints(self.directory):
-      logging.warning("ignoring incomplete checkpoint %s (a save that was interrupted)%s",
-                      path, "" if read_only else "; removing it")
+      logging.warning(
+        "ignoring incomplete checkpoint %s (a save that was interrupted)%s",
+        path,
+        "" if read_only else "; removing it",
+      )
       if not read_only and jax.process_index() == 0:
         # Removed here rather than by Orbax's cleanup_tmp_directories, which runs in a
         # thread that nothing waits for: a run that fails right after opening its
@@ -331,22 +366,29 @@ class Checkpointer:
     # at least 1/num_examples, far more than 1e-9 x epoch).
     best = lambda m: m.get(best_metric, float("-inf")) - 1e-9 * m.get("epoch", 0)
     if keep_best:
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=best, reverse=False, n=1,
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocp.checkpoint_managers.BestN(
+          get_metric_fn=best, reverse=False, n=1, keep_checkpoints_without_metrics=False
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        # best_fn is what makes Orbax write each step's metrics to disk: without it a
-        # reopened manager (a resumed run) sees no metrics, and BestN protects nothing.
-        best_fn=best, best_mode="max",
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=False,
-        # Creating the step's directories in `save` itself makes an unwritable directory
-        # fail there, at once. Created in the background, a failure leaves Orbax threads
-        # waiting for a "directory created" signal that never comes: the process then
-        # hangs for minutes at exit.
-        async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_S,
-                                       create_directories_asynchronously=False))
+      # best_fn is what makes Orbax write each step's metrics to disk: without it a
+      # reopened manager (a resumed run) sees no metrics, and BestN protects nothing.
+      best_fn=best,
+      best_mode="max",
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=False,
+      # Creating the step's directories in `save` itself makes an unwritable directory
+      # fail there, at once. Created in the background, a failure leaves Orbax threads
+      # waiting for a "directory created" signal that never comes: the process then
+      # hangs for minutes at exit.
+      async_options=ocp.AsyncOptions(
+        timeout_secs=SAVE_TIMEOUT_S, create_directories_asynchronously=False
+      ),
+    )
     with self._save_errors(None):
       self._mngr = _Manager(self.directory, options=options, item_names=("state", "meta"))
     self._closed = False
@@ -386,9 +428,10 @@ class Checkpointer:
       self._wait_bounded()
     with self._save_errors(step):
       saved = self._mngr.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        meta=ocp.args.JsonSave(meta)),
-          metrics=metrics)
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+      )
     self._in_flight = step
     return saved
 
@@ -405,14 +448,19 @@ class Checkpointer:
         raise
       reason, advice = failure
       self._failed = True
-      kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if (
-          os.path.isdir(self.directory)) else []
+      kept = (
+        sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+        if (os.path.isdir(self.directory))
+        else []
+      )
       what = "could not write checkpoint" + ("" if step is None else f" (step {step})")
-      earlier = (f"Earlier checkpoints are kept (steps {kept}); " if kept else
-                 "No checkpoint was written; ")
+      earlier = (
+        f"Earlier checkpoints are kept (steps {kept}); " if kept else "No checkpoint was written; "
+      )
       raise errors.CheckpointSaveError(
-          f"{what} in {self.directory}: {reason}. {earlier}{advice} and rerun the same "
-          "command to resume from the latest") from e
+        f"{what} in {self.directory}: {reason}. {earlier}{advice} and rerun the same "
+        "command to resume from the latest"
+      ) from e
 
   def read_meta(self, step: int) -> dict:
     """The JSON metadata saved with `step`.
@@ -424,14 +472,17 @@ class Checkpointer:
     steps = self.all_steps()
     if step not in steps:
       raise errors.CheckpointNotFoundError(
-          f"{self.directory} holds no checkpoint of step {step}; its steps are {steps}")
+        f"{self.directory} holds no checkpoint of step {step}; its steps are {steps}"
+      )
     with self._read_errors(step):
       meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       meta = meta["meta"]
       saved = (meta.get(DIGESTS) or {}).get("meta") if isinstance(meta, dict) else None
       if saved is not None and saved != _meta_digest(meta):
-        raise _DigestMismatch("its metadata (meta/) does not match the digest saved with it: "
-                              "the file was changed or damaged after the save")
+        raise _DigestMismatch(
+          "its metadata (meta/) does not match the digest saved with it: "
+          "the file was changed or damaged after the save"
+        )
       return meta
 
   @contextlib.contextmanager
@@ -442,12 +493,12 @@ class Checkpointer:
     except errors.CapsjaxError:
       raise
     except _DigestMismatch as e:
-      raise errors.CheckpointReadError(
-          f"checkpoint {self.directory}/{step} is corrupt: {e}") from e
+      raise errors.CheckpointReadError(f"checkpoint {self.directory}/{step} is corrupt: {e}") from e
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore report damaged files as ValueError, KeyError, OSError, ...
       raise errors.CheckpointReadError(
-          f"cannot read checkpoint {self.directory}/{step} ({_first_line(e)})") from e
+        f"cannot read checkpoint {self.directory}/{step} ({_first_line(e)})"
+      ) from e
 
   def _verify(self, step: int, meta: dict, tree: Any) -> None:
     """Compares the digests of the restored `tree` with those saved in `meta`.
@@ -457,17 +508,21 @@ class Checkpointer:
     """
     saved = meta.get(DIGESTS)
     if not saved:
-      logging.info("checkpoint %s/%d has no content digest (saved by an older capsjax); "
-                   "not verified", self.directory, step)
+      logging.info(
+        "checkpoint %s/%d has no content digest (saved by an older capsjax); not verified",
+        self.directory,
+        step,
+      )
       return
     for entry, digest in content_digests(tree).items():
       if saved.get(entry) is None or digest is None:
-        continue   # not digested at save (or now): sharded across processes.
+        continue  # not digested at save (or now): sharded across processes.
       if saved.get(entry) != digest:
         raise _DigestMismatch(
-            f"the content digest of state entry {entry} is {digest[:12]}... but "
-            f"{str(saved.get(entry))[:12]}... was saved: its files were changed or "
-            "damaged after the save")
+          f"the content digest of state entry {entry} is {digest[:12]}... but "
+          f"{str(saved.get(entry))[:12]}... was saved: its files were changed or "
+          "damaged after the save"
+        )
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores the state saved at `step` into the structure/shardings of `target`.
@@ -486,12 +541,14 @@ class Checkpointer:
       CheckpointReadError: its files cannot be read, or its content digest does not match.
     """
     meta = self.read_meta(step)
-    check_compatible(meta.get("param_shapes", {}), target,
-                     source=os.path.join(self.directory, str(step)))
+    check_compatible(
+      meta.get("param_shapes", {}), target, source=os.path.join(self.directory, str(step))
+    )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     with self._read_errors(step):
       restored = self._mngr.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      )
       self._verify(step, meta, restored["state"])
     return restored["state"], meta
 
@@ -521,18 +578,24 @@ class Checkpointer:
     saved = meta.get("param_shapes", {})
     source = os.path.join(self.directory, str(step))
     prefix = f"{MODEL_ITEM}/"
-    check_compatible({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)},
-                     target_params, source=source)
+    check_compatible(
+      {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)},
+      target_params,
+      source=source,
+    )
     # Only the keys present in `item` are read; the optimizer's arrays stay on disk.
     item = {MODEL_ITEM: jax.tree.map(_abstract_on_device, target_params)}
     # A checkpointer of its own: the manager has registered StandardRestore for 'state'
     # and refuses other restore arguments for that item.
     with self._read_errors(step), ocp.PyTreeCheckpointer() as reader:
       restored = reader.restore(
-          os.path.join(source, "state"),
-          args=ocp.args.PyTreeRestore(
-              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-              partial_restore=True))
+        os.path.join(source, "state"),
+        args=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+        ),
+      )
       self._verify(step, meta, {MODEL_ITEM: restored[MODEL_ITEM]})
     return restored[MODEL_ITEM]
 
@@ -549,9 +612,13 @@ class Checkpointer:
     step, (state, meta) = found
     return state, meta, step
 
-  def first_readable(self, steps: list[int], restore: Callable[[int], Any], *,
-                     advice: str = "; move the directory aside to start over"
-                     ) -> tuple[int, Any] | None:
+  def first_readable(
+    self,
+    steps: list[int],
+    restore: Callable[[int], Any],
+    *,
+    advice: str = "; move the directory aside to start over",
+  ) -> tuple[int, Any] | None:
     """(step, restore(step)) for the newest of `steps` that restores, or None if no steps.
 
     Training and `mode=eval` share this fallback. A step whose restore raises
@@ -578,15 +645,20 @@ class Checkpointer:
         logging.warning("%s; trying the previous checkpoint", e)
         continue
       if i:
-        logging.warning("%s/%d is the newest readable checkpoint; unreadable: steps %s",
-                        self.directory, step, steps[:i])
+        logging.warning(
+          "%s/%d is the newest readable checkpoint; unreadable: steps %s",
+          self.directory,
+          step,
+          steps[:i],
+        )
         if not self._read_only:
           self._set_aside(steps[:i])
       return step, result
     if steps:  # Never silently start over next to checkpoints that exist.
       raise errors.CheckpointReadError(
-          f"none of the checkpoints {sorted(steps)} in {self.directory} can be read (see the "
-          f"warnings above){advice}")
+        f"none of the checkpoints {sorted(steps)} in {self.directory} can be read (see the "
+        f"warnings above){advice}"
+      )
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -605,6 +677,7 @@ class Checkpointer:
         logging.warning("moved unreadable checkpoint %s/%d to %s", self.directory, step, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices("capsjax_checkpoints_set_aside")
     self._mngr.reload()
 
@@ -628,9 +701,10 @@ class Checkpointer:
     if waiter.is_alive():
       self._hung = True
       raise errors.CheckpointSaveError(
-          f"a checkpoint save in {self.directory} did not finish within {SAVE_TIMEOUT_S} s: "
-          "the storage is not responding. Earlier checkpoints are kept; rerun the same "
-          "command to resume from the latest")
+        f"a checkpoint save in {self.directory} did not finish within {SAVE_TIMEOUT_S} s: "
+        "the storage is not responding. Earlier checkpoints are kept; rerun the same "
+        "command to resume from the latest"
+      )
     if failure:
       raise failure[0]
 
@@ -677,8 +751,9 @@ def _abstract_on_device(x) -> jax.ShapeDtypeStruct:
   x = ocp.utils.to_shape_dtype_struct(x)
   if getattr(x, "sharding", None) is None:
     # Without a sharding Orbax restores NumPy arrays; a model wants device arrays.
-    x = jax.ShapeDtypeStruct(x.shape, x.dtype,
-                             sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    x = jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    )
   return x
 
 
@@ -709,8 +784,9 @@ def find_checkpoint(path: str) -> tuple[str, int]:
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise errors.CheckpointNotFoundError(
-        f"checkpoint path {path} does not exist; expected a run workdir, its "
-        f"'{CKPT_DIR}/' directory or a '{CKPT_DIR}/<step>' directory")
+      f"checkpoint path {path} does not exist; expected a run workdir, its "
+      f"'{CKPT_DIR}/' directory or a '{CKPT_DIR}/<step>' directory"
+    )
   base = os.path.basename(path.rstrip("/"))
   parent = os.path.dirname(path.rstrip("/"))
   if base.isdigit() and os.path.basename(parent) == CKPT_DIR:
@@ -718,12 +794,15 @@ def find_checkpoint(path: str) -> tuple[str, int]:
   workdir = os.path.dirname(path) if base == CKPT_DIR else path
   if not os.path.isdir(os.path.join(workdir, CKPT_DIR)):
     raise errors.CheckpointNotFoundError(
-        f"no checkpoints under {path}: expected a '{CKPT_DIR}/' directory written by "
-        "`python -m capsjax.main`")
+      f"no checkpoints under {path}: expected a '{CKPT_DIR}/' directory written by "
+      "`python -m capsjax.main`"
+    )
   # Closed at once: an Orbax manager left open can still be running a thread at
   # interpreter exit, which then prints a traceback after the run's own error.
   with Checkpointer(workdir, read_only=True) as ckpt:
     step = ckpt.latest_step()
   if step is None:
-    raise errors.CheckpointNotFoundError(f"{os.path.join(workdir, CKPT_DIR)} holds no complete checkpoint")
+    raise errors.CheckpointNotFoundError(
+      f"{os.path.join(workdir, CKPT_DIR)} holds no complete checkpoint"
+    )
   return workdir, step

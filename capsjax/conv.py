@@ -70,20 +70,27 @@ def _check(x: jax.Array, w: jax.Array, stride) -> None:
     raise ValueError(f"w must have shape [kh, kw, C_in, C_out], got shape {w.shape}")
   if x.shape[3] != w.shape[2]:
     raise ValueError(
-        f"x has C_in={x.shape[3]} channels but w expects C_in={w.shape[2]} "
-        f"(x shape {x.shape}, w shape {w.shape})")
+      f"x has C_in={x.shape[3]} channels but w expects C_in={w.shape[2]} "
+      f"(x shape {x.shape}, w shape {w.shape})"
+    )
   if x.shape[1] < w.shape[0] or x.shape[2] < w.shape[1]:
     raise ValueError(
-        f"kernel {w.shape[:2]} is larger than the image {x.shape[1:3]} (VALID padding)")
+      f"kernel {w.shape[:2]} is larger than the image {x.shape[1:3]} (VALID padding)"
+    )
   if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
     raise ValueError(f"stride must be a Python int >= 1, got {stride!r}")
 
 
 def _xla(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   y = lax.conv_general_dilated(
-      x, w, window_strides=(stride, stride), padding="VALID",
-      dimension_numbers=_DIMS, preferred_element_type=caps_ops.compute_dtype(x.dtype))
-  return y.astype(x.dtype)                                 # [B, Ho, Wo, C_out]
+    x,
+    w,
+    window_strides=(stride, stride),
+    padding="VALID",
+    dimension_numbers=_DIMS,
+    preferred_element_type=caps_ops.compute_dtype(x.dtype),
+  )
+  return y.astype(x.dtype)  # [B, Ho, Wo, C_out]
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,12 +101,17 @@ def _patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
   b, h, w, c = x.shape
   ho, wo = out_size(h, kh, stride), out_size(w, kw, stride)
   cols = [
-      lax.slice(x, (0, i, j, 0),
-                (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                (1, stride, stride, 1))                    # [B, Ho, Wo, C]
-      for i in range(kh) for j in range(kw)]
-  p = jnp.stack(cols, axis=3)                              # [B, Ho, Wo, kh*kw, C]
-  return p.reshape(b, ho, wo, kh * kw * c)                 # [B, Ho, Wo, K]
+    lax.slice(
+      x,
+      (0, i, j, 0),
+      (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+      (1, stride, stride, 1),
+    )  # [B, Ho, Wo, C]
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  p = jnp.stack(cols, axis=3)  # [B, Ho, Wo, kh*kw, C]
+  return p.reshape(b, ho, wo, kh * kw * c)  # [B, Ho, Wo, K]
 
 
 def _col2im(dp: jax.Array, x_shape, kh: int, kw: int, stride: int) -> jax.Array:
@@ -115,51 +127,66 @@ def _col2im(dp: jax.Array, x_shape, kh: int, kw: int, stride: int) -> jax.Array:
   b, h, w, c = x_shape
   _, ho, wo, _ = dp.shape
   s = stride
-  dp = dp.reshape(b, ho, wo, kh * kw, c)                   # [B, Ho, Wo, kh*kw, C]
+  dp = dp.reshape(b, ho, wo, kh * kw, c)  # [B, Ho, Wo, kh*kw, C]
   zero = jnp.zeros((), dp.dtype)
   dx = None
   for pi in range(min(s, h)):
-    hpi = len(range(pi, h, s))                             # rows pi, pi + s, ... < H
+    hpi = len(range(pi, h, s))  # rows pi, pi + s, ... < H
     for pj in range(min(s, w)):
       wpj = len(range(pj, w, s))
       # dx[pi + s*a, pj + s*e] += dp[a - m, e - n, tap (pi + s*m, pj + s*n)].
       acc = None
       for m, i in enumerate(range(pi, kh, s)):
         for n, j in enumerate(range(pj, kw, s)):
-          t = dp[:, :, :, i * kw + j, :]                   # [B, Ho, Wo, C]
-          t = lax.pad(t, zero, ((0, 0, 0), (m, hpi - m - ho, 0),
-                                (n, wpj - n - wo, 0), (0, 0, 0)))  # [B, hpi, wpj, C]
+          t = dp[:, :, :, i * kw + j, :]  # [B, Ho, Wo, C]
+          t = lax.pad(
+            t, zero, ((0, 0, 0), (m, hpi - m - ho, 0), (n, wpj - n - wo, 0), (0, 0, 0))
+          )  # [B, hpi, wpj, C]
           acc = t if acc is None else acc + t
-      if acc is None:                                      # kernel smaller than stride
+      if acc is None:  # kernel smaller than stride
         continue
       # Interleave the phase back onto the full grid (interior padding s - 1).
-      acc = lax.pad(acc, zero, ((0, 0, 0), (pi, h - pi - s * (hpi - 1) - 1, s - 1),
-                                (pj, w - pj - s * (wpj - 1) - 1, s - 1), (0, 0, 0)))
-      dx = acc if dx is None else dx + acc                 # [B, H, W, C]
+      acc = lax.pad(
+        acc,
+        zero,
+        (
+          (0, 0, 0),
+          (pi, h - pi - s * (hpi - 1) - 1, s - 1),
+          (pj, w - pj - s * (wpj - 1) - 1, s - 1),
+          (0, 0, 0),
+        ),
+      )
+      dx = acc if dx is None else dx + acc  # [B, H, W, C]
   return dx
 
 
 def _im2col_fwd_math(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   kh, kw, c_in, c_out = w.shape
-  p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
-  y = lax.dot_general(p, w.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
-                      preferred_element_type=caps_ops.compute_dtype(x.dtype))
-  return y.astype(x.dtype)                                 # [B, Ho, Wo, C_out]
+  p = _patches(x, kh, kw, stride)  # [B, Ho, Wo, K]
+  y = lax.dot_general(
+    p,
+    w.reshape(kh * kw * c_in, c_out),
+    (((3,), (0,)), ((), ())),
+    preferred_element_type=caps_ops.compute_dtype(x.dtype),
+  )
+  return y.astype(x.dtype)  # [B, Ho, Wo, C_out]
 
 
 def _im2col_bwd(stride, res, g):
-  x, w = res                                               # g: [B, Ho, Wo, C_out]
+  x, w = res  # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
   kh, kw, c_in, c_out = w.shape
   acc = caps_ops.compute_dtype(x.dtype)
-  p = _patches(x, kh, kw, stride)                          # [B, Ho, Wo, K]
+  p = _patches(x, kh, kw, stride)  # [B, Ho, Wo, K]
   b, ho, wo, _ = g.shape
-  p = p.reshape(b, ho, wo, kh, kw, c_in)                   # [B, Ho, Wo, kh, kw, C_in]
-  dw = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                       preferred_element_type=acc)         # [kh, kw, C_in, C_out]
+  p = p.reshape(b, ho, wo, kh, kw, c_in)  # [B, Ho, Wo, kh, kw, C_in]
+  dw = lax.dot_general(
+    p, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=acc
+  )  # [kh, kw, C_in, C_out]
   dw = dw.astype(w.dtype)
-  dp = lax.dot_general(g, w.reshape(kh * kw * c_in, c_out), (((3,), (1,)), ((), ())),
-                       preferred_element_type=acc)         # [B, Ho, Wo, K]
+  dp = lax.dot_general(
+    g, w.reshape(kh * kw * c_in, c_out), (((3,), (1,)), ((), ())), preferred_element_type=acc
+  )  # [B, Ho, Wo, K]
   dx = _col2im(dp, x.shape, kh, kw, stride).astype(x.dtype)  # [B, H, W, C_in]
   return dx, dw
 
@@ -198,15 +225,18 @@ def _taps_dx(x, w, g, stride):
   phases = {}
   for i in range(kh):
     for j in range(kw):
-      d = lax.dot_general(g, w[i, j], (((3,), (1,)), ((), ())),
-                          preferred_element_type=acc)      # [B, Ho, Wo, C_in]
+      d = lax.dot_general(
+        g, w[i, j], (((3,), (1,)), ((), ())), preferred_element_type=acc
+      )  # [B, Ho, Wo, C_in]
       key, start = (i % s, j % s), (0, i // s, j // s, 0)
       a = phases.get(key, zero)
       phases[key] = lax.dynamic_update_slice(
-          a, lax.dynamic_slice(a, start, d.shape) + d, start)  # [B, Hc, Wc, C_in]
-  rows = [jnp.stack([phases.get((pi, pj), zero) for pj in range(s)], axis=3)
-          for pi in range(s)]                              # s x [B, Hc, Wc, s, C_in]
-  dx = jnp.stack(rows, axis=2)                             # [B, Hc, s, Wc, s, C_in]
+        a, lax.dynamic_slice(a, start, d.shape) + d, start
+      )  # [B, Hc, Wc, C_in]
+  rows = [
+    jnp.stack([phases.get((pi, pj), zero) for pj in range(s)], axis=3) for pi in range(s)
+  ]  # s x [B, Hc, Wc, s, C_in]
+  dx = jnp.stack(rows, axis=2)  # [B, Hc, s, Wc, s, C_in]
   dx = dx.reshape(b, hc * s, wc * s, c_in)[:, :h, :wd, :]  # [B, H, W, C_in]
   return dx.astype(x.dtype)
 
@@ -227,26 +257,30 @@ def _dw_stride1(x: jax.Array, g: jax.Array) -> jax.Array:
     [kh, kw, C_in, C_out].
   """
   dw = lax.conv_general_dilated(
-      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),  # [C_in,H,W,B], [Ho,Wo,B,C_out]
-      window_strides=(1, 1), padding="VALID", dimension_numbers=_DIMS,
-      preferred_element_type=caps_ops.compute_dtype(x.dtype))      # [C_in, kh, kw, C_out]
-  return jnp.transpose(dw, (1, 2, 0, 3)).astype(x.dtype)           # [kh, kw, C_in, C_out]
+    jnp.transpose(x, (3, 1, 2, 0)),
+    jnp.transpose(g, (1, 2, 0, 3)),  # [C_in,H,W,B], [Ho,Wo,B,C_out]
+    window_strides=(1, 1),
+    padding="VALID",
+    dimension_numbers=_DIMS,
+    preferred_element_type=caps_ops.compute_dtype(x.dtype),
+  )  # [C_in, kh, kw, C_out]
+  return jnp.transpose(dw, (1, 2, 0, 3)).astype(x.dtype)  # [kh, kw, C_in, C_out]
 
 
 def _hybrid_bwd(stride, res, g):
-  x, w = res                                               # g: [B, Ho, Wo, C_out]
+  x, w = res  # g: [B, Ho, Wo, C_out]
   g = g.astype(x.dtype)
   if stride == 1:
-    dw = _dw_stride1(x, g)                                 # [kh, kw, C_in, C_out]
+    dw = _dw_stride1(x, g)  # [kh, kw, C_in, C_out]
   else:
     # linear_transpose, unlike vjp, does not run the forward conv again (outside jit).
     (dw,) = jax.linear_transpose(lambda w: _xla(x, w, stride), w)(g)  # [kh, kw, C_in, C_out]
   if stride == 1:
-    (dx,) = jax.linear_transpose(lambda x: _xla(x, w, 1), x)(g)      # [B, H, W, C_in]
+    (dx,) = jax.linear_transpose(lambda x: _xla(x, w, 1), x)(g)  # [B, H, W, C_in]
   else:
     # One GEMM per tap rather than one patch-matrix GEMM + col2im: no patch-sized
     # buffer, at about the same speed (RESULTS.md, "Conv lowering measurements").
-    dx = _taps_dx(x, w, g, stride)                         # [B, H, W, C_in]
+    dx = _taps_dx(x, w, g, stride)  # [B, H, W, C_in]
   return dx, dw
 
 
@@ -263,14 +297,14 @@ _hybrid = _with_vjp(_xla, _hybrid_bwd)
 def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
   """[B, s*H', s*W', C] -> [B, H', W', s*s*C], channel order (p, q, c)."""
   b, h, w, c = x.shape
-  x = x.reshape(b, h // s, s, w // s, s, c)                # [B, H', s, W', s, C]
-  x = x.transpose(0, 1, 3, 2, 4, 5)                        # [B, H', W', s, s, C]
-  return x.reshape(b, h // s, w // s, s * s * c)           # [B, H', W', s*s*C]
+  x = x.reshape(b, h // s, s, w // s, s, c)  # [B, H', s, W', s, C]
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, H', W', s, s, C]
+  return x.reshape(b, h // s, w // s, s * s * c)  # [B, H', W', s*s*C]
 
 
 def _s2d(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   xs, ws = _fold(x, w, stride)
-  return _xla(xs, ws, 1)                                   # [B, Ho, Wo, C_out]
+  return _xla(xs, ws, 1)  # [B, Ho, Wo, C_out]
 
 
 # ----------------------------------------------------------------------------------------
@@ -309,15 +343,16 @@ def winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
   """
   n = m + r - 1
   if not 1 <= n - 1 <= len(_WINOGRAD_POINTS):
-    raise ValueError(f"Winograd F({m}, {r}) needs {n - 1} points; at most "
-                     f"{len(_WINOGRAD_POINTS)} are defined")
-  points = _WINOGRAD_POINTS[:n - 1]
+    raise ValueError(
+      f"Winograd F({m}, {r}) needs {n - 1} points; at most {len(_WINOGRAD_POINTS)} are defined"
+    )
+  points = _WINOGRAD_POINTS[: n - 1]
 
-  def evaluation(k):                 # rows: a polynomial of degree < k evaluated at points
+  def evaluation(k):  # rows: a polynomial of degree < k evaluated at points
     e = np.zeros((n, k))
     for j, a in enumerate(points):
       e[j] = np.power(a, np.arange(k))
-    e[n - 1, k - 1] = 1.0            # "at infinity": the leading coefficient
+    e[n - 1, k - 1] = 1.0  # "at infinity": the leading coefficient
     return e
 
   # Polynomial product s = h * g (deg h < m, deg g < r) by evaluation, pointwise product
@@ -329,7 +364,7 @@ def winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
   bt[np.abs(bt) < 1e-12] = 0.0
   scale = np.abs(bt).max(axis=1)
   out = (at, g * scale[:, None], bt / scale[:, None])
-  for a in out:                      # shared through functools.cache
+  for a in out:  # shared through functools.cache
     a.flags.writeable = False
   return out
 
@@ -345,16 +380,16 @@ def _fold(x: jax.Array, w: jax.Array, s: int):
   b, h, wd, c_in = x.shape
   kh, kw, _, c_out = w.shape
   ho, wo = out_size(h, kh, s), out_size(wd, kw, s)
-  kh2, kw2 = -(-kh // s), -(-kw // s)                      # folded kernel size
+  kh2, kw2 = -(-kh // s), -(-kw // s)  # folded kernel size
   # Exactly the input rows/cols the output reads, padded up to a multiple of s.
   hh, ww = s * (ho - 1 + kh2), s * (wo - 1 + kw2)
-  x = x[:, :min(h, hh), :min(wd, ww), :]
+  x = x[:, : min(h, hh), : min(wd, ww), :]
   x = jnp.pad(x, ((0, 0), (0, hh - x.shape[1]), (0, ww - x.shape[2]), (0, 0)))
-  xs = _space_to_depth(x, s)                               # [B, hh/s, ww/s, s*s*C_in]
+  xs = _space_to_depth(x, s)  # [B, hh/s, ww/s, s*s*C_in]
   wpad = jnp.pad(w, ((0, s * kh2 - kh), (0, s * kw2 - kw), (0, 0), (0, 0)))
-  wpad = wpad.reshape(kh2, s, kw2, s, c_in, c_out)         # [kh2, s, kw2, s, C_in, C_out]
-  wpad = wpad.transpose(0, 2, 1, 3, 4, 5)                  # [kh2, kw2, s, s, C_in, C_out]
-  return xs, wpad.reshape(kh2, kw2, s * s * c_in, c_out)   # [kh2, kw2, s*s*C_in, C_out]
+  wpad = wpad.reshape(kh2, s, kw2, s, c_in, c_out)  # [kh2, s, kw2, s, C_in, C_out]
+  wpad = wpad.transpose(0, 2, 1, 3, 4, 5)  # [kh2, kw2, s, s, C_in, C_out]
+  return xs, wpad.reshape(kh2, kw2, s * s * c_in, c_out)  # [kh2, kw2, s*s*C_in, C_out]
 
 
 def _winograd_geometry(x_shape, w_shape, m: int):
@@ -376,13 +411,19 @@ def _winograd_tiles(xs: jax.Array, m: int, nh: int, nw: int, th: int, tw: int) -
   b, h, wd, c = xs.shape
   # m*th + nh - m = m*th + r - 1 >= H: the tiles cover the image.
   xs = jnp.pad(xs, ((0, 0), (0, m * th + nh - m - h), (0, m * tw + nw - m - wd), (0, 0)))
-  d = jnp.stack([xs[:, i:i + m * (th - 1) + 1:m, j:j + m * (tw - 1) + 1:m]
-                 for i in range(nh) for j in range(nw)])   # [nh*nw, B, th, tw, C]
-  return d.reshape(nh * nw, b, th * tw, c)                 # [nh*nw, B, th*tw, C]
+  d = jnp.stack(
+    [
+      xs[:, i : i + m * (th - 1) + 1 : m, j : j + m * (tw - 1) + 1 : m]
+      for i in range(nh)
+      for j in range(nw)
+    ]
+  )  # [nh*nw, B, th, tw, C]
+  return d.reshape(nh * nw, b, th * tw, c)  # [nh*nw, B, th*tw, C]
 
 
-def _winograd_untile(dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int,
-                     tw: int) -> jax.Array:
+def _winograd_untile(
+  dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int, tw: int
+) -> jax.Array:
   """The transpose of `_winograd_tiles`: overlap-adds [nh*nw, B, T, C] tiles into [B, H, W, C].
 
   The image is cut into m x m blocks and each tile adds into ceil(n/m)^2 of them, block-
@@ -395,14 +436,15 @@ def _winograd_untile(dd: jax.Array, x_shape, m: int, nh: int, nw: int, th: int,
   dd = dd.reshape(nh, nw, b, th, tw, c)
   dd = jnp.pad(dd, ((0, qh * m - nh), (0, qw * m - nw), (0, 0), (0, 0), (0, 0), (0, 0)))
   dd = dd.reshape(qh, m, qw, m, b, th, tw, c)
-  dd = dd.transpose(0, 2, 4, 5, 1, 6, 3, 7)                # [qh, qw, B, th, m, tw, m, C]
+  dd = dd.transpose(0, 2, 4, 5, 1, 6, 3, 7)  # [qh, qw, B, th, m, tw, m, C]
   out = None
   for i in range(qh):
-    for j in range(qw):                                    # block (t + i, u + j) of tile (t, u)
-      t = jnp.pad(dd[i, j], ((0, 0), (i, hb - th - i), (0, 0), (j, wb - tw - j),
-                             (0, 0), (0, 0)))              # [B, hb, m, wb, m, C]
+    for j in range(qw):  # block (t + i, u + j) of tile (t, u)
+      t = jnp.pad(
+        dd[i, j], ((0, 0), (i, hb - th - i), (0, 0), (j, wb - tw - j), (0, 0), (0, 0))
+      )  # [B, hb, m, wb, m, C]
       out = t if out is None else out + t
-  return out.reshape(b, hb * m, wb * m, c)[:, :h, :wd]     # [B, H, W, C]
+  return out.reshape(b, hb * m, wb * m, c)[:, :h, :wd]  # [B, H, W, C]
 
 
 def _winograd_math(xs, ws, m):
@@ -416,13 +458,13 @@ def _winograd_math(xs, ws, m):
   nh, nw = m + rh - 1, m + rw - 1
   th, tw, at, g, bt = _winograd_geometry(xs.shape, ws.shape, m)
   dt = xs.dtype
-  d = _winograd_tiles(xs, m, nh, nw, th, tw)               # [n*n, B, T, C_in]
-  v = jnp.einsum("st,tbzc->sbzc", bt.astype(dt), d)        # [n*n, B, T, C_in]
+  d = _winograd_tiles(xs, m, nh, nw, th, tw)  # [n*n, B, T, C_in]
+  v = jnp.einsum("st,tbzc->sbzc", bt.astype(dt), d)  # [n*n, B, T, C_in]
   u = jnp.einsum("st,tco->sco", g.astype(dt), ws.reshape(rh * rw, c_in, c_out))
-  p = jnp.einsum("sbzc,sco->sbzo", v, u)                   # [n*n, B, T, C_out]
-  y = jnp.einsum("us,sbzo->ubzo", at.astype(dt), p)        # [m*m, B, T, C_out]
+  p = jnp.einsum("sbzc,sco->sbzo", v, u)  # [n*n, B, T, C_out]
+  y = jnp.einsum("us,sbzo->ubzo", at.astype(dt), p)  # [m*m, B, T, C_out]
   y = y.reshape(m, m, b, th, tw, c_out).transpose(2, 3, 0, 4, 1, 5)
-  y = y.reshape(b, th * m, tw * m, c_out)[:, :h - rh + 1, :wd - rw + 1]
+  y = y.reshape(b, th * m, tw * m, c_out)[:, : h - rh + 1, : wd - rw + 1]
   return y, (v, u)
 
 
@@ -436,8 +478,7 @@ def _winograd_s1_fwd(xs, ws, m):
   y, (v, u) = _winograd_math(xs, ws, m)
   # xs's H, W and ws's kh, kw are not recoverable from V and U: the zero-size arrays carry
   # them as static shapes (residuals must be JAX values).
-  return y, (v, u, jnp.zeros((*xs.shape[1:3], 0), v.dtype),
-             jnp.zeros((*ws.shape[:2], 0), v.dtype))
+  return y, (v, u, jnp.zeros((*xs.shape[1:3], 0), v.dtype), jnp.zeros((*ws.shape[:2], 0), v.dtype))
 
 
 def _winograd_s1_bwd(m, res, gy):
@@ -450,16 +491,16 @@ def _winograd_s1_bwd(m, res, gy):
   x_shape, w_shape = (b, h, wd, c_in), (rh, rw, c_in, c_out)
   nh, nw = m + rh - 1, m + rw - 1
   th, tw, at, g, bt = _winograd_geometry(x_shape, w_shape, m)
-  dt = v.dtype                                             # gy's dtype too (= y's)
+  dt = v.dtype  # gy's dtype too (= y's)
   ho, wo = h - rh + 1, wd - rw + 1
   gy = jnp.pad(gy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
   gy = gy.reshape(b, th, m, tw, m, c_out).transpose(2, 4, 0, 1, 3, 5)
-  gy = gy.reshape(m * m, b, th * tw, c_out)                # [m*m, B, T, C_out]
-  dp = jnp.einsum("us,ubzo->sbzo", at.astype(dt), gy)      # [n*n, B, T, C_out]
-  dv = jnp.einsum("sbzo,sco->sbzc", dp, u)                 # [n*n, B, T, C_in]
-  du = jnp.einsum("sbzc,sbzo->sco", v, dp)                 # [n*n, C_in, C_out]
+  gy = gy.reshape(m * m, b, th * tw, c_out)  # [m*m, B, T, C_out]
+  dp = jnp.einsum("us,ubzo->sbzo", at.astype(dt), gy)  # [n*n, B, T, C_out]
+  dv = jnp.einsum("sbzo,sco->sbzc", dp, u)  # [n*n, B, T, C_in]
+  du = jnp.einsum("sbzc,sbzo->sco", v, dp)  # [n*n, C_in, C_out]
   dws = jnp.einsum("st,sco->tco", g.astype(dt), du).reshape(w_shape)
-  dd = jnp.einsum("st,sbzc->tbzc", bt.astype(dt), dv)      # [n*n, B, T, C_in]
+  dd = jnp.einsum("st,sbzc->tbzc", bt.astype(dt), dv)  # [n*n, B, T, C_in]
   return _winograd_untile(dd, x_shape, m, nh, nw, th, tw), dws
 
 
@@ -469,14 +510,13 @@ _winograd_s1.defvjp(_winograd_s1_fwd, _winograd_s1_bwd)
 def _winograd_applies(w_shape, stride: int, dtype=jnp.float32) -> bool:
   """Whether 'winograd' handles this conv itself (else it falls back to 'hybrid')."""
   r = [-(-k // stride) for k in w_shape[:2]]
-  return (jnp.issubdtype(dtype, jnp.floating) and 2 <= min(r)
-          and max(r) <= _WINOGRAD_MAX_R)
+  return jnp.issubdtype(dtype, jnp.floating) and 2 <= min(r) and max(r) <= _WINOGRAD_MAX_R
 
 
 def _winograd(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
   if not _winograd_applies(w.shape, stride, x.dtype):
     return _hybrid(x, w, stride)
-  dtype = caps_ops.compute_dtype(x.dtype)            # bfloat16/float16 -> float32 (see the module doc)
+  dtype = caps_ops.compute_dtype(x.dtype)  # bfloat16/float16 -> float32 (see the module doc)
   xs, ws = _fold(x.astype(dtype), w.astype(dtype), stride)
   return _winograd_s1(xs, ws, _WINOGRAD_M).astype(x.dtype)
 

@@ -82,8 +82,11 @@ def _accelerator_plugin_installed() -> bool:
   """Whether a GPU/TPU PJRT plugin is installed (it carries its own XLA, own flags)."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
-  return (bool(importlib.metadata.entry_points(group="jax_plugins"))
-          or importlib.util.find_spec("libtpu") is not None)
+
+  return (
+    bool(importlib.metadata.entry_points(group="jax_plugins"))
+    or importlib.util.find_spec("libtpu") is not None
+  )
 
 
 def flag_known(jaxlib_version: str) -> bool:
@@ -107,21 +110,27 @@ def use_xla_cpu_convs() -> bool:
   """
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
+
   flags = os.environ.get("XLA_FLAGS", "")
-  if _YNN_FLAG_RE.search(flags):                 # the user's own choice wins.
+  if _YNN_FLAG_RE.search(flags):  # the user's own choice wins.
     return not cpu_convs_on_ynnpack()
   if not flag_known(jaxlib.__version__):
-    logging.warning("capsjax: not setting %s: known to exist in jaxlib %s.x, found %s; "
-                    "CPU convs stay on YNNPACK and conv_impl='auto' uses 'im2col'",
-                    XLA_CPU_CONV_FLAG, ".x / ".join(FLAG_JAXLIB_MINORS), jaxlib.__version__)
+    logging.warning(
+      "capsjax: not setting %s: known to exist in jaxlib %s.x, found %s; "
+      "CPU convs stay on YNNPACK and conv_impl='auto' uses 'im2col'",
+      XLA_CPU_CONV_FLAG,
+      ".x / ".join(FLAG_JAXLIB_MINORS),
+      jaxlib.__version__,
+    )
     return False
   if _accelerator_plugin_installed():
-    logging.info("capsjax: a GPU/TPU plugin is installed; leaving XLA:CPU's convs on "
-                 "YNNPACK")
+    logging.info("capsjax: a GPU/TPU plugin is installed; leaving XLA:CPU's convs on YNNPACK")
     return False
   if xla_bridge.backends_are_initialized():
-    logging.warning("capsjax: JAX backends already started; call "
-                    "cpu_runtime.use_xla_cpu_convs() before any JAX computation")
+    logging.warning(
+      "capsjax: JAX backends already started; call "
+      "cpu_runtime.use_xla_cpu_convs() before any JAX computation"
+    )
     return False
   os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_CONV_FLAG}".strip()
   return True
@@ -152,6 +161,7 @@ def keep_host_memory() -> bool:
   """
   import ctypes  # pylint: disable=g-import-not-at-top
   import platform  # pylint: disable=g-import-not-at-top
+
   if os.environ.get("CAPSJAX_KEEP_HOST_MEMORY", "1") == "0":
     return False
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -162,11 +172,13 @@ def keep_host_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return False
-  settings = {"M_ARENA_MAX": (_M_ARENA_MAX, 1), "M_MMAP_MAX": (_M_MMAP_MAX, 0),
-              "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
-              "M_TOP_PAD": (_M_TOP_PAD, 64 << 20)}
-  refused = [name for name, (param, value) in settings.items()
-             if libc.mallopt(param, value) != 1]
+  settings = {
+    "M_ARENA_MAX": (_M_ARENA_MAX, 1),
+    "M_MMAP_MAX": (_M_MMAP_MAX, 0),
+    "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2**31 - 1),
+    "M_TOP_PAD": (_M_TOP_PAD, 64 << 20),
+  }
+  refused = [name for name, (param, value) in settings.items() if libc.mallopt(param, value) != 1]
   if refused:
     logging.warning("capsjax: glibc refused mallopt %s", ", ".join(refused))
   return not refused

@@ -133,6 +133,7 @@ def exit_on_user_error():
       raise
     print_user_error(str(e))
     from absl import logging  # pylint: disable=g-import-not-at-top
+
     # The traceback only with --verbosity=1: user mistakes get the one line above.
     logging.debug("traceback (set CAPSJAX_TRACEBACK=1 to raise it)", exc_info=True)
     sys.exit(USER_ERROR_EXIT_CODE)
@@ -147,8 +148,7 @@ def add_config_root(config_path: str) -> None:
   """
   path = os.path.abspath(os.path.expanduser(config_path.split(":", 1)[0]))
   parent = os.path.dirname(path)
-  if (os.path.basename(parent) == "configs"
-      and os.path.isfile(os.path.join(parent, "__init__.py"))):
+  if os.path.basename(parent) == "configs" and os.path.isfile(os.path.join(parent, "__init__.py")):
     root = os.path.dirname(parent)
     if root not in sys.path:
       sys.path.insert(0, root)
@@ -179,12 +179,14 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
   config-file flags whose loading is checked after parsing.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   given = {}
   for arg, following in zip(argv[1:], [*argv[2:], None]):
     name, sep, value = arg.lstrip("-").partition("=")
     if name in config_flags and arg.startswith("-") and (sep or following is not None):
-      given[name] = value if sep else following   # --config=FILE or --config FILE.
+      given[name] = value if sep else following  # --config=FILE or --config FILE.
       add_config_root(given[name])
+
   def load_error(name, e):
     # ml_collections words a missing file over several lines; the last names the cause.
     last = [l.strip() for l in str(e).splitlines() if l.strip()][-1:] or [type(e).__name__]
@@ -197,7 +199,7 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
       raise load_error(next(iter(given)), e) if given else e
     for name in given:
       try:
-        getattr(flags.FLAGS, name).keys()   # a file that failed to load raises only when used.
+        getattr(flags.FLAGS, name).keys()  # a file that failed to load raises only when used.
       except OSError as e:
         raise load_error(name, e) from e
   except ConfigError as e:
@@ -210,8 +212,11 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
     text = str(e).replace("\\n", "\n").replace("\\'", "'")
     hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
     overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-    what = (f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint
-            else text.strip("'\"").splitlines()[0])
+    what = (
+      f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)'
+      if hint
+      else text.strip("'\"").splitlines()[0]
+    )
     print_user_error(f"unknown config field {what} in: {overrides}")
     sys.exit(USER_ERROR_EXIT_CODE)
   return rest

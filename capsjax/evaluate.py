@@ -44,13 +44,16 @@ def _with_checkpoint_model(config, meta: dict, source: str):
   diffs = []
   if saved_model is not None:
     saved_model = run_config.with_legacy_defaults(saved_model, "model.")
-    diffs += run_config.diff(saved_model, json.loads(config.model.to_json_best_effort()),
-                             "model.")
+    diffs += run_config.diff(saved_model, json.loads(config.model.to_json_best_effort()), "model.")
   if saved_dataset is not None and saved_dataset != config.dataset:
     diffs.append(f"dataset: {saved_dataset!r} (saved) vs {config.dataset!r} (now)")
   if diffs:
-    print(f"capsjax: evaluating {source} with the model and dataset it was trained with; "
-          "ignoring the command line's " + "; ".join(diffs), file=sys.stderr, flush=True)
+    print(
+      f"capsjax: evaluating {source} with the model and dataset it was trained with; "
+      "ignoring the command line's " + "; ".join(diffs),
+      file=sys.stderr,
+      flush=True,
+    )
     with config.unlocked():
       if saved_model is not None:
         config.model = config_dict.ConfigDict(saved_model)
@@ -72,22 +75,26 @@ def selected_step(ckpt: ckpt_lib.Checkpointer, step: int) -> int:
   where = f"{ckpt.directory}/{step}"
   if selected is None:
     raise errors.CheckpointNotFoundError(
-        f"checkpoint {where} records no per-epoch accuracies (saved before capsjax kept "
-        "them); evaluate it with --config.eval_checkpoint=latest")
+      f"checkpoint {where} records no per-epoch accuracies (saved before capsjax kept "
+      "them); evaluate it with --config.eval_checkpoint=latest"
+    )
   chosen = int(selected["epoch"]) * int(meta["steps_per_epoch"])
   if chosen not in ckpt.all_steps():
     raise errors.CheckpointNotFoundError(
-        f"the checkpoint selected on {on} accuracy (epoch {selected['epoch']}, step {chosen}) "
-        f"was not kept in {ckpt.directory} (steps {ckpt.all_steps()}); with "
-        "checkpoint_every_epochs > 1 the selected epoch may have had no checkpoint")
+      f"the checkpoint selected on {on} accuracy (epoch {selected['epoch']}, step {chosen}) "
+      f"was not kept in {ckpt.directory} (steps {ckpt.all_steps()}); with "
+      "checkpoint_every_epochs > 1 the selected epoch may have had no checkpoint"
+    )
   return chosen
 
 
 def _names_a_step(path: str) -> bool:
   """Whether `path` is one `checkpoints/<step>` directory (not a workdir)."""
   path = os.path.abspath(os.path.expanduser(path)).rstrip("/")
-  return (os.path.basename(path).isdigit()
-          and os.path.basename(os.path.dirname(path)) == ckpt_lib.CKPT_DIR)
+  return (
+    os.path.basename(path).isdigit()
+    and os.path.basename(os.path.dirname(path)) == ckpt_lib.CKPT_DIR
+  )
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
@@ -124,14 +131,24 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
       return step_config, meta, info, mesh, graphdef, state
 
     src_step, (config, meta, info, mesh, graphdef, state) = src.first_readable(
-        candidates, restore, advice="")
+      candidates, restore, advice=""
+    )
   test_images, test_labels = train.load_data(config, "test", config.eval_examples)
   state = parallel.replicate(state, mesh)
   _, eval_fn = steps_lib.make_steps(graphdef, config, meta.get("steps_per_epoch", 1), mesh)
-  result = steps_lib.evaluate(eval_fn, state, test_images, test_labels,
-                              batch_size=config.eval_batch_size, mesh=mesh,
-                              weights=steps_lib.LossWeights.from_config(config.loss))
+  result = steps_lib.evaluate(
+    eval_fn,
+    state,
+    test_images,
+    test_labels,
+    batch_size=config.eval_batch_size,
+    mesh=mesh,
+    weights=steps_lib.LossWeights.from_config(config.loss),
+  )
   result["step"] = src_step
-  print(f"{info.name} test accuracy {100 * result['accuracy']:.2f}% over "
-        f"{int(result['count'])} examples (checkpoint {src.directory}/{src_step})", flush=True)
+  print(
+    f"{info.name} test accuracy {100 * result['accuracy']:.2f}% over "
+    f"{int(result['count'])} examples (checkpoint {src.directory}/{src_step})",
+    flush=True,
+  )
   return result

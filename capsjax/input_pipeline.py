@@ -9,6 +9,7 @@ validating the original release files, and building TFDS datasets from them offl
 Why ~470 lines: the registry, the cache and the batching are the three parts of one job,
 "a split as arrays, then its batches", and each is short.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ from capsjax import errors
 from capsjax import offline_data
 
 SPLITS = offline_data.SPLITS
-CACHE_DIRNAME = 'capsjax_cache'
+CACHE_DIRNAME = "capsjax_cache"
 
 
 # ----------------------------------------------------------------------------------------
@@ -37,6 +38,7 @@ CACHE_DIRNAME = 'capsjax_cache'
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """Static facts about a supported dataset (no I/O needed to get them)."""
+
   name: str
   image_shape: tuple[int, int, int]  # (H, W, C)
   num_classes: int
@@ -45,23 +47,46 @@ class DatasetInfo:
   num_test: int
 
   def num_examples(self, split: str) -> int:
-    return {'train': self.num_train, 'test': self.num_test}[_check_split(split)]
+    return {"train": self.num_train, "test": self.num_test}[_check_split(split)]
 
 
 _DATASET_INFOS = {
-    'fashion_mnist': DatasetInfo(
-        'fashion_mnist', (28, 28, 1), 10,
-        ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-         'Sneaker', 'Bag', 'Ankle boot'), 60000, 10000),
-    'kmnist': DatasetInfo(
-        'kmnist', (28, 28, 1), 10,
-        ('o', 'ki', 'su', 'tsu', 'na', 'ha', 'ma', 'ya', 're', 'wo'), 60000, 10000),
-    'mnist': DatasetInfo(
-        'mnist', (28, 28, 1), 10, tuple(str(d) for d in range(10)), 60000, 10000),
-    'cifar10': DatasetInfo(
-        'cifar10', (32, 32, 3), 10,
-        ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
-         'truck'), 50000, 10000),
+  "fashion_mnist": DatasetInfo(
+    "fashion_mnist",
+    (28, 28, 1),
+    10,
+    (
+      "T-shirt/top",
+      "Trouser",
+      "Pullover",
+      "Dress",
+      "Coat",
+      "Sandal",
+      "Shirt",
+      "Sneaker",
+      "Bag",
+      "Ankle boot",
+    ),
+    60000,
+    10000,
+  ),
+  "kmnist": DatasetInfo(
+    "kmnist",
+    (28, 28, 1),
+    10,
+    ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    60000,
+    10000,
+  ),
+  "mnist": DatasetInfo("mnist", (28, 28, 1), 10, tuple(str(d) for d in range(10)), 60000, 10000),
+  "cifar10": DatasetInfo(
+    "cifar10",
+    (32, 32, 3),
+    10,
+    ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    50000,
+    10000,
+  ),
 }
 DATASETS = tuple(_DATASET_INFOS)
 
@@ -73,13 +98,13 @@ def dataset_info(name: str) -> DatasetInfo:
     ConfigError: `name` is not one of `DATASETS` (the message lists them).
   """
   if name not in _DATASET_INFOS:
-    raise errors.ConfigError(f'Unknown dataset {name!r}; supported: {", ".join(DATASETS)}.')
+    raise errors.ConfigError(f"Unknown dataset {name!r}; supported: {', '.join(DATASETS)}.")
   return _DATASET_INFOS[name]
 
 
 def _check_split(split: str) -> str:
   if split not in SPLITS:
-    raise errors.ConfigError(f'split must be one of {SPLITS}, got {split!r}.')
+    raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}.")
   return split
 
 
@@ -93,7 +118,7 @@ def _version(dataset: str) -> str:
 
 
 def _cache_path(data_dir: str, dataset: str, split: str) -> str:
-  return os.path.join(data_dir, CACHE_DIRNAME, dataset, _version(dataset), f'{split}.npz')
+  return os.path.join(data_dir, CACHE_DIRNAME, dataset, _version(dataset), f"{split}.npz")
 
 
 def _stat_fingerprint(paths: Sequence[str]) -> list[list[Any]]:
@@ -108,12 +133,13 @@ def _tfds_fingerprint(prepared: str | None) -> str | None:
   """Size and mtime of a TFDS dataset's `dataset_info.json`: any rebuild changes them."""
   if prepared is None:  # Nothing on disk to fingerprint: never cached.
     return None
-  return json.dumps({'source': 'tfds', 'files': _stat_fingerprint(
-      [os.path.join(prepared, 'dataset_info.json')])})
+  return json.dumps(
+    {"source": "tfds", "files": _stat_fingerprint([os.path.join(prepared, "dataset_info.json")])}
+  )
 
 
 def _files_fingerprint(paths: Sequence[str]) -> str:
-  return json.dumps({'source': 'files', 'files': _stat_fingerprint(paths)})
+  return json.dumps({"source": "files", "files": _stat_fingerprint(paths)})
 
 
 def _array_digest(images: np.ndarray, labels: np.ndarray) -> str:
@@ -121,7 +147,7 @@ def _array_digest(images: np.ndarray, labels: np.ndarray) -> str:
   h = hashlib.sha256()
   for a in (images, labels):
     a = np.ascontiguousarray(a)
-    h.update(f'{a.dtype.str}{a.shape};'.encode())
+    h.update(f"{a.dtype.str}{a.shape};".encode())
     h.update(a)
   return h.hexdigest()
 
@@ -136,35 +162,41 @@ def _read_cache(path: str, fingerprint: str | None) -> tuple[np.ndarray, np.ndar
     return None
   try:
     with np.load(path) as z:
-      if str(z['fingerprint']) != fingerprint:
-        logging.info('Cache %s is stale (its source changed); rebuilding it.', path)
+      if str(z["fingerprint"]) != fingerprint:
+        logging.info("Cache %s is stale (its source changed); rebuilding it.", path)
         return None
-      images, labels = z['image'], z['label']
-      stored = str(z['digest']) if 'digest' in z.files else None
+      images, labels = z["image"], z["label"]
+      stored = str(z["digest"]) if "digest" in z.files else None
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning('Ignoring unreadable cache %s (%s); rebuilding it.', path, e)
+    logging.warning("Ignoring unreadable cache %s (%s); rebuilding it.", path, e)
     return None
   if stored is None:
-    logging.info('Cache %s has no digest (written by an older capsjax); rebuilding it.', path)
+    logging.info("Cache %s has no digest (written by an older capsjax); rebuilding it.", path)
     return None
   if stored != _array_digest(images, labels):
-    logging.warning('Cache %s does not match its stored digest (modified or damaged); '
-                    'rebuilding it.', path)
+    logging.warning(
+      "Cache %s does not match its stored digest (modified or damaged); rebuilding it.", path
+    )
     return None
-  logging.info('Loaded decoded arrays from cache %s', path)
+  logging.info("Loaded decoded arrays from cache %s", path)
   return images, labels
 
 
 def _write_cache(path: str, images: np.ndarray, labels: np.ndarray, fingerprint: str) -> None:
   """Writes the cache atomically; on any OSError (read-only data_dir) warns once and goes on."""
-  tmp = f'{path}.tmp{os.getpid()}.npz'
+  tmp = f"{path}.tmp{os.getpid()}.npz"
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(tmp, image=images, label=labels, fingerprint=np.array(fingerprint),
-             digest=np.array(_array_digest(images, labels)))
+    np.savez(
+      tmp,
+      image=images,
+      label=labels,
+      fingerprint=np.array(fingerprint),
+      digest=np.array(_array_digest(images, labels)),
+    )
     os.replace(tmp, path)
   except OSError as e:
-    logging.warning('Not caching decoded arrays: cannot write %s (%s).', path, e)
+    logging.warning("Not caching decoded arrays: cannot write %s (%s).", path, e)
     try:
       os.remove(tmp)
     except OSError:
@@ -178,7 +210,7 @@ def _write_cache(path: str, images: np.ndarray, labels: np.ndarray, fingerprint:
 
 def _prepared_dir(data_dir: str, dataset: str) -> str | None:
   path = os.path.join(data_dir, dataset, _version(dataset))
-  return path if os.path.isfile(os.path.join(path, 'dataset_info.json')) else None
+  return path if os.path.isfile(os.path.join(path, "dataset_info.json")) else None
 
 
 def _read_data_source(ds, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -194,14 +226,19 @@ def _read_data_source(ds, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
     except Exception:  # pylint: disable=broad-except  # mock_data: integer indexing only.
       records = [ds[i] for i in idx]
     for i, r in zip(idx, records):
-      images[i] = np.asarray(r['image']).reshape(info.image_shape)
-      labels[i] = int(r['label'])
+      images[i] = np.asarray(r["image"]).reshape(info.image_shape)
+      labels[i] = int(r["label"])
   return images, labels
 
 
 def _load_from_tfds(
-    info: DatasetInfo, split: str, root: str, prepared: str | None, *, download: bool,
-    manual_dir: str | os.PathLike | None,
+  info: DatasetInfo,
+  split: str,
+  root: str,
+  prepared: str | None,
+  *,
+  download: bool,
+  manual_dir: str | os.PathLike | None,
 ) -> tuple[np.ndarray, np.ndarray, str | None]:
   """Reads a split through `tfds.data_source`, downloading first if allowed.
 
@@ -210,29 +247,39 @@ def _load_from_tfds(
     when TFDS served the data without files on disk (`tfds.testing.mock_data`).
   """
   dataset = info.name
-  builder = tfds.builder(dataset, data_dir=root, file_format='array_record')
+  builder = tfds.builder(dataset, data_dir=root, file_format="array_record")
   if prepared is not None:
-    file_format = getattr(builder.info.file_format, 'value', builder.info.file_format)
-    if file_format is not None and file_format != 'array_record':
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if file_format is not None and file_format != "array_record":
       raise errors.DatasetNotFoundError(
-          f'{prepared} is prepared as {file_format}, which has no random access. '
-          f'Rebuild it: `tfds build {dataset} --file_format=array_record '
-          f'--data_dir={root}`, or delete it to let capsjax build it offline.')
+        f"{prepared} is prepared as {file_format}, which has no random access. "
+        f"Rebuild it: `tfds build {dataset} --file_format=array_record "
+        f"--data_dir={root}`, or delete it to let capsjax build it offline."
+      )
   elif download:
     offline_data.download(dataset, data_dir=root)
     prepared = _prepared_dir(root, dataset)
-    builder = tfds.builder(dataset, data_dir=root, file_format='array_record')
+    builder = tfds.builder(dataset, data_dir=root, file_format="array_record")
   try:  # Not prepared: only works where TFDS serves data itself (mock_data).
     ds = builder.as_data_source(split=split)
   except Exception as e:  # pylint: disable=broad-except
     if prepared is not None and split not in builder.info.splits:
       raise errors.DatasetNotFoundError(
-          f'{prepared} has no split {split!r} (has {list(builder.info.splits)}).') from e
-    raise errors.DatasetNotFoundError(offline_data.not_found_message(
-        dataset, split, data_dir=root, manual_dir=manual_dir, looked_in=[
-            f'decoded-array cache: {_cache_path(root, dataset, split)}',
-            f'TFDS array_record dataset: {os.path.join(root, dataset, _version(dataset))} '
-            '(no dataset_info.json)'])) from e
+        f"{prepared} has no split {split!r} (has {list(builder.info.splits)})."
+      ) from e
+    raise errors.DatasetNotFoundError(
+      offline_data.not_found_message(
+        dataset,
+        split,
+        data_dir=root,
+        manual_dir=manual_dir,
+        looked_in=[
+          f"decoded-array cache: {_cache_path(root, dataset, split)}",
+          f"TFDS array_record dataset: {os.path.join(root, dataset, _version(dataset))} "
+          "(no dataset_info.json)",
+        ],
+      )
+    ) from e
   return (*_read_data_source(ds, info), prepared)
 
 
@@ -240,33 +287,38 @@ def _original_files(dataset: str, manual_dir) -> dict[str, tuple[str, str] | Non
   """{split: (images_path, labels_path) or None}; {} for a dataset without offline build."""
   if dataset not in offline_data.OFFLINE_DATASETS:
     return {}
-  return {s: offline_data.find_original_files(dataset, s, manual_dir=manual_dir)
-          for s in SPLITS}
+  return {s: offline_data.find_original_files(dataset, s, manual_dir=manual_dir) for s in SPLITS}
 
 
-def _load_from_files(info: DatasetInfo, split: str,
-                     files: Mapping[str, tuple[str, str] | None]) -> tuple[np.ndarray, np.ndarray]:
+def _load_from_files(
+  info: DatasetInfo, split: str, files: Mapping[str, tuple[str, str] | None]
+) -> tuple[np.ndarray, np.ndarray]:
   """Reads a split straight from its original files -> uint8 [N, H, W, C], int32 [N].
 
   Used when only some splits are on disk (K-MNIST's test files alone): no TFDS dataset is
   written then, because a half-built one would look prepared to TFDS and hide the missing
   split from every later `tfds.load`.
   """
-  logging.info('Only splits %s of %s found offline: reading %s from the original files '
-               '(no TFDS dataset written).', [s for s in SPLITS if files[s]], info.name,
-               files[split])
-  return offline_data.read_original_split(info.name, *files[split],
-                                          expected_count=info.num_examples(split))
+  logging.info(
+    "Only splits %s of %s found offline: reading %s from the original files "
+    "(no TFDS dataset written).",
+    [s for s in SPLITS if files[s]],
+    info.name,
+    files[split],
+  )
+  return offline_data.read_original_split(
+    info.name, *files[split], expected_count=info.num_examples(split)
+  )
 
 
 def load_split(
-    dataset: str,
-    split: str,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    manual_dir: str | os.PathLike | None = None,
-    download: bool = False,
-    use_cache: bool = True,
+  dataset: str,
+  split: str,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  manual_dir: str | os.PathLike | None = None,
+  download: bool = False,
+  use_cache: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Loads one split as NumPy arrays from the first source that has it.
 
@@ -301,20 +353,25 @@ def load_split(
   cache = _cache_path(root, dataset, split)
   prepared = _prepared_dir(root, dataset)
   files = _original_files(dataset, manual_dir) if prepared is None else {}
-  fingerprint = (_files_fingerprint(files[split]) if files.get(split)
-                 else _tfds_fingerprint(prepared))
+  fingerprint = (
+    _files_fingerprint(files[split]) if files.get(split) else _tfds_fingerprint(prepared)
+  )
   if use_cache and (hit := _read_cache(cache, fingerprint)) is not None:
     return hit
 
   if files and all(files.values()):
     prepared = offline_data.prepare_offline(
-        dataset, data_dir=root, source_files=files,
-        expected_counts={s: info.num_examples(s) for s in SPLITS})
+      dataset,
+      data_dir=root,
+      source_files=files,
+      expected_counts={s: info.num_examples(s) for s in SPLITS},
+    )
   if prepared is None and files.get(split):
     images, labels = _load_from_files(info, split, files)
   else:
-    images, labels, prepared = _load_from_tfds(info, split, root, prepared,
-                                               download=download, manual_dir=manual_dir)
+    images, labels, prepared = _load_from_tfds(
+      info, split, root, prepared, download=download, manual_dir=manual_dir
+    )
     fingerprint = _tfds_fingerprint(prepared)
   # No fingerprint: TFDS served data without files on disk (`tfds.testing.mock_data`).
   # Never cached, so fake data cannot pass for real data later.
@@ -331,7 +388,7 @@ def load_split(
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Training steps per epoch; the remainder is dropped."""
   if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
   return num_examples // batch_size
 
 
@@ -361,15 +418,16 @@ def split_validation(images: np.ndarray, labels: np.ndarray, num_val: int):
   """
   n = len(labels)
   if len(images) != n:
-    raise ValueError(f'images has {len(images)} examples but labels has {n}.')
+    raise ValueError(f"images has {len(images)} examples but labels has {n}.")
   if not 0 <= num_val < n:  # num_val is the user's config.val_examples.
     raise errors.ConfigError(
-        f'config.val_examples must be in [0, {n}) for a training split of {n} examples, got '
-        f'{num_val}.')
+      f"config.val_examples must be in [0, {n}) for a training split of {n} examples, got "
+      f"{num_val}."
+    )
   if num_val == 0:
     return images, labels, images[:0], labels[:0]
   perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(n)
-  val_idx = np.sort(perm[n - num_val:])
+  val_idx = np.sort(perm[n - num_val :])
   keep = np.ones(n, bool)
   keep[val_idx] = False
   return images[keep], labels[keep], images[val_idx], labels[val_idx]
@@ -380,16 +438,15 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def epoch_batch_indices(num_examples: int, *, batch_size: int, seed: int,
-                        epoch: int) -> np.ndarray:
+def epoch_batch_indices(num_examples: int, *, batch_size: int, seed: int, epoch: int) -> np.ndarray:
   """The examples of every batch of `epoch`: int32 [S, B], S = steps_per_epoch.
 
   Row s is batch s of `train_batches(..., seed=seed, epoch=epoch)`: the first S * B
   entries of `epoch_permutation`, the last N % B dropped.
   """
   steps = steps_per_epoch(num_examples, batch_size)
-  perm = epoch_permutation(num_examples, seed=seed, epoch=epoch)      # [N]
-  return perm[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)  # [S, B]
+  perm = epoch_permutation(num_examples, seed=seed, epoch=epoch)  # [N]
+  return perm[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)  # [S, B]
 
 
 def batch_at(images, labels, idx) -> dict[str, Any]:
@@ -406,18 +463,20 @@ def batch_at(images, labels, idx) -> dict[str, Any]:
   Returns:
     {'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}.
   """
-  return {'image': to_float(images[idx]),                # [B, H, W, C]
-          'label': labels[idx].astype(np.int32)}         # [B]
+  return {
+    "image": to_float(images[idx]),  # [B, H, W, C]
+    "label": labels[idx].astype(np.int32),
+  }  # [B]
 
 
 def train_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    start_step: int = 0,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  batch_size: int,
+  seed: int,
+  epoch: int,
+  start_step: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields the shuffled batches of one epoch, starting at batch `start_step`.
 
@@ -432,20 +491,20 @@ def train_batches(
     {'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}.
   """
   if len(images) != len(labels):
-    raise ValueError(f'images has {len(images)} examples but labels has {len(labels)}.')
+    raise ValueError(f"images has {len(images)} examples but labels has {len(labels)}.")
   steps = steps_per_epoch(len(images), batch_size)
   if not 0 <= start_step <= steps:
-    raise ValueError(f'start_step must be in [0, {steps}], got {start_step}.')
+    raise ValueError(f"start_step must be in [0, {steps}], got {start_step}.")
   indices = epoch_batch_indices(len(images), batch_size=batch_size, seed=seed, epoch=epoch)
   for step in range(start_step, steps):
     yield batch_at(images, labels, indices[step])
 
 
 def eval_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example exactly once, in order; the last batch is padded.
 
@@ -454,16 +513,16 @@ def eval_batches(
     are zero images with label 0 and mask False.
   """
   if len(images) != len(labels):
-    raise ValueError(f'images has {len(images)} examples but labels has {len(labels)}.')
+    raise ValueError(f"images has {len(images)} examples but labels has {len(labels)}.")
   if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
   n = len(images)
   for start in range(0, n, batch_size):
     count = min(batch_size, n - start)
-    image = np.zeros((batch_size, *images.shape[1:]), np.float32)   # [B, H, W, C]
-    label = np.zeros((batch_size,), np.int32)                        # [B]
-    mask = np.zeros((batch_size,), bool)                             # [B]
-    image[:count] = to_float(images[start:start + count])
-    label[:count] = labels[start:start + count]
+    image = np.zeros((batch_size, *images.shape[1:]), np.float32)  # [B, H, W, C]
+    label = np.zeros((batch_size,), np.int32)  # [B]
+    mask = np.zeros((batch_size,), bool)  # [B]
+    image[:count] = to_float(images[start : start + count])
+    label[:count] = labels[start : start + count]
     mask[:count] = True
-    yield {'image': image, 'label': label, 'mask': mask}
+    yield {"image": image, "label": label, "mask": mask}

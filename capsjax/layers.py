@@ -36,6 +36,7 @@ _ROLES = tuple(_TF_STDDEV)
 def _uniform(bound: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -71,9 +72,9 @@ def initializers(scheme: str, role: str, fan_in: int):
     return _uniform(bound), _uniform(bound)
   if scheme == "keras":
     return nnx.initializers.glorot_uniform(), (
-        None if role == "capsule" else nnx.initializers.zeros_init())
-  return (nnx.initializers.truncated_normal(_TF_STDDEV[role]),
-          nnx.initializers.constant(0.1))
+      None if role == "capsule" else nnx.initializers.zeros_init()
+    )
+  return (nnx.initializers.truncated_normal(_TF_STDDEV[role]), nnx.initializers.constant(0.1))
 
 
 class Conv2D(nnx.Module):
@@ -83,12 +84,26 @@ class Conv2D(nnx.Module):
   resolved before any layer is built (`capsjax.cpu_runtime.resolve_conv_impl`).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
-               impl: str = "xla", dtype=jnp.float32, init: str = "torch",
-               role: str = "conv1", kernel_init=None, bias_init=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    impl: str = "xla",
+    dtype=jnp.float32,
+    init: str = "torch",
+    role: str = "conv1",
+    kernel_init=None,
+    bias_init=None,
+    rngs: nnx.Rngs,
+  ):
     if impl not in conv_lib.IMPLS:
-      raise ValueError(f"conv impl must be one of {conv_lib.IMPLS}, got {impl!r} ('auto' is "
-                       "resolved at start-up by cpu_runtime.resolve_conv_impl)")
+      raise ValueError(
+        f"conv impl must be one of {conv_lib.IMPLS}, got {impl!r} ('auto' is "
+        "resolved at start-up by cpu_runtime.resolve_conv_impl)"
+      )
     self.stride = stride
     self.impl = impl
     self.dtype = jnp.dtype(dtype)
@@ -96,14 +111,16 @@ class Conv2D(nnx.Module):
     # Architectures from other papers (Efficient-CapsNet's he_normal) pass their own.
     kernel_init = kernel_init or scheme_kernel
     bias_init = bias_init or scheme_bias
-    self.kernel = nnx.Param(kernel_init(
-        rngs.params(), (kernel, kernel, in_channels, out_channels), jnp.float32))
+    self.kernel = nnx.Param(
+      kernel_init(rngs.params(), (kernel, kernel, in_channels, out_channels), jnp.float32)
+    )
     self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C_in] -> [B, H', W', C_out] in float32."""
-    y = conv_lib.conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                        stride=self.stride, impl=self.impl)
+    y = conv_lib.conv2d(
+      x.astype(self.dtype), self.kernel[...].astype(self.dtype), stride=self.stride, impl=self.impl
+    )
     return y.astype(jnp.float32) + self.bias[...]
 
 
@@ -111,10 +128,10 @@ class Conv2D(nnx.Module):
 # algorithm's authors put on their primary capsules, and whether EM's input activations
 # come from a sigmoid head.
 PRIMARY_NONLINEARITY = {
-    "dynamic": "squash",                   # Sabour et al.: squash.
-    "em": "none",                          # Hinton et al.: raw poses + sigmoid activations.
-    "inverted_dot_product": "layer_norm",  # Tsai et al.: nn.LayerNorm(caps_dim).
-    "self_attention": "efficient_squash",  # Mazzia et al.: their Squash.
+  "dynamic": "squash",  # Sabour et al.: squash.
+  "em": "none",  # Hinton et al.: raw poses + sigmoid activations.
+  "inverted_dot_product": "layer_norm",  # Tsai et al.: nn.LayerNorm(caps_dim).
+  "self_attention": "efficient_squash",  # Mazzia et al.: their Squash.
 }
 NONLINEARITIES = ("squash", "efficient_squash", "layer_norm", "none")
 
@@ -134,32 +151,64 @@ class PrimaryCaps(nnx.Module):
   input activations of EM routing.
   """
 
-  def __init__(self, in_channels: int, types: int, dim: int, kernel: int, stride: int, *,
-               impl: str = "xla", dtype=jnp.float32, init: str = "torch",
-               nonlinearity: str = "squash", activation_head: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    types: int,
+    dim: int,
+    kernel: int,
+    stride: int,
+    *,
+    impl: str = "xla",
+    dtype=jnp.float32,
+    init: str = "torch",
+    nonlinearity: str = "squash",
+    activation_head: bool = False,
+    rngs: nnx.Rngs,
+  ):
     if nonlinearity not in NONLINEARITIES:
       raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
     self.types = types
     self.dim = dim
     self.nonlinearity = nonlinearity
-    self.conv = Conv2D(in_channels, types * dim, kernel, stride=stride, impl=impl,
-                       dtype=dtype, init=init, role="primary", rngs=rngs)
+    self.conv = Conv2D(
+      in_channels,
+      types * dim,
+      kernel,
+      stride=stride,
+      impl=impl,
+      dtype=dtype,
+      init=init,
+      role="primary",
+      rngs=rngs,
+    )
     # Attributes that are None add no parameters, so the default (dynamic routing) layer
     # has exactly the parameter tree of older checkpoints.
     self.ln_scale = nnx.Param(jnp.ones((dim,))) if nonlinearity == "layer_norm" else None
     self.ln_bias = nnx.Param(jnp.zeros((dim,))) if nonlinearity == "layer_norm" else None
-    self.activation_conv = (Conv2D(in_channels, types, kernel, stride=stride, impl=impl,
-                                   dtype=dtype, init=init, role="primary", rngs=rngs)
-                            if activation_head else None)
+    self.activation_conv = (
+      Conv2D(
+        in_channels,
+        types,
+        kernel,
+        stride=stride,
+        impl=impl,
+        dtype=dtype,
+        init=init,
+        role="primary",
+        rngs=rngs,
+      )
+      if activation_head
+      else None
+    )
 
   def __call__(self, x: jax.Array):
     """x: [B, H, W, C] -> u: [B, N_in, D_in] with N_in = H' * W' * types.
 
     With `activation_head`, returns (u, a) with a: [B, N_in] in (0, 1), in the order of u.
     """
-    y = self.conv(x)                                                   # [B, H', W', types*D_in]
-    u = y.reshape(y.shape[0], -1, self.dim)                            # [B, N_in, D_in]
+    y = self.conv(x)  # [B, H', W', types*D_in]
+    u = y.reshape(y.shape[0], -1, self.dim)  # [B, N_in, D_in]
     if self.nonlinearity == "squash":
       u = caps_ops.squash(u)
     elif self.nonlinearity == "efficient_squash":
@@ -168,8 +217,8 @@ class PrimaryCaps(nnx.Module):
       u = routing_lib.layer_norm(u, scale=self.ln_scale[...], bias=self.ln_bias[...])
     if self.activation_conv is None:
       return u
-    a = jax.nn.sigmoid(self.activation_conv(x))                        # [B, H', W', types]
-    return u, a.reshape(a.shape[0], -1)                                # [B, N_in]
+    a = jax.nn.sigmoid(self.activation_conv(x))  # [B, H', W', types]
+    return u, a.reshape(a.shape[0], -1)  # [B, N_in]
 
 
 class RoutedCaps(nnx.Module):
@@ -188,12 +237,24 @@ class RoutedCaps(nnx.Module):
     'self_attention': log_prior [N_in, N_out] (zeros), the log prior B.
   """
 
-  def __init__(self, num_in: int, in_dim: int, num_out: int, out_dim: int, *,
-               routing_iterations: int, stop_gradient: bool = False, dtype=jnp.float32,
-               init: str = "torch", routing: str = "dynamic", em_final_lambda: float = 0.01,
-               w_init=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_in: int,
+    in_dim: int,
+    num_out: int,
+    out_dim: int,
+    *,
+    routing_iterations: int,
+    stop_gradient: bool = False,
+    dtype=jnp.float32,
+    init: str = "torch",
+    routing: str = "dynamic",
+    em_final_lambda: float = 0.01,
+    w_init=None,
+    rngs: nnx.Rngs,
+  ):
     caps_ops.check_iterations(routing_iterations)  # fail at construction, not in jit.
-    routing_lib.get(routing)                       # ValueError naming the valid ones.
+    routing_lib.get(routing)  # ValueError naming the valid ones.
     self.routing_iterations = routing_iterations
     self.stop_gradient = stop_gradient
     self.routing = routing
@@ -202,24 +263,31 @@ class RoutedCaps(nnx.Module):
     scheme_w_init, bias_init = initializers(init, "capsule", in_dim)
     w_init = w_init or scheme_w_init
     self.w = nnx.Param(w_init(rngs.params(), (num_in, num_out, in_dim, out_dim), jnp.float32))
-    self.bias = (None if bias_init is None or routing != "dynamic" else
-                 nnx.Param(bias_init(rngs.params(), (num_out, out_dim), jnp.float32)))
+    self.bias = (
+      None
+      if bias_init is None or routing != "dynamic"
+      else nnx.Param(bias_init(rngs.params(), (num_out, out_dim), jnp.float32))
+    )
     em, idp = routing == "em", routing == "inverted_dot_product"
     self.beta_u = nnx.Param(jnp.zeros((num_out,))) if em else None
     self.beta_a = nnx.Param(jnp.zeros((num_out,))) if em else None
     self.ln_scale = nnx.Param(jnp.ones((out_dim,))) if idp else None
     self.ln_bias = nnx.Param(jnp.zeros((out_dim,))) if idp else None
-    self.log_prior = (nnx.Param(jnp.zeros((num_in, num_out)))
-                      if routing == "self_attention" else None)
+    self.log_prior = (
+      nnx.Param(jnp.zeros((num_in, num_out))) if routing == "self_attention" else None
+    )
 
   def predictions(self, u: jax.Array) -> jax.Array:
     """u: [B, N_in, D_in] -> u_hat: [B, N_in, N_out, D_out] in float32."""
-    u_hat = jnp.einsum('bni,nmio->bnmo', u.astype(self.dtype), self.w[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)             # [B, N_in, N_out, D_out]
+    u_hat = jnp.einsum(
+      "bni,nmio->bnmo",
+      u.astype(self.dtype),
+      self.w[...].astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )  # [B, N_in, N_out, D_out]
     return u_hat
 
-  def route_votes(self, u_hat: jax.Array, *, a_in: jax.Array | None = None
-                  ) -> routing_lib.Routed:
+  def route_votes(self, u_hat: jax.Array, *, a_in: jax.Array | None = None) -> routing_lib.Routed:
     """Routes given votes with this layer's algorithm and parameters.
 
     Args:
@@ -233,11 +301,21 @@ class RoutedCaps(nnx.Module):
     fn = routing_lib.get(self.routing)
     n = self.routing_iterations
     if self.routing == "dynamic":
-      return fn(u_hat, n, stop_gradient=self.stop_gradient,
-                bias=None if self.bias is None else self.bias[...])
+      return fn(
+        u_hat,
+        n,
+        stop_gradient=self.stop_gradient,
+        bias=None if self.bias is None else self.bias[...],
+      )
     if self.routing == "em":
-      return fn(u_hat, n, a_in=a_in, beta_u=self.beta_u[...], beta_a=self.beta_a[...],
-                final_lambda=self.em_final_lambda)
+      return fn(
+        u_hat,
+        n,
+        a_in=a_in,
+        beta_u=self.beta_u[...],
+        beta_a=self.beta_a[...],
+        final_lambda=self.em_final_lambda,
+      )
     if self.routing == "inverted_dot_product":
       return fn(u_hat, n, ln_scale=self.ln_scale[...], ln_bias=self.ln_bias[...])
     return fn(u_hat, n, log_prior=self.log_prior[...])
@@ -246,8 +324,9 @@ class RoutedCaps(nnx.Module):
     """u: [B, N_in, D_in] (a_in: [B, N_in] for EM) -> `route_votes(predictions(u))`."""
     return self.route_votes(self.predictions(u), a_in=a_in)
 
-  def __call__(self, u: jax.Array, *, a_in: jax.Array | None = None,
-               return_couplings: bool = False):
+  def __call__(
+    self, u: jax.Array, *, a_in: jax.Array | None = None, return_couplings: bool = False
+  ):
     """u: [B, N_in, D_in] -> v: [B, N_out, D_out] (and c: [B, N_in, N_out]).
 
     For dynamic routing equal to `dynamic_routing(self.predictions(u), ...)`, computed by
@@ -264,37 +343,61 @@ class RoutedCaps(nnx.Module):
       return caps_ops.RoutingResult(v=r.poses, c=r.assignments) if return_couplings else r.poses
     if self.bias is not None:
       return caps_ops.dynamic_routing(
-          self.predictions(u), self.routing_iterations, stop_gradient=self.stop_gradient,
-          return_couplings=return_couplings, bias=self.bias[...])
+        self.predictions(u),
+        self.routing_iterations,
+        stop_gradient=self.stop_gradient,
+        return_couplings=return_couplings,
+        bias=self.bias[...],
+      )
     return caps_ops.predict_and_route(
-        u.astype(self.dtype).astype(f32), self.w[...].astype(self.dtype).astype(f32),
-        self.routing_iterations, stop_gradient=self.stop_gradient,
-        return_couplings=return_couplings)
+      u.astype(self.dtype).astype(f32),
+      self.w[...].astype(self.dtype).astype(f32),
+      self.routing_iterations,
+      stop_gradient=self.stop_gradient,
+      return_couplings=return_couplings,
+    )
 
 
 class Decoder(nnx.Module):
   """Masked-capsule decoder: [B, N_out, D_out] -> hidden ReLU layers -> sigmoid image."""
 
-  def __init__(self, num_caps: int, caps_dim: int, hidden: Sequence[int],
-               image_shape: Sequence[int], *, dtype=jnp.float32, init: str = "torch",
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_caps: int,
+    caps_dim: int,
+    hidden: Sequence[int],
+    image_shape: Sequence[int],
+    *,
+    dtype=jnp.float32,
+    init: str = "torch",
+    rngs: nnx.Rngs,
+  ):
     self.image_shape = tuple(int(d) for d in image_shape)
     sizes = [num_caps * caps_dim, *hidden, math.prod(self.image_shape)]
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
       kernel_init, bias_init = initializers(init, "decoder", a)
-      layers.append(nnx.Linear(a, b, kernel_init=kernel_init, bias_init=bias_init,
-                               dtype=dtype, param_dtype=jnp.float32, rngs=rngs))
+      layers.append(
+        nnx.Linear(
+          a,
+          b,
+          kernel_init=kernel_init,
+          bias_init=bias_init,
+          dtype=dtype,
+          param_dtype=jnp.float32,
+          rngs=rngs,
+        )
+      )
     self.layers = nnx.List(layers)
 
   def __call__(self, v: jax.Array, mask_class: jax.Array) -> jax.Array:
     """v: [B, N_out, D_out], mask_class: [B] int -> reconstruction [B, H, W, C] in [0, 1]."""
-    mask = jax.nn.one_hot(mask_class, v.shape[-2], dtype=v.dtype)      # [B, N_out]
-    x = (v * mask[..., None]).reshape(v.shape[0], -1)                  # [B, N_out*D_out]
+    mask = jax.nn.one_hot(mask_class, v.shape[-2], dtype=v.dtype)  # [B, N_out]
+    x = (v * mask[..., None]).reshape(v.shape[0], -1)  # [B, N_out*D_out]
     for layer in self.layers[:-1]:
-      x = jax.nn.relu(layer(x))                                        # [B, hidden]
-    x = jax.nn.sigmoid(self.layers[-1](x).astype(jnp.float32))         # [B, H*W*C]
-    return x.reshape(x.shape[0], *self.image_shape)                    # [B, H, W, C]
+      x = jax.nn.relu(layer(x))  # [B, hidden]
+    x = jax.nn.sigmoid(self.layers[-1](x).astype(jnp.float32))  # [B, H*W*C]
+    return x.reshape(x.shape[0], *self.image_shape)  # [B, H, W, C]
 
 
 class BatchNorm(nnx.Module):
@@ -315,8 +418,8 @@ class BatchNorm(nnx.Module):
     """x: [B, ..., C] -> same shape, float32."""
     x = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)                                      # [C]
-    var = jnp.mean(jnp.square(x - mean), axis=axes)                    # [C]
+    mean = jnp.mean(x, axis=axes)  # [C]
+    var = jnp.mean(jnp.square(x - mean), axis=axes)  # [C]
     return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
@@ -330,16 +433,22 @@ class DepthwiseConv2D(nnx.Module):
 
   def __init__(self, channels: int, kernel: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.dtype = jnp.dtype(dtype)
-    self.kernel = nnx.Param(nnx.initializers.glorot_uniform()(
-        rngs.params(), (kernel, kernel, 1, channels), jnp.float32))
+    self.kernel = nnx.Param(
+      nnx.initializers.glorot_uniform()(rngs.params(), (kernel, kernel, 1, channels), jnp.float32)
+    )
     self.bias = nnx.Param(jnp.zeros((channels,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] -> [B, H - k + 1, W - k + 1, C] in float32."""
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), (1, 1), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-        preferred_element_type=jnp.float32)                            # [B, H', W', C]
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      (1, 1),
+      "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1],
+      preferred_element_type=jnp.float32,
+    )  # [B, H', W', C]
     return y + self.bias[...]
 
 
@@ -355,9 +464,17 @@ class MatrixClassCaps(nnx.Module):
   beta_u, beta_a [N_out].
   """
 
-  def __init__(self, types: int, num_out: int, *, routing_iterations: int,
-               final_lambda: float = 0.01, coordinate_addition: bool = True,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    types: int,
+    num_out: int,
+    *,
+    routing_iterations: int,
+    final_lambda: float = 0.01,
+    coordinate_addition: bool = True,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     caps_ops.check_iterations(routing_iterations)
     self.routing_iterations = routing_iterations
     self.final_lambda = float(final_lambda)
@@ -365,8 +482,9 @@ class MatrixClassCaps(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     # stddev 1/2: for unit-variance poses, each vote entry (a sum of 4 products) also has
     # unit variance.
-    self.w = nnx.Param(nnx.initializers.truncated_normal(0.5)(
-        rngs.params(), (types, num_out, 4, 4), jnp.float32))
+    self.w = nnx.Param(
+      nnx.initializers.truncated_normal(0.5)(rngs.params(), (types, num_out, 4, 4), jnp.float32)
+    )
     self.beta_u = nnx.Param(jnp.zeros((num_out,)))
     self.beta_a = nnx.Param(jnp.zeros((num_out,)))
 
@@ -374,19 +492,25 @@ class MatrixClassCaps(nnx.Module):
     """poses: [B, H, W, types, 16] -> votes [B, N_in, N_out, 16], N_in = H * W * types."""
     b, h, w, t, _ = poses.shape
     m = poses.reshape(b, h, w, t, 4, 4).astype(self.dtype)
-    v = jnp.einsum('byxtik,tmko->byxtmio', m, self.w[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32)                 # [B, H, W, T, N_out, 4, 4]
-    v = v.reshape(*v.shape[:-2], 16)                                   # [B, H, W, T, N_out, 16]
+    v = jnp.einsum(
+      "byxtik,tmko->byxtmio", m, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32
+    )  # [B, H, W, T, N_out, 4, 4]
+    v = v.reshape(*v.shape[:-2], 16)  # [B, H, W, T, N_out, 16]
     if self.coordinate_addition:
-      rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h              # [H]
-      cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w              # [W]
+      rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h  # [H]
+      cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w  # [W]
       coord = jnp.zeros((h, w, 16), jnp.float32)
       coord = coord.at[:, :, 3].set(rows[:, None]).at[:, :, 7].set(cols[None, :])
       v = v + coord[:, :, None, None, :]
-    return v.reshape(b, h * w * t, v.shape[-2], 16)                    # [B, N_in, N_out, 16]
+    return v.reshape(b, h * w * t, v.shape[-2], 16)  # [B, N_in, N_out, 16]
 
   def __call__(self, poses: jax.Array, a_in: jax.Array) -> routing_lib.Routed:
     """poses [B, H, W, types, 16], a_in [B, H * W * types] -> routing.Routed of EM."""
-    return routing_lib.em(self.votes(poses), self.routing_iterations, a_in=a_in,
-                          beta_u=self.beta_u[...], beta_a=self.beta_a[...],
-                          final_lambda=self.final_lambda)
+    return routing_lib.em(
+      self.votes(poses),
+      self.routing_iterations,
+      a_in=a_in,
+      beta_u=self.beta_u[...],
+      beta_a=self.beta_a[...],
+      final_lambda=self.final_lambda,
+    )

@@ -28,8 +28,9 @@ def train_batches(config, images, labels, steps_per_epoch: int, step: int):
   """The batches of every epoch from `step` to the end of training, in order."""
   for epoch in range(step // steps_per_epoch, config.num_epochs):
     start = step - epoch * steps_per_epoch if epoch == step // steps_per_epoch else 0
-    yield from input_pipeline.train_batches(images, labels, batch_size=config.batch_size,
-                                            seed=config.seed, epoch=epoch, start_step=start)
+    yield from input_pipeline.train_batches(
+      images, labels, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start_step=start
+    )
 
 
 def check_loop_config(config) -> None:
@@ -39,10 +40,12 @@ def check_loop_config(config) -> None:
   steps = config.scan_chunk_steps
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
     raise errors.ConfigError(
-        f"config.scan_chunk_steps must be an integer >= 0 (0 = no limit), got {steps!r}")
+      f"config.scan_chunk_steps must be an integer >= 0 (0 = no limit), got {steps!r}"
+    )
   if not config.scan_chunk_seconds > 0:
     raise errors.ConfigError(
-        f"config.scan_chunk_seconds must be > 0, got {config.scan_chunk_seconds!r}")
+      f"config.scan_chunk_seconds must be > 0, got {config.scan_chunk_seconds!r}"
+    )
 
 
 class EpochBar:
@@ -53,8 +56,14 @@ class EpochBar:
   """
 
   def __init__(self, config, epoch: int, initial: int, total: int, enabled: bool):
-    self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                     desc=f"epoch {epoch + 1}/{config.num_epochs}", disable=not enabled)
+    self._bar = tqdm(
+      total=total,
+      initial=initial,
+      unit="step",
+      dynamic_ncols=True,
+      desc=f"epoch {epoch + 1}/{config.num_epochs}",
+      disable=not enabled,
+    )
     self._in_flight = None
 
   def tick(self, value, steps: int = 1) -> None:
@@ -73,8 +82,11 @@ class EpochBar:
       self._bar.update(steps)
 
   def show(self, values: dict[str, float]) -> None:
-    self._bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
-                          img_s=f"{values['images_per_s']:.1f}")
+    self._bar.set_postfix(
+      loss=f"{values['loss']:.4f}",
+      acc=f"{values['accuracy']:.3f}",
+      img_s=f"{values['images_per_s']:.1f}",
+    )
 
   def close(self) -> None:
     if self._in_flight is not None:
@@ -92,7 +104,7 @@ class TrainMeans:
   def start_epoch(self) -> None:
     self.epoch, self.interval = metrics_lib.Averager(), metrics_lib.Averager()
     self.epoch_t0 = self.interval_t0 = time.time()
-    self.recent: list[tuple[int, dict]] = []   # (step, metrics) not yet checked for NaN.
+    self.recent: list[tuple[int, dict]] = []  # (step, metrics) not yet checked for NaN.
 
   def add(self, step: int, values: dict) -> None:
     self.interval.add(values)
@@ -117,7 +129,8 @@ class StepTrainer:
   def __init__(self, run, train_fn: Callable, aug_key: jax.Array, step: int):
     self._train_fn, self._aug_key = train_fn, aug_key
     self._batches = parallel.prefetch(
-        train_batches(run.config, *run.data.train, run.steps_per_epoch, step), run.mesh)
+      train_batches(run.config, *run.data.train, run.steps_per_epoch, step), run.mesh
+    )
     # Under jax.distributed the processes compare stop flags (a collective) at steps they
     # all know of: logging steps. With one process: after every step.
     self.stop_check_every_advance = jax.process_count() == 1
@@ -129,13 +142,23 @@ class StepTrainer:
     return state, [values]
 
 
-def chunk_end(step: int, *, steps_per_epoch: int, log_every: int, max_steps: int,
-               seconds: float | None, step_seconds: float | None) -> int:
+def chunk_end(
+  step: int,
+  *,
+  steps_per_epoch: int,
+  log_every: int,
+  max_steps: int,
+  seconds: float | None,
+  step_seconds: float | None,
+) -> int:
   """Where a scanned chunk from `step` ends (exclusive): at the next log step or epoch
   end, after `max_steps`, and after about `seconds` at `step_seconds` a step; while the
   speed is unknown (`step_seconds` None), after one step."""
-  end = min((step // steps_per_epoch + 1) * steps_per_epoch,
-            (step // log_every + 1) * log_every, step + max_steps)
+  end = min(
+    (step // steps_per_epoch + 1) * steps_per_epoch,
+    (step // log_every + 1) * log_every,
+    step + max_steps,
+  )
   if seconds is not None:
     end = min(end, step + (max(1, int(seconds / step_seconds)) if step_seconds else 1))
   return end
@@ -155,14 +178,13 @@ class ScanTrainer:
     config, spe = run.config, run.steps_per_epoch
     self._run, self._aug_key = run, aug_key
     self.max_steps = min(spe, config.log_every_steps, config.scan_chunk_steps or spe)
-    self._chunk = steps_lib.make_train_chunk(graphdef, config, spe, run.mesh,
-                                             self.max_steps)
+    self._chunk = steps_lib.make_train_chunk(graphdef, config, spe, run.mesh, self.max_steps)
     self._data = parallel.put_dataset(*run.data.train, run.mesh)
     self._epoch, self._indices = None, None
     # Processes must agree on chunk ends (they compare stop flags there), so a time bound,
     # which each would measure differently, applies only to a one-process run.
     self._seconds = config.scan_chunk_seconds if jax.process_count() == 1 else None
-    self._step_s = None       # seconds per step of the last timed chunk.
+    self._step_s = None  # seconds per step of the last timed chunk.
     self._compiled = False
     self.stop_check_every_advance = True
 
@@ -172,16 +194,28 @@ class ScanTrainer:
     epoch, start = divmod(step, spe)
     if epoch != self._epoch:
       self._epoch = epoch
-      self._indices = parallel.put_batch_indices(input_pipeline.epoch_batch_indices(
-          len(self._run.data.train[1]), batch_size=config.batch_size, seed=config.seed,
-          epoch=epoch), self._run.mesh)                                   # [S, B]
-    n = chunk_end(step, steps_per_epoch=spe, log_every=config.log_every_steps,
-                   max_steps=self.max_steps, seconds=self._seconds,
-                   step_seconds=self._step_s) - step
+      self._indices = parallel.put_batch_indices(
+        input_pipeline.epoch_batch_indices(
+          len(self._run.data.train[1]), batch_size=config.batch_size, seed=config.seed, epoch=epoch
+        ),
+        self._run.mesh,
+      )  # [S, B]
+    n = (
+      chunk_end(
+        step,
+        steps_per_epoch=spe,
+        log_every=config.log_every_steps,
+        max_steps=self.max_steps,
+        seconds=self._seconds,
+        step_seconds=self._step_s,
+      )
+      - step
+    )
     t0 = time.perf_counter()
-    state, stacked = self._chunk(state, self._data, self._indices, np.int32(start),
-                                 np.int32(n), self._aug_key)
-    stacked = jax.device_get(stacked)     # the chunk's one wait for the devices.
+    state, stacked = self._chunk(
+      state, self._data, self._indices, np.int32(start), np.int32(n), self._aug_key
+    )
+    stacked = jax.device_get(stacked)  # the chunk's one wait for the devices.
     # The first chunk's time is mostly compilation: the second one (also one step under
     # a time bound) is the first timed.
     if self._compiled:

@@ -22,10 +22,11 @@ class LossWeights:
   The one place these defaults are written: `margin_loss` and the configs
   (`configs/common.py`) read them from here.
   """
+
   m_plus: float = 0.9
   m_minus: float = 0.1
   lam: float = 0.5
-  recon_weight: float = 0.392        # x per-pixel MSE on 28x28 == the paper's 0.0005 x SSE.
+  recon_weight: float = 0.392  # x per-pixel MSE on 28x28 == the paper's 0.0005 x SSE.
 
   @classmethod
   def from_config(cls, loss_cfg) -> LossWeights:
@@ -43,18 +44,24 @@ def _scores_and_targets(scores, labels, name: str):
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
   if scores.ndim < 1:
-    raise ValueError(
-        f"{name} must have shape [..., K] (a class axis), got shape {scores.shape}")
+    raise ValueError(f"{name} must have shape [..., K] (a class axis), got shape {scores.shape}")
   if labels.shape != scores.shape[:-1]:
     raise ValueError(
-        f"labels shape {labels.shape} must equal {name} shape without the class axis "
-        f"{scores.shape[:-1]} ({name} shape {scores.shape})")
+      f"labels shape {labels.shape} must equal {name} shape without the class axis "
+      f"{scores.shape[:-1]} ({name} shape {scores.shape})"
+    )
   x = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
   return x, jax.nn.one_hot(labels, x.shape[-1], dtype=x.dtype)
 
 
-def margin_loss(lengths: jax.Array, labels: jax.Array, *, m_plus: float = PAPER.m_plus,
-                m_minus: float = PAPER.m_minus, lam: float = PAPER.lam) -> jax.Array:
+def margin_loss(
+  lengths: jax.Array,
+  labels: jax.Array,
+  *,
+  m_plus: float = PAPER.m_plus,
+  m_minus: float = PAPER.m_minus,
+  lam: float = PAPER.lam,
+) -> jax.Array:
   """Margin loss, Eq. 4 of the paper, summed over classes.
 
   L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2.
@@ -68,13 +75,14 @@ def margin_loss(lengths: jax.Array, labels: jax.Array, *, m_plus: float = PAPER.
     [...] per-example loss, dtype of `lengths` (at least float32).
   """
   x, t = _scores_and_targets(lengths, labels, "lengths")
-  present = t * jnp.square(jnp.maximum(0.0, m_plus - x))              # [..., K]
+  present = t * jnp.square(jnp.maximum(0.0, m_plus - x))  # [..., K]
   absent = lam * (1.0 - t) * jnp.square(jnp.maximum(0.0, x - m_minus))
-  return jnp.sum(present + absent, axis=-1)                           # [...]
+  return jnp.sum(present + absent, axis=-1)  # [...]
 
 
-def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, *,
-                        reduction: str = "sum", batch_dims: int = 1) -> jax.Array:
+def reconstruction_loss(
+  images: jax.Array, reconstructions: jax.Array, *, reduction: str = "sum", batch_dims: int = 1
+) -> jax.Array:
   """Per-example squared reconstruction error.
 
   Args:
@@ -90,19 +98,26 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, *,
   """
   images = jnp.asarray(images)
   reconstructions = jnp.asarray(reconstructions)
-  if (isinstance(batch_dims, bool) or not isinstance(batch_dims, int)
-      or not 0 <= batch_dims <= images.ndim):
+  if (
+    isinstance(batch_dims, bool)
+    or not isinstance(batch_dims, int)
+    or not 0 <= batch_dims <= images.ndim
+  ):
     raise ValueError(
-        f"batch_dims must be an int in [0, images.ndim={images.ndim}], got {batch_dims!r}")
+      f"batch_dims must be an int in [0, images.ndim={images.ndim}], got {batch_dims!r}"
+    )
   if reconstructions.shape != images.shape:
     # Only the per-example axes may be flattened; the batch axes must match, otherwise
     # a reshape would silently mix pixels of different examples.
-    if (reconstructions.size != images.size
-        or reconstructions.shape[:batch_dims] != images.shape[:batch_dims]):
+    if (
+      reconstructions.size != images.size
+      or reconstructions.shape[:batch_dims] != images.shape[:batch_dims]
+    ):
       raise ValueError(
-          f"reconstructions shape {reconstructions.shape} does not match images shape "
-          f"{images.shape} (the first batch_dims={batch_dims} axes must be equal and "
-          "the sizes must match)")
+        f"reconstructions shape {reconstructions.shape} does not match images shape "
+        f"{images.shape} (the first batch_dims={batch_dims} axes must be equal and "
+        "the sizes must match)"
+      )
     reconstructions = reconstructions.reshape(images.shape)
   if reduction not in ("sum", "mean"):
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -112,8 +127,7 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, *,
   return jnp.sum(err, axis=axes) if reduction == "sum" else jnp.mean(err, axis=axes)
 
 
-def spread_loss(activations: jax.Array, labels: jax.Array, *, margin: float = 0.2
-                ) -> jax.Array:
+def spread_loss(activations: jax.Array, labels: jax.Array, *, margin: float = 0.2) -> jax.Array:
   """Spread loss of EM routing (Hinton, Sabour & Frosst 2018, Sec. 3.1, Eq. 3).
 
   L = sum over the wrong classes i of max(0, m - (a_t - a_i))^2, with a_t the target
@@ -130,7 +144,6 @@ def spread_loss(activations: jax.Array, labels: jax.Array, *, margin: float = 0.
     [...] per-example loss, dtype of `activations` (at least float32).
   """
   a, t = _scores_and_targets(activations, labels, "activations")
-  a_t = jnp.sum(a * t, axis=-1, keepdims=True)                         # [..., 1]
-  per_class = jnp.square(jnp.maximum(0.0, margin - (a_t - a)))         # [..., K]
-  return jnp.sum((1.0 - t) * per_class, axis=-1)                       # [...]
-
+  a_t = jnp.sum(a * t, axis=-1, keepdims=True)  # [..., 1]
+  per_class = jnp.square(jnp.maximum(0.0, margin - (a_t - a)))  # [..., K]
+  return jnp.sum((1.0 - t) * per_class, axis=-1)  # [...]

@@ -38,21 +38,32 @@ from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/fashion.py or configs/fashion.py:quick.",
-    lock_config=True)
+  "config",
+  None,
+  "Config file, e.g. configs/fashion.py or configs/fashion.py:quick.",
+  lock_config=True,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Call jax.distributed.initialize(): 'auto' = when the flags below are given or under a "
-    "multi-task SLURM step (JAX then reads SLURM_* variables); 'on' = always (JAX "
-    "auto-detects SLURM/Open MPI/cloud TPU settings the flags leave unset); 'off' = never.")
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "Call jax.distributed.initialize(): 'auto' = when the flags below are given or under a "
+  "multi-task SLURM step (JAX then reads SLURM_* variables); 'on' = always (JAX "
+  "auto-detects SLURM/Open MPI/cloud TPU settings the flags leave unset); 'off' = never.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "host:port of process 0's coordinator service (also JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.",
-                                      lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.",
-                                   lower_bound=0)
+  "coordinator_address",
+  None,
+  "host:port of process 0's coordinator service (also JAX_COORDINATOR_ADDRESS).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Total number of processes.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index, 0-based.", lower_bound=0
+)
+
 
 class _QuietLibraries:
   """Drops INFO records of Orbax/TFDS/JAX internals (dozens per checkpoint save).
@@ -63,8 +74,11 @@ class _QuietLibraries:
   _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/", "/etils/")
 
   def filter(self, record) -> bool:
-    return (record.levelno >= 30 or flags.FLAGS.verbosity >= 1
-            or not any(p in record.pathname for p in self._NOISY))
+    return (
+      record.levelno >= 30
+      or flags.FLAGS.verbosity >= 1
+      or not any(p in record.pathname for p in self._NOISY)
+    )
 
 
 def _slurm_tasks() -> int:
@@ -73,27 +87,42 @@ def _slurm_tasks() -> int:
 
 def _maybe_init_distributed(jax) -> None:
   """Starts JAX's distributed runtime; must run before any JAX computation."""
-  explicit = (_COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
-              or _PROCESS_ID.value is not None)
+  explicit = (
+    _COORDINATOR.value is not None
+    or _NUM_PROCESSES.value is not None
+    or _PROCESS_ID.value is not None
+  )
   mode = _DISTRIBUTED.value
-  if mode == "off" or (mode == "auto" and not explicit and _slurm_tasks() <= 1
-                       and "JAX_COORDINATOR_ADDRESS" not in os.environ):
+  if mode == "off" or (
+    mode == "auto"
+    and not explicit
+    and _slurm_tasks() <= 1
+    and "JAX_COORDINATOR_ADDRESS" not in os.environ
+  ):
     return
   # Cross-process collectives on CPU hosts (tests, CPU clusters); GPUs use NCCL.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
   except (ValueError, RuntimeError) as e:
     from capsjax import errors  # pylint: disable=g-import-not-at-top
+
     raise errors.DistributedInitError(
-        f"jax.distributed.initialize(coordinator_address={_COORDINATOR.value!r}, "
-        f"num_processes={_NUM_PROCESSES.value}, process_id={_PROCESS_ID.value}) failed: "
-        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+      f"jax.distributed.initialize(coordinator_address={_COORDINATOR.value!r}, "
+      f"num_processes={_NUM_PROCESSES.value}, process_id={_PROCESS_ID.value}) failed: "
+      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    ) from e
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def _parse_flags(argv):
@@ -104,6 +133,7 @@ def _parse_flags(argv):
   """
   from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import processes  # pylint: disable=g-import-not-at-top
+
   processes.handle_signals()
   return errors.parse_flags(argv)
 
@@ -111,12 +141,15 @@ def _parse_flags(argv):
 def main(argv):
   # Imported here so that `--help` and flag errors do not pay for the JAX import.
   from capsjax import errors  # pylint: disable=g-import-not-at-top
+
   # User mistakes (capsjax.errors) end with one line naming the problem; anything else
   # (a bug in capsjax, JAX or NumPy, an XLA runtime failure) keeps its traceback.
   with errors.exit_on_user_error():
     if len(argv) > 1:
-      raise errors.ConfigError(f"unexpected command-line arguments {argv[1:]}; capsjax.main "
-                               "takes only flags, e.g. --config=FILE --workdir=DIR")
+      raise errors.ConfigError(
+        f"unexpected command-line arguments {argv[1:]}; capsjax.main "
+        "takes only flags, e.g. --config=FILE --workdir=DIR"
+      )
     _run()
 
 
@@ -129,12 +162,13 @@ def _run():
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
-  cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
+  cpu_runtime.configure_cpu_runtime()  # before JAX starts its backends.
   try:
     _maybe_init_distributed(jax)
     logging.info("config:\n%s", config)
-    logging.info("JAX %s, backend %s, devices: %s", jax.__version__, jax.default_backend(),
-                 jax.devices())
+    logging.info(
+      "JAX %s, backend %s, devices: %s", jax.__version__, jax.default_backend(), jax.devices()
+    )
     train.train_and_evaluate(config, _WORKDIR.value)
   except processes.Preempted as e:
     errors.print_fresh_line(f"capsjax: {e}")

@@ -33,14 +33,34 @@ from absl import logging
 from capsjax import errors
 
 CSV_NAME = "metrics.csv"
-CSV_FIELDS = ("step", "epoch", "split", "loss", "margin_loss", "recon_loss", "accuracy",
-              "learning_rate", "grad_norm", "images_per_s", "wall_s")
+CSV_FIELDS = (
+  "step",
+  "epoch",
+  "split",
+  "loss",
+  "margin_loss",
+  "recon_loss",
+  "accuracy",
+  "learning_rate",
+  "grad_norm",
+  "images_per_s",
+  "wall_s",
+)
 EPOCH_CSV_NAME = "epochs.csv"
 _TERMS = ("loss", "margin_loss", "recon_loss", "accuracy")
-EPOCH_FIELDS = ("epoch", "step", *(f"train_{k}" for k in _TERMS),
-                *(f"val_{k}" for k in _TERMS), *(f"test_{k}" for k in _TERMS),
-                "selected_epoch", "selected_test_accuracy", "learning_rate", "train_steps",
-                "seconds", "images_per_s")
+EPOCH_FIELDS = (
+  "epoch",
+  "step",
+  *(f"train_{k}" for k in _TERMS),
+  *(f"val_{k}" for k in _TERMS),
+  *(f"test_{k}" for k in _TERMS),
+  "selected_epoch",
+  "selected_test_accuracy",
+  "learning_rate",
+  "train_steps",
+  "seconds",
+  "images_per_s",
+)
 
 
 def _reason(e: OSError) -> str:
@@ -56,8 +76,9 @@ def _writing(path: str):
     yield
   except OSError as e:
     raise errors.WorkdirError(
-        f"could not write {path}: {_reason(e)}. Checkpoints already saved are kept; fix "
-        "that (e.g. free space) and rerun the same command to resume from the latest") from e
+      f"could not write {path}: {_reason(e)}. Checkpoints already saved are kept; fix "
+      "that (e.g. free space) and rerun the same command to resume from the latest"
+    ) from e
 
 
 def accuracy(lengths: jax.Array, labels: jax.Array) -> jax.Array:
@@ -116,6 +137,7 @@ class MetricWriter:
       self._wall_offset = max(walls, default=0.0)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # tensorboardX is a dependency; keep training if it is broken.
       logging.warning("tensorboardX is not importable; writing CSV metrics only")
@@ -134,11 +156,19 @@ class MetricWriter:
           self._tb.add_scalar(f"{split}/{k}", float(v), step)
         self._tb.flush()
 
-  def write_epoch(self, epoch: int, step: int, train: Mapping[str, float],
-                  test: Mapping[str, float], *, seconds: float, images: int,
-                  val: Mapping[str, float] | None = None,
-                  selected: tuple[int, float] | None = None,
-                  train_steps: int | None = None) -> None:
+  def write_epoch(
+    self,
+    epoch: int,
+    step: int,
+    train: Mapping[str, float],
+    test: Mapping[str, float],
+    *,
+    seconds: float,
+    images: int,
+    val: Mapping[str, float] | None = None,
+    selected: tuple[int, float] | None = None,
+    train_steps: int | None = None,
+  ) -> None:
     """One epochs.csv row. `train` averages this invocation's steps of the epoch.
 
     `selected` is (epoch, test accuracy) of the epoch selected so far (see `select`);
@@ -146,8 +176,12 @@ class MetricWriter:
     """
     if not self.enabled:
       return
-    row = {"epoch": epoch, "step": step, "seconds": f"{seconds:.3f}",
-           "images_per_s": f"{images / max(seconds, 1e-9):.6g}"}
+    row = {
+      "epoch": epoch,
+      "step": step,
+      "seconds": f"{seconds:.3f}",
+      "images_per_s": f"{images / max(seconds, 1e-9):.6g}",
+    }
     if train_steps is not None:
       row["train_steps"] = train_steps
     if "learning_rate" in train:
@@ -226,31 +260,38 @@ def summarize(history: list[dict], final: dict[str, float], *, on: str) -> dict:
   summary = dict(final, final_test_accuracy=final["accuracy"], selected_on=on)
   selected = select(history, on)
   if selected is not None:
-    summary.update(selected_epoch=selected["epoch"],
-                   selected_test_accuracy=selected["test_accuracy"])
+    summary.update(
+      selected_epoch=selected["epoch"], selected_test_accuracy=selected["test_accuracy"]
+    )
     if on == "val":
       summary["selected_val_accuracy"] = selected["val_accuracy"]
   best_test = select(history, "test")
   if best_test is not None:
-    summary.update(best_test_epoch=best_test["epoch"],
-                   best_test_accuracy=best_test["test_accuracy"])
+    summary.update(
+      best_test_epoch=best_test["epoch"], best_test_accuracy=best_test["test_accuracy"]
+    )
   return summary
 
 
 def format_summary(summary: dict, dataset: str) -> str:
   """The lines printed at the end of a run: final, selected and best-on-test accuracy."""
   pct = lambda x: f"{100 * x:.2f}%"
-  lines = [f"{dataset} test accuracy (all {int(summary['count'])} test images):",
-           f"  {pct(summary['final_test_accuracy'])}  final checkpoint "
-           f"(epoch {summary['epochs']:g})"]
+  lines = [
+    f"{dataset} test accuracy (all {int(summary['count'])} test images):",
+    f"  {pct(summary['final_test_accuracy'])}  final checkpoint (epoch {summary['epochs']:g})",
+  ]
   if "selected_epoch" in summary and summary["selected_on"] == "val":
-    lines.append(f"  {pct(summary['selected_test_accuracy'])}  epoch "
-                 f"{summary['selected_epoch']}, selected on validation "
-                 f"({pct(summary['selected_val_accuracy'])} validation accuracy)")
+    lines.append(
+      f"  {pct(summary['selected_test_accuracy'])}  epoch "
+      f"{summary['selected_epoch']}, selected on validation "
+      f"({pct(summary['selected_val_accuracy'])} validation accuracy)"
+    )
   if "best_test_epoch" in summary:
-    lines.append(f"  {pct(summary['best_test_accuracy'])}  epoch "
-                 f"{summary['best_test_epoch']}, best on test: the reference projects' "
-                 "protocol (selected on the test set, optimistic)")
+    lines.append(
+      f"  {pct(summary['best_test_accuracy'])}  epoch "
+      f"{summary['best_test_epoch']}, best on test: the reference projects' "
+      "protocol (selected on the test set, optimistic)"
+    )
   if "wall_s" in summary:
     m, s = divmod(summary["wall_s"], 60)
     lines.append(f"wall time {int(m)} min {s:.0f} s")
@@ -278,6 +319,7 @@ def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str | None:
   is redrawn from metrics.csv at any time, so it never stops a run.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -303,8 +345,7 @@ def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str | None:
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     fig.savefig(out_path, dpi=100)
   except OSError as e:
-    logging.warning("could not write the plot %s (%s); continuing without it", out_path,
-                    _reason(e))
+    logging.warning("could not write the plot %s (%s); continuing without it", out_path, _reason(e))
     return None
   finally:
     plt.close(fig)

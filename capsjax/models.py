@@ -29,6 +29,7 @@ from flax import nnx
 
 from capsjax import caps_ops
 from capsjax import conv as conv_lib
+
 # Only `create_model` uses it, to turn the config value conv_impl='auto' into a lowering;
 # CapsNet and the layers take a concrete one and never read the environment.
 from capsjax import cpu_runtime
@@ -38,8 +39,15 @@ from capsjax import routing as routing_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The positive integer sizes of `config.model`.
-_SIZE_FIELDS = ("conv1_channels", "conv1_kernel", "primary_types", "primary_dim",
-                "primary_kernel", "primary_stride", "digit_dim")
+_SIZE_FIELDS = (
+  "conv1_channels",
+  "conv1_kernel",
+  "primary_types",
+  "primary_dim",
+  "primary_kernel",
+  "primary_stride",
+  "digit_dim",
+)
 
 
 def _positive_int(name: str, value) -> int:
@@ -69,23 +77,28 @@ def check_routing(routing, allowed: Sequence[str] | None = None) -> str:
   with errors.config_field("model.routing"):
     routing_lib.get(routing)
   if allowed is not None and routing not in allowed:
-    raise errors.ConfigError(f"config.model.routing: this architecture supports "
-                             f"{', '.join(map(repr, allowed))}, got {routing!r}")
+    raise errors.ConfigError(
+      f"config.model.routing: this architecture supports "
+      f"{', '.join(map(repr, allowed))}, got {routing!r}"
+    )
   return routing
 
 
 def _check_architecture(value, expected: str) -> None:
   if value != expected:
-    raise errors.ConfigError(f"config.model.architecture: this class builds {expected!r}, "
-                             f"got {value!r}; models.create_model picks the class from it")
+    raise errors.ConfigError(
+      f"config.model.architecture: this class builds {expected!r}, "
+      f"got {value!r}; models.create_model picks the class from it"
+    )
 
 
 def _check_sizes(name: str, values) -> tuple[int, ...]:
   try:
-    values = tuple(values)   # a JSON config gives a list.
+    values = tuple(values)  # a JSON config gives a list.
   except TypeError:
-    raise errors.ConfigError(f"config.model.{name}: must be a sequence of ints >= 1, got "
-                             f"{values!r}") from None
+    raise errors.ConfigError(
+      f"config.model.{name}: must be a sequence of ints >= 1, got {values!r}"
+    ) from None
   return tuple(_positive_int(f"{name}[{i}]", v) for i, v in enumerate(values))
 
 
@@ -111,33 +124,57 @@ class CapsNet(nnx.Module):
   (parameters, values and gradients) of before the routing field existed.
   """
 
-  def __init__(self, *, image_shape: Sequence[int], num_classes: int,
-               conv1_channels: int = 256, conv1_kernel: int = 9, primary_types: int = 32,
-               primary_dim: int = 8, primary_kernel: int = 9, primary_stride: int = 2,
-               digit_dim: int = 16, routing_iterations: int = 3, stop_gradient: bool = False,
-               decoder_hidden: Sequence[int] = (512, 1024), use_decoder: bool = True,
-               conv_impl: str = "xla", dtype: str = "float32", init: str = "torch",
-               length_eps: float = 1e-7, architecture: str = "capsnet",
-               routing: str = "dynamic", em_final_lambda: float = 0.01, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    image_shape: Sequence[int],
+    num_classes: int,
+    conv1_channels: int = 256,
+    conv1_kernel: int = 9,
+    primary_types: int = 32,
+    primary_dim: int = 8,
+    primary_kernel: int = 9,
+    primary_stride: int = 2,
+    digit_dim: int = 16,
+    routing_iterations: int = 3,
+    stop_gradient: bool = False,
+    decoder_hidden: Sequence[int] = (512, 1024),
+    use_decoder: bool = True,
+    conv_impl: str = "xla",
+    dtype: str = "float32",
+    init: str = "torch",
+    length_eps: float = 1e-7,
+    architecture: str = "capsnet",
+    routing: str = "dynamic",
+    em_final_lambda: float = 0.01,
+    rngs: nnx.Rngs,
+  ):
     h, w, c = (int(d) for d in image_shape)
     if min(h, w, c) < 1 or int(num_classes) < 1:
-      raise ValueError(f"image_shape {tuple(image_shape)} and num_classes {num_classes} "
-                       "must be positive")
-    sizes = dict(conv1_channels=conv1_channels, conv1_kernel=conv1_kernel,
-                 primary_types=primary_types, primary_dim=primary_dim,
-                 primary_kernel=primary_kernel, primary_stride=primary_stride,
-                 digit_dim=digit_dim)
+      raise ValueError(
+        f"image_shape {tuple(image_shape)} and num_classes {num_classes} must be positive"
+      )
+    sizes = dict(
+      conv1_channels=conv1_channels,
+      conv1_kernel=conv1_kernel,
+      primary_types=primary_types,
+      primary_dim=primary_dim,
+      primary_kernel=primary_kernel,
+      primary_stride=primary_stride,
+      digit_dim=digit_dim,
+    )
     sizes = {name: _positive_int(name, sizes[name]) for name in _SIZE_FIELDS}
     try:
-      decoder_hidden = tuple(decoder_hidden)   # a JSON config gives a list.
+      decoder_hidden = tuple(decoder_hidden)  # a JSON config gives a list.
     except TypeError:
-      raise errors.ConfigError(f"config.model.decoder_hidden: must be a sequence of ints "
-                               f">= 1, got {decoder_hidden!r}") from None
+      raise errors.ConfigError(
+        f"config.model.decoder_hidden: must be a sequence of ints >= 1, got {decoder_hidden!r}"
+      ) from None
     for i, units in enumerate(decoder_hidden):
       _positive_int(f"decoder_hidden[{i}]", units)
     decoder_hidden = tuple(int(u) for u in decoder_hidden)
     with errors.config_field("model.routing_iterations"):
-      caps_ops.check_iterations(routing_iterations)   # fail at construction, not in jit.
+      caps_ops.check_iterations(routing_iterations)  # fail at construction, not in jit.
     _check_architecture(architecture, "capsnet")
     routing = check_routing(routing)
     _check_shared(init, length_eps, em_final_lambda)
@@ -146,17 +183,19 @@ class CapsNet(nnx.Module):
     use_decoder = _check_bool("use_decoder", use_decoder)
     if conv_impl == "auto":
       raise errors.ConfigError(
-          "config.model.conv_impl: 'auto' must be resolved before the model is built: pass "
-          "cpu_runtime.resolve_conv_impl('auto') (models.create_model does)")
+        "config.model.conv_impl: 'auto' must be resolved before the model is built: pass "
+        "cpu_runtime.resolve_conv_impl('auto') (models.create_model does)"
+      )
     conv_impl, dt = _check_impl_and_dtype(conv_impl, dtype)
     k1, kp, sp = sizes["conv1_kernel"], sizes["primary_kernel"], sizes["primary_stride"]
     h1, w1 = conv_lib.out_size(h, k1, 1), conv_lib.out_size(w, k1, 1)
     h2, w2 = conv_lib.out_size(h1, kp, sp), conv_lib.out_size(w1, kp, sp)
     if min(h1, w1) < 1 or min(h2, w2) < 1:
       raise errors.ConfigError(
-          f"config.model.conv1_kernel={k1}, primary_kernel={kp}, primary_stride={sp}: the "
-          f"image shape {(h, w, c)} is too small for them (PrimaryCaps grid would be "
-          f"{h2}x{w2})")
+        f"config.model.conv1_kernel={k1}, primary_kernel={kp}, primary_stride={sp}: the "
+        f"image shape {(h, w, c)} is too small for them (PrimaryCaps grid would be "
+        f"{h2}x{w2})"
+      )
     self.image_shape = (h, w, c)
     self.num_classes = int(num_classes)
     self.num_primary = h2 * w2 * sizes["primary_types"]
@@ -164,32 +203,65 @@ class CapsNet(nnx.Module):
     self.routing = routing
     self.primary_grid = (h2, w2, sizes["primary_types"])
     ch1, types, dim = sizes["conv1_channels"], sizes["primary_types"], sizes["primary_dim"]
-    self.conv1 = layers.Conv2D(c, ch1, k1, impl=conv_impl, dtype=dt, init=init,
-                               role="conv1", rngs=rngs)
+    self.conv1 = layers.Conv2D(
+      c, ch1, k1, impl=conv_impl, dtype=dt, init=init, role="conv1", rngs=rngs
+    )
     self.primary_caps = layers.PrimaryCaps(
-        ch1, types, dim, kp, sp, impl=conv_impl, dtype=dt, init=init,
-        nonlinearity=layers.PRIMARY_NONLINEARITY[routing], activation_head=routing == "em",
-        rngs=rngs)
+      ch1,
+      types,
+      dim,
+      kp,
+      sp,
+      impl=conv_impl,
+      dtype=dt,
+      init=init,
+      nonlinearity=layers.PRIMARY_NONLINEARITY[routing],
+      activation_head=routing == "em",
+      rngs=rngs,
+    )
     self.digit_caps = layers.RoutedCaps(
-        self.num_primary, dim, self.num_classes, sizes["digit_dim"],
-        routing_iterations=routing_iterations, stop_gradient=stop_gradient, dtype=dt,
-        init=init, routing=routing, em_final_lambda=em_final_lambda, rngs=rngs)
+      self.num_primary,
+      dim,
+      self.num_classes,
+      sizes["digit_dim"],
+      routing_iterations=routing_iterations,
+      stop_gradient=stop_gradient,
+      dtype=dt,
+      init=init,
+      routing=routing,
+      em_final_lambda=em_final_lambda,
+      rngs=rngs,
+    )
     # Inverted dot-product routing has no activation: its authors score each class
     # capsule with one linear layer shared by all classes (`final_fc`,
     # apple/ml-capsules-inverted-attention-routing `src/capsule_model.py`); a sigmoid
     # turns that score into the (0, 1) class score the margin loss reads.
-    self.class_fc = (nnx.Linear(sizes["digit_dim"], 1, param_dtype=jnp.float32, rngs=rngs)
-                     if routing == "inverted_dot_product" else None)
-    self.decoder = (layers.Decoder(self.num_classes, sizes["digit_dim"], decoder_hidden,
-                                   self.image_shape, dtype=dt, init=init, rngs=rngs)
-                    if use_decoder else None)
+    self.class_fc = (
+      nnx.Linear(sizes["digit_dim"], 1, param_dtype=jnp.float32, rngs=rngs)
+      if routing == "inverted_dot_product"
+      else None
+    )
+    self.decoder = (
+      layers.Decoder(
+        self.num_classes,
+        sizes["digit_dim"],
+        decoder_hidden,
+        self.image_shape,
+        dtype=dt,
+        init=init,
+        rngs=rngs,
+      )
+      if use_decoder
+      else None
+    )
 
   def check_images(self, images) -> None:
     """Raises ValueError unless images have shape [B, *image_shape] (trace-time check)."""
     if tuple(images.shape[1:]) != self.image_shape:
       raise ValueError(
-          f"images must have shape [B, {', '.join(map(str, self.image_shape))}] for this "
-          f"model, got {tuple(images.shape)}")
+        f"images must have shape [B, {', '.join(map(str, self.image_shape))}] for this "
+        f"model, got {tuple(images.shape)}"
+      )
 
   def capsules(self, images: jax.Array, *, return_couplings: bool = False):
     """images [B, H, W, C] -> v [B, N_out, D_out] (and couplings c [B, N_in, N_out]).
@@ -197,19 +269,19 @@ class CapsNet(nnx.Module):
     The couplings are the routing's `assignments` for every algorithm.
     """
     self.check_images(images)
-    x = jax.nn.relu(self.conv1(images))                                # [B, H1, W1, conv1]
+    x = jax.nn.relu(self.conv1(images))  # [B, H1, W1, conv1]
     if self.routing == "em":
-      u, a_in = self.primary_caps(x)                                   # [B, N_in, D_in], [B, N_in]
+      u, a_in = self.primary_caps(x)  # [B, N_in, D_in], [B, N_in]
       r = self.digit_caps.route(u, a_in=a_in)
       return caps_ops.RoutingResult(r.poses, r.assignments) if return_couplings else r.poses
-    u = self.primary_caps(x)                                           # [B, N_in, D_in]
+    u = self.primary_caps(x)  # [B, N_in, D_in]
     return self.digit_caps(u, return_couplings=return_couplings)
 
   def routed(self, images: jax.Array) -> routing_lib.Routed:
     """images [B, H, W, C] -> the class capsules' `routing.Routed` (poses, activations,
     assignments) under this model's routing."""
     self.check_images(images)
-    x = jax.nn.relu(self.conv1(images))                                # [B, H1, W1, conv1]
+    x = jax.nn.relu(self.conv1(images))  # [B, H1, W1, conv1]
     if self.routing == "em":
       u, a_in = self.primary_caps(x)
       return self.digit_caps.route(u, a_in=a_in)
@@ -226,10 +298,11 @@ class CapsNet(nnx.Module):
       return activations.astype(jnp.float32)
     if self.routing == "inverted_dot_product":
       return jax.nn.sigmoid(self.class_fc(v.astype(jnp.float32))[..., 0])  # [B, N_out]
-    return caps_ops.capsule_lengths(v, eps=self.length_eps)            # [B, N_out]
+    return caps_ops.capsule_lengths(v, eps=self.length_eps)  # [B, N_out]
 
-  def __call__(self, images: jax.Array, labels: jax.Array | None = None, *,
-               return_couplings: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+    self, images: jax.Array, labels: jax.Array | None = None, *, return_couplings: bool = False
+  ) -> dict[str, jax.Array]:
     """Runs CapsNet.
 
     Args:
@@ -255,8 +328,8 @@ class CapsNet(nnx.Module):
         v, out["couplings"] = self.capsules(images, return_couplings=True)
       else:
         v = self.capsules(images)
-      lengths = self.class_scores(v)                                   # [B, N_out]
-    pred = jnp.argmax(lengths, axis=-1).astype(jnp.int32)              # [B]
+      lengths = self.class_scores(v)  # [B, N_out]
+    pred = jnp.argmax(lengths, axis=-1).astype(jnp.int32)  # [B]
     out.update(v=v, lengths=lengths, pred=pred)
     if self.decoder is not None:
       out["reconstruction"] = self.decoder(v, pred if labels is None else labels)
@@ -286,25 +359,47 @@ class EfficientCapsNet(nnx.Module):
   fields, see `_check_shared`).
   """
 
-  def __init__(self, *, image_shape: Sequence[int], num_classes: int,
-               architecture: str = "efficient_capsnet",
-               conv_channels: Sequence[int] = (32, 64, 64, 128),
-               conv_kernels: Sequence[int] = (5, 3, 3, 3),
-               conv_strides: Sequence[int] = (1, 1, 1, 2), primary_kernel: int = 9,
-               primary_dim: int = 8, digit_dim: int = 16, routing: str = "self_attention",
-               routing_iterations: int = 1, decoder_hidden: Sequence[int] = (512, 1024),
-               use_decoder: bool = True, conv_impl: str = "xla", dtype: str = "float32",
-               length_eps: float = 1e-7, init: str = "keras", em_final_lambda: float = 0.01,
-               rngs: nnx.Rngs):
-    _check_paper_model(architecture, "efficient_capsnet", routing, ("self_attention",), routing_iterations,
-                       init, length_eps, em_final_lambda)
+  def __init__(
+    self,
+    *,
+    image_shape: Sequence[int],
+    num_classes: int,
+    architecture: str = "efficient_capsnet",
+    conv_channels: Sequence[int] = (32, 64, 64, 128),
+    conv_kernels: Sequence[int] = (5, 3, 3, 3),
+    conv_strides: Sequence[int] = (1, 1, 1, 2),
+    primary_kernel: int = 9,
+    primary_dim: int = 8,
+    digit_dim: int = 16,
+    routing: str = "self_attention",
+    routing_iterations: int = 1,
+    decoder_hidden: Sequence[int] = (512, 1024),
+    use_decoder: bool = True,
+    conv_impl: str = "xla",
+    dtype: str = "float32",
+    length_eps: float = 1e-7,
+    init: str = "keras",
+    em_final_lambda: float = 0.01,
+    rngs: nnx.Rngs,
+  ):
+    _check_paper_model(
+      architecture,
+      "efficient_capsnet",
+      routing,
+      ("self_attention",),
+      routing_iterations,
+      init,
+      length_eps,
+      em_final_lambda,
+    )
     channels = _check_sizes("conv_channels", conv_channels)
     kernels = _check_sizes("conv_kernels", conv_kernels)
     strides = _check_sizes("conv_strides", conv_strides)
     if not len(channels) == len(kernels) == len(strides) >= 1:
       raise errors.ConfigError(
-          f"config.model.conv_channels, conv_kernels, conv_strides: must have the same "
-          f"length >= 1, got {len(channels)}, {len(kernels)}, {len(strides)}")
+        f"config.model.conv_channels, conv_kernels, conv_strides: must have the same "
+        f"length >= 1, got {len(channels)}, {len(kernels)}, {len(strides)}"
+      )
     kp = _positive_int("primary_kernel", primary_kernel)
     dim = _positive_int("primary_dim", primary_dim)
     digit_dim = _positive_int("digit_dim", digit_dim)
@@ -317,12 +412,14 @@ class EfficientCapsNet(nnx.Module):
     h, w = conv_lib.out_size(h, kp, 1), conv_lib.out_size(w, kp, 1)
     if min(h, w) < 1:
       raise errors.ConfigError(
-          f"config.model.conv_kernels/conv_strides/primary_kernel: the image shape "
-          f"{tuple(image_shape)} is too small for them (PrimaryCaps grid {h}x{w})")
+        f"config.model.conv_kernels/conv_strides/primary_kernel: the image shape "
+        f"{tuple(image_shape)} is too small for them (PrimaryCaps grid {h}x{w})"
+      )
     if (h * w * channels[-1]) % dim:
       raise errors.ConfigError(
-          f"config.model.primary_dim: {dim} must divide the {h * w * channels[-1]} "
-          "outputs of the depthwise PrimaryCaps conv")
+        f"config.model.primary_dim: {dim} must divide the {h * w * channels[-1]} "
+        "outputs of the depthwise PrimaryCaps conv"
+      )
     self.image_shape = tuple(int(d) for d in image_shape)
     self.num_classes = int(num_classes)
     self.num_primary = h * w * channels[-1] // dim
@@ -332,21 +429,48 @@ class EfficientCapsNet(nnx.Module):
     he = nnx.initializers.he_normal()
     convs, norms, c_in = [], [], c
     for ch, k, st in zip(channels, kernels, strides):
-      convs.append(layers.Conv2D(c_in, ch, k, stride=st, impl=conv_impl, dtype=dt,
-                                 kernel_init=he, bias_init=nnx.initializers.zeros_init(),
-                                 rngs=rngs))
+      convs.append(
+        layers.Conv2D(
+          c_in,
+          ch,
+          k,
+          stride=st,
+          impl=conv_impl,
+          dtype=dt,
+          kernel_init=he,
+          bias_init=nnx.initializers.zeros_init(),
+          rngs=rngs,
+        )
+      )
       norms.append(layers.BatchNorm(ch))
       c_in = ch
     self.convs, self.norms = nnx.List(convs), nnx.List(norms)
     self.primary_caps = layers.DepthwiseConv2D(c_in, kp, dtype=dt, rngs=rngs)
     self.primary_dim = dim
     self.digit_caps = layers.RoutedCaps(
-        self.num_primary, dim, self.num_classes, digit_dim,
-        routing_iterations=routing_iterations, dtype=dt, routing=routing, w_init=he,
-        rngs=rngs)
-    self.decoder = (layers.Decoder(self.num_classes, digit_dim, decoder_hidden,
-                                   self.image_shape, dtype=dt, init=init, rngs=rngs)
-                    if use_decoder else None)
+      self.num_primary,
+      dim,
+      self.num_classes,
+      digit_dim,
+      routing_iterations=routing_iterations,
+      dtype=dt,
+      routing=routing,
+      w_init=he,
+      rngs=rngs,
+    )
+    self.decoder = (
+      layers.Decoder(
+        self.num_classes,
+        digit_dim,
+        decoder_hidden,
+        self.image_shape,
+        dtype=dt,
+        init=init,
+        rngs=rngs,
+      )
+      if use_decoder
+      else None
+    )
 
   check_images = CapsNet.check_images
 
@@ -355,14 +479,15 @@ class EfficientCapsNet(nnx.Module):
     self.check_images(images)
     x = images
     for conv, norm in zip(self.convs, self.norms):
-      x = norm(jax.nn.relu(conv(x)))                                   # [B, H', W', ch]
-    y = self.primary_caps(x)                                           # [B, h, w, 128]
-    u = y.reshape(y.shape[0], -1, self.primary_dim)                    # [B, N_in, D_in]
-    u = routing_lib.efficient_squash(u)                                # [B, N_in, D_in]
+      x = norm(jax.nn.relu(conv(x)))  # [B, H', W', ch]
+    y = self.primary_caps(x)  # [B, h, w, 128]
+    u = y.reshape(y.shape[0], -1, self.primary_dim)  # [B, N_in, D_in]
+    u = routing_lib.efficient_squash(u)  # [B, N_in, D_in]
     return self.digit_caps(u, return_couplings=return_couplings)
 
-  def __call__(self, images: jax.Array, labels: jax.Array | None = None, *,
-               return_couplings: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+    self, images: jax.Array, labels: jax.Array | None = None, *, return_couplings: bool = False
+  ) -> dict[str, jax.Array]:
     """As `CapsNet.__call__`: 'lengths' are the capsule lengths."""
     return _capsule_outputs(self, images, labels, return_couplings)
 
@@ -385,16 +510,38 @@ class MatrixCapsNet(nnx.Module):
   `_check_shared`).
   """
 
-  def __init__(self, *, image_shape: Sequence[int], num_classes: int,
-               architecture: str = "matrix_capsnet", conv1_channels: int = 64,
-               conv1_kernel: int = 5, conv1_stride: int = 2, primary_types: int = 8,
-               routing: str = "em", routing_iterations: int = 3,
-               em_final_lambda: float = 0.01, coordinate_addition: bool = True,
-               decoder_hidden: Sequence[int] = (512, 1024), use_decoder: bool = False,
-               conv_impl: str = "xla", dtype: str = "float32", init: str = "torch",
-               length_eps: float = 1e-7, rngs: nnx.Rngs):
-    _check_paper_model(architecture, "matrix_capsnet", routing, ("em",), routing_iterations,
-                       init, length_eps, em_final_lambda)
+  def __init__(
+    self,
+    *,
+    image_shape: Sequence[int],
+    num_classes: int,
+    architecture: str = "matrix_capsnet",
+    conv1_channels: int = 64,
+    conv1_kernel: int = 5,
+    conv1_stride: int = 2,
+    primary_types: int = 8,
+    routing: str = "em",
+    routing_iterations: int = 3,
+    em_final_lambda: float = 0.01,
+    coordinate_addition: bool = True,
+    decoder_hidden: Sequence[int] = (512, 1024),
+    use_decoder: bool = False,
+    conv_impl: str = "xla",
+    dtype: str = "float32",
+    init: str = "torch",
+    length_eps: float = 1e-7,
+    rngs: nnx.Rngs,
+  ):
+    _check_paper_model(
+      architecture,
+      "matrix_capsnet",
+      routing,
+      ("em",),
+      routing_iterations,
+      init,
+      length_eps,
+      em_final_lambda,
+    )
     ch1 = _positive_int("conv1_channels", conv1_channels)
     k1 = _positive_int("conv1_kernel", conv1_kernel)
     s1 = _positive_int("conv1_stride", conv1_stride)
@@ -407,35 +554,50 @@ class MatrixCapsNet(nnx.Module):
     h, w, c = (int(d) for d in image_shape)
     h1, w1 = conv_lib.out_size(h, k1, s1), conv_lib.out_size(w, k1, s1)
     if min(h1, w1) < 1:
-      raise errors.ConfigError(f"config.model.conv1_kernel={k1}, conv1_stride={s1}: the "
-                               f"image shape {(h, w, c)} is too small for them")
+      raise errors.ConfigError(
+        f"config.model.conv1_kernel={k1}, conv1_stride={s1}: the "
+        f"image shape {(h, w, c)} is too small for them"
+      )
     self.image_shape = (h, w, c)
     self.num_classes = int(num_classes)
     self.num_primary = h1 * w1 * types
     self.primary_grid = (h1, w1, types)
     self.routing = routing
-    self.conv1 = layers.Conv2D(c, ch1, k1, stride=s1, impl=conv_impl, dtype=dt, init=init,
-                               role="conv1", rngs=rngs)
-    self.primary_poses = layers.Conv2D(ch1, types * 16, 1, impl=conv_impl, dtype=dt,
-                                       init=init, role="primary", rngs=rngs)
-    self.primary_activations = layers.Conv2D(ch1, types, 1, impl=conv_impl, dtype=dt,
-                                             init=init, role="primary", rngs=rngs)
+    self.conv1 = layers.Conv2D(
+      c, ch1, k1, stride=s1, impl=conv_impl, dtype=dt, init=init, role="conv1", rngs=rngs
+    )
+    self.primary_poses = layers.Conv2D(
+      ch1, types * 16, 1, impl=conv_impl, dtype=dt, init=init, role="primary", rngs=rngs
+    )
+    self.primary_activations = layers.Conv2D(
+      ch1, types, 1, impl=conv_impl, dtype=dt, init=init, role="primary", rngs=rngs
+    )
     self.digit_caps = layers.MatrixClassCaps(
-        types, self.num_classes, routing_iterations=routing_iterations,
-        final_lambda=em_final_lambda, coordinate_addition=coordinate_addition, dtype=dt,
-        rngs=rngs)
-    self.decoder = (layers.Decoder(self.num_classes, 16, decoder_hidden, self.image_shape,
-                                   dtype=dt, init=init, rngs=rngs) if use_decoder else None)
+      types,
+      self.num_classes,
+      routing_iterations=routing_iterations,
+      final_lambda=em_final_lambda,
+      coordinate_addition=coordinate_addition,
+      dtype=dt,
+      rngs=rngs,
+    )
+    self.decoder = (
+      layers.Decoder(
+        self.num_classes, 16, decoder_hidden, self.image_shape, dtype=dt, init=init, rngs=rngs
+      )
+      if use_decoder
+      else None
+    )
 
   check_images = CapsNet.check_images
 
   def routed(self, images: jax.Array) -> routing_lib.Routed:
     """images [B, H, W, C] -> EM's `routing.Routed` for the class capsules."""
     self.check_images(images)
-    x = jax.nn.relu(self.conv1(images))                                # [B, H1, W1, A]
-    p = self.primary_poses(x)                                          # [B, H1, W1, types*16]
-    poses = p.reshape(*p.shape[:3], -1, 16)                            # [B, H1, W1, types, 16]
-    a = jax.nn.sigmoid(self.primary_activations(x))                    # [B, H1, W1, types]
+    x = jax.nn.relu(self.conv1(images))  # [B, H1, W1, A]
+    p = self.primary_poses(x)  # [B, H1, W1, types*16]
+    poses = p.reshape(*p.shape[:3], -1, 16)  # [B, H1, W1, types, 16]
+    a = jax.nn.sigmoid(self.primary_activations(x))  # [B, H1, W1, types]
     return self.digit_caps(poses, a.reshape(a.shape[0], -1))
 
   def capsules(self, images: jax.Array, *, return_couplings: bool = False):
@@ -443,16 +605,30 @@ class MatrixCapsNet(nnx.Module):
     r = self.routed(images)
     return caps_ops.RoutingResult(r.poses, r.assignments) if return_couplings else r.poses
 
-  def __call__(self, images: jax.Array, labels: jax.Array | None = None, *,
-               return_couplings: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+    self, images: jax.Array, labels: jax.Array | None = None, *, return_couplings: bool = False
+  ) -> dict[str, jax.Array]:
     """As `CapsNet.__call__`: 'lengths' are the class activations a_j, 'v' the poses."""
     r = self.routed(images)
-    return _outputs(self, r.poses, r.activations.astype(jnp.float32), labels,
-                    r.assignments if return_couplings else None)
+    return _outputs(
+      self,
+      r.poses,
+      r.activations.astype(jnp.float32),
+      labels,
+      r.assignments if return_couplings else None,
+    )
 
 
-def _check_paper_model(architecture, expected: str, routing, allowed: Sequence[str],
-                       routing_iterations, init, length_eps, em_final_lambda) -> None:
+def _check_paper_model(
+  architecture,
+  expected: str,
+  routing,
+  allowed: Sequence[str],
+  routing_iterations,
+  init,
+  length_eps,
+  em_final_lambda,
+) -> None:
   """The checks every paper architecture shares: its name, routing and shared fields."""
   _check_architecture(architecture, expected)
   check_routing(routing, allowed)
@@ -470,28 +646,30 @@ def _check_shared(init, length_eps, em_final_lambda) -> None:
   config of any architecture must build again on resume and in evaluation.
   """
   if init not in layers.INITS:
-    raise errors.ConfigError(f"config.model.init: must be one of {layers.INITS}, got "
-                             f"{init!r}")
-  if (isinstance(length_eps, bool) or not isinstance(length_eps, numbers.Real)
-      or not 0 < length_eps <= 1e-3):
-    raise errors.ConfigError(f"config.model.length_eps: must be in (0, 1e-3], got "
-                             f"{length_eps!r}")
+    raise errors.ConfigError(f"config.model.init: must be one of {layers.INITS}, got {init!r}")
+  if (
+    isinstance(length_eps, bool)
+    or not isinstance(length_eps, numbers.Real)
+    or not 0 < length_eps <= 1e-3
+  ):
+    raise errors.ConfigError(f"config.model.length_eps: must be in (0, 1e-3], got {length_eps!r}")
   _positive_float("em_final_lambda", em_final_lambda)
 
 
 def _check_impl_and_dtype(conv_impl, dtype):
   if conv_impl not in conv_lib.IMPLS:
-    raise errors.ConfigError(f"config.model.conv_impl: must be 'auto' (resolved by "
-                             f"create_model) or one of {conv_lib.IMPLS}, got {conv_impl!r}")
+    raise errors.ConfigError(
+      f"config.model.conv_impl: must be 'auto' (resolved by "
+      f"create_model) or one of {conv_lib.IMPLS}, got {conv_impl!r}"
+    )
   if dtype not in _DTYPES:
-    raise errors.ConfigError(f"config.model.dtype: must be one of {sorted(_DTYPES)}, got "
-                             f"{dtype!r}")
+    raise errors.ConfigError(f"config.model.dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}")
   return conv_impl, _DTYPES[dtype]
 
 
 def _outputs(model, v, scores, labels, couplings) -> dict[str, jax.Array]:
   """The output dict every architecture returns (see `CapsNet.__call__`)."""
-  pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)                 # [B]
+  pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [B]
   out = dict(v=v, lengths=scores, pred=pred)
   if couplings is not None:
     out["couplings"] = couplings
@@ -511,20 +689,30 @@ def _capsule_outputs(model, images, labels, return_couplings):
 # `config.model.architecture` -> the class `create_model` builds; each class's keywords
 # (but image_shape, num_classes, rngs) are that architecture's config.model fields.
 ARCHITECTURES = {
-    "capsnet": CapsNet,
-    "efficient_capsnet": EfficientCapsNet,
-    "matrix_capsnet": MatrixCapsNet,
+  "capsnet": CapsNet,
+  "efficient_capsnet": EfficientCapsNet,
+  "matrix_capsnet": MatrixCapsNet,
 }
 
 
 def model_fields(architecture: str = "capsnet") -> set[str]:
   """The config.model fields of an architecture: its class's keywords."""
   return set(inspect.signature(ARCHITECTURES[architecture].__init__).parameters) - {
-      "self", "image_shape", "num_classes", "rngs"}
+    "self",
+    "image_shape",
+    "num_classes",
+    "rngs",
+  }
 
 
-def create_model(model_cfg, *, image_shape: Sequence[int], num_classes: int,
-                 rngs: nnx.Rngs, conv_impl: str | None = None) -> nnx.Module:
+def create_model(
+  model_cfg,
+  *,
+  image_shape: Sequence[int],
+  num_classes: int,
+  rngs: nnx.Rngs,
+  conv_impl: str | None = None,
+) -> nnx.Module:
   """Builds the model of a `config.model` ConfigDict (or a dict with its fields).
 
   `ARCHITECTURES[model_cfg.architecture](**model_cfg, image_shape=..., num_classes=...,
@@ -551,14 +739,16 @@ def create_model(model_cfg, *, image_shape: Sequence[int], num_classes: int,
   fields = dict(model_cfg.items())
   architecture = fields.get("architecture", "capsnet")
   if architecture not in ARCHITECTURES:
-    raise errors.ConfigError(f"config.model.architecture: must be one of "
-                             f"{sorted(ARCHITECTURES)}, got {architecture!r}")
+    raise errors.ConfigError(
+      f"config.model.architecture: must be one of {sorted(ARCHITECTURES)}, got {architecture!r}"
+    )
   cls = ARCHITECTURES[architecture]
   known = model_fields(architecture)
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise errors.ConfigError(f"config.model.{unknown[0]}: not a {cls.__name__} field; "
-                             f"expected one of {sorted(known)}")
+    raise errors.ConfigError(
+      f"config.model.{unknown[0]}: not a {cls.__name__} field; expected one of {sorted(known)}"
+    )
   if conv_impl is None:
     with errors.config_field("model.conv_impl"):
       conv_impl = cpu_runtime.resolve_conv_impl(fields.get("conv_impl", "auto"))

@@ -13,6 +13,7 @@ name and version, PNG-encoded with PIL), so `tfds.data_source(name)` reads it af
 Why ~570 lines: about 50 are the published checksum tables of four releases, and the rest
 is one job (release files in, validated arrays or a TFDS build out).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -39,66 +40,102 @@ from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 from capsjax import errors
 
-SPLITS = ('train', 'test')
-MANUAL_DIR_ENV = 'CAPSJAX_MANUAL_DIR'
+SPLITS = ("train", "test")
+MANUAL_DIR_ENV = "CAPSJAX_MANUAL_DIR"
 # Datasets that can be built offline from their original release files.
-OFFLINE_DATASETS = ('fashion_mnist', 'kmnist', 'mnist')
+OFFLINE_DATASETS = ("fashion_mnist", "kmnist", "mnist")
 # What every OFFLINE_DATASETS release holds; `input_pipeline.DATASETS` states the same.
-RELEASE_COUNTS = {'train': 60000, 'test': 10000}
+RELEASE_COUNTS = {"train": 60000, "test": 10000}
 IMAGE_SHAPE = (28, 28, 1)  # (H, W, C)
 NUM_CLASSES = 10
 
 _IDX_NAMES = {
-    'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
-    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _NPZ_NAMES = {
-    'train': ('kmnist-train-imgs.npz', 'kmnist-train-labels.npz'),
-    'test': ('kmnist-test-imgs.npz', 'kmnist-test-labels.npz'),
+  "train": ("kmnist-train-imgs.npz", "kmnist-train-labels.npz"),
+  "test": ("kmnist-test-imgs.npz", "kmnist-test-labels.npz"),
 }
 # Debian's dataset-fashion-mnist package.
-_DEFAULT_DIRS = {'fashion_mnist': ('/usr/share/datasets/fashion-mnist',)}
+_DEFAULT_DIRS = {"fashion_mnist": ("/usr/share/datasets/fashion-mnist",)}
 
 # Upstream `.gz` files: (size, sha256), as in tensorflow_datasets/url_checksums/*.txt.
 _GZ_SHA256 = {
-    'fashion_mnist': {
-        't10k-images-idx3-ubyte.gz': (4422102, '346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073'),
-        't10k-labels-idx1-ubyte.gz': (5148, '67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5'),
-        'train-images-idx3-ubyte.gz': (26421880, '3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84'),
-        'train-labels-idx1-ubyte.gz': (29515, 'a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845'),
-    },
-    'kmnist': {
-        't10k-images-idx3-ubyte.gz': (3041136, 'edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5'),
-        't10k-labels-idx1-ubyte.gz': (5120, '20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c'),
-        'train-images-idx3-ubyte.gz': (18165135, '51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4'),
-        'train-labels-idx1-ubyte.gz': (29497, 'e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17'),
-    },
-    'mnist': {
-        't10k-images-idx3-ubyte.gz': (1648877, '8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6'),
-        't10k-labels-idx1-ubyte.gz': (4542, 'f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6'),
-        'train-images-idx3-ubyte.gz': (9912422, '440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609'),
-        'train-labels-idx1-ubyte.gz': (28881, '3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c'),
-    },
+  "fashion_mnist": {
+    "t10k-images-idx3-ubyte.gz": (
+      4422102,
+      "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+      5148,
+      "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    ),
+    "train-images-idx3-ubyte.gz": (
+      26421880,
+      "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    ),
+    "train-labels-idx1-ubyte.gz": (
+      29515,
+      "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    ),
+  },
+  "kmnist": {
+    "t10k-images-idx3-ubyte.gz": (
+      3041136,
+      "edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5",
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+      5120,
+      "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c",
+    ),
+    "train-images-idx3-ubyte.gz": (
+      18165135,
+      "51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4",
+    ),
+    "train-labels-idx1-ubyte.gz": (
+      29497,
+      "e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17",
+    ),
+  },
+  "mnist": {
+    "t10k-images-idx3-ubyte.gz": (
+      1648877,
+      "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+      4542,
+      "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    ),
+    "train-images-idx3-ubyte.gz": (
+      9912422,
+      "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    ),
+    "train-labels-idx1-ubyte.gz": (
+      28881,
+      "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    ),
+  },
 }
 # sha256 of the decompressed IDX payload, for copies whose gzip wrapper differs from
 # upstream. Recorded from Debian's dataset-fashion-mnist (its .gz files differ from the
 # upstream ones only by the dropped FNAME header field and the mtime).
 _PAYLOAD_SHA256 = {
-    'fashion_mnist': {
-        't10k-images-idx3-ubyte': '5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b',
-        't10k-labels-idx1-ubyte': '0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34',
-        'train-images-idx3-ubyte': 'c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888',
-        'train-labels-idx1-ubyte': 'bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9',
-    },
+  "fashion_mnist": {
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+  },
 }
 # md5 of the K-MNIST NumPy release files (rois-codh/kmnist).
 _NPZ_MD5 = {
-    'kmnist': {
-        'kmnist-train-imgs.npz': 'a183fbc01ed9a345513b145673d3d0bb',
-        'kmnist-train-labels.npz': 'b0e1d240e8afec72b50437fc3bc5908a',
-        'kmnist-test-imgs.npz': 'dace6de62ca8b90843cc45366337d02e',
-        'kmnist-test-labels.npz': '3ae489a79983d0fe386152684e3b5412',
-    },
+  "kmnist": {
+    "kmnist-train-imgs.npz": "a183fbc01ed9a345513b145673d3d0bb",
+    "kmnist-train-labels.npz": "b0e1d240e8afec72b50437fc3bc5908a",
+    "kmnist-test-imgs.npz": "dace6de62ca8b90843cc45366337d02e",
+    "kmnist-test-labels.npz": "3ae489a79983d0fe386152684e3b5412",
+  },
 }
 
 
@@ -107,14 +144,15 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> str:
   if data_dir is not None:
     return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
   from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
-  return os.path.abspath(os.path.expanduser(
-      os.environ.get('TFDS_DATA_DIR') or constants.DATA_DIR))
+
+  return os.path.abspath(os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or constants.DATA_DIR))
 
 
 def _check_offline(dataset: str) -> None:
   if dataset not in OFFLINE_DATASETS:
     raise errors.ConfigError(
-        f'No offline build for {dataset!r}; offline datasets: {", ".join(OFFLINE_DATASETS)}.')
+      f"No offline build for {dataset!r}; offline datasets: {', '.join(OFFLINE_DATASETS)}."
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,14 +177,17 @@ def _candidate_dirs(dataset: str, manual_dir: str | os.PathLike | None) -> list[
 def _split_file_options(dataset: str, split: str) -> list[tuple[str, str]]:
   """Accepted (images, labels) file-name pairs for one split, in preference order."""
   imgs, labels = _IDX_NAMES[split]
-  options = [(imgs + '.gz', labels + '.gz'), (imgs, labels)]
-  if dataset == 'kmnist':
+  options = [(imgs + ".gz", labels + ".gz"), (imgs, labels)]
+  if dataset == "kmnist":
     options.insert(0, _NPZ_NAMES[split])
   return options
 
 
 def find_original_files(
-    dataset: str, split: str, *, manual_dir: str | os.PathLike | None = None,
+  dataset: str,
+  split: str,
+  *,
+  manual_dir: str | os.PathLike | None = None,
 ) -> tuple[str, str] | None:
   """Returns (images_path, labels_path) of one split's original files, or None.
 
@@ -155,7 +196,7 @@ def find_original_files(
   """
   _check_offline(dataset)
   if split not in SPLITS:
-    raise errors.ConfigError(f'split must be one of {SPLITS}, got {split!r}.')
+    raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}.")
   for d in _candidate_dirs(dataset, manual_dir):
     for imgs, labels in _split_file_options(dataset, split):
       pi, pl = os.path.join(d, imgs), os.path.join(d, labels)
@@ -165,44 +206,54 @@ def find_original_files(
 
 
 def not_found_message(
-    dataset: str,
-    split: str,
-    *,
-    data_dir: str,
-    manual_dir: str | os.PathLike | None,
-    looked_in: Iterable[str] = (),
-    extra: str = '',
+  dataset: str,
+  split: str,
+  *,
+  data_dir: str,
+  manual_dir: str | os.PathLike | None,
+  looked_in: Iterable[str] = (),
+  extra: str = "",
 ) -> str:
   """Text of a `DatasetNotFoundError`: every place looked in, and how to fix it.
 
   `looked_in` holds the caller's places (cache, TFDS dir), one per line; the original-file
   directories follow. `data_dir` goes into the `tfds build` hint.
   """
-  lines = [f'Dataset {dataset!r} split {split!r} not found. Looked in:']
-  lines += [f'  - {place}' for place in looked_in]
+  lines = [f"Dataset {dataset!r} split {split!r} not found. Looked in:"]
+  lines += [f"  - {place}" for place in looked_in]
   if dataset in OFFLINE_DATASETS:
-    wanted = ' + '.join(f'{a} & {b}' for a, b in _split_file_options(dataset, split))
-    lines.append(f'  - original files ({wanted}) in:')
-    lines += [f'      {d}{"" if os.path.isdir(d) else "  (does not exist)"}'
-              for d in _candidate_dirs(dataset, manual_dir)]
+    wanted = " + ".join(f"{a} & {b}" for a, b in _split_file_options(dataset, split))
+    lines.append(f"  - original files ({wanted}) in:")
+    lines += [
+      f"      {d}{'' if os.path.isdir(d) else '  (does not exist)'}"
+      for d in _candidate_dirs(dataset, manual_dir)
+    ]
     if manual_dir is None and not os.environ.get(MANUAL_DIR_ENV):
-      lines.append(f'      (no manual_dir given and ${MANUAL_DIR_ENV} is not set)')
-    lines.append('To fix, either:')
-    lines.append(f'  * copy the original files of every split ({", ".join(SPLITS)}) into a '
-                 f'directory and pass manual_dir=<dir> or set {MANUAL_DIR_ENV}=<dir>;')
-    if dataset == 'fashion_mnist':
-      lines.append('  * or install them: sudo apt-get install dataset-fashion-mnist '
-                   '(puts them in /usr/share/datasets/fashion-mnist/);')
-    lines.append(f'  * or, with internet: load_split({dataset!r}, {split!r}, download=True) '
-                 '(command line: --config.download=True).')
+      lines.append(f"      (no manual_dir given and ${MANUAL_DIR_ENV} is not set)")
+    lines.append("To fix, either:")
+    lines.append(
+      f"  * copy the original files of every split ({', '.join(SPLITS)}) into a "
+      f"directory and pass manual_dir=<dir> or set {MANUAL_DIR_ENV}=<dir>;"
+    )
+    if dataset == "fashion_mnist":
+      lines.append(
+        "  * or install them: sudo apt-get install dataset-fashion-mnist "
+        "(puts them in /usr/share/datasets/fashion-mnist/);"
+      )
+    lines.append(
+      f"  * or, with internet: load_split({dataset!r}, {split!r}, download=True) "
+      "(command line: --config.download=True)."
+    )
   else:
-    lines.append(f'  (no offline build for {dataset!r}: it is available through plain TFDS only)')
-    lines.append('To fix, with internet: --config.download=True (load_split(..., download=True)), '
-                 'or prepare it with '
-                 f'`tfds build {dataset} --file_format=array_record --data_dir={data_dir}`.')
+    lines.append(f"  (no offline build for {dataset!r}: it is available through plain TFDS only)")
+    lines.append(
+      "To fix, with internet: --config.download=True (load_split(..., download=True)), "
+      "or prepare it with "
+      f"`tfds build {dataset} --file_format=array_record --data_dir={data_dir}`."
+    )
   if extra:
     lines.append(extra)
-  return '\n'.join(lines)
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -212,8 +263,8 @@ def not_found_message(
 
 def _file_digest(path: str, algo: str) -> str:
   h = hashlib.new(algo)
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 22), b''):
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
       h.update(chunk)
   return h.hexdigest()
 
@@ -231,31 +282,32 @@ def _wrong_file_message(dataset: str, path: str, owner: tuple[str, str]) -> str:
   kind's (images/labels) or another dataset's."""
   other, fname = owner
   if other != dataset:
-    return f'{path} is the {other!r} file {fname}, not a {dataset!r} file.'
+    return f"{path} is the {other!r} file {fname}, not a {dataset!r} file."
   split = next(s for s, names in _IDX_NAMES.items() if fname.startswith(names))
-  kind = 'labels' if 'labels' in fname else 'images'
-  return (f'{path}: this looks like the {split} {kind} file ({fname} of {dataset!r}), not '
-          f'{os.path.basename(path)}: are the train and test files swapped or misnamed?')
+  kind = "labels" if "labels" in fname else "images"
+  return (
+    f"{path}: this looks like the {split} {kind} file ({fname} of {dataset!r}), not "
+    f"{os.path.basename(path)}: are the train and test files swapped or misnamed?"
+  )
 
 
 def _read_idx_payload(path: str) -> bytes:
   """Whole (decompressed) content of an IDX file; DatasetValidationError if corrupt."""
   try:
-    if path.endswith('.gz'):
-      with gzip.open(path, 'rb') as f:
+    if path.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
         return f.read()
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
       return f.read()
   except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
-    raise errors.DatasetValidationError(
-        f'{path}: corrupt or truncated gzip file ({e}).') from e
+    raise errors.DatasetValidationError(f"{path}: corrupt or truncated gzip file ({e}).") from e
 
 
 def _verify_idx_checksum(dataset: str, path: str, payload: bytes) -> None:
   """Checks one IDX file against the published digests (policy: the module docstring)."""
   base = os.path.basename(path)
-  if base.endswith('.gz'):
-    digest = _file_digest(path, 'sha256')
+  if base.endswith(".gz"):
+    digest = _file_digest(path, "sha256")
     published = _GZ_SHA256[dataset].get(base)
     if published and digest == published[1]:
       return  # Byte-identical to the upstream release.
@@ -264,11 +316,12 @@ def _verify_idx_checksum(dataset: str, path: str, payload: bytes) -> None:
       raise errors.DatasetValidationError(_wrong_file_message(dataset, path, owner))
     if published and os.path.getsize(path) == published[0]:
       raise errors.DatasetValidationError(
-          f'{path}: sha256 {digest} does not match the published {published[1]} although '
-          'the size is the same: the file is corrupt.')
+        f"{path}: sha256 {digest} does not match the published {published[1]} although "
+        "the size is the same: the file is corrupt."
+      )
   # Re-compressed copies (Debian strips the gzip FNAME field) can still be checked on the
   # decompressed payload where its digest is known.
-  stem = base[:-3] if base.endswith('.gz') else base
+  stem = base[:-3] if base.endswith(".gz") else base
   digest = hashlib.sha256(payload).hexdigest()
   expected = _PAYLOAD_SHA256.get(dataset, {}).get(stem)
   if expected and digest == expected:
@@ -278,49 +331,55 @@ def _verify_idx_checksum(dataset: str, path: str, payload: bytes) -> None:
     raise errors.DatasetValidationError(_wrong_file_message(dataset, path, owner))
   if expected:
     raise errors.DatasetValidationError(
-        f'{path}: decompressed sha256 {digest} does not match the published content '
-        f'{expected}.')
-  logging.warning('%s: not byte-identical to the published release and no content digest '
-                  'is known; accepted after structural checks only.', path)
+      f"{path}: decompressed sha256 {digest} does not match the published content {expected}."
+    )
+  logging.warning(
+    "%s: not byte-identical to the published release and no content digest "
+    "is known; accepted after structural checks only.",
+    path,
+  )
 
 
 def _parse_idx(path: str, payload: bytes, magic: int, ndim: int) -> np.ndarray:
   """IDX bytes -> uint8 array of the header's shape ([N, H, W] or [N])."""
   if len(payload) < 4 + 4 * ndim:
     raise errors.DatasetValidationError(
-        f'{path}: {len(payload)} bytes is too short for an IDX header.')
-  got_magic = struct.unpack('>I', payload[:4])[0]
+      f"{path}: {len(payload)} bytes is too short for an IDX header."
+    )
+  got_magic = struct.unpack(">I", payload[:4])[0]
   if got_magic != magic:
     raise errors.DatasetValidationError(
-        f'{path}: IDX magic number {got_magic}, expected {magic} '
-        f'({"images" if magic == 2051 else "labels"} file).')
-  dims = struct.unpack(f'>{ndim}I', payload[4:4 + 4 * ndim])
-  body = payload[4 + 4 * ndim:]
+      f"{path}: IDX magic number {got_magic}, expected {magic} "
+      f"({'images' if magic == 2051 else 'labels'} file)."
+    )
+  dims = struct.unpack(f">{ndim}I", payload[4 : 4 + 4 * ndim])
+  body = payload[4 + 4 * ndim :]
   if len(body) != int(np.prod(dims)):
     raise errors.DatasetValidationError(
-        f'{path}: header says shape {dims} ({int(np.prod(dims))} bytes) but the body has '
-        f'{len(body)} bytes.')
+      f"{path}: header says shape {dims} ({int(np.prod(dims))} bytes) but the body has "
+      f"{len(body)} bytes."
+    )
   return np.frombuffer(body, np.uint8).reshape(dims)
 
 
 def _load_npz_array(path: str) -> np.ndarray:
   try:
     with np.load(path) as z:
-      if 'arr_0' not in z.files:
+      if "arr_0" not in z.files:
         raise errors.DatasetValidationError(f'{path}: no array "arr_0" (has {z.files}).')
-      return np.asarray(z['arr_0'])
+      return np.asarray(z["arr_0"])
   except errors.DatasetValidationError:
     raise
   except Exception as e:  # zipfile.BadZipFile, CRC errors, pickle refusals, ...
-    raise errors.DatasetValidationError(f'{path}: cannot read .npz file ({e}).') from e
+    raise errors.DatasetValidationError(f"{path}: cannot read .npz file ({e}).") from e
 
 
 def read_original_split(
-    dataset: str,
-    images_path: str,
-    labels_path: str,
-    *,
-    expected_count: int | None = None,
+  dataset: str,
+  images_path: str,
+  labels_path: str,
+  *,
+  expected_count: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Reads and validates one split of the original release files.
 
@@ -338,40 +397,47 @@ def read_original_split(
       range, or a published checksum that does not match.
   """
   _check_offline(dataset)
-  if images_path.endswith('.npz'):
+  if images_path.endswith(".npz"):
     for p in (images_path, labels_path):
       published = _NPZ_MD5.get(dataset, {}).get(os.path.basename(p))
-      if published and _file_digest(p, 'md5') != published:
-        logging.warning('%s: md5 differs from the published release file; accepted after '
-                        'structural checks only.', p)
+      if published and _file_digest(p, "md5") != published:
+        logging.warning(
+          "%s: md5 differs from the published release file; accepted after structural checks only.",
+          p,
+        )
     images, labels = _load_npz_array(images_path), _load_npz_array(labels_path)
     for p, a in ((images_path, images), (labels_path, labels)):
       if a.dtype != np.uint8:
-        raise errors.DatasetValidationError(f'{p}: dtype {a.dtype}, expected uint8.')
+        raise errors.DatasetValidationError(f"{p}: dtype {a.dtype}, expected uint8.")
   else:
     img_payload = _read_idx_payload(images_path)
     lbl_payload = _read_idx_payload(labels_path)
     _verify_idx_checksum(dataset, images_path, img_payload)
     _verify_idx_checksum(dataset, labels_path, lbl_payload)
-    images = _parse_idx(images_path, img_payload, 2051, 3)   # [N, H, W]
-    labels = _parse_idx(labels_path, lbl_payload, 2049, 1)   # [N]
+    images = _parse_idx(images_path, img_payload, 2051, 3)  # [N, H, W]
+    labels = _parse_idx(labels_path, lbl_payload, 2049, 1)  # [N]
   if images.ndim == 3:
-    images = images[..., None]                               # [N, H, W, 1]
+    images = images[..., None]  # [N, H, W, 1]
   if images.shape[1:] != IMAGE_SHAPE:
     raise errors.DatasetValidationError(
-        f'{images_path}: image shape {images.shape[1:]}, expected {IMAGE_SHAPE}.')
+      f"{images_path}: image shape {images.shape[1:]}, expected {IMAGE_SHAPE}."
+    )
   if labels.ndim != 1:
     raise errors.DatasetValidationError(
-        f'{labels_path}: labels shape {labels.shape}, expected [N].')
+      f"{labels_path}: labels shape {labels.shape}, expected [N]."
+    )
   if len(images) != len(labels):
     raise errors.DatasetValidationError(
-        f'{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels.')
+      f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels."
+    )
   if expected_count is not None and len(images) != expected_count:
     raise errors.DatasetValidationError(
-        f'{images_path}: {len(images)} examples, expected {expected_count}.')
+      f"{images_path}: {len(images)} examples, expected {expected_count}."
+    )
   if len(labels) and int(labels.max()) >= NUM_CLASSES:
     raise errors.DatasetValidationError(
-        f'{labels_path}: label {int(labels.max())} out of range [0, {NUM_CLASSES}).')
+      f"{labels_path}: label {int(labels.max())} out of range [0, {NUM_CLASSES})."
+    )
   return images, labels.astype(np.int32)
 
 
@@ -383,7 +449,7 @@ def read_original_split(
 def _png_file(image: np.ndarray) -> io.BytesIO:
   """[H, W, C] uint8 -> PNG file object (what `tfds.features.Image` stores)."""
   f = io.BytesIO()
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format='PNG')
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
   f.seek(0)
   return f
 
@@ -397,8 +463,9 @@ class _OfflineMixin:
   the official builder, so TFDS stores them in the same order.
   """
 
-  def __init__(self, *, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-               **kwargs):
+  def __init__(
+    self, *, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None, **kwargs
+  ):
     self._arrays = dict(arrays) if arrays else None
     super().__init__(**kwargs)
 
@@ -410,40 +477,49 @@ class _OfflineMixin:
   def _split_generators(self, dl_manager):
     arrays = self._arrays
     if arrays is None:  # Online: the same URLs as the official builder.
-      urls = {f'{s}_{k}': self.URL + n + '.gz'
-              for s in SPLITS for k, n in zip(('images', 'labels'), _IDX_NAMES[s])}
+      urls = {
+        f"{s}_{k}": self.URL + n + ".gz"
+        for s in SPLITS
+        for k, n in zip(("images", "labels"), _IDX_NAMES[s])
+      }
       paths = {k: os.fspath(v) for k, v in dl_manager.download(urls).items()}
-      arrays = {s: read_original_split(self.name, paths[f'{s}_images'], paths[f'{s}_labels'])
-                for s in SPLITS}
+      arrays = {
+        s: read_original_split(self.name, paths[f"{s}_images"], paths[f"{s}_labels"])
+        for s in SPLITS
+      }
     return {split: self._generate_examples(*arrays[split]) for split in arrays}
 
   def _generate_examples(self, images, labels):
     for index, (image, label) in enumerate(zip(images, labels)):
-      yield index, {'image': _png_file(image), 'label': int(label)}
+      yield index, {"image": _png_file(image), "label": int(label)}
 
 
 with registered.skip_registration():
 
   class _OfflineMNIST(_OfflineMixin, tfds_mnist.MNIST):
-    name = 'mnist'
+    name = "mnist"
 
   class _OfflineFashionMNIST(_OfflineMixin, tfds_mnist.FashionMNIST):
-    name = 'fashion_mnist'
+    name = "fashion_mnist"
 
   class _OfflineKMNIST(_OfflineMixin, tfds_mnist.KMNIST):
-    name = 'kmnist'
+    name = "kmnist"
 
-_OFFLINE_BUILDERS = {'mnist': _OfflineMNIST, 'fashion_mnist': _OfflineFashionMNIST,
-                     'kmnist': _OfflineKMNIST}
+
+_OFFLINE_BUILDERS = {
+  "mnist": _OfflineMNIST,
+  "fashion_mnist": _OfflineFashionMNIST,
+  "kmnist": _OfflineKMNIST,
+}
 
 
 def prepare_offline(
-    dataset: str,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    manual_dir: str | os.PathLike | None = None,
-    source_files: Mapping[str, tuple[str, str]] | None = None,
-    expected_counts: Mapping[str, int] | None = None,
+  dataset: str,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  manual_dir: str | os.PathLike | None = None,
+  source_files: Mapping[str, tuple[str, str]] | None = None,
+  expected_counts: Mapping[str, int] | None = None,
 ) -> str:
   """Builds the official TFDS array_record dataset from the original files, without TF.
 
@@ -474,24 +550,38 @@ def prepare_offline(
     source_files = {s: find_original_files(dataset, s, manual_dir=manual_dir) for s in SPLITS}
   missing = [s for s in SPLITS if not source_files.get(s)]
   if missing:
-    raise errors.DatasetNotFoundError(not_found_message(
-        dataset, missing[0], data_dir=root, manual_dir=manual_dir,
-        extra=f'(prepare_offline needs every split; missing: {missing})'))
+    raise errors.DatasetNotFoundError(
+      not_found_message(
+        dataset,
+        missing[0],
+        data_dir=root,
+        manual_dir=manual_dir,
+        extra=f"(prepare_offline needs every split; missing: {missing})",
+      )
+    )
   counts = RELEASE_COUNTS if expected_counts is None else expected_counts
-  arrays = {s: read_original_split(dataset, *source_files[s], expected_count=counts[s])
-            for s in SPLITS}
-  builder = _OFFLINE_BUILDERS[dataset](arrays=arrays, data_dir=root, file_format='array_record')
-  logging.info('Building TFDS %s/%s in %s from %s', dataset, builder.version, root,
-               dict(source_files))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  arrays = {
+    s: read_original_split(dataset, *source_files[s], expected_count=counts[s]) for s in SPLITS
+  }
+  builder = _OFFLINE_BUILDERS[dataset](arrays=arrays, data_dir=root, file_format="array_record")
+  logging.info(
+    "Building TFDS %s/%s in %s from %s", dataset, builder.version, root, dict(source_files)
+  )
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+  )
   return os.fspath(builder.data_dir)
 
 
 # Where each download starts; the first host is tried before TFDS is handed the download.
-_DOWNLOAD_URLS = {'mnist': tfds_mnist.MNIST.URL, 'fashion_mnist': tfds_mnist.FashionMNIST.URL,
-                  'kmnist': tfds_mnist.KMNIST.URL,
-                  'cifar10': 'https://www.cs.toronto.edu/~kriz/'}
+_DOWNLOAD_URLS = {
+  "mnist": tfds_mnist.MNIST.URL,
+  "fashion_mnist": tfds_mnist.FashionMNIST.URL,
+  "kmnist": tfds_mnist.KMNIST.URL,
+  "cifar10": "https://www.cs.toronto.edu/~kriz/",
+}
 # Seconds to wait for a TCP connection to the download host (or proxy), DNS included.
 DOWNLOAD_CHECK_TIMEOUT_S = 5.0
 
@@ -504,41 +594,47 @@ def _unreachable(url: str, timeout: float = DOWNLOAD_CHECK_TIMEOUT_S) -> str | N
   lookup, which socket timeouts do not cover, is bounded too.
   """
   parts = urllib.parse.urlsplit(url)
-  host, port = parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)
+  host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
   proxy = urllib.request.getproxies().get(parts.scheme)
   if proxy and not urllib.request.proxy_bypass(host):
-    proxy_parts = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     host, port = proxy_parts.hostname, proxy_parts.port or 80
   result = {}
 
   def connect():
     try:
       socket.create_connection((host, port), timeout=timeout).close()
-      result['ok'] = True
+      result["ok"] = True
     except OSError as e:
-      result['error'] = e
+      result["error"] = e
 
   thread = threading.Thread(target=connect, daemon=True)
   thread.start()
   thread.join(timeout)
-  if result.get('ok'):
+  if result.get("ok"):
     return None
-  why = result.get('error') or f'no answer within {timeout:.0f} s'
-  return f'cannot connect to {host}:{port} ({why})'
+  why = result.get("error") or f"no answer within {timeout:.0f} s"
+  return f"cannot connect to {host}:{port} ({why})"
 
 
 def offline_routes(dataset: str, data_dir: str) -> str:
   """One sentence naming the ways to get `dataset` without a network."""
   routes = []
   if dataset in OFFLINE_DATASETS:
-    routes.append(f'copy the original release files into a directory and pass '
-                  f'--config.manual_dir=DIR (or set {MANUAL_DIR_ENV}=DIR)')
-  if dataset == 'fashion_mnist':
-    routes.append('install them with `sudo apt-get install dataset-fashion-mnist` (Debian/'
-                  'Ubuntu; found in /usr/share/datasets/fashion-mnist)')
-  routes.append(f'on a connected machine run `tfds build {dataset} --file_format=array_record '
-                f'--data_dir=D` and copy D to {data_dir} (or pass --config.data_dir=D)')
-  return 'offline, either ' + '; or '.join(routes)
+    routes.append(
+      f"copy the original release files into a directory and pass "
+      f"--config.manual_dir=DIR (or set {MANUAL_DIR_ENV}=DIR)"
+    )
+  if dataset == "fashion_mnist":
+    routes.append(
+      "install them with `sudo apt-get install dataset-fashion-mnist` (Debian/"
+      "Ubuntu; found in /usr/share/datasets/fashion-mnist)"
+    )
+  routes.append(
+    f"on a connected machine run `tfds build {dataset} --file_format=array_record "
+    f"--data_dir=D` and copy D to {data_dir} (or pass --config.data_dir=D)"
+  )
+  return "offline, either " + "; or ".join(routes)
 
 
 def download(dataset: str, *, data_dir: str) -> None:
@@ -557,19 +653,25 @@ def download(dataset: str, *, data_dir: str) -> None:
   why = _unreachable(url) if url else None
   if why:
     raise errors.DatasetNotFoundError(
-        f'--config.download=True: {why}, so {dataset!r} cannot be downloaded; '
-        f'{offline_routes(dataset, data_dir)}.')
-  logging.info('Downloading %s into %s (download=True).', dataset, data_dir)
+      f"--config.download=True: {why}, so {dataset!r} cannot be downloaded; "
+      f"{offline_routes(dataset, data_dir)}."
+    )
+  logging.info("Downloading %s into %s (download=True).", dataset, data_dir)
   if dataset in _OFFLINE_BUILDERS:
-    builder = _OFFLINE_BUILDERS[dataset](data_dir=data_dir, file_format='array_record')
+    builder = _OFFLINE_BUILDERS[dataset](data_dir=data_dir, file_format="array_record")
   else:
-    builder = tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
+    builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
   import requests  # pylint: disable=g-import-not-at-top  # TFDS's own download client.
+
   try:
     builder.download_and_prepare()
-  except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-          urllib.error.URLError) as e:
+  except (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    urllib.error.URLError,
+  ) as e:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise errors.DatasetNotFoundError(
-        f'--config.download=True: downloading {dataset!r} failed on the network '
-        f'({type(e).__name__}: {first[:300]}); {offline_routes(dataset, data_dir)}.') from e
+      f"--config.download=True: downloading {dataset!r} failed on the network "
+      f"({type(e).__name__}: {first[:300]}); {offline_routes(dataset, data_dir)}."
+    ) from e

@@ -22,25 +22,32 @@ def decay_steps(optim_cfg, steps_per_epoch: int) -> int:
     return int(optim_cfg.decay_steps)
   if optim_cfg.decay_epochs <= 0:
     raise errors.ConfigError(
-        f"config.optim.decay_epochs must be > 0 when optim.decay_steps is 0, got "
-        f"{optim_cfg.decay_epochs}")
+      f"config.optim.decay_epochs must be > 0 when optim.decay_steps is 0, got "
+      f"{optim_cfg.decay_epochs}"
+    )
   return max(1, round(optim_cfg.decay_epochs * steps_per_epoch))
 
 
 def validate(optim_cfg) -> None:
   """Raises `errors.ConfigError` naming the first invalid optimizer field."""
   if not optim_cfg.learning_rate > 0:
-    raise errors.ConfigError(f"config.optim.learning_rate must be > 0, got {optim_cfg.learning_rate}")
+    raise errors.ConfigError(
+      f"config.optim.learning_rate must be > 0, got {optim_cfg.learning_rate}"
+    )
   if not 0 < optim_cfg.decay_rate <= 1:
-    raise errors.ConfigError(f"config.optim.decay_rate must be in (0, 1], got {optim_cfg.decay_rate}")
+    raise errors.ConfigError(
+      f"config.optim.decay_rate must be in (0, 1], got {optim_cfg.decay_rate}"
+    )
   if optim_cfg.decay_steps < 0:
-    raise errors.ConfigError(f"config.optim.decay_steps must be >= 0 (0 = use decay_epochs), got "
-                     f"{optim_cfg.decay_steps}")
+    raise errors.ConfigError(
+      f"config.optim.decay_steps must be >= 0 (0 = use decay_epochs), got {optim_cfg.decay_steps}"
+    )
   floor = _floor(optim_cfg)
   if not 0 <= floor <= optim_cfg.learning_rate:
     raise errors.ConfigError(
-        f"config.optim.min_learning_rate must be in [0, learning_rate={optim_cfg.learning_rate}], "
-        f"got {floor}")
+      f"config.optim.min_learning_rate must be in [0, learning_rate={optim_cfg.learning_rate}], "
+      f"got {floor}"
+    )
 
 
 def _floor(optim_cfg) -> float:
@@ -58,12 +65,14 @@ def make_schedule(optim_cfg, steps_per_epoch: int) -> optax.Schedule:
   validate(optim_cfg)
   floor = _floor(optim_cfg)
   return optax.exponential_decay(
-      init_value=optim_cfg.learning_rate,
-      transition_steps=decay_steps(optim_cfg, steps_per_epoch),
-      decay_rate=optim_cfg.decay_rate, staircase=optim_cfg.staircase,
-      # optax reads end_value as a ceiling when decay_rate >= 1; a constant rate needs
-      # no floor (validate keeps the floor <= learning_rate).
-      end_value=floor if floor > 0 and optim_cfg.decay_rate < 1 else None)
+    init_value=optim_cfg.learning_rate,
+    transition_steps=decay_steps(optim_cfg, steps_per_epoch),
+    decay_rate=optim_cfg.decay_rate,
+    staircase=optim_cfg.staircase,
+    # optax reads end_value as a ceiling when decay_rate >= 1; a constant rate needs
+    # no floor (validate keeps the floor <= learning_rate).
+    end_value=floor if floor > 0 and optim_cfg.decay_rate < 1 else None,
+  )
 
 
 def make_optimizer(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -56,8 +56,7 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   n = len(devices) if num_devices is None else int(num_devices)
   if not 1 <= n <= len(devices):
     raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
-  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                       devices=devices[:n])
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
 def num_devices(mesh: jax.sharding.Mesh) -> int:
@@ -70,8 +69,9 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "b
   n = num_devices(mesh)
   if batch_size <= 0 or batch_size % n:
     raise ValueError(
-        f"{name}={batch_size} must be a positive multiple of the number of devices ({n}); "
-        f"try {name}={max(n, batch_size // n * n)}")
+      f"{name}={batch_size} must be a positive multiple of the number of devices ({n}); "
+      f"try {name}={max(n, batch_size // n * n)}"
+    )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -102,8 +102,10 @@ def process_rows(global_rows: int, mesh: jax.sharding.Mesh) -> slice:
   rows = sorted({(idx[0].start or 0, idx[0].stop) for idx in index_map.values()})
   lo, hi = rows[0][0], rows[-1][1]
   if sum(b - a for a, b in rows) != hi - lo:
-    raise ValueError(f"this process's devices hold non-contiguous rows {rows} of the batch; "
-                     "order the mesh devices by process")
+    raise ValueError(
+      f"this process's devices hold non-contiguous rows {rows} of the batch; "
+      "order the mesh devices by process"
+    )
   return slice(lo, hi)
 
 
@@ -137,8 +139,9 @@ def to_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, spec: P = P()) -> jax.Array:
   return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
-def put_dataset(images: np.ndarray, labels: np.ndarray,
-                mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def put_dataset(
+  images: np.ndarray, labels: np.ndarray, mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
   """The uint8 training set on every device of `mesh`, for the scanned loop.
 
   Replicated, not split: a batch is a random draw from the whole set, so with the set

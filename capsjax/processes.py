@@ -46,17 +46,21 @@ class Preempted(Exception):
 def sync(name: str) -> None:
   """A barrier across the processes of a `jax.distributed` run; a no-op with one."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
 def any_process(flag: bool) -> bool:
   """True on every process if `flag` is true on any of them (a collective: call in step)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
@@ -87,8 +91,7 @@ class StopFlag:
         return  # the watcher thread is already ending the process (exit 130).
       raise KeyboardInterrupt
     self.signal = signum
-    logging.warning("received signal %d: saving a checkpoint at the next step boundary",
-                    signum)
+    logging.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -134,12 +137,18 @@ def _watch(read_fd: int) -> None:
           training, count = stop, 0
         count += 1
         if signum == signal.SIGINT and count >= 2:
-          _exit_now(signum, "(a second Ctrl-C): stopped at once without saving; the last "
-                    "complete checkpoint is kept, rerun the same command to resume from it")
+          _exit_now(
+            signum,
+            "(a second Ctrl-C): stopped at once without saving; the last "
+            "complete checkpoint is kept, rerun the same command to resume from it",
+          )
         continue
-      _exit_now(signum, "outside the training loop (start-up, data, model set-up or "
-                "evaluation): nothing new to save; rerun the same command to resume from "
-                "the last checkpoint, if any")
+      _exit_now(
+        signum,
+        "outside the training loop (start-up, data, model set-up or "
+        "evaluation): nothing new to save; rerun the same command to resume from "
+        "the last checkpoint, if any",
+      )
 
 
 def handle_signals() -> bool:
@@ -162,6 +171,5 @@ def handle_signals() -> bool:
   # Python handler would only run once the main thread is back in Python.
   signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
   _WATCHING.set()
-  threading.Thread(target=_watch, args=(read_fd,), name="capsjax-signals",
-                   daemon=True).start()
+  threading.Thread(target=_watch, args=(read_fd,), name="capsjax-signals", daemon=True).start()
   return True

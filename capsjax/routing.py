@@ -53,6 +53,7 @@ class Routed(NamedTuple):
   assignments: [..., N_in, N_out] routing weights of the last iteration, dtype of the
     votes; for every algorithm here they sum to 1 over the parents (last axis).
   """
+
   poses: jax.Array
   activations: jax.Array
   assignments: jax.Array
@@ -65,8 +66,9 @@ def _prepare(u_hat, name: str):
     raise TypeError(f"{name} expects floating-point votes u_hat, got dtype {u_hat.dtype}")
   if u_hat.ndim < 3:
     raise ValueError(
-        f"{name}: u_hat must have shape [..., N_in, N_out, D] (at least 3 dims), got "
-        f"shape {u_hat.shape}")
+      f"{name}: u_hat must have shape [..., N_in, N_out, D] (at least 3 dims), got "
+      f"shape {u_hat.shape}"
+    )
   return u_hat.astype(_compute_dtype(u_hat.dtype)), u_hat.dtype
 
 
@@ -81,12 +83,12 @@ def _check_broadcast(name: str, x: jax.Array, target: tuple[int, ...], what: str
 
 def _weighted_sum(c, ut):
   """c [..., N_out, N_in], ut [..., N_out, N_in, D] -> sum_n c ut: [..., N_out, D]."""
-  return jnp.einsum('...mn,...mno->...mo', c, ut, precision=_HI)
+  return jnp.einsum("...mn,...mno->...mo", c, ut, precision=_HI)
 
 
 def _agreement(ut, v):
   """ut [..., N_out, N_in, D], v [..., N_out, D] -> <ut, v>: [..., N_out, N_in]."""
-  return jnp.einsum('...mno,...mo->...mn', ut, v, precision=_HI)
+  return jnp.einsum("...mno,...mo->...mn", ut, v, precision=_HI)
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,8 +96,13 @@ def _agreement(ut, v):
 # ----------------------------------------------------------------------------------------
 
 
-def dynamic(u_hat: jax.Array, num_iterations: int, *, stop_gradient: bool = False,
-            bias: jax.Array | None = None) -> Routed:
+def dynamic(
+  u_hat: jax.Array,
+  num_iterations: int,
+  *,
+  stop_gradient: bool = False,
+  bias: jax.Array | None = None,
+) -> Routed:
   """Routing-by-agreement (Sabour et al. 2017, Procedure 1) under the common contract.
 
   A thin adapter over `caps_ops.dynamic_routing(..., return_couplings=True)`; see there
@@ -112,9 +119,10 @@ def dynamic(u_hat: jax.Array, num_iterations: int, *, stop_gradient: bool = Fals
     capsule lengths sqrt(|v|^2 + 1e-7) (`caps_ops.capsule_lengths`), in [0, 1) up to
     that epsilon; assignments c [..., N_in, N_out], softmax over the parents.
   """
-  res = caps_ops.dynamic_routing(u_hat, num_iterations, stop_gradient=stop_gradient,
-                                 bias=bias, return_couplings=True)
-  lengths = caps_ops.capsule_lengths(res.v).astype(res.v.dtype)        # [..., N_out]
+  res = caps_ops.dynamic_routing(
+    u_hat, num_iterations, stop_gradient=stop_gradient, bias=bias, return_couplings=True
+  )
+  lengths = caps_ops.capsule_lengths(res.v).astype(res.v.dtype)  # [..., N_out]
   return Routed(poses=res.v, activations=lengths, assignments=res.c)
 
 
@@ -123,8 +131,7 @@ def dynamic(u_hat: jax.Array, num_iterations: int, *, stop_gradient: bool = Fals
 # ----------------------------------------------------------------------------------------
 
 
-def em_inverse_temperatures(num_iterations: int, final_lambda: float = 0.01
-                            ) -> tuple[float, ...]:
+def em_inverse_temperatures(num_iterations: int, final_lambda: float = 0.01) -> tuple[float, ...]:
   """λ_t = final_lambda * (1 - 0.95^(t+1)) for t = 0 .. num_iterations-1.
 
   The formula the paper's authors gave on OpenReview, with final_lambda = 0.01, as quoted
@@ -136,11 +143,17 @@ def em_inverse_temperatures(num_iterations: int, final_lambda: float = 0.01
   return tuple(final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(num_iterations))
 
 
-def em(u_hat: jax.Array, num_iterations: int, *, a_in: jax.Array | None = None,
-       beta_u: jax.Array | float = 0.0, beta_a: jax.Array | float = 0.0,
-       final_lambda: float = 0.01,
-       inverse_temperatures: Sequence[float] | None = None,
-       eps: float = 1e-8) -> Routed:
+def em(
+  u_hat: jax.Array,
+  num_iterations: int,
+  *,
+  a_in: jax.Array | None = None,
+  beta_u: jax.Array | float = 0.0,
+  beta_a: jax.Array | float = 0.0,
+  final_lambda: float = 0.01,
+  inverse_temperatures: Sequence[float] | None = None,
+  eps: float = 1e-8,
+) -> Routed:
   """EM routing, Procedure 1 of Hinton, Sabour & Frosst, "Matrix capsules with EM
   routing", ICLR 2018.
 
@@ -189,7 +202,7 @@ def em(u_hat: jax.Array, num_iterations: int, *, a_in: jax.Array | None = None,
     by a_in), summing to 1 over the parents.
   """
   num_iterations = caps_ops.check_iterations(num_iterations)
-  u, out_dtype = _prepare(u_hat, "em")                                 # [..., N_in, N_out, D]
+  u, out_dtype = _prepare(u_hat, "em")  # [..., N_in, N_out, D]
   dt = u.dtype
   n_out = u.shape[-2]
   if inverse_temperatures is None:
@@ -198,11 +211,12 @@ def em(u_hat: jax.Array, num_iterations: int, *, a_in: jax.Array | None = None,
     lambdas = tuple(float(x) for x in inverse_temperatures)
     if len(lambdas) != num_iterations:
       raise ValueError(
-          f"inverse_temperatures must have num_iterations = {num_iterations} entries, "
-          f"got {len(lambdas)}")
-  lam = jnp.asarray(lambdas, dt)                                       # [T]
+        f"inverse_temperatures must have num_iterations = {num_iterations} entries, "
+        f"got {len(lambdas)}"
+      )
+  lam = jnp.asarray(lambdas, dt)  # [T]
   if a_in is None:
-    a = jnp.ones_like(u[..., 0, 0])                                    # [..., N_in]
+    a = jnp.ones_like(u[..., 0, 0])  # [..., N_in]
   else:
     a = jnp.asarray(a_in).astype(dt)
     _check_broadcast("a_in", a, u.shape[:-2], "[..., N_in]")
@@ -210,38 +224,44 @@ def em(u_hat: jax.Array, num_iterations: int, *, a_in: jax.Array | None = None,
   beta_a = jnp.asarray(beta_a).astype(dt)
   for arg, x in (("beta_u", beta_u), ("beta_a", beta_a)):
     if x.shape not in ((), (n_out,)):
-      raise ValueError(f"{arg} must be a scalar or have shape [N_out] = ({n_out},), got "
-                       f"shape {x.shape}")
-  ut = jnp.swapaxes(u, -3, -2)                                         # [..., N_out, N_in, D]
-  a_t = a[..., None, :]                                                # [..., 1, N_in]
-  bu = beta_u[..., None] if beta_u.ndim else beta_u                    # [N_out, 1] or []
+      raise ValueError(
+        f"{arg} must be a scalar or have shape [N_out] = ({n_out},), got shape {x.shape}"
+      )
+  ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
+  a_t = a[..., None, :]  # [..., 1, N_in]
+  bu = beta_u[..., None] if beta_u.ndim else beta_u  # [N_out, 1] or []
 
   def m_step(r, lam_t):
-    rp = r * a_t                                                       # [..., N_out, N_in]
-    r_sum = jnp.sum(rp, axis=-1)                                       # [..., N_out]
-    coeff = rp / (r_sum[..., None] + eps)                              # [..., N_out, N_in]
-    mu = _weighted_sum(coeff, ut)                                      # [..., N_out, D]
+    rp = r * a_t  # [..., N_out, N_in]
+    r_sum = jnp.sum(rp, axis=-1)  # [..., N_out]
+    coeff = rp / (r_sum[..., None] + eps)  # [..., N_out, N_in]
+    mu = _weighted_sum(coeff, ut)  # [..., N_out, D]
     var = _weighted_sum(coeff, jnp.square(ut - mu[..., None, :])) + eps  # [..., N_out, D]
-    cost = (bu + 0.5 * jnp.log(var)) * r_sum[..., None]                # [..., N_out, D]
-    logit = lam_t * (beta_a - jnp.sum(cost, axis=-1))                  # [..., N_out]
+    cost = (bu + 0.5 * jnp.log(var)) * r_sum[..., None]  # [..., N_out, D]
+    logit = lam_t * (beta_a - jnp.sum(cost, axis=-1))  # [..., N_out]
     return mu, var, logit
 
   def e_step(mu, var, logit):
-    log_p = -0.5 * jnp.sum(jnp.square(ut - mu[..., None, :]) / var[..., None, :]
-                           + jnp.log(2 * math.pi * var[..., None, :]),
-                           axis=-1)                                    # [..., N_out, N_in]
-    return jax.nn.softmax(jax.nn.log_sigmoid(logit)[..., None] + log_p,
-                          axis=-2)                                     # [..., N_out, N_in]
+    log_p = -0.5 * jnp.sum(
+      jnp.square(ut - mu[..., None, :]) / var[..., None, :]
+      + jnp.log(2 * math.pi * var[..., None, :]),
+      axis=-1,
+    )  # [..., N_out, N_in]
+    return jax.nn.softmax(
+      jax.nn.log_sigmoid(logit)[..., None] + log_p, axis=-2
+    )  # [..., N_out, N_in]
 
   def body(t, r):
     return e_step(*m_step(r, lam[t]))
 
-  r0 = jnp.full_like(ut[..., 0], 1.0 / n_out)                          # [..., N_out, N_in]
+  r0 = jnp.full_like(ut[..., 0], 1.0 / n_out)  # [..., N_out, N_in]
   r = jax.lax.fori_loop(0, num_iterations - 1, body, r0)
   mu, _, logit = m_step(r, lam[num_iterations - 1])
-  return Routed(poses=mu.astype(out_dtype),
-                activations=jax.nn.sigmoid(logit).astype(out_dtype),
-                assignments=jnp.swapaxes(r, -1, -2).astype(out_dtype))
+  return Routed(
+    poses=mu.astype(out_dtype),
+    activations=jax.nn.sigmoid(logit).astype(out_dtype),
+    assignments=jnp.swapaxes(r, -1, -2).astype(out_dtype),
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,8 +269,9 @@ def em(u_hat: jax.Array, num_iterations: int, *, a_in: jax.Array | None = None,
 # ----------------------------------------------------------------------------------------
 
 
-def layer_norm(x: jax.Array, *, scale: jax.Array | None = None,
-               bias: jax.Array | None = None, eps: float = 1e-5) -> jax.Array:
+def layer_norm(
+  x: jax.Array, *, scale: jax.Array | None = None, bias: jax.Array | None = None, eps: float = 1e-5
+) -> jax.Array:
   """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias.
 
   The biased variance and eps = 1e-5 of PyTorch's `nn.LayerNorm`, which the authors of
@@ -263,9 +284,9 @@ def layer_norm(x: jax.Array, *, scale: jax.Array | None = None,
   Returns:
     [..., D], dtype of x.
   """
-  mean = jnp.mean(x, axis=-1, keepdims=True)                           # [..., 1]
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)         # [..., 1]
-  y = (x - mean) * jax.lax.rsqrt(var + eps)                            # [..., D]
+  mean = jnp.mean(x, axis=-1, keepdims=True)  # [..., 1]
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)  # [..., 1]
+  y = (x - mean) * jax.lax.rsqrt(var + eps)  # [..., D]
   if scale is not None:
     y = y * scale
   if bias is not None:
@@ -273,12 +294,16 @@ def layer_norm(x: jax.Array, *, scale: jax.Array | None = None,
   return y
 
 
-def inverted_dot_product(u_hat: jax.Array, num_iterations: int, *,
-                         agreement_scale: float | None = None,
-                         ln_scale: jax.Array | None = None,
-                         ln_bias: jax.Array | None = None,
-                         ln_eps: float = 1e-5,
-                         parent_poses: jax.Array | None = None) -> Routed:
+def inverted_dot_product(
+  u_hat: jax.Array,
+  num_iterations: int,
+  *,
+  agreement_scale: float | None = None,
+  ln_scale: jax.Array | None = None,
+  ln_bias: jax.Array | None = None,
+  ln_eps: float = 1e-5,
+  parent_poses: jax.Array | None = None,
+) -> Routed:
   """Inverted dot-product attention routing, Procedure 1 of Tsai, Srivastava, Goh &
   Salakhutdinov, "Capsules with Inverted Dot-Product Attention Routing", ICLR 2020.
 
@@ -319,7 +344,7 @@ def inverted_dot_product(u_hat: jax.Array, num_iterations: int, *,
     poses); assignments r [..., N_in, N_out], softmax over the parents.
   """
   num_iterations = caps_ops.check_iterations(num_iterations)
-  u, out_dtype = _prepare(u_hat, "inverted_dot_product")               # [..., N_in, N_out, D]
+  u, out_dtype = _prepare(u_hat, "inverted_dot_product")  # [..., N_in, N_out, D]
   dt = u.dtype
   d = u.shape[-1]
   scale = 1.0 / math.sqrt(d) if agreement_scale is None else agreement_scale
@@ -329,24 +354,26 @@ def inverted_dot_product(u_hat: jax.Array, num_iterations: int, *,
     if x is not None:
       _check_broadcast(arg, x, (d,), "[D]")
   norm = lambda s: layer_norm(s, scale=ln_scale, bias=ln_bias, eps=ln_eps)
-  ut = jnp.swapaxes(u, -3, -2)                                         # [..., N_out, N_in, D]
+  ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
 
   def body(_, carry):
     v, _ = carry
-    r = jax.nn.softmax(scale * _agreement(ut, v), axis=-2)             # [..., N_out, N_in]
+    r = jax.nn.softmax(scale * _agreement(ut, v), axis=-2)  # [..., N_out, N_in]
     return norm(_weighted_sum(r, ut)), r
 
   if parent_poses is None:
-    r0 = jnp.full_like(ut[..., 0], 1.0 / u.shape[-2])                  # [..., N_out, N_in]
+    r0 = jnp.full_like(ut[..., 0], 1.0 / u.shape[-2])  # [..., N_out, N_in]
   else:
     p = jnp.asarray(parent_poses).astype(dt)
     _check_broadcast("parent_poses", p, u.shape[:-3] + u.shape[-2:], "[..., N_out, D]")
-    r0 = jax.nn.softmax(scale * _agreement(ut, p), axis=-2)            # [..., N_out, N_in]
-  v0 = norm(_weighted_sum(r0, ut))                                     # [..., N_out, D]
+    r0 = jax.nn.softmax(scale * _agreement(ut, p), axis=-2)  # [..., N_out, N_in]
+  v0 = norm(_weighted_sum(r0, ut))  # [..., N_out, D]
   v, r = jax.lax.fori_loop(0, num_iterations - 1, body, (v0, r0))
-  return Routed(poses=v.astype(out_dtype),
-                activations=jnp.mean(r, axis=-1).astype(out_dtype),
-                assignments=jnp.swapaxes(r, -1, -2).astype(out_dtype))
+  return Routed(
+    poses=v.astype(out_dtype),
+    activations=jnp.mean(r, axis=-1).astype(out_dtype),
+    assignments=jnp.swapaxes(r, -1, -2).astype(out_dtype),
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,12 +397,17 @@ def efficient_squash(s: jax.Array, *, axis: int = -1, eps: float = 1e-7) -> jax.
   s = jnp.asarray(s)
   t, m, k2 = caps_ops.rescale_capsules(s, axis=axis, name="efficient_squash")  # t = s/m
   n_t = jnp.sqrt(jnp.sum(jnp.square(t), axis=axis, keepdims=True) + eps * k2)  # |s|/m
-  v = -jnp.expm1(-(n_t * m)) * t / n_t                                 # [..., D, ...]
+  v = -jnp.expm1(-(n_t * m)) * t / n_t  # [..., D, ...]
   return v.astype(s.dtype)
 
 
-def self_attention(u_hat: jax.Array, num_iterations: int = 1, *,
-                   log_prior: jax.Array | None = None, eps: float = 1e-7) -> Routed:
+def self_attention(
+  u_hat: jax.Array,
+  num_iterations: int = 1,
+  *,
+  log_prior: jax.Array | None = None,
+  eps: float = 1e-7,
+) -> Routed:
   """Self-attention routing of Mazzia, Salvetti & Chiaberge, "Efficient-CapsNet: Capsule
   Network with Self-Attention Routing", Scientific Reports 2021.
 
@@ -406,19 +438,21 @@ def self_attention(u_hat: jax.Array, num_iterations: int = 1, *,
     assignments C [..., N_in, N_out], softmax over the parents (without B).
   """
   caps_ops.check_iterations(num_iterations)
-  u, out_dtype = _prepare(u_hat, "self_attention")                     # [..., N_in, N_out, D]
-  ut = jnp.swapaxes(u, -3, -2)                                         # [..., N_out, N_in, D]
+  u, out_dtype = _prepare(u_hat, "self_attention")  # [..., N_in, N_out, D]
+  ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
   logits = _agreement(ut, jnp.sum(ut, axis=-2)) / math.sqrt(u.shape[-1])  # [..., N_out, N_in]
-  c = jax.nn.softmax(logits, axis=-2)                                  # [..., N_out, N_in]
+  c = jax.nn.softmax(logits, axis=-2)  # [..., N_out, N_in]
   w = c
   if log_prior is not None:
     b = jnp.asarray(log_prior).astype(u.dtype)
     _check_broadcast("log_prior", b, u.shape[:-1], "[..., N_in, N_out]")
-    w = c + jnp.swapaxes(jnp.broadcast_to(b, u.shape[:-1]), -1, -2)    # [..., N_out, N_in]
-  v = efficient_squash(_weighted_sum(w, ut), eps=eps)                  # [..., N_out, D]
-  return Routed(poses=v.astype(out_dtype),
-                activations=caps_ops.capsule_lengths(v).astype(out_dtype),
-                assignments=jnp.swapaxes(c, -1, -2).astype(out_dtype))
+    w = c + jnp.swapaxes(jnp.broadcast_to(b, u.shape[:-1]), -1, -2)  # [..., N_out, N_in]
+  v = efficient_squash(_weighted_sum(w, ut), eps=eps)  # [..., N_out, D]
+  return Routed(
+    poses=v.astype(out_dtype),
+    activations=caps_ops.capsule_lengths(v).astype(out_dtype),
+    assignments=jnp.swapaxes(c, -1, -2).astype(out_dtype),
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -428,12 +462,14 @@ def self_attention(u_hat: jax.Array, num_iterations: int = 1, *,
 RoutingFn = Callable[..., Routed]
 
 # Read-only, so no caller can change what `get` returns for everyone else.
-ROUTINGS: types.MappingProxyType[str, RoutingFn] = types.MappingProxyType({
+ROUTINGS: types.MappingProxyType[str, RoutingFn] = types.MappingProxyType(
+  {
     "dynamic": dynamic,
     "em": em,
     "inverted_dot_product": inverted_dot_product,
     "self_attention": self_attention,
-})
+  }
+)
 
 
 def get(name: str) -> RoutingFn:
@@ -446,5 +482,5 @@ def get(name: str) -> RoutingFn:
     return ROUTINGS[name]
   except (KeyError, TypeError):
     raise ValueError(
-        f"unknown routing {name!r}; valid routings: {', '.join(map(repr, ROUTINGS))}"
+      f"unknown routing {name!r}; valid routings: {', '.join(map(repr, ROUTINGS))}"
     ) from None

@@ -26,17 +26,33 @@ EVAL_CHECKPOINTS = ("latest", "selected")
 
 # Config fields that define a run: resuming with different values would silently mix
 # two experiments, so a workdir keeps its values unless `overwrite` is set.
-RUN_DEFINING_FIELDS = ("seed", "dataset", "train_examples", "val_examples", "batch_size",
-                       "model", "optim", "loss", "augment")
+RUN_DEFINING_FIELDS = (
+  "seed",
+  "dataset",
+  "train_examples",
+  "val_examples",
+  "batch_size",
+  "model",
+  "optim",
+  "loss",
+  "augment",
+)
 
 # Run-defining fields added after runs were already saved, with the values those runs
 # trained with: a config.json without them compares as if it had these. (Such runs
 # initialised 'torch' biases to zero rather than PyTorch's uniform draw; a resumed run is
 # past initialisation, so that difference does not matter to the comparison.)
-LEGACY_DEFAULTS = {"val_examples": 0, "model.init": "torch", "model.length_eps": 1e-7,
-                   "augment.shift_fraction": 0.0, "augment.fill": "zero",
-                   "optim.min_learning_rate": 0.0, "model.architecture": "capsnet",
-                   "model.routing": "dynamic", "model.em_final_lambda": 0.01}
+LEGACY_DEFAULTS = {
+  "val_examples": 0,
+  "model.init": "torch",
+  "model.length_eps": 1e-7,
+  "augment.shift_fraction": 0.0,
+  "augment.fill": "zero",
+  "optim.min_learning_rate": 0.0,
+  "model.architecture": "capsnet",
+  "model.routing": "dynamic",
+  "model.em_final_lambda": 0.01,
+}
 
 
 def _parent(node, field: str):
@@ -82,42 +98,83 @@ def validate_config(config) -> None:
     info = input_pipeline.dataset_info(config.dataset)
   with errors.config_field("model.routing_iterations"):
     caps_ops.check_iterations(config.model.routing_iterations)
-  for name in ("seed", "batch_size", "eval_batch_size", "log_every_steps",
-               "checkpoint_every_epochs", "keep_checkpoints", "num_epochs", "train_examples",
-               "eval_examples", "val_examples", "early_stop_epochs"):
+  for name in (
+    "seed",
+    "batch_size",
+    "eval_batch_size",
+    "log_every_steps",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+    "num_epochs",
+    "train_examples",
+    "eval_examples",
+    "val_examples",
+    "early_stop_epochs",
+  ):
     value = config[name]
-    _check(isinstance(value, int) and not isinstance(value, bool), name,
-           f"must be an integer, got {value!r}")
-  for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_epochs",
-               "keep_checkpoints"):
+    _check(
+      isinstance(value, int) and not isinstance(value, bool),
+      name,
+      f"must be an integer, got {value!r}",
+    )
+  for name in (
+    "batch_size",
+    "eval_batch_size",
+    "log_every_steps",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+  ):
     _check(config[name] >= 1, name, f"must be >= 1, got {config[name]}")
-  for name, zero in (("seed", ""), ("num_epochs", ""), ("train_examples", " (0 = all)"),
-                     ("eval_examples", " (0 = all)"),
-                     ("val_examples", " (0 = no validation split)"),
-                     ("early_stop_epochs", " (0 = off)")):
+  for name, zero in (
+    ("seed", ""),
+    ("num_epochs", ""),
+    ("train_examples", " (0 = all)"),
+    ("eval_examples", " (0 = all)"),
+    ("val_examples", " (0 = no validation split)"),
+    ("early_stop_epochs", " (0 = off)"),
+  ):
     _check(config[name] >= 0, name, f"must be >= 0{zero}, got {config[name]}")
-  _check(not config.early_stop_epochs or config.val_examples, "early_stop_epochs",
-         f"={config.early_stop_epochs} needs a validation split (config.val_examples > 0): "
-         "capsjax never stops early on test accuracy")
+  _check(
+    not config.early_stop_epochs or config.val_examples,
+    "early_stop_epochs",
+    f"={config.early_stop_epochs} needs a validation split (config.val_examples > 0): "
+    "capsjax never stops early on test accuracy",
+  )
   aug = config.augment
   _check(aug.max_shift >= 0, "augment.max_shift", f"must be >= 0, got {aug.max_shift}")
   _check(aug.cutout_size >= 0, "augment.cutout_size", f"must be >= 0, got {aug.cutout_size}")
-  _check(0.0 <= aug.shift_fraction < 0.5, "augment.shift_fraction",
-         f"must be in [0, 0.5), got {aug.shift_fraction}")
-  _check(not (aug.max_shift and aug.shift_fraction), "augment.max_shift",
-         f"={aug.max_shift} and shift_fraction={aug.shift_fraction} are two kinds of shift: "
-         "set the other to 0")
+  _check(
+    0.0 <= aug.shift_fraction < 0.5,
+    "augment.shift_fraction",
+    f"must be in [0, 0.5), got {aug.shift_fraction}",
+  )
+  _check(
+    not (aug.max_shift and aug.shift_fraction),
+    "augment.max_shift",
+    f"={aug.max_shift} and shift_fraction={aug.shift_fraction} are two kinds of shift: "
+    "set the other to 0",
+  )
   _check_choice(config, "augment.fill", augment.FILLS)
   for name in ("m_plus", "m_minus", "lam", "recon_weight"):
     value = config.loss[name]
-    _check(isinstance(value, (int, float)) and value == value and value >= 0, f"loss.{name}",
-           f"must be a number >= 0, got {value!r}")
+    _check(
+      isinstance(value, (int, float)) and value == value and value >= 0,
+      f"loss.{name}",
+      f"must be a number >= 0, got {value!r}",
+    )
   optim.validate(config.optim)
   _check_resume_changes(config)
   # The model's own checks (sizes, dtype, length_eps), before any parameter exists.
-  jax.eval_shape(lambda: nnx.split(models.create_model(
-      config.model, image_shape=info.image_shape, num_classes=info.num_classes,
-      rngs=nnx.Rngs(params=0))))
+  jax.eval_shape(
+    lambda: nnx.split(
+      models.create_model(
+        config.model,
+        image_shape=info.image_shape,
+        num_classes=info.num_classes,
+        rngs=nnx.Rngs(params=0),
+      )
+    )
+  )
 
 
 def with_legacy_defaults(saved: dict, prefix: str = "") -> dict:
@@ -127,7 +184,7 @@ def with_legacy_defaults(saved: dict, prefix: str = "") -> dict:
     if not dotted.startswith(prefix):
       continue
     try:
-      node, leaf = _parent(saved, dotted[len(prefix):])
+      node, leaf = _parent(saved, dotted[len(prefix) :])
     except (KeyError, TypeError):
       continue
     if isinstance(node, dict):
@@ -161,8 +218,9 @@ ANY_CHANGE = "*"
 
 def resume_changes(config) -> tuple[str, ...]:
   """The fields or prefixes of `config.resume_with_changes`, e.g. ('optim.learning_rate',)."""
-  return tuple(f.strip() for f in str(config.get("resume_with_changes") or "").split(",")
-               if f.strip())
+  return tuple(
+    f.strip() for f in str(config.get("resume_with_changes") or "").split(",") if f.strip()
+  )
 
 
 def change_allowed(field: str, allowed: tuple[str, ...]) -> bool:
@@ -179,10 +237,17 @@ def _check_resume_changes(config) -> None:
       get_field(config, name)
     except (KeyError, AttributeError, TypeError):
       raise errors.ConfigError(
-          f"config.resume_with_changes: {name!r} is not a config field") from None
-    _check(name.split(".")[0] in RUN_DEFINING_FIELDS, "resume_with_changes",
-           f"lists {name!r}, which is not run-defining (it may change on any resume); "
-           f"run-defining fields lie under {RUN_DEFINING_FIELDS}")
-  _check(not (allowed and config.overwrite), "resume_with_changes",
-         f"={config.resume_with_changes!r} (continue this run's checkpoints) contradicts "
-         "overwrite=True (move them aside and start fresh): give one of them")
+        f"config.resume_with_changes: {name!r} is not a config field"
+      ) from None
+    _check(
+      name.split(".")[0] in RUN_DEFINING_FIELDS,
+      "resume_with_changes",
+      f"lists {name!r}, which is not run-defining (it may change on any resume); "
+      f"run-defining fields lie under {RUN_DEFINING_FIELDS}",
+    )
+  _check(
+    not (allowed and config.overwrite),
+    "resume_with_changes",
+    f"={config.resume_with_changes!r} (continue this run's checkpoints) contradicts "
+    "overwrite=True (move them aside and start fresh): give one of them",
+  )

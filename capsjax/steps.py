@@ -33,6 +33,7 @@ LossWeights = losses.LossWeights
 @dataclasses.dataclass(frozen=True)
 class AugmentSpec:
   """Plain (hashable) augmentation settings pulled out of `config.augment`."""
+
   max_shift: int = 0
   flip: bool = False
   cutout_size: int = 0
@@ -41,32 +42,50 @@ class AugmentSpec:
 
   @classmethod
   def from_config(cls, aug_cfg) -> AugmentSpec:
-    return cls(int(aug_cfg.max_shift), bool(aug_cfg.flip), int(aug_cfg.cutout_size),
-               float(aug_cfg.get("shift_fraction", 0.0)), str(aug_cfg.get("fill", "zero")))
+    return cls(
+      int(aug_cfg.max_shift),
+      bool(aug_cfg.flip),
+      int(aug_cfg.cutout_size),
+      float(aug_cfg.get("shift_fraction", 0.0)),
+      str(aug_cfg.get("fill", "zero")),
+    )
 
   def __call__(self, key: jax.Array, images: jax.Array) -> jax.Array:
     """images [B, H, W, C] -> augmented images, the same shape."""
-    return augment.augment_batch(key, images, max_shift=self.max_shift, flip=self.flip,
-                                 cutout_size=self.cutout_size,
-                                 shift_fraction=self.shift_fraction, fill=self.fill)
+    return augment.augment_batch(
+      key,
+      images,
+      max_shift=self.max_shift,
+      flip=self.flip,
+      cutout_size=self.cutout_size,
+      shift_fraction=self.shift_fraction,
+      fill=self.fill,
+    )
 
 
-def create_model_and_optimizer(config, info: input_pipeline.DatasetInfo, steps_per_epoch: int,
-                               init_key: jax.Array):
+def create_model_and_optimizer(
+  config, info: input_pipeline.DatasetInfo, steps_per_epoch: int, init_key: jax.Array
+):
   """Builds (model, nnx.Optimizer) from the config. Returns (graphdef, state)."""
-  model = models.create_model(config.model, image_shape=info.image_shape,
-                              num_classes=info.num_classes, rngs=nnx.Rngs(params=init_key))
+  model = models.create_model(
+    config.model,
+    image_shape=info.image_shape,
+    num_classes=info.num_classes,
+    rngs=nnx.Rngs(params=init_key),
+  )
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   return nnx.split((model, optimizer))
 
 
-def per_example_losses(out: dict[str, jax.Array], images: jax.Array, labels: jax.Array,
-                       weights: LossWeights) -> tuple[jax.Array, jax.Array]:
+def per_example_losses(
+  out: dict[str, jax.Array], images: jax.Array, labels: jax.Array, weights: LossWeights
+) -> tuple[jax.Array, jax.Array]:
   """(margin [B], reconstruction [B]) of a CapsNet output dict; zero reconstruction
   loss for a model without a decoder."""
-  margin = losses.margin_loss(out["lengths"], labels, m_plus=weights.m_plus,
-                              m_minus=weights.m_minus, lam=weights.lam)
+  margin = losses.margin_loss(
+    out["lengths"], labels, m_plus=weights.m_plus, m_minus=weights.m_minus, lam=weights.lam
+  )
   if "reconstruction" in out:
     recon = losses.reconstruction_loss(images, out["reconstruction"], reduction="mean")
   else:
@@ -74,8 +93,9 @@ def per_example_losses(out: dict[str, jax.Array], images: jax.Array, labels: jax
   return margin, recon
 
 
-def compute_losses(model: models.CapsNet, images: jax.Array, labels: jax.Array,
-                   weights: LossWeights) -> tuple[jax.Array, dict[str, jax.Array]]:
+def compute_losses(
+  model: models.CapsNet, images: jax.Array, labels: jax.Array, weights: LossWeights
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean total loss over the batch and a dict of float32 batch metrics.
 
   images [B, H, W, C], labels [B] -> (loss [], {'loss', 'margin_loss', 'recon_loss',
@@ -84,8 +104,12 @@ def compute_losses(model: models.CapsNet, images: jax.Array, labels: jax.Array,
   out = model(images, labels)
   margin, recon = per_example_losses(out, images, labels, weights)
   loss = jnp.mean(margin + weights.recon_weight * recon)
-  aux = {"loss": loss, "margin_loss": jnp.mean(margin), "recon_loss": jnp.mean(recon),
-         "accuracy": metrics_lib.accuracy(out["lengths"], labels)}
+  aux = {
+    "loss": loss,
+    "margin_loss": jnp.mean(margin),
+    "recon_loss": jnp.mean(recon),
+    "accuracy": metrics_lib.accuracy(out["lengths"], labels),
+  }
   return loss, aux
 
 
@@ -94,13 +118,13 @@ def _loss_and_grads(model, step, batch, key, weights: LossWeights, aug: AugmentS
   # augmentations as an uninterrupted one.
   images = aug(jax.random.fold_in(key, step), batch["image"])
   grad_fn = nnx.value_and_grad(
-      lambda m: compute_losses(m, images, batch["label"], weights), has_aux=True)
+    lambda m: compute_losses(m, images, batch["label"], weights), has_aux=True
+  )
   (loss, aux), grads = grad_fn(model)
   return loss, aux, grads
 
 
-def loss_and_grads(graphdef, state, batch, key, *, weights: LossWeights,
-                   aug: AugmentSpec):
+def loss_and_grads(graphdef, state, batch, key, *, weights: LossWeights, aug: AugmentSpec):
   """Pure: (loss [], aux, grads) of the model in `state` on one (augmented) batch.
 
   The same computation as `train_step` without the update (for tests and analysis).
@@ -109,8 +133,9 @@ def loss_and_grads(graphdef, state, batch, key, *, weights: LossWeights,
   return _loss_and_grads(model, optimizer.step[...], batch, key, weights, aug)
 
 
-def train_step(graphdef, state, batch, key, *, weights: LossWeights, aug: AugmentSpec,
-               schedule: optax.Schedule):
+def train_step(
+  graphdef, state, batch, key, *, weights: LossWeights, aug: AugmentSpec, schedule: optax.Schedule
+):
   """One Adam step: (state, batch {'image' [B,H,W,C], 'label' [B]}, key) -> (state, aux).
 
   state: nnx.State of (model, optimizer). aux: scalar loss terms, accuracy,
@@ -125,8 +150,21 @@ def train_step(graphdef, state, batch, key, *, weights: LossWeights, aug: Augmen
   return nnx.state((model, optimizer)), aux
 
 
-def train_chunk(graphdef, state, data, indices, start, num_steps, key, *, weights: LossWeights,
-                aug: AugmentSpec, schedule: optax.Schedule, max_steps: int, mesh):
+def train_chunk(
+  graphdef,
+  state,
+  data,
+  indices,
+  start,
+  num_steps,
+  key,
+  *,
+  weights: LossWeights,
+  aug: AugmentSpec,
+  schedule: optax.Schedule,
+  max_steps: int,
+  mesh,
+):
   """Up to `max_steps` train steps as one loop on the device, batches gathered there.
 
   Step i trains on batch `start + i` of the epoch: the examples `indices[start + i]`,
@@ -150,12 +188,13 @@ def train_chunk(graphdef, state, data, indices, start, num_steps, key, *, weight
     (state, aux): aux holds each metric of `train_step` per step, float32 [max_steps];
     entries from num_steps on are 0.
   """
+
   def one_step(state, i):
-    idx = jax.lax.dynamic_index_in_dim(indices, start + i, keepdims=False)    # [B]
+    idx = jax.lax.dynamic_index_in_dim(indices, start + i, keepdims=False)  # [B]
     batch = parallel.constrain_batch(
-        input_pipeline.batch_at(data["image"], data["label"], idx), mesh)    # [B, H, W, C]
-    return train_step(graphdef, state, batch, key, weights=weights, aug=aug,
-                      schedule=schedule)
+      input_pipeline.batch_at(data["image"], data["label"], idx), mesh
+    )  # [B, H, W, C]
+    return train_step(graphdef, state, batch, key, weights=weights, aug=aug, schedule=schedule)
 
   aux_shapes = jax.eval_shape(one_step, state, 0)[1]
   stacked = {k: jnp.zeros((max_steps, *v.shape), v.dtype) for k, v in aux_shapes.items()}
@@ -179,9 +218,12 @@ def eval_step(graphdef, state, batch, *, weights: LossWeights):
   out = model(images)
   margin, recon = per_example_losses(out, images, labels, weights)
   m = batch["mask"].astype(jnp.float32)
-  return {"correct": jnp.sum((out["pred"] == labels) * m),
-          "margin_loss": jnp.sum(margin * m), "recon_loss": jnp.sum(recon * m),
-          "count": jnp.sum(m)}
+  return {
+    "correct": jnp.sum((out["pred"] == labels) * m),
+    "margin_loss": jnp.sum(margin * m),
+    "recon_loss": jnp.sum(recon * m),
+    "count": jnp.sum(m),
+  }
 
 
 def make_steps(graphdef, config, steps_per_epoch: int, mesh):
@@ -190,11 +232,15 @@ def make_steps(graphdef, config, steps_per_epoch: int, mesh):
   aug = AugmentSpec.from_config(config.augment)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
   train = parallel.jit_data_parallel(
-      lambda state, batch, key: train_step(graphdef, state, batch, key, weights=weights,
-                                           aug=aug, schedule=schedule),
-      mesh, donate_argnums=0)
+    lambda state, batch, key: train_step(
+      graphdef, state, batch, key, weights=weights, aug=aug, schedule=schedule
+    ),
+    mesh,
+    donate_argnums=0,
+  )
   evaluate_fn = parallel.jit_data_parallel(
-      lambda state, batch: eval_step(graphdef, state, batch, weights=weights), mesh)
+    lambda state, batch: eval_step(graphdef, state, batch, weights=weights), mesh
+  )
   return train, evaluate_fn
 
 
@@ -207,14 +253,35 @@ def make_train_chunk(graphdef, config, steps_per_epoch: int, mesh, max_steps: in
   aug = AugmentSpec.from_config(config.augment)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
   return parallel.jit_data_parallel(
-      lambda state, data, indices, start, num_steps, key: train_chunk(
-          graphdef, state, data, indices, start, num_steps, key, weights=weights, aug=aug,
-          schedule=schedule, max_steps=max_steps, mesh=mesh),
-      mesh, donate_argnums=0)
+    lambda state, data, indices, start, num_steps, key: train_chunk(
+      graphdef,
+      state,
+      data,
+      indices,
+      start,
+      num_steps,
+      key,
+      weights=weights,
+      aug=aug,
+      schedule=schedule,
+      max_steps=max_steps,
+      mesh=mesh,
+    ),
+    mesh,
+    donate_argnums=0,
+  )
 
 
-def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *,
-             batch_size: int, mesh, weights: LossWeights) -> dict[str, float]:
+def evaluate(
+  eval_fn: Callable,
+  state,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  batch_size: int,
+  mesh,
+  weights: LossWeights,
+) -> dict[str, float]:
   """Accuracy and mean losses over every example of (images [N,H,W,C], labels [N]) once.
 
   Returns {'accuracy', 'margin_loss', 'recon_loss', 'loss' (margin + weighted recon),
@@ -227,5 +294,10 @@ def evaluate(eval_fn: Callable, state, images: np.ndarray, labels: np.ndarray, *
       totals[k] = totals.get(k, 0.0) + float(v)
   n = totals["count"]
   margin, recon = totals["margin_loss"] / n, totals["recon_loss"] / n
-  return {"accuracy": totals["correct"] / n, "margin_loss": margin, "recon_loss": recon,
-          "loss": margin + weights.recon_weight * recon, "count": n}
+  return {
+    "accuracy": totals["correct"] / n,
+    "margin_loss": margin,
+    "recon_loss": recon,
+    "loss": margin + weights.recon_weight * recon,
+    "count": n,
+  }

@@ -51,15 +51,20 @@ def _subset(images, labels, n: int):
 
 def load_data(config, split: str, limit: int):
   """uint8 images [N, H, W, C] and labels [N] of a split; its first `limit` if > 0."""
-  images, labels = input_pipeline.load_split(config.dataset, split, data_dir=config.data_dir,
-                                             manual_dir=config.manual_dir,
-                                             download=config.download)
+  images, labels = input_pipeline.load_split(
+    config.dataset,
+    split,
+    data_dir=config.data_dir,
+    manual_dir=config.manual_dir,
+    download=config.download,
+  )
   return _subset(images, labels, limit)
 
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
   """uint8 images [N, H, W, C] and int labels [N] of the train, validation and test sets."""
+
   train: tuple[np.ndarray, np.ndarray]
   val: tuple[np.ndarray, np.ndarray]
   test: tuple[np.ndarray, np.ndarray]
@@ -73,19 +78,25 @@ def load_splits(config) -> Splits:
   """
   images, labels = load_data(config, "train", 0)
   train_images, train_labels, val_images, val_labels = input_pipeline.split_validation(
-      images, labels, config.val_examples)
+    images, labels, config.val_examples
+  )
   if config.train_examples > len(train_labels):
     raise errors.ConfigError(
-        f"config.train_examples={config.train_examples} exceeds the {len(train_labels)} "
-        f"training examples of {config.dataset} (after holding out "
-        f"config.val_examples={config.val_examples}); use 0 for all of them")
+      f"config.train_examples={config.train_examples} exceeds the {len(train_labels)} "
+      f"training examples of {config.dataset} (after holding out "
+      f"config.val_examples={config.val_examples}); use 0 for all of them"
+    )
   test = load_data(config, "test", config.eval_examples)
   if config.eval_examples > len(test[1]):
     raise errors.ConfigError(
-        f"config.eval_examples={config.eval_examples} exceeds the {len(test[1])} test "
-        f"examples of {config.dataset}; use 0 for all of them")
-  return Splits(train=_subset(train_images, train_labels, config.train_examples),
-                val=(val_images, val_labels), test=test)
+      f"config.eval_examples={config.eval_examples} exceeds the {len(test[1])} test "
+      f"examples of {config.dataset}; use 0 for all of them"
+    )
+  return Splits(
+    train=_subset(train_images, train_labels, config.train_examples),
+    val=(val_images, val_labels),
+    test=test,
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,10 +115,10 @@ def setup(config, steps_per_epoch: int):
     with errors.config_field(name):
       parallel.check_batch_size(config[name], mesh, name=f"config.{name}")
   init_key, aug_key = jax.random.split(jax.random.key(config.seed))
-  graphdef, state = steps_lib.create_model_and_optimizer(config, info, steps_per_epoch,
-                                                         init_key)
-  logging.info("mesh: %s over %d device(s): %s", dict(mesh.shape), parallel.num_devices(mesh),
-               jax.devices())
+  graphdef, state = steps_lib.create_model_and_optimizer(config, info, steps_per_epoch, init_key)
+  logging.info(
+    "mesh: %s over %d device(s): %s", dict(mesh.shape), parallel.num_devices(mesh), jax.devices()
+  )
   model, _ = nnx.merge(graphdef, state)
   n_params = models.count_params(model)
   logging.info("CapsNet parameters: %s", f"{n_params:,}")
@@ -145,6 +156,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if config.mode == "eval":
     # Imported here: capsjax.evaluate builds on this module's data and set-up helpers.
     from capsjax import evaluate  # pylint: disable=g-import-not-at-top
+
     return evaluate.evaluate_checkpoint(config, workdir)
   workdir = workdir_lib.resolve(workdir)
   with workdir_lib.lock(workdir):
@@ -158,6 +170,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 @dataclasses.dataclass
 class _Run:
   """What the loop's helpers share: settings, data, and where results go."""
+
   config: Any
   workdir: str
   info: input_pipeline.DatasetInfo
@@ -167,7 +180,7 @@ class _Run:
   ckpt: ckpt_lib.Checkpointer
   writer: metrics_lib.MetricWriter
   eval_fn: Callable
-  meta: dict                  # saved with every checkpoint, with `history` and `epoch`.
+  meta: dict  # saved with every checkpoint, with `history` and `epoch`.
   # Per-epoch val/test accuracies, carried in every checkpoint's meta so that selection
   # and early stopping see the whole run after a resume, on every process.
   history: list[dict]
@@ -178,21 +191,29 @@ class _Run:
     return self.config.num_epochs * self.steps_per_epoch
 
   def save(self, state, step: int, epoch: float, metrics: dict | None = None) -> None:
-    self.ckpt.save(step, state, dict(self.meta, epoch=epoch, history=self.history),
-                   metrics=metrics)
+    self.ckpt.save(step, state, dict(self.meta, epoch=epoch, history=self.history), metrics=metrics)
 
   def selected(self) -> dict | None:
     return metrics_lib.select(self.history, selection_split(self.config))
 
   def early_stopped(self) -> bool:
     patience, selected = self.config.early_stop_epochs, self.selected()
-    return bool(patience and selected is not None
-                and self.history[-1]["epoch"] - selected["epoch"] >= patience)
+    return bool(
+      patience
+      and selected is not None
+      and self.history[-1]["epoch"] - selected["epoch"] >= patience
+    )
 
   def evaluate(self, state, images, labels) -> dict[str, float]:
-    return steps_lib.evaluate(self.eval_fn, state, images, labels,
-                              batch_size=self.config.eval_batch_size, mesh=self.mesh,
-                              weights=steps_lib.LossWeights.from_config(self.config.loss))
+    return steps_lib.evaluate(
+      self.eval_fn,
+      state,
+      images,
+      labels,
+      batch_size=self.config.eval_batch_size,
+      mesh=self.mesh,
+      weights=steps_lib.LossWeights.from_config(self.config.loss),
+    )
 
   def check_finite(self, recent: list[tuple[int, dict]]) -> None:
     """Raises NonFiniteLossError for the first non-finite metric of (step, metrics) pairs."""
@@ -202,24 +223,29 @@ class _Run:
         continue
       last = self.ckpt.latest_step()
       raise errors.NonFiniteLossError(
-          f"non-finite {bad[0]}={bad[1]} at step {at} (epoch {at / self.steps_per_epoch:.2f}); "
-          "training stopped without saving. " + (
-              f"The last good checkpoint is {self.ckpt.directory}/{last}" if last is not None
-              else "No checkpoint was written yet")
-          + f". To continue from it with a lower config.optim.learning_rate "
-          f"(now {self.config.optim.learning_rate}), rerun with "
-          "--config.optim.learning_rate=<lower> "
-          "--config.resume_with_changes=optim.learning_rate; or start afresh with "
-          "--config.overwrite=True (moves this run aside), or in a new --workdir with "
-          "--config.init_from=<a good checkpoint> (weights only)")
+        f"non-finite {bad[0]}={bad[1]} at step {at} (epoch {at / self.steps_per_epoch:.2f}); "
+        "training stopped without saving. "
+        + (
+          f"The last good checkpoint is {self.ckpt.directory}/{last}"
+          if last is not None
+          else "No checkpoint was written yet"
+        )
+        + f". To continue from it with a lower config.optim.learning_rate "
+        f"(now {self.config.optim.learning_rate}), rerun with "
+        "--config.optim.learning_rate=<lower> "
+        "--config.resume_with_changes=optim.learning_rate; or start afresh with "
+        "--config.overwrite=True (moves this run aside), or in a new --workdir with "
+        "--config.init_from=<a good checkpoint> (weights only)"
+      )
 
   def preempted(self, step: int, signum) -> processes.Preempted:
     self.ckpt.close()
     by = f"signal {signum}" if signum else "a signal to another process"
     return processes.Preempted(
-        f"stopped by {by} at step {step} (epoch {step / self.steps_per_epoch:.2f}); "
-        f"checkpoint saved in {self.ckpt.directory}/{step}. Rerun the same command to "
-        f"resume (exit code {processes.PREEMPTED_EXIT_CODE})")
+      f"stopped by {by} at step {step} (epoch {step / self.steps_per_epoch:.2f}); "
+      f"checkpoint saved in {self.ckpt.directory}/{step}. Rerun the same command to "
+      f"resume (exit code {processes.PREEMPTED_EXIT_CODE})"
+    )
 
 
 def _train(config, workdir: str) -> dict[str, Any]:
@@ -229,27 +255,48 @@ def _train(config, workdir: str) -> dict[str, Any]:
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   if steps_per_epoch < 1:
     raise errors.ConfigError(
-        f"config.batch_size={config.batch_size} is larger than the training set "
-        f"({num_train} examples)")
+      f"config.batch_size={config.batch_size} is larger than the training set "
+      f"({num_train} examples)"
+    )
   info, mesh, graphdef, state, aug_key, n_params = setup(config, steps_per_epoch)
   is_main = jax.process_index() == 0
   if is_main:
-    print(f"CapsNet: {n_params:,} parameters; {info.name}: {num_train} train / "
-          f"{len(data.val[1])} validation / {len(data.test[1])} test examples; "
-          f"{steps_per_epoch} steps/epoch on {parallel.num_devices(mesh)} device(s) in "
-          f"{jax.process_count()} process(es)", flush=True)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
-                               best_metric=f"{selection_split(config)}_accuracy")
+    print(
+      f"CapsNet: {n_params:,} parameters; {info.name}: {num_train} train / "
+      f"{len(data.val[1])} validation / {len(data.test[1])} test examples; "
+      f"{steps_per_epoch} steps/epoch on {parallel.num_devices(mesh)} device(s) in "
+      f"{jax.process_count()} process(es)",
+      flush=True,
+    )
+  ckpt = ckpt_lib.Checkpointer(
+    workdir, keep=config.keep_checkpoints, best_metric=f"{selection_split(config)}_accuracy"
+  )
   try:
     state, step, restored_meta = restore_or_init(config, workdir, ckpt, state)
     state = parallel.replicate(state, mesh)
     train_fn, eval_fn = steps_lib.make_steps(graphdef, config, steps_per_epoch, mesh)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
-    meta = {"dataset": config.dataset, "model": json.loads(config.model.to_json_best_effort()),
-            "image_shape": list(info.image_shape), "num_classes": info.num_classes,
-            "steps_per_epoch": steps_per_epoch}
-    run = _Run(config, workdir, info, mesh, data, steps_per_epoch, ckpt, writer, eval_fn,
-               meta, [dict(h) for h in restored_meta.get("history", [])], is_main)
+    meta = {
+      "dataset": config.dataset,
+      "model": json.loads(config.model.to_json_best_effort()),
+      "image_shape": list(info.image_shape),
+      "num_classes": info.num_classes,
+      "steps_per_epoch": steps_per_epoch,
+    }
+    run = _Run(
+      config,
+      workdir,
+      info,
+      mesh,
+      data,
+      steps_per_epoch,
+      ckpt,
+      writer,
+      eval_fn,
+      meta,
+      [dict(h) for h in restored_meta.get("history", [])],
+      is_main,
+    )
     try:
       trainer = loop_lib.make_trainer(run, graphdef, train_fn, aug_key, step)
       state, step, test_metrics = _train_loop(run, state, step, trainer)
@@ -264,13 +311,18 @@ def _train(config, workdir: str) -> dict[str, Any]:
     raise
   ckpt.close()
   if run.early_stopped() and is_main:
-    print(f"early stop: no better validation accuracy for {config.early_stop_epochs} "
-          f"epochs since epoch {run.selected()['epoch']}", flush=True)
+    print(
+      f"early stop: no better validation accuracy for {config.early_stop_epochs} "
+      f"epochs since epoch {run.selected()['epoch']}",
+      flush=True,
+    )
   if not test_metrics:  # Nothing left to train (a finished run rerun): evaluate once.
     test_metrics = run.evaluate(state, *data.test)
   summary = metrics_lib.summarize(
-      run.history, dict(test_metrics, step=step, epochs=step / steps_per_epoch),
-      on=selection_split(config))
+    run.history,
+    dict(test_metrics, step=step, epochs=step / steps_per_epoch),
+    on=selection_split(config),
+  )
   summary["early_stopped"] = run.early_stopped()
   summary["wall_s"] = time.time() - t_start
   if is_main:
@@ -290,14 +342,15 @@ def _train_loop(run: _Run, state, step: int, trainer):
   means = loop_lib.TrainMeans(config.batch_size)
   test_metrics: dict[str, float] = {}
   bar = None
-  if run.early_stopped():   # a resumed run that had already stopped early.
+  if run.early_stopped():  # a resumed run that had already stopped early.
     return state, step, test_metrics
   with processes.StopFlag() as stop:
     while step < run.total_steps:
       if bar is None:
         epoch, start = divmod(step, steps_per_epoch)
-        bar = loop_lib.EpochBar(config, epoch, start, steps_per_epoch,
-                        enabled=config.progress_bar and run.is_main)
+        bar = loop_lib.EpochBar(
+          config, epoch, start, steps_per_epoch, enabled=config.progress_bar and run.is_main
+        )
         means.start_epoch()
       state, values = trainer.advance(state, step)
       for v in values:
@@ -314,7 +367,7 @@ def _train_loop(run: _Run, state, step: int, trainer):
       if not epoch_end:
         # Mid-epoch stop; at an epoch end the epoch's evaluation and checkpoint come first.
         if (log_now or trainer.stop_check_every_advance) and stop.anywhere():
-          run.check_finite(means.take_recent())   # never checkpoint non-finite parameters.
+          run.check_finite(means.take_recent())  # never checkpoint non-finite parameters.
           run.save(state, step, step / steps_per_epoch)
           raise run.preempted(step, stop.signal)
         continue
@@ -323,13 +376,19 @@ def _train_loop(run: _Run, state, step: int, trainer):
       test_metrics = _end_of_epoch(run, state, step, means)
       stopping = step < run.total_steps and stop.anywhere()
       epoch_done = step // steps_per_epoch
-      if (epoch_done % config.checkpoint_every_epochs == 0 or step == run.total_steps
-          or stopping or run.early_stopped()):
+      if (
+        epoch_done % config.checkpoint_every_epochs == 0
+        or step == run.total_steps
+        or stopping
+        or run.early_stopped()
+      ):
         run.save(state, step, epoch_done, run.history[-1])
       if run.is_main:
-        metrics_lib.plot_curves(run.writer.path,
-                                os.path.join(run.workdir, "plots", "curves.png"),
-                                title=f"CapsNet on {run.info.name}")
+        metrics_lib.plot_curves(
+          run.writer.path,
+          os.path.join(run.workdir, "plots", "curves.png"),
+          title=f"CapsNet on {run.info.name}",
+        )
       if stopping:
         raise run.preempted(step, stop.signal)
       if run.early_stopped():
@@ -337,8 +396,7 @@ def _train_loop(run: _Run, state, step: int, trainer):
   return state, step, test_metrics
 
 
-def _end_of_epoch(run: _Run, state, step: int,
-                  means: loop_lib.TrainMeans) -> dict[str, float]:
+def _end_of_epoch(run: _Run, state, step: int, means: loop_lib.TrainMeans) -> dict[str, float]:
   """Evaluates on validation and test, records the epoch; returns the test metrics."""
   epoch_done = step // run.steps_per_epoch
   epoch_s = time.time() - means.epoch_t0
@@ -349,8 +407,8 @@ def _end_of_epoch(run: _Run, state, step: int,
     bad = None if result is None else metrics_lib.first_non_finite(result)
     if bad is not None:
       raise errors.NonFiniteLossError(
-          f"non-finite {name} {bad[0]}={bad[1]} after step {step}; training stopped "
-          "without saving")
+        f"non-finite {name} {bad[0]}={bad[1]} after step {step}; training stopped without saving"
+      )
   entry = {"epoch": epoch_done, "test_accuracy": test_metrics["accuracy"]}
   if val_metrics is not None:
     entry["val_accuracy"] = val_metrics["accuracy"]
@@ -358,17 +416,31 @@ def _end_of_epoch(run: _Run, state, step: int,
   run.history.append(entry)
   selected = run.selected()
   run.writer.write(step, epoch_done, "test", test_metrics)
-  run.writer.write_epoch(epoch_done, step, means.epoch.result(), test_metrics,
-                         seconds=epoch_s, images=means.epoch.count * run.config.batch_size,
-                         val=val_metrics,
-                         selected=(selected["epoch"], selected["test_accuracy"]),
-                         train_steps=means.epoch.count)
-  logging.info("epoch %d step %d: test accuracy %.4f, loss %.4f", epoch_done, step,
-               test_metrics["accuracy"], test_metrics["loss"])
+  run.writer.write_epoch(
+    epoch_done,
+    step,
+    means.epoch.result(),
+    test_metrics,
+    seconds=epoch_s,
+    images=means.epoch.count * run.config.batch_size,
+    val=val_metrics,
+    selected=(selected["epoch"], selected["test_accuracy"]),
+    train_steps=means.epoch.count,
+  )
+  logging.info(
+    "epoch %d step %d: test accuracy %.4f, loss %.4f",
+    epoch_done,
+    step,
+    test_metrics["accuracy"],
+    test_metrics["loss"],
+  )
   if run.is_main:
-    val_text = ("" if val_metrics is None else
-                f"validation accuracy {100 * val_metrics['accuracy']:.2f}%, ")
-    print(f"epoch {epoch_done}: {val_text}test accuracy "
-          f"{100 * test_metrics['accuracy']:.2f}% (loss {test_metrics['loss']:.4f})",
-          flush=True)
+    val_text = (
+      "" if val_metrics is None else f"validation accuracy {100 * val_metrics['accuracy']:.2f}%, "
+    )
+    print(
+      f"epoch {epoch_done}: {val_text}test accuracy "
+      f"{100 * test_metrics['accuracy']:.2f}% (loss {test_metrics['loss']:.4f})",
+      flush=True,
+    )
   return test_metrics

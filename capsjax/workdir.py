@@ -40,7 +40,8 @@ def resolve(workdir: str | None) -> str:
   """
   if workdir is None or not str(workdir).strip():
     raise errors.WorkdirError(
-        f"--workdir={workdir!r}: expected the path of a directory (existing or to be made)")
+      f"--workdir={workdir!r}: expected the path of a directory (existing or to be made)"
+    )
   path = os.path.abspath(os.path.expanduser(str(workdir)))
   if os.path.lexists(path) and not os.path.isdir(path):
     what = "a dangling symlink" if os.path.islink(path) else "a file"
@@ -56,7 +57,7 @@ def _read_saved_config(path: str) -> dict:
       saved = json.load(f)
   except (OSError, ValueError) as e:
     raise errors.WorkdirError(
-        f"{path}: cannot read the run's saved config ({e}); move it aside to start afresh"
+      f"{path}: cannot read the run's saved config ({e}); move it aside to start afresh"
     ) from e
   if not isinstance(saved, dict):
     raise errors.WorkdirError(f"{path}: expected a JSON object, got {type(saved).__name__}")
@@ -85,9 +86,14 @@ def _accept_changes(config, workdir: str, path: str, changed) -> None:
   if not changed:
     return
   for field, old, new in changed:
-    logging.warning("resuming %s with config.%s changed: %r -> %r "
-                    "(config.resume_with_changes=%r)", workdir, field, old, new,
-                    config.resume_with_changes)
+    logging.warning(
+      "resuming %s with config.%s changed: %r -> %r (config.resume_with_changes=%r)",
+      workdir,
+      field,
+      old,
+      new,
+      config.resume_with_changes,
+    )
   if jax.process_index() == 0 and os.path.lexists(path):
     # Never overwritten: each resume with changes keeps the config it replaced.
     backup = f"{path}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -117,16 +123,19 @@ def check_config(config, workdir: str) -> None:
   if os.path.lexists(path):
     saved = _read_saved_config(path)
     changed = run_config.changes(
-        {k: saved[k] for k in run_config.RUN_DEFINING_FIELDS if k in saved}, now)
+      {k: saved[k] for k in run_config.RUN_DEFINING_FIELDS if k in saved}, now
+    )
     refused = [c for c in changed if not run_config.change_allowed(c[0], allowed)]
     if refused and not config.overwrite:
       raise errors.WorkdirError(
-          f"workdir {workdir} was used by a run with a different config ("
-          + "; ".join(f"{f}: {a!r} (saved) vs {b!r} (now)" for f, a, b in refused[:5])
-          + "). Use another --workdir; or --config.resume_with_changes="
-          + ",".join(f for f, _, _ in refused[:5]) + " to continue its checkpoints with "
-          "the new values; or --config.overwrite=True to move the earlier run aside and "
-          "start fresh")
+        f"workdir {workdir} was used by a run with a different config ("
+        + "; ".join(f"{f}: {a!r} (saved) vs {b!r} (now)" for f, a, b in refused[:5])
+        + "). Use another --workdir; or --config.resume_with_changes="
+        + ",".join(f for f, _, _ in refused[:5])
+        + " to continue its checkpoints with "
+        "the new values; or --config.overwrite=True to move the earlier run aside and "
+        "start fresh"
+      )
     if changed and config.overwrite and jax.process_index() == 0:
       _move_aside(workdir)
     elif changed:
@@ -136,16 +145,20 @@ def check_config(config, workdir: str) -> None:
       if jax.process_index() == 0:
         _move_aside(workdir)
     elif run_config.ANY_CHANGE in allowed:
-      logging.warning("resuming the checkpoints of %s without a %s: their config is "
-                      "unknown, so nothing was compared (config.resume_with_changes='*'); "
-                      "checkpoints of another model shape are still refused", workdir,
-                      CONFIG_NAME)
+      logging.warning(
+        "resuming the checkpoints of %s without a %s: their config is "
+        "unknown, so nothing was compared (config.resume_with_changes='*'); "
+        "checkpoints of another model shape are still refused",
+        workdir,
+        CONFIG_NAME,
+      )
     else:
       raise errors.WorkdirError(
-          f"workdir {workdir} has checkpoints but no {CONFIG_NAME}, so nothing tells "
-          "whether they were trained with this config. Restore its config.json; or pass "
-          "--config.resume_with_changes='*' to continue them with this config anyway; or "
-          "--config.overwrite=True to move them aside and start fresh")
+        f"workdir {workdir} has checkpoints but no {CONFIG_NAME}, so nothing tells "
+        "whether they were trained with this config. Restore its config.json; or pass "
+        "--config.resume_with_changes='*' to continue them with this config anyway; or "
+        "--config.overwrite=True to move them aside and start fresh"
+      )
   # Every process has read the saved config (and raised alike) before process 0 rewrites it.
   processes.sync("capsjax_config_checked")
   if jax.process_index() == 0:
@@ -171,8 +184,9 @@ def lock(workdir: str):
   except BlockingIOError:
     f.close()
     raise errors.WorkdirInUseError(
-        f"workdir {workdir} is in use by another capsjax process (lock {path}); wait for it "
-        "to finish or use another --workdir") from None
+      f"workdir {workdir} is in use by another capsjax process (lock {path}); wait for it "
+      "to finish or use another --workdir"
+    ) from None
   try:
     f.write(str(os.getpid()))
     f.flush()

@@ -31,6 +31,8 @@ def get_config(arg=None):
   config.model.stop_gradient = True
   config.published.source = "CapsNet-Fashion-MNIST (XifengGuo, Keras)"
   config.published.test_accuracy = 0.9362
-  config.published.protocol = ("not stated; the best-on-test checkpoint and the final "
-                               "weights were both saved (test set as validation)")
+  config.published.protocol = (
+    "not stated; the best-on-test checkpoint and the final "
+    "weights were both saved (test set as validation)"
+  )
   return common.apply_variant(config, arg)

@@ -24,30 +24,30 @@ def get_base_config() -> config_dict.ConfigDict:
   config.eval_checkpoint = "latest"
 
   config.dataset = "fashion_mnist"
-  config.data_dir = config_dict.placeholder(str)     # TFDS data dir; None = TFDS default.
-  config.manual_dir = config_dict.placeholder(str)   # original IDX/npz files for offline builds.
+  config.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default.
+  config.manual_dir = config_dict.placeholder(str)  # original IDX/npz files for offline builds.
   # Let TFDS download missing data. Off by default, so that a missing dataset fails at
   # once with the files/commands that would fix it; with it on and no network, capsjax
   # finds out in seconds (before TFDS's minutes of retries) and names the offline routes.
   config.download = False
-  config.train_examples = 0                          # > 0: train on the first N only (quick runs).
-  config.eval_examples = 0                           # > 0: evaluate on the first N only.
+  config.train_examples = 0  # > 0: train on the first N only (quick runs).
+  config.eval_examples = 0  # > 0: evaluate on the first N only.
   # Training examples held out for validation (a fixed subset, the same for every seed):
   # the kept best checkpoint, the selected epoch and early stopping use it. 0: no split;
   # selection then falls back to test accuracy (the reference projects used the test set
   # as their validation data).
   config.val_examples = 5000
-  config.early_stop_epochs = 0                       # > 0: stop after N epochs without a
-                                                     # better validation accuracy.
+  config.early_stop_epochs = 0  # > 0: stop after N epochs without a
+  # better validation accuracy.
 
   config.num_epochs = 50
-  config.batch_size = 128                            # global, split over every device.
+  config.batch_size = 128  # global, split over every device.
   config.eval_batch_size = 256
   config.log_every_steps = 50
   config.checkpoint_every_epochs = 1
-  config.keep_checkpoints = 3                        # latest N; the selected one is kept too.
-  config.init_from = ""                              # checkpoint dir/step to load weights from.
-  config.overwrite = False                           # allow a workdir used with another config.
+  config.keep_checkpoints = 3  # latest N; the selected one is kept too.
+  config.init_from = ""  # checkpoint dir/step to load weights from.
+  config.overwrite = False  # allow a workdir used with another config.
   # Resume a workdir's checkpoints although these run-defining fields changed (e.g.
   # 'optim.learning_rate' after a non-finite loss): comma-separated dotted fields or
   # prefixes ('optim' covers every optim.* field); '*' accepts any change, and is needed
@@ -78,11 +78,11 @@ def get_base_config() -> config_dict.ConfigDict:
   config.model.primary_stride = 2
   config.model.digit_dim = 16
   config.model.routing_iterations = 3
-  config.model.stop_gradient = False                 # True: the common "u_hat stopped" variant.
+  config.model.stop_gradient = False  # True: the common "u_hat stopped" variant.
   config.model.decoder_hidden = (512, 1024)
   config.model.use_decoder = True
-  config.model.conv_impl = "auto"                    # or one of capsjax.conv.IMPLS.
-  config.model.dtype = "float32"                     # 'bfloat16': bf16 matmuls, f32 params/losses.
+  config.model.conv_impl = "auto"  # or one of capsjax.conv.IMPLS.
+  config.model.dtype = "float32"  # 'bfloat16': bf16 matmuls, f32 params/losses.
   # Initialisation scheme (capsjax.layers.initializers): 'torch' (PyTorch's defaults,
   # W ~ N(0, 0.01^2)), 'keras' (glorot_uniform, zero biases: the Keras references) or 'tf'
   # (the authors' code: truncated normal, biases 0.1, a bias on the routed capsules).
@@ -105,29 +105,29 @@ def get_base_config() -> config_dict.ConfigDict:
 
   config.optim = config_dict.ConfigDict()
   config.optim.learning_rate = 1e-3
-  config.optim.decay_rate = 0.9                      # per period (CapsNet-Keras, K-MNIST seed).
+  config.optim.decay_rate = 0.9  # per period (CapsNet-Keras, K-MNIST seed).
   config.optim.decay_epochs = 1.0
-  config.optim.decay_steps = 0                       # > 0 overrides decay_epochs (authors: 2000 @ 0.96).
+  config.optim.decay_steps = 0  # > 0 overrides decay_epochs (authors: 2000 @ 0.96).
   config.optim.staircase = True
-  config.optim.min_learning_rate = 0.0               # floor of the schedule (authors: 1e-6).
+  config.optim.min_learning_rate = 0.0  # floor of the schedule (authors: 1e-6).
 
   # m_plus, m_minus, lam, recon_weight: the paper's values (capsjax.losses.LossWeights).
   config.loss = config_dict.ConfigDict(dataclasses.asdict(losses.LossWeights()))
 
   config.augment = config_dict.ConfigDict()
-  config.augment.max_shift = 2                       # integer shift, uniform in [-k, k] px.
+  config.augment.max_shift = 2  # integer shift, uniform in [-k, k] px.
   # > 0: Keras ImageDataGenerator's width/height_shift_range instead of max_shift:
   # round(uniform(-f * size, f * size)) px per axis (capsjax.augment).
   config.augment.shift_fraction = 0.0
-  config.augment.fill = "zero"                       # shifted-in pixels: 'zero' or 'nearest'.
+  config.augment.fill = "zero"  # shifted-in pixels: 'zero' or 'nearest'.
   config.augment.flip = False
   config.augment.cutout_size = 0
 
   # What the recipe's source reports (metadata for reports and sweeps; not run-defining).
   config.published = config_dict.ConfigDict()
-  config.published.source = ""                       # e.g. "CapsNet-Fashion-MNIST".
-  config.published.test_accuracy = 0.0               # 0 = none.
-  config.published.protocol = ""                     # how the reported epoch was chosen.
+  config.published.source = ""  # e.g. "CapsNet-Fashion-MNIST".
+  config.published.test_accuracy = 0.0  # 0 = none.
+  config.published.protocol = ""  # how the reported epoch was chosen.
   return config
 
 
@@ -164,8 +164,9 @@ def split_variants(arg, own: tuple[str, ...] = ()) -> tuple[set[str], str | None
   mine = {a for a in names if a in own}
   rest = [a for a in names if a not in own]
   if len(rest) > 1:
-    raise ValueError(f"config variants {rest} cannot be combined; expected at most one of "
-                     "'quick', 'smoke'")
+    raise ValueError(
+      f"config variants {rest} cannot be combined; expected at most one of 'quick', 'smoke'"
+    )
   return mine, (rest[0] if rest else None)
 
 

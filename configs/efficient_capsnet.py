@@ -34,14 +34,14 @@ def model_config() -> config_dict.ConfigDict:
   m.primary_dim = 8
   m.digit_dim = 16
   m.routing = "self_attention"
-  m.routing_iterations = 1                           # single pass; validated, ignored.
+  m.routing_iterations = 1  # single pass; validated, ignored.
   m.decoder_hidden = (512, 1024)
   m.use_decoder = True
   m.conv_impl = "auto"
   m.dtype = "float32"
-  m.length_eps = 1e-7                                # Keras' epsilon in their Length layer.
-  m.init = "keras"                                   # the decoder's scheme.
-  m.em_final_lambda = 0.01                           # shared field; unused here.
+  m.length_eps = 1e-7  # Keras' epsilon in their Length layer.
+  m.init = "keras"  # the decoder's scheme.
+  m.em_final_lambda = 0.01  # shared field; unused here.
   return m
 
 
@@ -62,7 +62,7 @@ def get_config(arg=None):
     return _smoke(config)
   init = config.model.init
   config = common.apply_variant(config, arg)
-  config.model.init = init                           # 'quick' sets CapsNet's 'torch'.
+  config.model.init = init  # 'quick' sets CapsNet's 'torch'.
   return config
 
 

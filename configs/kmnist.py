@@ -29,7 +29,7 @@ def get_config(arg=None):
   config.batch_size = 100
   config.optim.decay_rate = 0.9
   config.augment.max_shift = 0
-  config.augment.flip = False                      # never flip characters.
+  config.augment.flip = False  # never flip characters.
   # Its Length layer adds K.epsilon() = 1e-7 under the root (capsulelayers.py), unlike
   # Keras 2.0.x CapsNet-Keras'.
   config.model.length_eps = 1e-7

@@ -28,20 +28,20 @@ def model_config() -> config_dict.ConfigDict:
   """The `config.model` of the matrix-capsule network (`models.MatrixCapsNet`'s keywords)."""
   m = config_dict.ConfigDict()
   m.architecture = "matrix_capsnet"
-  m.conv1_channels = 64                              # A
+  m.conv1_channels = 64  # A
   m.conv1_kernel = 5
   m.conv1_stride = 2
-  m.primary_types = 8                                # B
+  m.primary_types = 8  # B
   m.routing = "em"
   m.routing_iterations = 3
   m.em_final_lambda = 0.01
   m.coordinate_addition = True
   m.decoder_hidden = (512, 1024)
-  m.use_decoder = False                              # the paper has no decoder.
+  m.use_decoder = False  # the paper has no decoder.
   m.conv_impl = "auto"
   m.dtype = "float32"
   m.init = "torch"
-  m.length_eps = 1e-7                                # shared field; unused here.
+  m.length_eps = 1e-7  # shared field; unused here.
   return m
 
 

@@ -84,8 +84,11 @@ def _install_hooks():
     if dump_dir:
       os.makedirs(dump_dir, exist_ok=True)
       leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-      arrays = {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
-                for p, x in leaves if hasattr(x, "addressable_data")}
+      arrays = {
+        jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
+        for p, x in leaves
+        if hasattr(x, "addressable_data")
+      }
       np.savez(os.path.join(dump_dir, f"step_{step}.p{jax.process_index()}.npz"), **arrays)
     out = orig_save(self, step, state, meta, metrics)
     if hold_after and step >= hold_after:
@@ -99,6 +102,7 @@ def _install_hooks():
   if hold_in:
     import asyncio  # pylint: disable=g-import-not-at-top
     from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
     orig_finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def finalize(self):
@@ -155,11 +159,13 @@ def _install_hooks():
 def child_main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
+
   _install_hooks()
   n = int(os.environ.get("CAPSJAX_MOCK_EXAMPLES", "0") or 0)
   data = contextlib.nullcontext()
   if n:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     data = tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE)
   with data:
     app.run(main_lib.main, argv=argv, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
@@ -173,22 +179,34 @@ def child_env(*, devices: int | None = None, cache_dir: str | None = None, **hoo
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("CAPSJAX_TRACEBACK", None)
   if devices is not None:
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env.pop("JAX_NUM_CPU_DEVICES", None)
   if cache_dir:  # Compiled programs are reused across the many short runs.
-    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   for k, v in hooks.items():
     env[f"CAPSJAX_{k.upper()}"] = str(v)
   return env
 
 
 def child_cmd(config: str, workdir: str, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", "experiments.fault_injection", "child", f"--config={config}",
-          f"--workdir={workdir}", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.fault_injection",
+    "child",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
 
 
 def start(cmd, env, log_path):
@@ -228,9 +246,16 @@ def diverges(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> str | None:
 # ----------------------------------------------------------------------------------------
 # The experiment.
 # ----------------------------------------------------------------------------------------
-def run(n: int, *, seed: int = 0, config: str = "configs/fashion.py:smoke",
-        overrides: tuple[str, ...] = (), mock_examples: int = 0, root: str | None = None,
-        verbose: bool = True) -> int:
+def run(
+  n: int,
+  *,
+  seed: int = 0,
+  config: str = "configs/fashion.py:smoke",
+  overrides: tuple[str, ...] = (),
+  mock_examples: int = 0,
+  root: str | None = None,
+  verbose: bool = True,
+) -> int:
   """Returns the number of divergences among `n` killed-and-resumed runs."""
   rng = random.Random(seed)
   root = root or tempfile.mkdtemp(prefix="capsjax_faults_")
@@ -241,8 +266,11 @@ def run(n: int, *, seed: int = 0, config: str = "configs/fashion.py:smoke",
 
   def launch(name, dump):
     env = child_env(devices=1, cache_dir=cache, dump_dir=dump, **hooks)
-    return start(child_cmd(config, os.path.join(root, name), *overrides), env,
-                 os.path.join(root, f"{name}.log"))
+    return start(
+      child_cmd(config, os.path.join(root, name), *overrides),
+      env,
+      os.path.join(root, f"{name}.log"),
+    )
 
   ref_dump = os.path.join(root, "ref_params")
   proc = launch("ref", ref_dump)
@@ -268,15 +296,20 @@ def run(n: int, *, seed: int = 0, config: str = "configs/fashion.py:smoke",
       proc.send_signal(signal.SIGKILL)
       proc.wait()
       what = f"SIGKILL {delay:.2f} s into training"
-    ckpts = sorted(os.listdir(os.path.join(root, name, "checkpoints"))) if os.path.isdir(
-        os.path.join(root, name, "checkpoints")) else []
+    ckpts = (
+      sorted(os.listdir(os.path.join(root, name, "checkpoints")))
+      if os.path.isdir(os.path.join(root, name, "checkpoints"))
+      else []
+    )
     rc = launch(name, dump).wait()
     if rc != 0:
       raise RuntimeError(f"resumed run {i} exited with {rc}; see {root}/{name}.log")
     problem = diverges(final_params(dump), reference)
     divergences += problem is not None
-    say(f"run {i}: {what}; on disk then: {ckpts}; resumed -> "
-        f"{'DIVERGED: ' + problem if problem else 'identical'}")
+    say(
+      f"run {i}: {what}; on disk then: {ckpts}; resumed -> "
+      f"{'DIVERGED: ' + problem if problem else 'identical'}"
+    )
   print(f"{n} resumes, {divergences} divergences", flush=True)
   return divergences
 
@@ -300,8 +333,12 @@ def flip_bytes(path: str, rng: random.Random, count: int) -> list[int]:
 
 def _checkpoint_files(workdir: str) -> list[str]:
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  return sorted(os.path.join(r, n) for r, _, names in os.walk(ckpt_dir) for n in names
-                if n != "commit_success.txt" and os.path.getsize(os.path.join(r, n)))
+  return sorted(
+    os.path.join(r, n)
+    for r, _, names in os.walk(ckpt_dir)
+    for n in names
+    if n != "commit_success.txt" and os.path.getsize(os.path.join(r, n))
+  )
 
 
 def _step_dirs(workdir: str) -> list[str]:
@@ -319,6 +356,7 @@ class _Warnings:
 
   def __enter__(self):
     import logging as std_logging  # pylint: disable=g-import-not-at-top
+
     self.records = []
     self._handler = std_logging.Handler(level=std_logging.WARNING)
     self._handler.emit = lambda r: self.records.append(r.getMessage())
@@ -330,8 +368,15 @@ class _Warnings:
     self._logger.removeHandler(self._handler)
 
 
-def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None = None,
-                   files: str = "*", verbose: bool = True) -> dict[str, int]:
+def corrupt_trials(
+  workdir: str,
+  trials: int,
+  *,
+  seed: int = 0,
+  root: str | None = None,
+  files: str = "*",
+  verbose: bool = True,
+) -> dict[str, int]:
   """Damages copies of a finished run's checkpoints and restores them as a resume does.
 
   Each trial copies `workdir`, XORs 1 to 5 random bytes of one random checkpoint file
@@ -376,10 +421,12 @@ def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None
       state, step_meta = clean.restore(step, target)
       saved[step] = (jax.device_get(state), step_meta)
   root = root or tempfile.mkdtemp(prefix="capsjax_corrupt_")
-  files = [n for n in (os.path.relpath(p, workdir) for p in _checkpoint_files(workdir))
-           if fnmatch.fnmatch(n, files)]
-  counts = {k: 0 for k in ("unaffected", "fell_back", "refused", "silent", "crash",
-                           "deleted")}
+  files = [
+    n
+    for n in (os.path.relpath(p, workdir) for p in _checkpoint_files(workdir))
+    if fnmatch.fnmatch(n, files)
+  ]
+  counts = {k: 0 for k in ("unaffected", "fell_back", "refused", "silent", "crash", "deleted")}
   for i in range(trials):
     copy = os.path.join(root, f"trial{i}")
     shutil.copytree(workdir, copy)
@@ -393,86 +440,135 @@ def corrupt_trials(workdir: str, trials: int, *, seed: int = 0, root: str | None
         state = jax.device_get(state)
         ref_state, ref_meta = saved[step]
         same = step_meta == ref_meta and all(
-            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-            zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)))
-        outcome = ("silent" if not same else
-                   "fell_back" if step != steps[-1] else "unaffected")
+          np.array_equal(np.asarray(a), np.asarray(b))
+          for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state))
+        )
+        outcome = "silent" if not same else "fell_back" if step != steps[-1] else "unaffected"
         detail = f"restored step {step}"
       except errors.CheckpointReadError as e:
         outcome, detail = "refused", str(e)[:120]
       except Exception as e:  # pylint: disable=broad-except
         outcome, detail = "crash", f"{type(e).__name__}: {str(e)[:120]}"
     if outcome == "fell_back" and not warned.records:
-      outcome = "silent"   # an earlier step, without saying so.
+      outcome = "silent"  # an earlier step, without saying so.
     if outcome != "silent" and len(_step_dirs(copy)) != before:
       outcome = "deleted"
     counts[outcome] += 1
-    say(f"trial {i}: {name} bytes {offsets} -> {outcome} ({detail}; "
-        f"{len(warned.records)} warning(s))")
+    say(
+      f"trial {i}: {name} bytes {offsets} -> {outcome} ({detail}; {len(warned.records)} warning(s))"
+    )
     shutil.rmtree(copy, ignore_errors=True)
-  print(f"{trials} trials, {counts['silent']} silent resumes from corrupt data "
-        f"(unaffected {counts['unaffected']}, detected and fell back {counts['fell_back']}, "
-        f"refused {counts['refused']}, other errors {counts['crash']}, "
-        f"deleted {counts['deleted']})", flush=True)
+  print(
+    f"{trials} trials, {counts['silent']} silent resumes from corrupt data "
+    f"(unaffected {counts['unaffected']}, detected and fell back {counts['fell_back']}, "
+    f"refused {counts['refused']}, other errors {counts['crash']}, "
+    f"deleted {counts['deleted']})",
+    flush=True,
+  )
   return counts
 
 
-def run_corrupt(trials: int, *, seed: int = 0, config: str = "configs/fashion.py:smoke",
-                overrides: tuple[str, ...] = (), mock_examples: int = 0,
-                root: str | None = None, workdir: str | None = None, files: str = "*",
-                verbose: bool = True) -> dict[str, int]:
+def run_corrupt(
+  trials: int,
+  *,
+  seed: int = 0,
+  config: str = "configs/fashion.py:smoke",
+  overrides: tuple[str, ...] = (),
+  mock_examples: int = 0,
+  root: str | None = None,
+  workdir: str | None = None,
+  files: str = "*",
+  verbose: bool = True,
+) -> dict[str, int]:
   """`--corrupt`: trains a reference run (unless `workdir` is given), then corrupt_trials."""
   root = root or tempfile.mkdtemp(prefix="capsjax_corrupt_")
   os.makedirs(root, exist_ok=True)
   if workdir is None:
     workdir = os.path.join(root, "ref")
-    env = child_env(devices=1, cache_dir=os.path.join(root, "jax_cache"),
-                    **({"mock_examples": mock_examples} if mock_examples else {}))
-    if start(child_cmd(config, workdir, *overrides), env,
-             os.path.join(root, "ref.log")).wait() != 0:
+    env = child_env(
+      devices=1,
+      cache_dir=os.path.join(root, "jax_cache"),
+      **({"mock_examples": mock_examples} if mock_examples else {}),
+    )
+    if (
+      start(child_cmd(config, workdir, *overrides), env, os.path.join(root, "ref.log")).wait() != 0
+    ):
       raise RuntimeError(f"reference run failed; see {root}/ref.log")
   data = contextlib.nullcontext()
   if mock_examples:  # the target is built from the dataset's info, as in the run.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    data = tfds.testing.mock_data(num_examples=mock_examples,
-                                  policy=tfds.testing.MockPolicy.USE_CODE)
+
+    data = tfds.testing.mock_data(
+      num_examples=mock_examples, policy=tfds.testing.MockPolicy.USE_CODE
+    )
   with data:
-    return corrupt_trials(workdir, trials, seed=seed, root=os.path.join(root, "trials"),
-                          files=files, verbose=verbose)
+    return corrupt_trials(
+      workdir, trials, seed=seed, root=os.path.join(root, "trials"), files=files, verbose=verbose
+    )
 
 
 def main(argv=None):
   import argparse  # pylint: disable=g-import-not-at-top
+
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--n", type=int, default=3, help="number of random kill points")
-  p.add_argument("--corrupt", action="store_true",
-                 help="flip random bytes in random checkpoint files instead of killing runs")
+  p.add_argument(
+    "--corrupt",
+    action="store_true",
+    help="flip random bytes in random checkpoint files instead of killing runs",
+  )
   p.add_argument("--trials", type=int, default=20, help="--corrupt: number of trials")
-  p.add_argument("--files", default="*",
-                 help="--corrupt: damage only files matching this glob, e.g. "
-                      "'checkpoints/*/state/ocdbt.process_0/d/*' (the arrays)")
-  p.add_argument("--workdir", default=None,
-                 help="--corrupt: a finished run to damage copies of (default: train one)")
+  p.add_argument(
+    "--files",
+    default="*",
+    help="--corrupt: damage only files matching this glob, e.g. "
+    "'checkpoints/*/state/ocdbt.process_0/d/*' (the arrays)",
+  )
+  p.add_argument(
+    "--workdir",
+    default=None,
+    help="--corrupt: a finished run to damage copies of (default: train one)",
+  )
   p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
   p.add_argument("--config", default="configs/fashion.py:smoke")
-  p.add_argument("--mock_examples", type=int, default=0,
-                 help="> 0: TFDS mock data with this many examples (pass "
-                      "--override=--config.dataset=mnist)")
-  p.add_argument("--override", action="append", default=[],
-                 help="extra capsjax.main flag, e.g. --override=--config.num_epochs=3")
+  p.add_argument(
+    "--mock_examples",
+    type=int,
+    default=0,
+    help="> 0: TFDS mock data with this many examples (pass --override=--config.dataset=mnist)",
+  )
+  p.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="extra capsjax.main flag, e.g. --override=--config.num_epochs=3",
+  )
   p.add_argument("--root", default=None, help="where runs go (default: a new temp dir)")
   p.add_argument("--keep", action="store_true", help="keep the run directories")
   args = p.parse_args(argv)
   root = args.root or tempfile.mkdtemp(prefix="capsjax_faults_")
   try:
     if args.corrupt:
-      counts = run_corrupt(args.trials, seed=args.seed, config=args.config,
-                           overrides=tuple(args.override), mock_examples=args.mock_examples,
-                           root=root, workdir=args.workdir, files=args.files)
+      counts = run_corrupt(
+        args.trials,
+        seed=args.seed,
+        config=args.config,
+        overrides=tuple(args.override),
+        mock_examples=args.mock_examples,
+        root=root,
+        workdir=args.workdir,
+        files=args.files,
+      )
       bad = counts["silent"] + counts["deleted"]
     else:
-      bad = run(args.n, seed=args.seed, config=args.config, overrides=tuple(args.override),
-                mock_examples=args.mock_examples, root=root)
+      bad = run(
+        args.n,
+        seed=args.seed,
+        config=args.config,
+        overrides=tuple(args.override),
+        mock_examples=args.mock_examples,
+        root=root,
+      )
   finally:
     if not args.keep and not args.root:
       shutil.rmtree(root, ignore_errors=True)

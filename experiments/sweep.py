@@ -50,13 +50,39 @@ from capsjax import metrics as metrics_lib
 from capsjax import run_config
 from capsjax import train
 
-RUN_FIELDS = ("recipe", "values", "seed", "final_test_accuracy", "selected_on",
-              "selected_epoch", "selected_test_accuracy", "best_test_accuracy",
-              "best_test_epoch", "epochs", "images_per_s", "wall_s", "skipped", "workdir")
-RESULT_FIELDS = ("recipe", "values", "num_seeds", "final_mean", "final_std",
-                 "selected_on", "selected_mean", "selected_std", "best_test_mean",
-                 "best_test_std", "published", "published_source", "epochs",
-                 "images_per_s", "wall_s")
+RUN_FIELDS = (
+  "recipe",
+  "values",
+  "seed",
+  "final_test_accuracy",
+  "selected_on",
+  "selected_epoch",
+  "selected_test_accuracy",
+  "best_test_accuracy",
+  "best_test_epoch",
+  "epochs",
+  "images_per_s",
+  "wall_s",
+  "skipped",
+  "workdir",
+)
+RESULT_FIELDS = (
+  "recipe",
+  "values",
+  "num_seeds",
+  "final_mean",
+  "final_std",
+  "selected_on",
+  "selected_mean",
+  "selected_std",
+  "best_test_mean",
+  "best_test_std",
+  "published",
+  "published_source",
+  "epochs",
+  "images_per_s",
+  "wall_s",
+)
 RUN_JSON = "sweep_run.json"
 
 
@@ -68,14 +94,14 @@ def load_recipe(spec: str):
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise errors.ConfigError(f"recipe config file {path!r} (from {spec!r}) does not exist")
-  errors.add_config_root(path)   # its `from configs import common`, from any cwd.
+  errors.add_config_root(path)  # its `from configs import common`, from any cwd.
   name = "capsjax_recipe_" + re.sub(r"\W", "_", os.path.abspath(path))
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   try:
     return module.get_config(arg or None)
-  except ValueError as e:   # e.g. an unknown :variant.
+  except ValueError as e:  # e.g. an unknown :variant.
     raise errors.ConfigError(f"recipe {spec!r}: {e}") from e
 
 
@@ -101,8 +127,7 @@ def parse_value(config, field: str, text: str) -> Any:
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise errors.ConfigError(
-        f"{field} expects a {type(current).__name__}, got {text!r}") from None
+    raise errors.ConfigError(f"{field} expects a {type(current).__name__}, got {text!r}") from None
   if isinstance(current, float) and isinstance(value, int):
     value = float(value)
   if isinstance(current, tuple) and isinstance(value, list):
@@ -126,7 +151,8 @@ def parse_axes(config, specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
   fields = [f for f, _ in axes]
   if len(set(fields)) != len(fields) or "seed" in fields:
     raise errors.ConfigError(
-        f"--sweep fields must be distinct and not 'seed' (use --seeds): {fields}")
+      f"--sweep fields must be distinct and not 'seed' (use --seeds): {fields}"
+    )
   return axes
 
 
@@ -172,8 +198,11 @@ def images_per_second(rdir: str) -> float:
   path = os.path.join(rdir, metrics_lib.CSV_NAME)
   if not os.path.exists(path):
     return float("nan")
-  vals = [float(r["images_per_s"]) for r in metrics_lib.read_csv(path)
-          if r["split"] == "train" and r.get("images_per_s")]
+  vals = [
+    float(r["images_per_s"])
+    for r in metrics_lib.read_csv(path)
+    if r["split"] == "train" and r.get("images_per_s")
+  ]
   return statistics.median(vals) if vals else float("nan")
 
 
@@ -191,8 +220,13 @@ def train_or_skip(cfg, rdir: str, record: dict) -> tuple[dict, bool]:
   wall = time.time() - t0
   record["wall_s"] = float(record.get("wall_s", 0.0)) + wall
   record.setdefault("calls", []).append(
-      {"wall_s": wall, "end_step": int(summary["step"]), "host": platform.node(),
-       "finished": time.strftime("%F %T")})
+    {
+      "wall_s": wall,
+      "end_step": int(summary["step"]),
+      "host": platform.node(),
+      "finished": time.strftime("%F %T"),
+    }
+  )
   return summary, False
 
 
@@ -216,9 +250,15 @@ def run_one(config, workdir: str, recipe: str, values: dict, seed: int) -> dict:
   summary, skipped = train_or_skip(cfg, rdir, record)
   write_json(os.path.join(rdir, RUN_JSON), record)
   row = {k: summary.get(k) for k in RUN_FIELDS if k in summary}
-  row.update(recipe=recipe, values=_label(values), seed=seed,
-             images_per_s=images_per_second(rdir), wall_s=record["wall_s"], skipped=skipped,
-             workdir=rdir)
+  row.update(
+    recipe=recipe,
+    values=_label(values),
+    seed=seed,
+    images_per_s=images_per_second(rdir),
+    wall_s=record["wall_s"],
+    skipped=skipped,
+    workdir=rdir,
+  )
   return row
 
 
@@ -239,10 +279,17 @@ def summarize(rows: Sequence[dict], published: dict[str, tuple[float, str]]) -> 
   groups = list(dict.fromkeys((r["recipe"], r["values"]) for r in rows))
   for recipe, values in groups:
     g = [r for r in rows if (r["recipe"], r["values"]) == (recipe, values)]
-    res = {"recipe": recipe, "values": values, "num_seeds": len(g),
-           "selected_on": g[0].get("selected_on", "")}
-    for name, key in (("final", "final_test_accuracy"), ("selected", "selected_test_accuracy"),
-                      ("best_test", "best_test_accuracy")):
+    res = {
+      "recipe": recipe,
+      "values": values,
+      "num_seeds": len(g),
+      "selected_on": g[0].get("selected_on", ""),
+    }
+    for name, key in (
+      ("final", "final_test_accuracy"),
+      ("selected", "selected_test_accuracy"),
+      ("best_test", "best_test_accuracy"),
+    ):
       res[f"{name}_mean"], res[f"{name}_std"] = mean_std([r.get(key) for r in g])
     for key in ("epochs", "images_per_s", "wall_s"):
       res[key] = mean_std([r.get(key) for r in g])[0]
@@ -257,8 +304,7 @@ def write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
     w = csv.DictWriter(f, fields, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-      w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k))
-                  for k in fields})
+      w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k)) for k in fields})
 
 
 def hardware() -> str:
@@ -273,6 +319,7 @@ def hardware() -> str:
   except OSError:
     pass
   import jax  # pylint: disable=g-import-not-at-top
+
   devs = jax.devices()
   return f"{model}, {os.cpu_count()} cores; JAX {jax.default_backend()} x{len(devs)}"
 
@@ -281,34 +328,47 @@ def _pct(mean: float, std: float) -> str:
   return "-" if np.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def write_markdown(path: str, results: Sequence[dict], rows: Sequence[dict], *,
-                   command: str = "") -> None:
+def write_markdown(
+  path: str, results: Sequence[dict], rows: Sequence[dict], *, command: str = ""
+) -> None:
   """results.md: one table row per `summarize` group, then one line per run."""
   lines = ["# Sweep results", ""]
   if command:
     lines += [f"- command: `{command}`"]
-  lines += [f"- hardware: {hardware()}", f"- date: {time.strftime('%F')}", "",
-            "| recipe | values | seeds | selected on | test acc., selected epoch (%) | "
-            "test acc., final (%) | best on test (%) | published (%) | epochs | "
-            "train img/s | wall / run (s) |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in results:
-    pub = (f"{100 * r['published']:.2f} ({r['published_source']})" if r["published"]
-           else "-")
-    lines.append(
-        f"| {r['recipe']} | {r['values'] or '-'} | {r['num_seeds']} | {r['selected_on']} | "
-        f"{_pct(r['selected_mean'], r['selected_std'])} | "
-        f"{_pct(r['final_mean'], r['final_std'])} | "
-        f"{_pct(r['best_test_mean'], r['best_test_std'])} | {pub} | {r['epochs']:g} | "
-        f"{r['images_per_s']:.1f} | {r['wall_s']:.1f} |")
   lines += [
-      "", "Mean ± sample standard deviation over seeds (0 with one seed). 'selected epoch': "
-      "the epoch with the best validation accuracy (or, with selected on = test, the best "
-      "test accuracy, as the reference projects chose it). 'best on test' is always the "
-      "best epoch picked on the test set: comparable with the references' figures, and "
-      "optimistic.", "", "Runs:", ""]
-  lines += [f"- `{os.path.basename(r['workdir'])}`: final {100 * r['final_test_accuracy']:.2f}%"
-            f" after {r['epochs']:g} epochs, {r['wall_s']:.1f} s" for r in rows]
+    f"- hardware: {hardware()}",
+    f"- date: {time.strftime('%F')}",
+    "",
+    "| recipe | values | seeds | selected on | test acc., selected epoch (%) | "
+    "test acc., final (%) | best on test (%) | published (%) | epochs | "
+    "train img/s | wall / run (s) |",
+    "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in results:
+    pub = f"{100 * r['published']:.2f} ({r['published_source']})" if r["published"] else "-"
+    lines.append(
+      f"| {r['recipe']} | {r['values'] or '-'} | {r['num_seeds']} | {r['selected_on']} | "
+      f"{_pct(r['selected_mean'], r['selected_std'])} | "
+      f"{_pct(r['final_mean'], r['final_std'])} | "
+      f"{_pct(r['best_test_mean'], r['best_test_std'])} | {pub} | {r['epochs']:g} | "
+      f"{r['images_per_s']:.1f} | {r['wall_s']:.1f} |"
+    )
+  lines += [
+    "",
+    "Mean ± sample standard deviation over seeds (0 with one seed). 'selected epoch': "
+    "the epoch with the best validation accuracy (or, with selected on = test, the best "
+    "test accuracy, as the reference projects chose it). 'best on test' is always the "
+    "best epoch picked on the test set: comparable with the references' figures, and "
+    "optimistic.",
+    "",
+    "Runs:",
+    "",
+  ]
+  lines += [
+    f"- `{os.path.basename(r['workdir'])}`: final {100 * r['final_test_accuracy']:.2f}%"
+    f" after {r['epochs']:g} epochs, {r['wall_s']:.1f} s"
+    for r in rows
+  ]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -316,8 +376,10 @@ def write_markdown(path: str, results: Sequence[dict], rows: Sequence[dict], *,
 def plot_curves(path: str, rows: Sequence[dict], *, title: str = "") -> str:
   """Every run's test (solid) and validation (dashed) accuracy per epoch, one colour a group."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(8, 5))
   groups = list(dict.fromkeys((r["recipe"], r["values"]) for r in rows))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -330,13 +392,17 @@ def plot_curves(path: str, rows: Sequence[dict], *, title: str = "") -> str:
       epochs = metrics_lib.read_csv(path_csv)
       xs = [int(e["epoch"]) for e in epochs]
       label = " ".join(x for x in group if x) if j == 0 else None
-      ax.plot(xs, [100 * float(e["test_accuracy"]) for e in epochs], "o-", ms=3,
-              color=color, label=label)
+      ax.plot(
+        xs, [100 * float(e["test_accuracy"]) for e in epochs], "o-", ms=3, color=color, label=label
+      )
       val = [(x, float(e["val_accuracy"])) for x, e in zip(xs, epochs) if e.get("val_accuracy")]
       if val:
         ax.plot(*zip(*[(x, 100 * v) for x, v in val]), "--", color=color, alpha=0.6)
-  ax.set(xlabel="epoch", ylabel="accuracy (%)",
-         title=title or "Test (solid) and validation (dashed) accuracy")
+  ax.set(
+    xlabel="epoch",
+    ylabel="accuracy (%)",
+    title=title or "Test (solid) and validation (dashed) accuracy",
+  )
   ax.grid(alpha=0.3)
   if ax.lines:
     ax.legend(fontsize=8)
@@ -351,8 +417,9 @@ def int_list(flag: str, values: Sequence[Any]) -> list[int]:
   try:
     return [int(v) for v in values]
   except (TypeError, ValueError):
-    raise errors.ConfigError(f"--{flag} expects integers, e.g. --{flag}=0,1, got "
-                             f"{','.join(map(str, values))!r}") from None
+    raise errors.ConfigError(
+      f"--{flag} expects integers, e.g. --{flag}=0,1, got {','.join(map(str, values))!r}"
+    ) from None
 
 
 def join_recipe_specs(tokens: Sequence[str]) -> list[str]:
@@ -370,9 +437,15 @@ def join_recipe_specs(tokens: Sequence[str]) -> list[str]:
   return specs
 
 
-def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = (),
-              seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
-              command: str = "") -> list[dict]:
+def run_sweep(
+  recipes: Sequence[str],
+  workdir: str,
+  *,
+  sweep: Sequence[str] = (),
+  seeds: Sequence[int] = (0,),
+  overrides: Sequence[str] = (),
+  command: str = "",
+) -> list[dict]:
   """Trains every (recipe, sweep values, seed) run and writes the tables and the plot.
 
   Args:
@@ -389,7 +462,8 @@ def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = ()
   seeds = int_list("seeds", seeds)
   if not recipes or not seeds or len(set(seeds)) != len(seeds):
     raise errors.ConfigError(
-        f"need at least one recipe and distinct seeds, got {list(recipes)} and {seeds}")
+      f"need at least one recipe and distinct seeds, got {list(recipes)} and {seeds}"
+    )
   names = [recipe_name(r) for r in recipes]
   if len(set(names)) != len(names):
     raise errors.ConfigError(f"recipes must differ: {list(recipes)}")
@@ -415,8 +489,13 @@ def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = ()
       values = dict(zip((f for f, _ in axes), combo))
       for seed in seeds:
         rows.append(run_one(config, workdir, name, values, seed))
-        logging.info("%s %s seed=%d: final test accuracy %.4f", name, _label(values), seed,
-                     rows[-1]["final_test_accuracy"])
+        logging.info(
+          "%s %s seed=%d: final test accuracy %.4f",
+          name,
+          _label(values),
+          seed,
+          rows[-1]["final_test_accuracy"],
+        )
   results = summarize(rows, published)
   write_csv(os.path.join(workdir, "runs.csv"), RUN_FIELDS, rows)
   write_csv(os.path.join(workdir, "results.csv"), RESULT_FIELDS, results)
@@ -428,20 +507,25 @@ def run_sweep(recipes: Sequence[str], workdir: str, *, sweep: Sequence[str] = ()
 def start_cli(argv: Sequence[str]):
   """The sweeps' CLI start: no stray arguments, CPU runtime set up; returns absl's FLAGS."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {argv[1:]}; only flags are taken")
   from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
-  cpu_runtime.configure_cpu_runtime()   # before JAX starts its backends.
+
+  cpu_runtime.configure_cpu_runtime()  # before JAX starts its backends.
   return flags.FLAGS
 
 
 def flags_parser(config_flags: tuple[str, ...] = ()):
   """The sweeps' `app.run` flags parser: signals handled from here on (as capsjax.main),
   and every flag mistake one `capsjax: error:` line with exit code 2."""
+
   def parse(argv):
     from capsjax import processes  # pylint: disable=g-import-not-at-top
+
     processes.handle_signals()
     return errors.parse_flags(argv, config_flags=config_flags)
+
   return parse
 
 
@@ -453,6 +537,7 @@ def run_cli(body: Callable[[Any], None], argv: Sequence[str]) -> None:
   resumes that run.
   """
   from capsjax import processes  # pylint: disable=g-import-not-at-top
+
   with errors.exit_on_user_error():
     f = start_cli(argv)
     try:
@@ -467,9 +552,14 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _main(f) -> None:
-  rows = run_sweep(join_recipe_specs(f.recipes), f.workdir, sweep=f.sweep or (), seeds=f.seeds,
-                   overrides=f.set or (), command=" ".join(["python -m experiments.sweep",
-                                                            *sys.argv[1:]]))
+  rows = run_sweep(
+    join_recipe_specs(f.recipes),
+    f.workdir,
+    sweep=f.sweep or (),
+    seeds=f.seeds,
+    overrides=f.set or (),
+    command=" ".join(["python -m experiments.sweep", *sys.argv[1:]]),
+  )
   with open(os.path.join(os.path.abspath(f.workdir), "results.md")) as fh:
     print(fh.read(), flush=True)
   logging.info("%d runs; results in %s", len(rows), f.workdir)
@@ -478,21 +568,26 @@ def _main(f) -> None:
 def _define_flags(flag_values=None) -> None:
   """Registers the command-line flags on `flag_values` (default: absl's global FLAGS)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   fv = flags.FLAGS if flag_values is None else flag_values
-  flags.DEFINE_list("recipes", None, "Config files with optional :variant, e.g. "
-                    "configs/fashion.py:quick,configs/capsnet_fashion_mnist.py:quick.",
-                    flag_values=fv)
-  flags.DEFINE_multi_string("sweep", None, "An axis FIELD=V1,V2,... (repeatable).",
-                            flag_values=fv)
-  flags.DEFINE_multi_string("set", None, "FIELD=VALUE for every run (repeatable).",
-                            flag_values=fv)
+  flags.DEFINE_list(
+    "recipes",
+    None,
+    "Config files with optional :variant, e.g. "
+    "configs/fashion.py:quick,configs/capsnet_fashion_mnist.py:quick.",
+    flag_values=fv,
+  )
+  flags.DEFINE_multi_string("sweep", None, "An axis FIELD=V1,V2,... (repeatable).", flag_values=fv)
+  flags.DEFINE_multi_string("set", None, "FIELD=VALUE for every run (repeatable).", flag_values=fv)
   flags.DEFINE_list("seeds", ["0"], "Seeds.", flag_values=fv)
-  flags.DEFINE_string("workdir", None, "Sweep directory (one sub-directory per run).",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "workdir", None, "Sweep directory (one sub-directory per run).", flag_values=fv
+  )
   flags.mark_flags_as_required(["recipes", "workdir"], flag_values=fv)
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   app.run(main, flags_parser=flags_parser())

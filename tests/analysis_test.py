@@ -26,8 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(data_dir):
   # MNIST, not Fashion-MNIST: with fashion_mnist the loader finds the real Debian files.
-  return helpers.smoke_config(**{"dataset": "mnist", "num_epochs": 1, "data_dir": data_dir,
-                                 "model.digit_dim": 16})
+  return helpers.smoke_config(
+    **{"dataset": "mnist", "num_epochs": 1, "data_dir": data_dir, "model.digit_dim": 16}
+  )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def test_load_run_weights_are_the_saved_ones_without_the_runs_optimizer(smoke_ru
   workdir, data_dir = smoke_run
   config = _config(data_dir)
   graphdef, state = steps_lib.create_model_and_optimizer(
-      config, input_pipeline.dataset_info("mnist"), 4, jax.random.key(1))
+    config, input_pipeline.dataset_info("mnist"), 4, jax.random.key(1)
+  )
   full, _ = ckpt_lib.Checkpointer(workdir, read_only=True).restore(4, state)
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)
@@ -77,18 +79,20 @@ def test_load_run_weights_are_the_saved_ones_without_the_runs_optimizer(smoke_ru
 
 def test_perturbation_grid_shape_and_exact_zero_column(loaded):
   run, images, _ = loaded
-  out = analysis.predict(run.model, images, batch_size=4)   # 2 batches, last one padded
+  out = analysis.predict(run.model, images, batch_size=4)  # 2 batches, last one padded
   assert out["v"].shape == (6, 10, 16)
   assert out["reconstruction"].shape == (6, 28, 28, 1)
-  np.testing.assert_array_equal(analysis.PERTURBATIONS,
-                                np.float32([-.25, -.2, -.15, -.1, -.05, 0, .05, .1, .15, .2, .25]))
+  np.testing.assert_array_equal(
+    analysis.PERTURBATIONS,
+    np.float32([-0.25, -0.2, -0.15, -0.1, -0.05, 0, 0.05, 0.1, 0.15, 0.2, 0.25]),
+  )
   for i in range(2):
     cls = int(out["pred"][i])
     grid = analysis.perturbation_grid(run.model, out["v"][i], cls)
-    assert grid.shape == (16, 11, 28, 28, 1)   # 16 dims x 11 offsets
-    plain = np.asarray(run.model.decoder(out["v"][i:i + 1], np.int32([cls])))[0]
+    assert grid.shape == (16, 11, 28, 28, 1)  # 16 dims x 11 offsets
+    plain = np.asarray(run.model.decoder(out["v"][i : i + 1], np.int32([cls])))[0]
     for d in range(16):
-      np.testing.assert_array_equal(grid[d, 5], plain)   # offset 0 == plain reconstruction
+      np.testing.assert_array_equal(grid[d, 5], plain)  # offset 0 == plain reconstruction
     # The batched reconstruction agrees to float precision as well.
     np.testing.assert_allclose(grid[0, 5], out["reconstruction"][i], atol=1e-5)
     # Non-zero offsets change the image, and the two ends differ from each other.
@@ -103,8 +107,11 @@ def test_perturbation_grid_and_predict_validate(loaded):
   with pytest.raises(ValueError, match=r"cls must be in \[0, 10\), got 10"):
     analysis.perturbation_grid(run.model, v[0], 10)
   # The model's own check (CapsNet.check_images), before anything is traced.
-  with pytest.raises(ValueError, match=r"images must have shape \[B, 28, 28, 1\] for this "
-                                       r"model, got \(2, 32, 32, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"images must have shape \[B, 28, 28, 1\] for this "
+    r"model, got \(2, 32, 32, 3\)",
+  ):
     analysis.predict(run.model, np.zeros((2, 32, 32, 3), np.float32))
   with pytest.raises(ValueError, match=r"images must have shape \[B, 28, 28, 1\]"):
     analysis.couplings(run.model, np.zeros((28, 28, 1), np.float32))
@@ -122,7 +129,7 @@ def test_couplings_sum_to_one_and_match_the_primary_grid(loaded):
 def test_coupling_entropy():
   uniform = np.full((2, 5, 10), 0.1)
   np.testing.assert_allclose(analysis.coupling_entropy(uniform), np.log(10), rtol=1e-12)
-  one_hot = np.eye(4)[None]                                   # [1, 4, 4]
+  one_hot = np.eye(4)[None]  # [1, 4, 4]
   np.testing.assert_array_equal(analysis.coupling_entropy(one_hot), 0.0)
   np.testing.assert_allclose(analysis.coupling_entropy([[0.5, 0.5, 0.0]]), [np.log(2)])
 
@@ -140,8 +147,9 @@ def test_load_run_errors(tmp_path, smoke_run):
   (tmp_path / "empty").mkdir()
   with pytest.raises(errors.CheckpointNotFoundError, match="no checkpoints under"):
     analysis.load_run(str(tmp_path / "empty"))
-  with pytest.raises(errors.CheckpointNotFoundError,
-                     match=r"holds no checkpoint of step 3; its steps are \[4\]"):
+  with pytest.raises(
+    errors.CheckpointNotFoundError, match=r"holds no checkpoint of step 3; its steps are \[4\]"
+  ):
     analysis.load_run(smoke_run[0], step=3)
   # A checkpoint without model metadata and no config.json beside it.
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "bare"))
@@ -154,9 +162,17 @@ def test_load_run_errors(tmp_path, smoke_run):
 
 def test_analysis_does_not_import_matplotlib():
   r = subprocess.run(
-      [sys.executable, "-c", "import sys; import capsjax.analysis; "
-       "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PYTHONPATH": REPO})
+    [
+      sys.executable,
+      "-c",
+      "import sys; import capsjax.analysis; "
+      "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "PYTHONPATH": REPO},
+  )
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip() == "[]"

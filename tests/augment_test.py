@@ -1,4 +1,5 @@
 """Tests for capsjax.augment: exact pixel semantics, determinism, jit and vmap."""
+
 import functools
 
 import jax
@@ -16,7 +17,7 @@ def _unique_image(c=1):
   return jnp.arange(1, H * W * c + 1, dtype=jnp.float32).reshape(H, W, c)
 
 
-@pytest.mark.parametrize('seed', range(8))
+@pytest.mark.parametrize("seed", range(8))
 def test_shift_moves_every_surviving_pixel_by_the_sampled_offset(seed):
   key = jax.random.key(seed)
   x = np.asarray(_unique_image())
@@ -31,8 +32,8 @@ def test_shift_moves_every_surviving_pixel_by_the_sampled_offset(seed):
   np.testing.assert_array_equal(y, expected)
   # Recover the offset from the image alone: where did each value go?
   for v in np.unique(y[y > 0])[:5]:
-    (r0, c0, _), = np.argwhere(x == v)
-    (r1, c1, _), = np.argwhere(y == v)
+    ((r0, c0, _),) = np.argwhere(x == v)
+    ((r1, c1, _),) = np.argwhere(y == v)
     assert (r1 - r0, c1 - c0) == (dy, dx)
 
 
@@ -65,13 +66,12 @@ def test_flip_twice_is_identity_and_flips_half_the_time():
   assert 0.45 < flipped.mean() < 0.55
 
 
-@pytest.mark.parametrize('size', [1, 8, 9])
+@pytest.mark.parametrize("size", [1, 8, 9])
 def test_cutout_zeroes_exactly_the_clipped_square(size):
   keys = jax.random.split(jax.random.key(size), 64)
   x = jnp.ones((H, W, 2), jnp.float32)
   ys = np.asarray(jax.jit(jax.vmap(lambda k: augment.cutout(k, x, size=size)))(keys))
-  centers = np.asarray(jax.vmap(
-      lambda k: augment.sample_cutout_center(k, height=H, width=W))(keys))
+  centers = np.asarray(jax.vmap(lambda k: augment.sample_cutout_center(k, height=H, width=W))(keys))
   saw_border = False
   for y, (cy, cx) in zip(ys, centers):
     y0, x0 = cy - size // 2, cx - size // 2
@@ -125,7 +125,7 @@ def test_augment_batch_matches_per_example_calls():
     np.testing.assert_array_equal(out[i], one(keys[i], x[i]))
 
 
-@pytest.mark.parametrize('dtype', [jnp.uint8, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.bfloat16])
 def test_augment_batch_keeps_dtype_and_shape(dtype):
   x = _batch(4, dtype)
   y = _AUG_JIT(jax.random.key(0), x)
@@ -139,7 +139,7 @@ def test_augment_batch_disabled_is_identity():
 
 
 def test_augment_batch_under_vmap():
-  xs = jnp.stack([_batch(), _batch() + 1])                          # [2, 4, H, W, 1]
+  xs = jnp.stack([_batch(), _batch() + 1])  # [2, 4, H, W, 1]
   keys = jax.random.split(jax.random.key(0), 2)
   ys = jax.jit(jax.vmap(functools.partial(augment.augment_batch, **AUG)))(keys, xs)
   assert ys.shape == xs.shape
@@ -147,7 +147,7 @@ def test_augment_batch_under_vmap():
 
 
 def test_augment_batch_rejects_unbatched_input():
-  with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):
+  with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
     augment.augment_batch(jax.random.key(0), jnp.zeros((H, W, 1)), max_shift=2)
 
 
@@ -156,33 +156,37 @@ def test_augment_batch_rejects_unbatched_input():
 # fill_mode='nearest'.
 def test_fraction_shift_offsets_follow_the_rounded_uniform():
   keys = jax.random.split(jax.random.key(3), 20000)
-  offs = np.asarray(jax.vmap(lambda k: augment.sample_fraction_shift(
-      k, fraction=0.1, height=H, width=W))(keys))                     # [20000, 2]
+  offs = np.asarray(
+    jax.vmap(lambda k: augment.sample_fraction_shift(k, fraction=0.1, height=H, width=W))(keys)
+  )  # [20000, 2]
   # P(round(t) = k) for t ~ U(-2.8, 2.8): |k| <= 2 covers a width-1 interval, |k| = 3
   # the 0.3 between 2.5 and 2.8.
-  expected = np.array([0.3, 1, 1, 1, 1, 1, 0.3]) / 5.6               # k = -3..3
+  expected = np.array([0.3, 1, 1, 1, 1, 1, 0.3]) / 5.6  # k = -3..3
   for axis in range(2):
     counts = np.bincount(offs[:, axis] + 3, minlength=7)
-    assert counts.shape == (7,)                                        # never beyond +-3
+    assert counts.shape == (7,)  # never beyond +-3
     np.testing.assert_allclose(counts / len(offs), expected, atol=0.012)
   assert augment.fraction_bound(0.1, 28) == 3 and augment.fraction_bound(0.05, 28) == 1
 
 
-@pytest.mark.parametrize('offset', [(2, -3), (-1, 0), (3, 3), (0, -2)])
+@pytest.mark.parametrize("offset", [(2, -3), (-1, 0), (3, 3), (0, -2)])
 def test_nearest_fill_repeats_the_edge_pixels_of_a_ramp(offset):
   # A ramp with distinct rows and columns: value = 100 r + c.
   ramp = (100 * np.arange(H)[:, None] + np.arange(W)[None, :]).astype(np.float32)[..., None]
-  y = np.asarray(augment.shift(jnp.asarray(ramp), jnp.asarray(offset, jnp.int32),
-                               max_shift=3, fill='nearest'))
+  y = np.asarray(
+    augment.shift(jnp.asarray(ramp), jnp.asarray(offset, jnp.int32), max_shift=3, fill="nearest")
+  )
   dy, dx = offset
   # Output pixel (r, c) reads input (r - dy, c - dx) clamped into the image.
   rows = np.clip(np.arange(H) - dy, 0, H - 1)
   cols = np.clip(np.arange(W) - dx, 0, W - 1)
   np.testing.assert_array_equal(y[..., 0], ramp[rows][:, cols][..., 0])
-  z = np.asarray(augment.shift(jnp.asarray(ramp), jnp.asarray(offset, jnp.int32),
-                               max_shift=3, fill='zero'))
+  z = np.asarray(
+    augment.shift(jnp.asarray(ramp), jnp.asarray(offset, jnp.int32), max_shift=3, fill="zero")
+  )
   inside = ((np.arange(H) - dy >= 0) & (np.arange(H) - dy < H))[:, None] & (
-      (np.arange(W) - dx >= 0) & (np.arange(W) - dx < W))[None, :]
+    (np.arange(W) - dx >= 0) & (np.arange(W) - dx < W)
+  )[None, :]
   np.testing.assert_array_equal(z[..., 0], np.where(inside, y[..., 0], 0))
 
 
@@ -190,19 +194,21 @@ def test_fraction_shift_in_the_batch_path_matches_the_sampled_offsets():
   x = _unique_image()
   keys = jax.random.split(jax.random.key(5), 8)
   images = jnp.broadcast_to(x, (8, H, W, 1))
-  out = np.asarray(jax.jit(jax.vmap(lambda k, v: augment.random_shift(
-      k, v, shift_fraction=0.1, fill='nearest')))(keys, images))
+  out = np.asarray(
+    jax.jit(jax.vmap(lambda k, v: augment.random_shift(k, v, shift_fraction=0.1, fill="nearest")))(
+      keys, images
+    )
+  )
   for k, y in zip(keys, out):
     off = augment.sample_fraction_shift(k, fraction=0.1, height=H, width=W)
-    np.testing.assert_array_equal(
-        y, augment.shift(x, off, max_shift=3, fill='nearest'))
+    np.testing.assert_array_equal(y, augment.shift(x, off, max_shift=3, fill="nearest"))
 
 
 def test_shift_arguments_are_checked():
   x = _unique_image()
-  with pytest.raises(ValueError, match='not both'):
+  with pytest.raises(ValueError, match="not both"):
     augment.random_shift(jax.random.key(0), x, max_shift=2, shift_fraction=0.1)
-  with pytest.raises(ValueError, match=r'shift_fraction must be in \[0, 0.5\), got 0.7'):
+  with pytest.raises(ValueError, match=r"shift_fraction must be in \[0, 0.5\), got 0.7"):
     augment.random_shift(jax.random.key(0), x, shift_fraction=0.7)
   with pytest.raises(ValueError, match="fill must be one of .* got 'wrap'"):
-    augment.shift(x, jnp.zeros(2, jnp.int32), max_shift=1, fill='wrap')
+    augment.shift(x, jnp.zeros(2, jnp.int32), max_shift=1, fill="wrap")

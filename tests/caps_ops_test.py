@@ -25,9 +25,9 @@ from capsjax.caps_ops import RoutingResult, capsule_lengths, dynamic_routing, sq
 def np_squash(s, axis=-1):
   """Textbook Eq. 1 in float64: |s|^2/(1+|s|^2) * s/|s| (0 at s = 0)."""
   s = np.asarray(s, np.float64)
-  n = np.sqrt(np.sum(s * s, axis=axis, keepdims=True))                  # [..., 1]
+  n = np.sqrt(np.sum(s * s, axis=axis, keepdims=True))  # [..., 1]
   safe = np.where(n > 0, n, 1.0)
-  return s * (n * n / (1.0 + n * n)) / safe                             # [..., D]
+  return s * (n * n / (1.0 + n * n)) / safe  # [..., D]
 
 
 def np_softmax_parents(b_row):
@@ -51,20 +51,20 @@ def np_routing(u_hat, num_iterations, bias=None):
   u_hat = np.asarray(u_hat, np.float64)
   batch_shape = u_hat.shape[:-3]
   n_in, n_out, d = u_hat.shape[-3:]
-  flat = u_hat.reshape((-1, n_in, n_out, d))                            # [P, N_in, N_out, D]
+  flat = u_hat.reshape((-1, n_in, n_out, d))  # [P, N_in, N_out, D]
   vs, cs, bs = [], [], []
   for u in flat:
     b = np.zeros((n_in, n_out))
     for r in range(num_iterations):
       b_used = b.copy()
-      c = np.stack([np_softmax_parents(b[i]) for i in range(n_in)])      # [N_in, N_out]
+      c = np.stack([np_softmax_parents(b[i]) for i in range(n_in)])  # [N_in, N_out]
       s = np.zeros((n_out, d))
       for j in range(n_out):
         for i in range(n_in):
           s[j] += c[i, j] * u[i, j]
         if bias is not None:
           s[j] += bias[j]
-      v = np.stack([np_squash(s[j]) for j in range(n_out)])             # [N_out, D]
+      v = np.stack([np_squash(s[j]) for j in range(n_out)])  # [N_out, D]
       if r < num_iterations - 1:
         for i in range(n_in):
           for j in range(n_out):
@@ -72,9 +72,11 @@ def np_routing(u_hat, num_iterations, bias=None):
     vs.append(v)
     cs.append(c)
     bs.append(b_used)
-  return (np.stack(vs).reshape(batch_shape + (n_out, d)),
-          np.stack(cs).reshape(batch_shape + (n_in, n_out)),
-          np.stack(bs).reshape(batch_shape + (n_in, n_out)))
+  return (
+    np.stack(vs).reshape(batch_shape + (n_out, d)),
+    np.stack(cs).reshape(batch_shape + (n_in, n_out)),
+    np.stack(bs).reshape(batch_shape + (n_in, n_out)),
+  )
 
 
 def random_u_hat(shape, seed=0, scale=1.0, dtype=np.float32):
@@ -87,7 +89,6 @@ def random_u_hat(shape, seed=0, scale=1.0, dtype=np.float32):
 
 
 class TestSquash:
-
   @pytest.mark.parametrize("shape", [(7,), (3, 16), (2, 5, 8)])
   def test_matches_numpy_length_and_direction(self, shape):
     rng = np.random.default_rng(1)
@@ -98,8 +99,7 @@ class TestSquash:
     v = np.asarray(jax.jit(squash)(s), np.float64)
     np.testing.assert_allclose(v, np_squash(s), rtol=2e-5, atol=1e-7)
     norm_s = np.linalg.norm(s.astype(np.float64), axis=-1)
-    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), norm_s**2 / (1 + norm_s**2),
-                               rtol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), norm_s**2 / (1 + norm_s**2), rtol=2e-5)
     cosine = np.sum(v * s, axis=-1) / (np.linalg.norm(v, axis=-1) * norm_s)
     np.testing.assert_allclose(cosine, 1.0, rtol=1e-6)
 
@@ -115,25 +115,22 @@ class TestSquash:
   @pytest.mark.parametrize("value", [1e20, -1e20, 1e30, 1e38, 3.4e38])
   def test_huge_inputs_give_unit_length_without_nan(self, value):
     s = np.zeros((3, 16), np.float32)
-    s[0, :] = value                     # all components huge
-    s[1, 3] = value                     # one huge component, others 0
+    s[0, :] = value  # all components huge
+    s[1, 3] = value  # one huge component, others 0
     s[2, :] = np.float32(value) * np.linspace(-1, 1, 16, dtype=np.float32)
     v = np.asarray(jax.jit(squash)(s))
     assert v.dtype == np.float32
     assert np.all(np.isfinite(v)), v
-    np.testing.assert_allclose(np.linalg.norm(v.astype(np.float64), axis=-1), 1.0,
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(v.astype(np.float64), axis=-1), 1.0, rtol=1e-6)
     # Direction is still that of s.
-    unit = s.astype(np.float64) / np.linalg.norm(s.astype(np.float64), axis=-1,
-                                                 keepdims=True)
+    unit = s.astype(np.float64) / np.linalg.norm(s.astype(np.float64), axis=-1, keepdims=True)
     np.testing.assert_allclose(v, unit, rtol=1e-6, atol=1e-7)
 
   @pytest.mark.parametrize("axis", [0, 1, -2])
   def test_non_last_axis(self, axis):
     s = random_u_hat((4, 5, 3), seed=2, scale=0.8)
     v = jax.jit(functools.partial(squash, axis=axis))(s)
-    np.testing.assert_allclose(np.asarray(v), np_squash(s, axis=axis), rtol=2e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(np.asarray(v), np_squash(s, axis=axis), rtol=2e-5, atol=1e-7)
     # And differs from squashing along the last axis (the test can tell axes apart).
     assert not np.allclose(np.asarray(v), np_squash(s, axis=-1), rtol=1e-3)
 
@@ -142,9 +139,12 @@ class TestSquash:
     s = random_u_hat((4, 8), seed=3)
     v = jax.jit(squash)(jnp.asarray(s, dtype))
     assert v.dtype == dtype
-    np.testing.assert_allclose(np.asarray(v, np.float64),
-                               np_squash(np.asarray(jnp.asarray(s, dtype), np.float64)),
-                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+      np.asarray(v, np.float64),
+      np_squash(np.asarray(jnp.asarray(s, dtype), np.float64)),
+      rtol=1e-2,
+      atol=1e-2,
+    )
 
   def test_float64(self):
     with jax.enable_x64(True):
@@ -165,8 +165,7 @@ class TestSquash:
       assert jac.shape == (5, 5)
       assert np.all(np.isfinite(np.asarray(jac)))
       np.testing.assert_array_equal(np.asarray(jac), np.zeros((5, 5)))
-      g = jax.jit(jax.grad(lambda s: jnp.sum(squash(s) ** 2 + squash(s))))(
-          jnp.zeros((2, 3), dtype))
+      g = jax.jit(jax.grad(lambda s: jnp.sum(squash(s) ** 2 + squash(s))))(jnp.zeros((2, 3), dtype))
       np.testing.assert_array_equal(np.asarray(g), np.zeros((2, 3)))
 
   def test_grad_matches_finite_differences_of_numpy(self):
@@ -175,8 +174,12 @@ class TestSquash:
       w = random_u_hat((6,), seed=6, dtype=np.float64)
       g = np.asarray(jax.jit(jax.grad(lambda x: jnp.dot(squash(x), w)))(s))
       h = 1e-6
-      fd = np.array([(np.dot(np_squash(s + h * e), w) - np.dot(np_squash(s - h * e), w))
-                     / (2 * h) for e in np.eye(6)])
+      fd = np.array(
+        [
+          (np.dot(np_squash(s + h * e), w) - np.dot(np_squash(s - h * e), w)) / (2 * h)
+          for e in np.eye(6)
+        ]
+      )
       np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
 
   @pytest.mark.parametrize("scale", [0.5, 20.0])
@@ -190,14 +193,13 @@ class TestSquash:
 
 
 class TestCapsuleLengths:
-
   def test_values_and_grad_at_zero(self):
     v = random_u_hat((2, 10, 16), seed=8, scale=0.2)
     lengths = jax.jit(capsule_lengths)(v)
     assert lengths.shape == (2, 10)
     np.testing.assert_allclose(
-        np.asarray(lengths), np.sqrt(np.sum(v.astype(np.float64)**2, -1) + 1e-7),
-        rtol=1e-6)
+      np.asarray(lengths), np.sqrt(np.sum(v.astype(np.float64) ** 2, -1) + 1e-7), rtol=1e-6
+    )
     g = jax.jit(jax.grad(lambda x: jnp.sum(capsule_lengths(x))))(jnp.zeros((3, 4)))
     np.testing.assert_array_equal(np.asarray(g), np.zeros((3, 4)))
 
@@ -211,10 +213,10 @@ class TestCapsuleLengths:
 # ---------------------------------------------------------------------------------------
 
 ROUTING_SHAPES = [
-    (5, 3, 4),            # no batch dim: [N_in, N_out, D]
-    (2, 6, 4, 3),         # [B, N_in, N_out, D]
-    (2, 3, 4, 3, 2),      # two batch dims
-    (1, 8, 10, 16),       # CapsNet-like parents and pose size
+  (5, 3, 4),  # no batch dim: [N_in, N_out, D]
+  (2, 6, 4, 3),  # [B, N_in, N_out, D]
+  (2, 3, 4, 3, 2),  # two batch dims
+  (1, 8, 10, 16),  # CapsNet-like parents and pose size
 ]
 ROUTING_ITERATIONS = (1, 2, 3, 4, 5)
 
@@ -222,9 +224,14 @@ ROUTING_ITERATIONS = (1, 2, 3, 4, 5)
 @functools.lru_cache(maxsize=None)
 def jit_routing(num_iterations, stop_gradient=False, return_couplings=False):
   """One jitted routing per static setting, shared by all tests (compiles are slow)."""
-  return jax.jit(functools.partial(
-      dynamic_routing, num_iterations=num_iterations, stop_gradient=stop_gradient,
-      return_couplings=return_couplings))
+  return jax.jit(
+    functools.partial(
+      dynamic_routing,
+      num_iterations=num_iterations,
+      stop_gradient=stop_gradient,
+      return_couplings=return_couplings,
+    )
+  )
 
 
 @pytest.fixture(scope="module")
@@ -238,30 +245,33 @@ def routing_outputs():
 
   @jax.jit
   def route_all(us):
-    return [[dynamic_routing(u, r, return_couplings=True) for r in ROUTING_ITERATIONS]
-            for u in us]
+    return [[dynamic_routing(u, r, return_couplings=True) for r in ROUTING_ITERATIONS] for u in us]
 
   results = route_all(u_hats)
-  return {(shape, r): (u, res_r)
-          for shape, u, res in zip(ROUTING_SHAPES, u_hats, results)
-          for r, res_r in zip(ROUTING_ITERATIONS, res)}
+  return {
+    (shape, r): (u, res_r)
+    for shape, u, res in zip(ROUTING_SHAPES, u_hats, results)
+    for r, res_r in zip(ROUTING_ITERATIONS, res)
+  }
 
 
 @pytest.fixture(scope="module")
 def grads64():
   """{(r, stop_gradient): (value, v, grad)} at u0 for r in (1, 3), one jit compile."""
   with jax.enable_x64(True):
-    u0 = random_u_hat((4, 3, 2), seed=23, dtype=np.float64)           # [N_in, N_out, D]
-    w = random_u_hat((3, 2), seed=24, dtype=np.float64)               # [N_out, D]
+    u0 = random_u_hat((4, 3, 2), seed=23, dtype=np.float64)  # [N_in, N_out, D]
+    w = random_u_hat((3, 2), seed=24, dtype=np.float64)  # [N_out, D]
 
     @jax.jit
     def all_grads(u):
       out = {}
       for r in (1, 3):
         for stop in (False, True):
+
           def objective(x, r=r, stop=stop):
             v = dynamic_routing(x, r, stop_gradient=stop)
             return jnp.sum(v * w), v
+
           (value, v), g = jax.value_and_grad(objective, has_aux=True)(u)
           out[(r, stop)] = (value, v, g)
       return out
@@ -272,7 +282,6 @@ def grads64():
 
 
 class TestDynamicRouting:
-
   @pytest.mark.parametrize("num_iterations", ROUTING_ITERATIONS)
   @pytest.mark.parametrize("shape", ROUTING_SHAPES)
   def test_matches_numpy_reference(self, routing_outputs, shape, num_iterations):
@@ -294,14 +303,13 @@ class TestDynamicRouting:
     u_hat = random_u_hat((2, 6, 4, 3), seed=9)
     v = jit_routing(3)(u_hat)
     assert isinstance(v, jax.Array) and v.shape == (2, 4, 3)
-    np.testing.assert_allclose(np.asarray(v), np_routing(u_hat, 3)[0], rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(v), np_routing(u_hat, 3)[0], rtol=1e-4, atol=1e-6)
 
   @pytest.mark.parametrize("num_iterations", ROUTING_ITERATIONS)
   @pytest.mark.parametrize("shape", ROUTING_SHAPES)
   def test_couplings_sum_to_one_over_parents(self, routing_outputs, shape, num_iterations):
     _, res = routing_outputs[(shape, num_iterations)]
-    c = np.asarray(res.c)                                               # [..., N_in, N_out]
+    c = np.asarray(res.c)  # [..., N_in, N_out]
     n_out = shape[-2]
     np.testing.assert_allclose(c.sum(axis=-1), 1.0, rtol=1e-6)
     assert np.all(c >= 0)
@@ -313,8 +321,9 @@ class TestDynamicRouting:
   def test_one_iteration_is_squash_of_uniform_average(self, routing_outputs):
     shape = (2, 6, 4, 3)
     u_hat, res = routing_outputs[(shape, 1)]
-    np.testing.assert_allclose(np.asarray(res.v), np_squash(u_hat.sum(axis=-3) / 4),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+      np.asarray(res.v), np_squash(u_hat.sum(axis=-3) / 4), rtol=1e-5, atol=1e-7
+    )
 
   def test_logits_restart_at_zero_each_call(self):
     route = jit_routing(3)
@@ -326,8 +335,9 @@ class TestDynamicRouting:
 
   def test_vmap(self):
     u_hat = random_u_hat((2, 3, 6, 4, 5), seed=15)
-    vmapped = jax.jit(jax.vmap(functools.partial(
-        dynamic_routing, num_iterations=3, return_couplings=True)))
+    vmapped = jax.jit(
+      jax.vmap(functools.partial(dynamic_routing, num_iterations=3, return_couplings=True))
+    )
     res = vmapped(u_hat)
     v_ref, c_ref, _ = np_routing(u_hat, 3)
     np.testing.assert_allclose(np.asarray(res.v), v_ref, rtol=1e-4, atol=1e-6)
@@ -353,9 +363,17 @@ class TestDynamicRouting:
       np.testing.assert_allclose(np.asarray(res.v), v_ref, rtol=1e-6, atol=1e-7)
       np.testing.assert_allclose(np.asarray(res.c), c_ref, rtol=1e-6, atol=1e-7)
 
-  @pytest.mark.parametrize("bad, error", [
-      (0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError),
-      (3.0, TypeError), (None, TypeError)])
+  @pytest.mark.parametrize(
+    "bad, error",
+    [
+      (0, ValueError),
+      (-1, ValueError),
+      (1.5, TypeError),
+      (True, TypeError),
+      (3.0, TypeError),
+      (None, TypeError),
+    ],
+  )
   def test_bad_num_iterations(self, bad, error):
     u_hat = random_u_hat((4, 3, 2), seed=18)
     with pytest.raises(error, match="num_iterations"):
@@ -387,18 +405,17 @@ class TestDynamicRouting:
 
   def test_stop_gradient_forward_is_bit_identical(self):
     u_hat = random_u_hat((2, 6, 4, 3), seed=19)
-    np.testing.assert_array_equal(np.asarray(jit_routing(3)(u_hat)),
-                                  np.asarray(jit_routing(3, stop_gradient=True)(u_hat)))
+    np.testing.assert_array_equal(
+      np.asarray(jit_routing(3)(u_hat)), np.asarray(jit_routing(3, stop_gradient=True)(u_hat))
+    )
 
   def test_one_iteration_same_grads_for_both_variants(self, grads64):
     _, _, res = grads64
-    np.testing.assert_allclose(res[(1, False)][2], res[(1, True)][2], rtol=1e-12,
-                               atol=1e-14)
+    np.testing.assert_allclose(res[(1, False)][2], res[(1, True)][2], rtol=1e-12, atol=1e-14)
 
   @pytest.mark.parametrize("num_iterations", [1, 3])
   @pytest.mark.parametrize("stop_gradient", [False, True])
-  def test_grads_match_numpy_finite_differences(self, grads64, num_iterations,
-                                                stop_gradient):
+  def test_grads_match_numpy_finite_differences(self, grads64, num_iterations, stop_gradient):
     """Full variant: central differences of the NumPy routing. Stopped variant: the
     logits before the last iteration are frozen at their NumPy value, and only the last
     pass s = sum_i c_ij u_hat_j|i, v = squash(s) is differentiated."""
@@ -409,8 +426,9 @@ class TestDynamicRouting:
 
     def np_objective(u):
       if stop_gradient:
-        v = np.stack([np_squash(np.sum(c_frozen[:, j, None] * u[:, j], axis=0))
-                      for j in range(u.shape[1])])                      # [N_out, D]
+        v = np.stack(
+          [np_squash(np.sum(c_frozen[:, j, None] * u[:, j], axis=0)) for j in range(u.shape[1])]
+        )  # [N_out, D]
       else:
         v, _, _ = np_routing(u, num_iterations)
       return np.sum(v * w)
@@ -438,8 +456,8 @@ class TestPredictAndRoute:
   def test_matches_dynamic_routing_values_and_grads(self, num_iterations, stop_gradient):
     with jax.enable_x64(True):
       rng = np.random.default_rng(7)
-      u = jnp.asarray(rng.standard_normal((3, 7, 5)) * 0.5)            # [B, N_in, D_in]
-      w = jnp.asarray(rng.standard_normal((7, 4, 5, 6)) * 0.5)         # [N_in, N_out, D_in, D_out]
+      u = jnp.asarray(rng.standard_normal((3, 7, 5)) * 0.5)  # [B, N_in, D_in]
+      w = jnp.asarray(rng.standard_normal((7, 4, 5, 6)) * 0.5)  # [N_in, N_out, D_in, D_out]
       gv = jnp.asarray(rng.standard_normal((3, 4, 6)))
       gc = jnp.asarray(rng.standard_normal((3, 7, 4)))
 
@@ -447,15 +465,19 @@ class TestPredictAndRoute:
         def f(u, w):
           r = fn(u, w)
           return jnp.sum(r.v * gv) + jnp.sum(r.c * gc)
+
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
       kw = dict(stop_gradient=stop_gradient, return_couplings=True)
-      expected = objective(lambda u, w: caps_ops.dynamic_routing(
-          jnp.einsum('bni,nmio->bnmo', u, w), num_iterations, **kw))(u, w)
-      actual = objective(lambda u, w: caps_ops.predict_and_route(
-          u, w, num_iterations, **kw))(u, w)
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
-                   actual, expected)
+      expected = objective(
+        lambda u, w: caps_ops.dynamic_routing(
+          jnp.einsum("bni,nmio->bnmo", u, w), num_iterations, **kw
+        )
+      )(u, w)
+      actual = objective(lambda u, w: caps_ops.predict_and_route(u, w, num_iterations, **kw))(u, w)
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), actual, expected
+      )
 
   def test_float32_plain_call_and_finite_grads(self):
     rng = np.random.default_rng(8)
@@ -463,10 +485,11 @@ class TestPredictAndRoute:
     w = jnp.asarray(rng.standard_normal((6, 3, 4, 5)) * 0.1, jnp.float32)
     v = jax.jit(lambda u, w: caps_ops.predict_and_route(u, w, 3))(u, w)
     np.testing.assert_allclose(
-        v, caps_ops.dynamic_routing(jnp.einsum('bni,nmio->bnmo', u, w), 3),
-        rtol=1e-5, atol=1e-6)
-    grads = jax.jit(jax.grad(lambda u, w: jnp.sum(caps_ops.predict_and_route(u, w, 3)),
-                             argnums=(0, 1)))(u, w)
+      v, caps_ops.dynamic_routing(jnp.einsum("bni,nmio->bnmo", u, w), 3), rtol=1e-5, atol=1e-6
+    )
+    grads = jax.jit(
+      jax.grad(lambda u, w: jnp.sum(caps_ops.predict_and_route(u, w, 3)), argnums=(0, 1))
+    )(u, w)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
   def test_bad_shapes_raise(self):
@@ -478,14 +501,22 @@ class TestRoutingBias:
   """`bias`: the b_j of the authors' code (Sarasra/models research/capsules), added to s_j
   before the squash in every iteration."""
 
-  @pytest.mark.parametrize("shape,num_iterations", [((2, 6, 3, 4), 1), ((2, 6, 3, 4), 3),
-                                                    ((3, 5, 4, 2), 2), ((7, 2, 5), 4)])
+  @pytest.mark.parametrize(
+    "shape,num_iterations",
+    [((2, 6, 3, 4), 1), ((2, 6, 3, 4), 3), ((3, 5, 4, 2), 2), ((7, 2, 5), 4)],
+  )
   @pytest.mark.parametrize("stop_gradient", [False, True])
   def test_matches_numpy_reference(self, shape, num_iterations, stop_gradient):
     u_hat = random_u_hat(shape, seed=3)
     bias = random_u_hat(shape[-2:], seed=4, scale=0.5)
-    fn = jax.jit(functools.partial(dynamic_routing, num_iterations=num_iterations,
-                                   stop_gradient=stop_gradient, return_couplings=True))
+    fn = jax.jit(
+      functools.partial(
+        dynamic_routing,
+        num_iterations=num_iterations,
+        stop_gradient=stop_gradient,
+        return_couplings=True,
+      )
+    )
     v, c = fn(u_hat, bias=bias)
     v_ref, c_ref, _ = np_routing(u_hat, num_iterations, bias=bias)
     np.testing.assert_allclose(v, v_ref, rtol=2e-5, atol=2e-6)
@@ -506,8 +537,10 @@ class TestRoutingBias:
       for j, d in [(0, 0), (2, 1)]:
         e = np.zeros((3, 2))
         e[j, d] = eps
-        num = (np.sum(np.sin(np_routing(u_hat, 3, bias=bias + e)[0]))
-               - np.sum(np.sin(np_routing(u_hat, 3, bias=bias - e)[0]))) / (2 * eps)
+        num = (
+          np.sum(np.sin(np_routing(u_hat, 3, bias=bias + e)[0]))
+          - np.sum(np.sin(np_routing(u_hat, 3, bias=bias - e)[0]))
+        ) / (2 * eps)
         np.testing.assert_allclose(g[j, d], num, rtol=1e-6, atol=1e-9)
 
   def test_bad_bias_shape(self):
@@ -515,9 +548,16 @@ class TestRoutingBias:
       dynamic_routing(random_u_hat((2, 5, 3, 2)), 2, bias=np.zeros((4, 2), np.float32))
 
 
-@pytest.mark.parametrize("dtype,expected", [
-    (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32), (jnp.int32, jnp.float32),
-    (jnp.float32, jnp.float32), (np.float64, np.float64)])
+@pytest.mark.parametrize(
+  "dtype,expected",
+  [
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float16, jnp.float32),
+    (jnp.int32, jnp.float32),
+    (jnp.float32, jnp.float32),
+    (np.float64, np.float64),
+  ],
+)
 def test_compute_dtype(dtype, expected):
   """Narrow inputs compute in float32 (squash, routing and the convs); wide ones stay wide."""
   assert caps_ops.compute_dtype(dtype) == jnp.dtype(expected)

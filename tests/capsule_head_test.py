@@ -24,11 +24,14 @@ def test_loss_decreases_on_a_fixed_batch(head):
   assert int(optimizer.step[...]) == 8
 
 
-@pytest.mark.parametrize("head,n_params", [
+@pytest.mark.parametrize(
+  "head,n_params",
+  [
     # conv 5*5*3*32+32, primary 5*5*32*64+64, head 200*10*8*8 (routed) or 8*10*8*8 (shared)
     ("routed", 2432 + 51264 + 128000),
     ("shared", 2432 + 51264 + 5120),
-])
+  ],
+)
 def test_shapes_couplings_and_parameter_count(head, n_params):
   model = capsule_head.TinyCapsNet(head=head, routing_iterations=3, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
@@ -36,7 +39,7 @@ def test_shapes_couplings_and_parameter_count(head, n_params):
   out = jax.jit(lambda x: model(x))(capsule_head.synthetic_batch(4)["image"])
   assert out["v"].shape == (4, 10, 8)
   assert out["lengths"].shape == (4, 10)
-  assert out["couplings"].shape == (4, 5 * 5 * 8, 10)   # 5x5 grid x 8 types
+  assert out["couplings"].shape == (4, 5 * 5 * 8, 10)  # 5x5 grid x 8 types
   np.testing.assert_allclose(np.asarray(out["couplings"]).sum(-1), 1.0, rtol=1e-5)
   assert np.all(np.asarray(out["lengths"]) < 1.0)
 

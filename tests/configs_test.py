@@ -30,11 +30,12 @@ def test_config_loads(name, variant):
 
 def test_dataset_specific_augmentation():
   from configs import fashion, kmnist, mnist  # pylint: disable=g-import-not-at-top
+
   assert fashion.get_config().augment.flip
   # Characters and digits are never flipped.
   for config in (kmnist.get_config(), kmnist.get_config("augment"), mnist.get_config()):
     assert not config.augment.flip
-  assert kmnist.get_config().augment.cutout_size == 0          # the seed's base run
+  assert kmnist.get_config().augment.cutout_size == 0  # the seed's base run
   assert kmnist.get_config("augment").augment.cutout_size == 6  # its shift + Cutout run
   assert kmnist.get_config("augment,smoke").model.conv1_channels == 16
   with pytest.raises(ValueError, match="cannot be combined"):
@@ -43,29 +44,120 @@ def test_dataset_specific_augmentation():
 
 def _recipe(config):
   a, o = config.augment, config.optim
-  return (config.num_epochs, config.batch_size, o.learning_rate, o.decay_rate,
-          o.decay_steps, o.staircase, o.min_learning_rate, config.model.init,
-          config.model.stop_gradient, a.max_shift, a.shift_fraction, a.fill, a.flip,
-          a.cutout_size, config.val_examples, config.published.test_accuracy)
+  return (
+    config.num_epochs,
+    config.batch_size,
+    o.learning_rate,
+    o.decay_rate,
+    o.decay_steps,
+    o.staircase,
+    o.min_learning_rate,
+    config.model.init,
+    config.model.stop_gradient,
+    a.max_shift,
+    a.shift_fraction,
+    a.fill,
+    a.flip,
+    a.cutout_size,
+    config.val_examples,
+    config.published.test_accuracy,
+  )
 
 
 def test_reference_recipes():
   # The values each reference's own code uses (REFERENCES.md cites file and line).
   from configs import capsnet_fashion_mnist, fashion, kmnist, mnist  # pylint: disable=g-import-not-at-top
+
   assert _recipe(fashion.get_config()) == (
-      200, 128, 1e-3, 0.95, 0, True, 0.0, "keras", False, 0, 0.1, "nearest", True, 0, 0,
-      0.9291)
+    200,
+    128,
+    1e-3,
+    0.95,
+    0,
+    True,
+    0.0,
+    "keras",
+    False,
+    0,
+    0.1,
+    "nearest",
+    True,
+    0,
+    0,
+    0.9291,
+  )
   assert _recipe(capsnet_fashion_mnist.get_config()) == (
-      100, 100, 1e-3, 0.95, 0, True, 0.0, "keras", True, 0, 0.1, "nearest", True, 0, 0,
-      0.9362)
+    100,
+    100,
+    1e-3,
+    0.95,
+    0,
+    True,
+    0.0,
+    "keras",
+    True,
+    0,
+    0.1,
+    "nearest",
+    True,
+    0,
+    0,
+    0.9362,
+  )
   assert _recipe(kmnist.get_config()) == (
-      50, 100, 1e-3, 0.9, 0, True, 0.0, "keras", False, 0, 0.0, "zero", False, 0, 0, 0.9534)
+    50,
+    100,
+    1e-3,
+    0.9,
+    0,
+    True,
+    0.0,
+    "keras",
+    False,
+    0,
+    0.0,
+    "zero",
+    False,
+    0,
+    0,
+    0.9534,
+  )
   assert _recipe(kmnist.get_config("augment")) == (
-      100, 100, 1e-3, 0.9, 0, True, 0.0, "keras", False, 0, 0.1, "nearest", False, 6, 0,
-      0.9749)
+    100,
+    100,
+    1e-3,
+    0.9,
+    0,
+    True,
+    0.0,
+    "keras",
+    False,
+    0,
+    0.1,
+    "nearest",
+    False,
+    6,
+    0,
+    0.9749,
+  )
   assert _recipe(mnist.get_config()) == (
-      640, 128, 1e-3, 0.96, 2000, False, 1e-6, "tf", False, 2, 0.0, "zero", False, 0, 0,
-      0.9975)
+    640,
+    128,
+    1e-3,
+    0.96,
+    2000,
+    False,
+    1e-6,
+    "tf",
+    False,
+    2,
+    0.0,
+    "zero",
+    False,
+    0,
+    0,
+    0.9975,
+  )
   # CapsNet-Keras' Length layer has no epsilon; the K-MNIST seed's TF2 port adds 1e-7.
   assert fashion.get_config().model.length_eps < 1e-20
   assert capsnet_fashion_mnist.get_config().model.length_eps < 1e-20
@@ -121,12 +213,12 @@ def test_schedule_decays_per_epoch_and_per_steps():
   cfg = common.get_base_config().optim
   sched = optim.make_schedule(cfg, steps_per_epoch=100)
   assert float(sched(0)) == pytest.approx(1e-3)
-  assert float(sched(99)) == pytest.approx(1e-3)           # staircase
+  assert float(sched(99)) == pytest.approx(1e-3)  # staircase
   assert float(sched(100)) == pytest.approx(0.9e-3)
   assert float(sched(250)) == pytest.approx(0.81e-3)
-  cfg.decay_steps, cfg.decay_rate = 2000, 0.96               # the authors' schedule.
+  cfg.decay_steps, cfg.decay_rate = 2000, 0.96  # the authors' schedule.
   sched = optim.make_schedule(cfg, steps_per_epoch=100)
-  assert float(sched(4000)) == pytest.approx(1e-3 * 0.96 ** 2)
+  assert float(sched(4000)) == pytest.approx(1e-3 * 0.96**2)
   cfg.decay_rate = 1.5
   with pytest.raises(ValueError, match=r"optim.decay_rate must be in \(0, 1\], got 1.5"):
     optim.make_schedule(cfg, 100)

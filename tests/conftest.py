@@ -3,6 +3,7 @@
 The CPU device count is fixed when the backend starts (setting it later does nothing), so
 this has to run at conftest import time, before any test module imports jax.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +13,9 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 # The tests run XLA:CPU the way `capsjax.main` does (convs off YNNPACK), so 'auto' resolves
 # to the same conv lowering users get. Importing jax does not start its backends.
 from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 cpu_runtime.use_xla_cpu_convs()
 # Keep tests from touching the user's TFDS directory or the network.
-os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "capsjax_test_tfds"))
+os.environ.setdefault(
+  "TFDS_DATA_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "capsjax_test_tfds")
+)

@@ -28,13 +28,13 @@ def conv_fn(impl, stride):
 
 # (x shape [B, H, W, C_in], w shape [kh, kw, C_in, C_out], stride)
 CASES = [
-    ((2, 12, 12, 1), (9, 9, 1, 4), 1),      # Conv1-like, 1 input channel
-    ((2, 20, 20, 6), (9, 9, 6, 8), 2),      # PrimaryCaps-like
-    ((3, 11, 14, 3), (3, 5, 3, 5), 2),      # non-square image and kernel, 3 channels
-    ((2, 10, 13, 3), (4, 2, 3, 2), 3),      # stride 3, odd sizes
-    ((2, 7, 9, 2), (1, 1, 2, 3), 3),        # kernel smaller than the stride
-    ((1, 5, 5, 2), (5, 5, 2, 2), 2),        # kernel == image, 1x1 output
-    ((2, 9, 8, 3), (2, 3, 3, 4), 1),        # small kernel, stride 1
+  ((2, 12, 12, 1), (9, 9, 1, 4), 1),  # Conv1-like, 1 input channel
+  ((2, 20, 20, 6), (9, 9, 6, 8), 2),  # PrimaryCaps-like
+  ((3, 11, 14, 3), (3, 5, 3, 5), 2),  # non-square image and kernel, 3 channels
+  ((2, 10, 13, 3), (4, 2, 3, 2), 3),  # stride 3, odd sizes
+  ((2, 7, 9, 2), (1, 1, 2, 3), 3),  # kernel smaller than the stride
+  ((1, 5, 5, 2), (5, 5, 2, 2), 2),  # kernel == image, 1x1 output
+  ((2, 9, 8, 3), (2, 3, 3, 4), 1),  # small kernel, stride 1
 ]
 
 
@@ -55,19 +55,20 @@ def numpy_conv(x, w, stride):
   out = np.zeros((xn.shape[0], ho, wo, wn.shape[3]))
   for i in range(kh):
     for j in range(kw):
-      tap = xn[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      tap = xn[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
       out += tap @ wn[i, j]
   return out
 
 
 def reference(x, w, stride):
-  return lax.conv_general_dilated(x, w, (stride, stride), "VALID",
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return lax.conv_general_dilated(
+    x, w, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def value_and_grads(fn, x, w, g):
   y, vjp = jax.vjp(fn, x, w)
-  return (y, *vjp(g))                                      # y, dx, dw
+  return (y, *vjp(g))  # y, dx, dw
 
 
 def random_case(x_shape, w_shape, stride, seed=0, dtype=jnp.float32):
@@ -76,16 +77,16 @@ def random_case(x_shape, w_shape, stride, seed=0, dtype=jnp.float32):
   ho = (x_shape[1] - w_shape[0]) // stride + 1
   wo = (x_shape[2] - w_shape[1]) // stride + 1
   g_shape = (x_shape[0], ho, wo, w_shape[3])
-  return tuple(jnp.asarray(rng.standard_normal(s), dtype)
-               for s in (x_shape, w_shape, g_shape))
+  return tuple(jnp.asarray(rng.standard_normal(s), dtype) for s in (x_shape, w_shape, g_shape))
 
 
 @pytest.mark.parametrize("impl", LOWERINGS)
 @pytest.mark.parametrize("x_shape,w_shape,stride", CASES)
 def test_matches_reference_values_and_grads(impl, x_shape, w_shape, stride):
   x, w, g = random_case(x_shape, w_shape, stride)
-  expected = jax.jit(lambda x, w, g: value_and_grads(
-      lambda x, w: reference(x, w, stride), x, w, g))(x, w, g)
+  expected = jax.jit(
+    lambda x, w, g: value_and_grads(lambda x, w: reference(x, w, stride), x, w, g)
+  )(x, w, g)
   actual = jax.jit(lambda x, w, g: value_and_grads(conv_fn(impl, stride), x, w, g))(x, w, g)
   for name, a, e in zip(("y", "dx", "dw"), actual, expected):
     assert a.shape == e.shape and a.dtype == e.dtype, name
@@ -103,8 +104,9 @@ def test_bfloat16(impl):
   xf, wf, gf = (a.astype(jnp.float32) for a in (xb, wb, gb))
   expected = value_and_grads(lambda x, w: reference(x, w, 2), xf, wf, gf)
   for name, a, e in zip(("y", "dx", "dw"), (y, dx, dw), expected):
-    np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=2e-2,
-                               atol=2e-2 * float(jnp.max(jnp.abs(e))), err_msg=name)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), e, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(e))), err_msg=name
+    )
 
 
 @pytest.mark.parametrize("impl", LOWERINGS)
@@ -133,7 +135,7 @@ def test_batch_sharded_on_the_trainers_mesh(impl):
   x, w, _ = random_case((8, 13, 13, 3), (5, 5, 3, 4), 2)
 
   def loss(w, x):
-    y = conv_fn(impl, 2)(x, w)                             # [B, 5, 5, 4]
+    y = conv_fn(impl, 2)(x, w)  # [B, 5, 5, 4]
     return jnp.mean(jnp.square(y)), y
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -154,8 +156,12 @@ def test_batch_sharded_on_the_trainers_mesh(impl):
 def test_reference_matches_numpy(x_shape, w_shape, stride):
   """The reference itself (XLA's conv, as configured for these tests) vs float64 NumPy."""
   x, w, _ = random_case(x_shape, w_shape, stride)
-  np.testing.assert_allclose(jax.jit(reference, static_argnums=2)(x, w, stride),
-                             numpy_conv(x, w, stride), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+    jax.jit(reference, static_argnums=2)(x, w, stride),
+    numpy_conv(x, w, stride),
+    rtol=1e-5,
+    atol=1e-4,
+  )
 
 
 @pytest.mark.parametrize("m,r", [(1, 3), (2, 3), (3, 3), (3, 5), (2, 5), (3, 2), (4, 3)])
@@ -168,7 +174,7 @@ def test_winograd_matrices_compute_correlation(m, r):
   rng = np.random.default_rng(m * 10 + r)
   for _ in range(5):
     d, g = rng.standard_normal(n), rng.standard_normal(r)
-    expected = np.array([d[i:i + r] @ g for i in range(m)])
+    expected = np.array([d[i : i + r] @ g for i in range(m)])
     np.testing.assert_allclose(at @ ((g_mat @ g) * (bt @ d)), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -191,48 +197,56 @@ def test_winograd_error_vs_float64():
   assert err["winograd"] < 20 * err["xla"], err
 
 
-@pytest.mark.parametrize("x_shape,w_shape,stride", [
-    ((2, 20, 20, 3), (9, 9, 3, 4), 2),      # PrimaryCaps: 5x5 folded, 6x6 out = 2x2 tiles
-    ((1, 9, 10, 2), (3, 3, 2, 3), 1),       # 7x8 output: partial tiles on both axes
-    ((2, 6, 7, 2), (2, 5, 2, 2), 1),        # 5x3 output, 2x5 kernel
-    ((1, 16, 15, 2), (10, 7, 2, 2), 2),     # folded 5x4 kernel, 4x5 output
-    ((1, 16, 14, 2), (7, 9, 2, 3), 3),      # stride 3: folded 3x3 kernel, 4x2 output
-])
+@pytest.mark.parametrize(
+  "x_shape,w_shape,stride",
+  [
+    ((2, 20, 20, 3), (9, 9, 3, 4), 2),  # PrimaryCaps: 5x5 folded, 6x6 out = 2x2 tiles
+    ((1, 9, 10, 2), (3, 3, 2, 3), 1),  # 7x8 output: partial tiles on both axes
+    ((2, 6, 7, 2), (2, 5, 2, 2), 1),  # 5x3 output, 2x5 kernel
+    ((1, 16, 15, 2), (10, 7, 2, 2), 2),  # folded 5x4 kernel, 4x5 output
+    ((1, 16, 14, 2), (7, 9, 2, 3), 3),  # stride 3: folded 3x3 kernel, 4x2 output
+  ],
+)
 def test_winograd_core_on_partial_tiles(x_shape, w_shape, stride):
   """The Winograd lowering itself (no fallback) on outputs that are not a whole number of
   3x3 tiles, against float64 NumPy: values, dx and dw."""
   assert conv._winograd_applies(w_shape, stride)
   x, w, g = random_case(x_shape, w_shape, stride, seed=5)
-  y, dx, dw = jax.jit(lambda x, w, g: value_and_grads(
-      lambda x, w: conv.conv2d(x, w, stride=stride, impl="winograd"), x, w, g))(x, w, g)
-  np.testing.assert_allclose(y, numpy_conv(x, w, stride), rtol=1e-5,
-                             atol=1e-5 * np.abs(y).max())
+  y, dx, dw = jax.jit(
+    lambda x, w, g: value_and_grads(
+      lambda x, w: conv.conv2d(x, w, stride=stride, impl="winograd"), x, w, g
+    )
+  )(x, w, g)
+  np.testing.assert_allclose(y, numpy_conv(x, w, stride), rtol=1e-5, atol=1e-5 * np.abs(y).max())
   # dx and dw by the adjoint identities (the conv is bilinear), both sides in float64:
   # <dx, ex> = <g, conv(ex, w)> and <dw, ew> = <g, conv(x, ew)> for random ex, ew.
   xn, wn, gn = (np.asarray(a, np.float64) for a in (x, w, g))
   rng = np.random.default_rng(7)
   for _ in range(3):
     ex, ew = rng.standard_normal(xn.shape), rng.standard_normal(wn.shape)
-    np.testing.assert_allclose(np.sum(np.asarray(dx, np.float64) * ex),
-                               np.sum(gn * numpy_conv(ex, wn, stride)), rtol=1e-4)
-    np.testing.assert_allclose(np.sum(np.asarray(dw, np.float64) * ew),
-                               np.sum(gn * numpy_conv(xn, ew, stride)), rtol=1e-4)
+    np.testing.assert_allclose(
+      np.sum(np.asarray(dx, np.float64) * ex), np.sum(gn * numpy_conv(ex, wn, stride)), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+      np.sum(np.asarray(dw, np.float64) * ew), np.sum(gn * numpy_conv(xn, ew, stride)), rtol=1e-4
+    )
 
 
 def test_winograd_falls_back_for_large_and_1x1_folded_kernels_and_integers():
-  assert not conv._winograd_applies((9, 9, 1, 256), 1)     # Conv1: folded 9x9
-  assert not conv._winograd_applies((3, 3, 4, 4), 3)       # folded 1x1
-  assert conv._winograd_applies((9, 9, 256, 256), 2)       # PrimaryCaps: folded 5x5
+  assert not conv._winograd_applies((9, 9, 1, 256), 1)  # Conv1: folded 9x9
+  assert not conv._winograd_applies((3, 3, 4, 4), 3)  # folded 1x1
+  assert conv._winograd_applies((9, 9, 256, 256), 2)  # PrimaryCaps: folded 5x5
   assert not conv._winograd_applies((9, 9, 256, 256), 2, jnp.int32)
   x, w, _ = random_case((2, 12, 12, 1), (9, 9, 1, 4), 1)
   jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, impl="winograd"))(x, w))
-  assert "conv_general_dilated" in jaxpr                   # the 'hybrid' fallback
+  assert "conv_general_dilated" in jaxpr  # the 'hybrid' fallback
   # Integers stay exact (Winograd's fractional transforms would truncate).
   rng = np.random.default_rng(0)
   xi = jnp.asarray(rng.integers(-3, 4, (1, 9, 9, 2)), jnp.int32)
   wi = jnp.asarray(rng.integers(-3, 4, (5, 5, 2, 2)), jnp.int32)
-  np.testing.assert_array_equal(conv.conv2d(xi, wi, stride=2, impl="winograd"),
-                                reference(xi, wi, 2))
+  np.testing.assert_array_equal(
+    conv.conv2d(xi, wi, stride=2, impl="winograd"), reference(xi, wi, 2)
+  )
 
 
 def _user_sets_ynn_types() -> bool:
@@ -260,14 +274,18 @@ def test_impls_and_auto():
   else:
     assert auto == ("im2col" if cpu_runtime.cpu_convs_on_ynnpack() else "winograd")
     if not _user_sets_ynn_types():
-      sets_flag = (cpu_runtime.flag_known(jaxlib.__version__)
-                   and not cpu_runtime._accelerator_plugin_installed())
+      sets_flag = (
+        cpu_runtime.flag_known(jaxlib.__version__)
+        and not cpu_runtime._accelerator_plugin_installed()
+      )
       assert (cpu_runtime.XLA_CPU_CONV_FLAG in os.environ["XLA_FLAGS"]) == sets_flag, (
-          jaxlib.__version__)
+        jaxlib.__version__
+      )
       assert auto == ("winograd" if sets_flag else "im2col"), jaxlib.__version__
   x, w, _ = random_case((2, 9, 9, 2), (3, 3, 2, 2), 2)
-  np.testing.assert_allclose(conv.conv2d(x, w, stride=2, impl=auto),
-                             reference(x, w, 2), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    conv.conv2d(x, w, stride=2, impl=auto), reference(x, w, 2), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_bad_impl_raises_naming_it():
@@ -282,16 +300,21 @@ def test_bad_impl_raises_naming_it():
 
 
 def test_out_size():
-  assert [conv.out_size(n, k, s) for n, k, s in
-          [(28, 9, 1), (20, 9, 2), (11, 3, 2), (5, 5, 2), (10, 4, 3)]] == [20, 6, 5, 1, 3]
+  assert [
+    conv.out_size(n, k, s)
+    for n, k, s in [(28, 9, 1), (20, 9, 2), (11, 3, 2), (5, 5, 2), (10, 4, 3)]
+  ] == [20, 6, 5, 1, 3]
 
 
-@pytest.mark.parametrize("x_shape,w_shape,stride,match", [
+@pytest.mark.parametrize(
+  "x_shape,w_shape,stride,match",
+  [
     ((5, 5, 1), (3, 3, 1, 1), 1, "x must have shape"),
     ((1, 5, 5, 2), (3, 3, 1, 1), 1, "C_in"),
     ((1, 3, 5, 1), (4, 3, 1, 1), 1, "larger than the image"),
     ((1, 5, 5, 1), (3, 3, 1, 1), 0, "stride"),
-])
+  ],
+)
 def test_bad_shapes_raise(x_shape, w_shape, stride, match):
   with pytest.raises(ValueError, match=match):
     conv.conv2d(jnp.zeros(x_shape), jnp.zeros(w_shape), stride=stride, impl="im2col")

@@ -31,11 +31,17 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = fi.child_env(devices=1, cache_dir=cache, mock_examples=48,
-                       dump_dir=str(tmp_path / "dist_params"))
-    cmd = fi.child_cmd(CONFIG, str(tmp_path / "dist"), *OVERRIDES,
-                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                       f"--process_id={pid}")
+    env = fi.child_env(
+      devices=1, cache_dir=cache, mock_examples=48, dump_dir=str(tmp_path / "dist_params")
+    )
+    cmd = fi.child_cmd(
+      CONFIG,
+      str(tmp_path / "dist"),
+      *OVERRIDES,
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={pid}",
+    )
     procs.append(fi.start(cmd, env, str(tmp_path / f"dist{pid}.log")))
   for pid, p in enumerate(procs):
     assert p.wait(timeout=300) == 0, _log(tmp_path / f"dist{pid}.log")
@@ -44,10 +50,12 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   assert "epoch 1: validation accuracy" in log0 and "test accuracy" in log0
   assert "epoch 1: validation accuracy" not in _log(tmp_path / "dist1.log")  # printed once.
 
-  env = fi.child_env(devices=2, cache_dir=cache, mock_examples=48,
-                     dump_dir=str(tmp_path / "single_params"))
-  p = fi.start(fi.child_cmd(CONFIG, str(tmp_path / "single"), *OVERRIDES), env,
-               str(tmp_path / "single.log"))
+  env = fi.child_env(
+    devices=2, cache_dir=cache, mock_examples=48, dump_dir=str(tmp_path / "single_params")
+  )
+  p = fi.start(
+    fi.child_cmd(CONFIG, str(tmp_path / "single"), *OVERRIDES), env, str(tmp_path / "single.log")
+  )
   assert p.wait(timeout=300) == 0, _log(tmp_path / "single.log")
 
   p0 = fi.final_params(str(tmp_path / "dist_params"), process=0)

@@ -26,7 +26,7 @@ def synthetic_batch(n: int, *, seed: int = 0, shape=(28, 28, 1), num_classes: in
   rng.shuffle(labels)
   images = rng.uniform(0, 0.2, (n, *shape)).astype(np.float32)
   for i, k in enumerate(labels):
-    images[i, 2 * k % (shape[0] - 6):2 * k % (shape[0] - 6) + 6, 4:shape[1] - 4, :] = 1.0
+    images[i, 2 * k % (shape[0] - 6) : 2 * k % (shape[0] - 6) + 6, 4 : shape[1] - 4, :] = 1.0
   return {"image": images, "label": labels}
 
 
@@ -37,10 +37,12 @@ def mnist_smoke_config(**overrides):
 
 def mock_mnist_fixture():
   """A module-scoped fixture under which TFDS serves 48 mock examples per split."""
+
   @pytest.fixture(scope="module")
   def mock():
     with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
       yield
+
   return mock
 
 
@@ -49,13 +51,16 @@ def finished_run_fixture():
 
   Needs the `mock` fixture of `mock_mnist_fixture` in the same module.
   """
+
   @pytest.fixture(scope="module")
   def src(tmp_path_factory, mock):
     from capsjax import train  # pylint: disable=g-import-not-at-top
+
     del mock
     workdir = str(tmp_path_factory.mktemp("src") / "run")
     train.train_and_evaluate(mnist_smoke_config(), workdir)
     return workdir
+
   return src
 
 

@@ -18,8 +18,9 @@ def _model(init, **model):
   for k, v in model.items():
     config[k] = v
   config.init = init
-  return models.create_model(config, image_shape=(28, 28, 1), num_classes=10,
-                             rngs=nnx.Rngs(params=jax.random.key(0)))
+  return models.create_model(
+    config, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(params=jax.random.key(0))
+  )
 
 
 def keras_glorot_limit(shape):
@@ -47,7 +48,7 @@ def _check_uniform(x, limit):
 
 
 def test_keras_glorot_bounds_of_a_conv_kernel(keras_model):
-  kernel = keras_model.primary_caps.conv.kernel[...]                  # [9, 9, 256, 256]
+  kernel = keras_model.primary_caps.conv.kernel[...]  # [9, 9, 256, 256]
   limit = keras_glorot_limit((9, 9, 256, 256))
   assert limit == pytest.approx(math.sqrt(6 / (81 * 256 + 81 * 256)))
   _check_uniform(kernel, limit)
@@ -93,8 +94,12 @@ def test_tf_truncated_normal_and_biases():
   ref = rng.standard_normal(2_000_000)
   ref_std = ref[np.abs(ref) <= 2].std()
   assert ref_std == pytest.approx(0.8796, abs=2e-3)
-  for x, s in ((model.conv1.kernel[...], 0.05), (model.primary_caps.conv.kernel[...], 0.1),
-               (model.digit_caps.w[...], 0.1), (model.decoder.layers[0].kernel[...], 0.1)):
+  for x, s in (
+    (model.conv1.kernel[...], 0.05),
+    (model.primary_caps.conv.kernel[...], 0.1),
+    (model.digit_caps.w[...], 0.1),
+    (model.decoder.layers[0].kernel[...], 0.1),
+  ):
     x = np.asarray(x)
     assert np.abs(x).max() <= 2 * s + 1e-7
     np.testing.assert_allclose(x.std(), ref_std * s, rtol=0.03)
@@ -112,11 +117,13 @@ def test_tf_capsule_bias_enters_every_routing_iteration():
   model.digit_caps.bias[...] = bias
   v = model.capsules(x)
   u = model.primary_caps(jax.nn.relu(model.conv1(x)))
-  u_hat = np.einsum("bni,nmio->bnmo", np.asarray(u, np.float64),
-                    np.asarray(model.digit_caps.w[...], np.float64))
+  u_hat = np.einsum(
+    "bni,nmio->bnmo", np.asarray(u, np.float64), np.asarray(model.digit_caps.w[...], np.float64)
+  )
   # The NumPy Procedure 1 with s_j + b_j in each of the 3 iterations.
-  np.testing.assert_allclose(v, np_routing(u_hat, 3, bias=np.asarray(bias))[0],
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    v, np_routing(u_hat, 3, bias=np.asarray(bias))[0], rtol=1e-4, atol=1e-6
+  )
   assert not np.allclose(v, np_routing(u_hat, 3)[0], atol=1e-4)
 
 

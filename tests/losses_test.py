@@ -32,16 +32,13 @@ from capsjax.losses import margin_loss, reconstruction_loss
 #   ex 2: label 1, |v| = [0.3, 0.95, 0.0]
 #         present: 0;  absent: 0.5 * (0.3 - 0.1)^2 = 0.02;  0
 #         total 0.02
-HAND_LENGTHS_F64 = np.array([[0.95, 0.05, 0.5],
-                             [0.2, 0.7, 0.1],
-                             [0.3, 0.95, 0.0]])
+HAND_LENGTHS_F64 = np.array([[0.95, 0.05, 0.5], [0.2, 0.7, 0.1], [0.3, 0.95, 0.0]])
 HAND_LENGTHS = HAND_LENGTHS_F64.astype(np.float32)
 HAND_LABELS = np.array([0, 2, 1], np.int32)
 HAND_LOSS = np.array([0.08, 0.825, 0.02])
 
 
 class TestMarginLoss:
-
   def test_hand_computed(self):
     loss = jax.jit(margin_loss)(HAND_LENGTHS, HAND_LABELS)
     assert loss.shape == (3,) and loss.dtype == jnp.float32
@@ -56,28 +53,27 @@ class TestMarginLoss:
     np.testing.assert_allclose(np.asarray(loss), [0.18, 0.0], rtol=1e-6, atol=1e-7)
     # With the defaults the first example is (0.9 - 0.5)^2 + 0.5 (0.5 - 0.1)^2 = 0.24.
     np.testing.assert_allclose(
-        float(jax.jit(margin_loss)(np.array([0.5, 0.5], np.float32), np.array(0))),
-        0.24, rtol=1e-6)
+      float(jax.jit(margin_loss)(np.array([0.5, 0.5], np.float32), np.array(0))), 0.24, rtol=1e-6
+    )
 
   def test_matches_numpy_on_random_batch(self):
     rng = np.random.default_rng(0)
-    lengths = rng.uniform(0, 1, (2, 5, 10)).astype(np.float32)        # [B1, B2, K]
-    labels = rng.integers(0, 10, (2, 5)).astype(np.int32)             # [B1, B2]
+    lengths = rng.uniform(0, 1, (2, 5, 10)).astype(np.float32)  # [B1, B2, K]
+    labels = rng.integers(0, 10, (2, 5)).astype(np.int32)  # [B1, B2]
     expected = np.zeros((2, 5))
     for idx in np.ndindex(2, 5):
       for k in range(10):
         x = float(lengths[idx + (k,)])
         if k == labels[idx]:
-          expected[idx] += max(0.0, 0.9 - x)**2
+          expected[idx] += max(0.0, 0.9 - x) ** 2
         else:
-          expected[idx] += 0.5 * max(0.0, x - 0.1)**2
+          expected[idx] += 0.5 * max(0.0, x - 0.1) ** 2
     loss = jax.jit(margin_loss)(lengths, labels)
     assert loss.shape == (2, 5)
     np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-5, atol=1e-7)
 
   def test_zero_when_confident_and_correct(self):
-    lengths = np.array([[0.91, 0.0, 0.09, 0.05],
-                        [0.02, 0.08, 0.03, 0.99]], np.float32)
+    lengths = np.array([[0.91, 0.0, 0.09, 0.05], [0.02, 0.08, 0.03, 0.99]], np.float32)
     loss = jax.jit(margin_loss)(lengths, np.array([0, 3], np.int32))
     np.testing.assert_array_equal(np.asarray(loss), [0.0, 0.0])
     # Same lengths with the wrong labels are penalised.
@@ -86,13 +82,13 @@ class TestMarginLoss:
   def test_vmap_and_grad(self):
     grad = jax.jit(jax.vmap(jax.grad(margin_loss)))(HAND_LENGTHS, HAND_LABELS)
     # d/dx: present -2 max(0, m+ - x), absent lam * 2 max(0, x - m-).
-    expected = np.array([[0.0, 0.0, 0.4],
-                         [0.1, 0.6, -1.6],
-                         [0.2, 0.0, 0.0]])
+    expected = np.array([[0.0, 0.0, 0.4], [0.1, 0.6, -1.6], [0.2, 0.0, 0.0]])
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-7)
 
-  @pytest.mark.parametrize("dtype, expected", [
-      (jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32)])
+  @pytest.mark.parametrize(
+    "dtype, expected",
+    [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32)],
+  )
   def test_dtype_at_least_float32(self, dtype, expected):
     loss = jax.jit(margin_loss)(jnp.asarray(HAND_LENGTHS, dtype), HAND_LABELS)
     assert loss.dtype == expected
@@ -142,16 +138,13 @@ class TestMarginLoss:
 #   ex 0: image [[0, 1], [1, 0]], recon [[0.5, 1], [0, 0]]
 #         squared errors 0.25, 0, 1, 0 -> sum 1.25, mean 0.3125
 #   ex 1: image all 0.5, recon all 0 -> errors 0.25 x 4 -> sum 1.0, mean 0.25
-HAND_IMAGES = np.array([[[0.0, 1.0], [1.0, 0.0]],
-                        [[0.5, 0.5], [0.5, 0.5]]], np.float32)[..., None]
-HAND_RECONS = np.array([[[0.5, 1.0], [0.0, 0.0]],
-                        [[0.0, 0.0], [0.0, 0.0]]], np.float32)[..., None]
+HAND_IMAGES = np.array([[[0.0, 1.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]], np.float32)[..., None]
+HAND_RECONS = np.array([[[0.5, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], np.float32)[..., None]
 HAND_SUM = np.array([1.25, 1.0])
 HAND_MEAN = np.array([0.3125, 0.25])
 
 
 class TestReconstructionLoss:
-
   @pytest.mark.parametrize("reduction, expected", [("sum", HAND_SUM), ("mean", HAND_MEAN)])
   def test_hand_computed(self, reduction, expected):
     fn = jax.jit(functools.partial(reconstruction_loss, reduction=reduction))
@@ -161,13 +154,13 @@ class TestReconstructionLoss:
 
   def test_default_is_sum(self):
     np.testing.assert_allclose(
-        np.asarray(jax.jit(reconstruction_loss)(HAND_IMAGES, HAND_RECONS)), HAND_SUM,
-        rtol=1e-7)
+      np.asarray(jax.jit(reconstruction_loss)(HAND_IMAGES, HAND_RECONS)), HAND_SUM, rtol=1e-7
+    )
 
   @pytest.mark.parametrize("reduction, expected", [("sum", HAND_SUM), ("mean", HAND_MEAN)])
   def test_flat_reconstructions_accepted(self, reduction, expected):
     fn = jax.jit(functools.partial(reconstruction_loss, reduction=reduction))
-    loss = fn(HAND_IMAGES, HAND_RECONS.reshape(2, 4))                  # [B, H*W*C]
+    loss = fn(HAND_IMAGES, HAND_RECONS.reshape(2, 4))  # [B, H*W*C]
     np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-7)
 
   def test_matches_numpy_mnist_shapes(self):
@@ -177,20 +170,21 @@ class TestReconstructionLoss:
     err = (images.reshape(4, -1).astype(np.float64) - recons) ** 2
     loss_sum = jax.jit(reconstruction_loss)(images, recons)
     np.testing.assert_allclose(np.asarray(loss_sum), err.sum(-1), rtol=1e-5)
-    loss_mean = jax.jit(functools.partial(reconstruction_loss, reduction="mean"))(
-        images, recons)
+    loss_mean = jax.jit(functools.partial(reconstruction_loss, reduction="mean"))(images, recons)
     np.testing.assert_allclose(np.asarray(loss_mean), err.mean(-1), rtol=1e-5)
     # The paper's 0.0005 * sum equals the reference projects' 0.392 * mean on 784 pixels.
-    np.testing.assert_allclose(0.0005 * np.asarray(loss_sum), 0.392 * np.asarray(loss_mean),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      0.0005 * np.asarray(loss_sum), 0.392 * np.asarray(loss_mean), rtol=1e-5
+    )
 
   def test_batch_dims(self):
     images = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 24
     fn = jax.jit(functools.partial(reconstruction_loss, batch_dims=2))
     loss = fn(images, np.zeros_like(images))
     assert loss.shape == (2, 3)
-    np.testing.assert_allclose(np.asarray(loss), (images.astype(np.float64)**2).sum(-1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(loss), (images.astype(np.float64) ** 2).sum(-1), rtol=1e-6
+    )
 
   def test_uint8_images_promoted(self):
     images = np.array([[0, 2], [1, 3]], np.uint8)
@@ -199,8 +193,9 @@ class TestReconstructionLoss:
     np.testing.assert_allclose(np.asarray(loss), [1.0 + 1.0, 0.0 + 4.0])
 
   def test_bfloat16_gives_float32(self):
-    loss = jax.jit(reconstruction_loss)(jnp.asarray(HAND_IMAGES, jnp.bfloat16),
-                                        jnp.asarray(HAND_RECONS, jnp.bfloat16))
+    loss = jax.jit(reconstruction_loss)(
+      jnp.asarray(HAND_IMAGES, jnp.bfloat16), jnp.asarray(HAND_RECONS, jnp.bfloat16)
+    )
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(loss), HAND_SUM, rtol=1e-2)
 
@@ -240,15 +235,20 @@ def test_spread_loss_against_numpy_and_hand_values():
   a = rng.uniform(0, 1, (6, 5)).astype(np.float32)
   y = rng.integers(0, 5, 6).astype(np.int32)
   for m in (0.2, 0.9):
-    expected = np.array([sum(max(0.0, m - (a[b, y[b]] - a[b, i])) ** 2
-                             for i in range(5) if i != y[b]) for b in range(6)])
+    expected = np.array(
+      [
+        sum(max(0.0, m - (a[b, y[b]] - a[b, i])) ** 2 for i in range(5) if i != y[b])
+        for b in range(6)
+      ]
+    )
     got = jax.jit(lambda a, y, m=m: losses.spread_loss(a, y, margin=m))(a, y)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
   # Target ahead of every other class by more than the margin: zero; all equal: (K-1) m^2.
-  np.testing.assert_allclose(losses.spread_loss(jnp.array([[0.9, 0.1, 0.5]]),
-                                                jnp.array([0]), margin=0.3), [0.0])
-  np.testing.assert_allclose(losses.spread_loss(jnp.full((1, 4), 0.5), jnp.array([2]),
-                                                margin=0.2), [3 * 0.04], rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.spread_loss(jnp.array([[0.9, 0.1, 0.5]]), jnp.array([0]), margin=0.3), [0.0]
+  )
+  np.testing.assert_allclose(
+    losses.spread_loss(jnp.full((1, 4), 0.5), jnp.array([2]), margin=0.2), [3 * 0.04], rtol=1e-6
+  )
   with pytest.raises(TypeError, match="integer class ids"):
     losses.spread_loss(a, y.astype(np.float32))
-

@@ -34,13 +34,18 @@ def _cli(capsys, *argv):
   a real process below); returns (exit code, 'capsjax' lines of stderr, stderr).
   """
   from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
+
   values = dict(a[2:].split("=", 1) for a in argv)
-  config = _config(**{k[len("config."):]: _parse(v) for k, v in values.items()
-                      if k.startswith("config.")})
+  config = _config(
+    **{k[len("config.") :]: _parse(v) for k, v in values.items() if k.startswith("config.")}
+  )
   holder = lambda v: types.SimpleNamespace(value=v)
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(main_lib, "flags", types.SimpleNamespace(
-        FLAGS=types.SimpleNamespace(config=config, verbosity=0)))
+    mp.setattr(
+      main_lib,
+      "flags",
+      types.SimpleNamespace(FLAGS=types.SimpleNamespace(config=config, verbosity=0)),
+    )
     mp.setattr(main_lib, "_WORKDIR", holder(values["workdir"]))
     for name in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
       mp.setattr(main_lib, name, holder(None))
@@ -81,9 +86,19 @@ def _cli_process_error(tmp_path, override: str) -> str:
   Asserts the user-error exit code and that no traceback reached the console.
   """
   r = subprocess.run(
-      [sys.executable, "-m", "capsjax.main", "--config=configs/fashion.py:smoke",
-       f"--workdir={tmp_path}", override],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "capsjax.main",
+      "--config=configs/fashion.py:smoke",
+      f"--workdir={tmp_path}",
+      override,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 2, r.stderr
   assert "Traceback" not in r.stderr, r.stderr
   return r.stderr
@@ -92,46 +107,77 @@ def _cli_process_error(tmp_path, override: str) -> str:
 def test_cli_user_error_in_a_real_process_has_no_traceback(tmp_path):
   err = _cli_process_error(tmp_path, "--config.model.routing_iterations=0")
   errors = [l for l in err.splitlines() if l.startswith("capsjax: error: ")]
-  assert errors == ["capsjax: error: config.model.routing_iterations: num_iterations must be "
-                    ">= 1, got 0"], err
+  assert errors == [
+    "capsjax: error: config.model.routing_iterations: num_iterations must be >= 1, got 0"
+  ], err
 
 
 def test_cli_unknown_config_field_fails_at_flag_parsing(tmp_path):
   err = _cli_process_error(tmp_path, "--config.model.routing_iteration=1")
   assert err.strip() == (
-      'capsjax: error: unknown config field "routing_iteration" (did you mean '
-      '"routing_iterations"?) in: --config.model.routing_iteration=1'), err
+    'capsjax: error: unknown config field "routing_iteration" (did you mean '
+    '"routing_iterations"?) in: --config.model.routing_iteration=1'
+  ), err
 
 
-@pytest.mark.parametrize("argv,expected", [
+@pytest.mark.parametrize(
+  "argv,expected",
+  [
     (("--config.dataset=mnist_typo",), ("mnist_typo",)),
-    (("--config.model.routing_iterations=0",),
-     ("config.model.routing_iterations: num_iterations must be >= 1, got 0",)),
-    (("--config.batch_size=6",),
-     ("config.batch_size=6 must be a positive multiple of the number of devices (4)",)),
-])
+    (
+      ("--config.model.routing_iterations=0",),
+      ("config.model.routing_iterations: num_iterations must be >= 1, got 0",),
+    ),
+    (
+      ("--config.batch_size=6",),
+      ("config.batch_size=6 must be a positive multiple of the number of devices (4)",),
+    ),
+  ],
+)
 def test_cli_config_guards(capsys, tmp_path, mock, argv, expected):
   _one_line_error(capsys, expected, f"--workdir={tmp_path}", *argv)
 
 
 def test_cli_init_from_missing_and_other_architecture(capsys, tmp_path, src):
-  _one_line_error(capsys, ("does not exist", str(tmp_path / "nothing")),
-                  f"--workdir={tmp_path / 'a'}", f"--config.init_from={tmp_path / 'nothing'}")
-  _one_line_error(capsys, ("parameter 0/decoder/layers/0/kernel has shape (80, 32) in the "
-                           "checkpoint but (40, 32) in the model",),
-                  f"--workdir={tmp_path / 'b'}", f"--config.init_from={src}",
-                  "--config.model.digit_dim=4")
+  _one_line_error(
+    capsys,
+    ("does not exist", str(tmp_path / "nothing")),
+    f"--workdir={tmp_path / 'a'}",
+    f"--config.init_from={tmp_path / 'nothing'}",
+  )
+  _one_line_error(
+    capsys,
+    (
+      "parameter 0/decoder/layers/0/kernel has shape (80, 32) in the "
+      "checkpoint but (40, 32) in the model",
+    ),
+    f"--workdir={tmp_path / 'b'}",
+    f"--config.init_from={src}",
+    "--config.model.digit_dim=4",
+  )
 
 
 def test_cli_workdir_with_other_config_and_locked_workdir(capsys, tmp_path, src):
   workdir = _copy(src, tmp_path)
-  _one_line_error(capsys, ("was used by a run with a different config",
-                           "seed: 0 (saved) vs 1 (now)", "--config.overwrite=True"),
-                  f"--workdir={workdir}", "--config.seed=1", "--config.keep_checkpoints=1")
+  _one_line_error(
+    capsys,
+    (
+      "was used by a run with a different config",
+      "seed: 0 (saved) vs 1 (now)",
+      "--config.overwrite=True",
+    ),
+    f"--workdir={workdir}",
+    "--config.seed=1",
+    "--config.keep_checkpoints=1",
+  )
   with open(os.path.join(workdir, ".lock.0"), "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process trains here.
-    _one_line_error(capsys, ("is in use by another capsjax process",),
-                    f"--workdir={workdir}", "--config.keep_checkpoints=1")
+    _one_line_error(
+      capsys,
+      ("is in use by another capsjax process",),
+      f"--workdir={workdir}",
+      "--config.keep_checkpoints=1",
+    )
 
 
 def test_a_library_value_error_keeps_its_traceback(capsys, tmp_path, mock, monkeypatch):
@@ -139,6 +185,7 @@ def test_a_library_value_error_keeps_its_traceback(capsys, tmp_path, mock, monke
   # a user mistake: main must not turn it into a one-line error with exit code 2.
   def broken(*args, **kwargs):
     raise ValueError("a bug inside the loss")
+
   monkeypatch.setattr(losses, "margin_loss", broken)
   with pytest.raises(ValueError, match="a bug inside the loss"):
     _cli(capsys, f"--workdir={tmp_path / 'run'}")
@@ -151,8 +198,14 @@ def test_a_library_value_error_keeps_its_traceback(capsys, tmp_path, mock, monke
 
 
 def _main_process(argv, cwd=REPO, env=None):
-  return subprocess.run([sys.executable, "-m", "capsjax.main", *argv], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "capsjax.main", *argv],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def _only_error_line(r) -> str:
@@ -163,23 +216,36 @@ def _only_error_line(r) -> str:
   return lines[0]
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (("--config=configs/fashion.py:smoke", "--workdir=W", "--config.seed=abc"),
-     "capsjax: error: --config.seed=abc: invalid literal for int() with base 10: 'abc'"),
-    (("--config=configs/fashion.py:smoke", "--workdir=W", "--config.optim.learning_rate=x"),
-     "capsjax: error: --config.optim.learning_rate=x: could not convert string to float: 'x'"),
-    (("--config=configs/fashion.py:bogus", "--workdir=W"),
-     "capsjax: error: --config=configs/fashion.py:bogus: unknown config variant 'bogus'; "
-     "expected one of: 'quick', 'smoke'"),
-    (("--config=configs/nothere.py", "--workdir=W", "--config.seed=1"),
-     "capsjax: error: --config=configs/nothere.py: cannot load the config file ([Errno 2] No "
-     "such file or directory: 'configs/nothere.py')"),
+@pytest.mark.parametrize(
+  "argv,expected",
+  [
+    (
+      ("--config=configs/fashion.py:smoke", "--workdir=W", "--config.seed=abc"),
+      "capsjax: error: --config.seed=abc: invalid literal for int() with base 10: 'abc'",
+    ),
+    (
+      ("--config=configs/fashion.py:smoke", "--workdir=W", "--config.optim.learning_rate=x"),
+      "capsjax: error: --config.optim.learning_rate=x: could not convert string to float: 'x'",
+    ),
+    (
+      ("--config=configs/fashion.py:bogus", "--workdir=W"),
+      "capsjax: error: --config=configs/fashion.py:bogus: unknown config variant 'bogus'; "
+      "expected one of: 'quick', 'smoke'",
+    ),
+    (
+      ("--config=configs/nothere.py", "--workdir=W", "--config.seed=1"),
+      "capsjax: error: --config=configs/nothere.py: cannot load the config file ([Errno 2] No "
+      "such file or directory: 'configs/nothere.py')",
+    ),
     (("--config=configs/fashion.py:smoke",), "capsjax: error: missing required flag --workdir"),
     (("--workdir=W",), "capsjax: error: missing required flag --config"),
-    (("--config=configs/fashion.py:smoke", "--workdir=W", "stray"),
-     "capsjax: error: unexpected command-line arguments ['stray']; capsjax.main takes only "
-     "flags, e.g. --config=FILE --workdir=DIR"),
-])
+    (
+      ("--config=configs/fashion.py:smoke", "--workdir=W", "stray"),
+      "capsjax: error: unexpected command-line arguments ['stray']; capsjax.main takes only "
+      "flags, e.g. --config=FILE --workdir=DIR",
+    ),
+  ],
+)
 def test_flag_parsing_errors_are_one_line_and_exit_2(tmp_path, argv, expected):
   argv = [a.replace("=W", f"={tmp_path / 'w'}") for a in argv]
   assert _only_error_line(_main_process(argv)) == expected
@@ -195,16 +261,19 @@ def test_a_config_file_loads_from_any_cwd(tmp_path):
   os.symlink(os.path.join(REPO, "capsjax"), site / "capsjax")
   env = dict(os.environ, PYTHONPATH=str(site))
   config = os.path.relpath(os.path.join(REPO, "configs", "kmnist.py"), tmp_path)
-  r = _main_process([f"--config={config}:augment,smoke", f"--workdir={tmp_path / 'w'}",
-                     "--config.seed=-1"], cwd=str(tmp_path), env=env)
+  r = _main_process(
+    [f"--config={config}:augment,smoke", f"--workdir={tmp_path / 'w'}", "--config.seed=-1"],
+    cwd=str(tmp_path),
+    env=env,
+  )
   # The config loaded: the error is about the value, found by capsjax's own checks.
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
   assert [l for l in r.stderr.split("\n") if l.startswith("capsjax")] == [
-      "capsjax: error: config.seed must be >= 0, got -1"], r.stderr
+    "capsjax: error: config.seed must be >= 0, got -1"
+  ], r.stderr
 
 
-def test_user_error_starts_on_a_fresh_line_after_a_progress_bar(capsys, tmp_path,
-                                                                monkeypatch):
+def test_user_error_starts_on_a_fresh_line_after_a_progress_bar(capsys, tmp_path, monkeypatch):
   # A progress bar (TFDS's, the epoch bar) ends its updates with '\r', not '\n': the error
   # must still start a line of its own, so `grep '^capsjax: error'` finds it in a log.
   from capsjax import errors  # pylint: disable=g-import-not-at-top
@@ -213,6 +282,7 @@ def test_user_error_starts_on_a_fresh_line_after_a_progress_bar(capsys, tmp_path
   def fails_mid_bar(config, workdir):
     sys.stderr.write("\rGenerating train examples...:  42%|####      | 25k/60k")
     raise errors.DatasetValidationError("train-images-idx3-ubyte.gz: corrupt")
+
   monkeypatch.setattr(train, "train_and_evaluate", fails_mid_bar)
   code, _, err = _cli(capsys, f"--workdir={tmp_path}")
   assert code == 2
@@ -222,20 +292,24 @@ def test_user_error_starts_on_a_fresh_line_after_a_progress_bar(capsys, tmp_path
 
 def test_print_user_error_in_a_log_file_and_on_a_terminal(tmp_path):
   from capsjax import errors  # pylint: disable=g-import-not-at-top
+
   log = tmp_path / "run.log"
   with open(log, "w") as f:
     f.write("epoch 1/2:  50%|#####     | 2/4\r")
     errors.print_user_error("bad", stream=f)
   assert [l for l in log.read_text().split("\n") if l.startswith("capsjax: error")] == [
-      "capsjax: error: bad"]
+    "capsjax: error: bad"
+  ]
 
   class Tty(list):
     def isatty(self):
       return True
+
     write = list.append
 
     def flush(self):
       pass
+
   tty = Tty()
   errors.print_user_error("bad", stream=tty)
   # On a terminal the bar's line is cleared and reused: no empty line on screen.
@@ -249,6 +323,7 @@ def test_print_user_error_in_a_log_file_and_on_a_terminal(tmp_path):
 
 def _train(workdir, **overrides):
   from capsjax import train  # pylint: disable=g-import-not-at-top
+
   return train.train_and_evaluate(_config(**overrides), workdir)
 
 
@@ -256,10 +331,17 @@ def test_checkpoints_without_config_json_are_refused(capsys, tmp_path, src):
   workdir = _copy(src, tmp_path)
   os.remove(os.path.join(workdir, "config.json"))
   # Before: this silently continued the old checkpoints with 1 routing iteration.
-  _one_line_error(capsys, ("has checkpoints but no config.json",
-                           "--config.resume_with_changes='*'", "--config.overwrite=True"),
-                  f"--workdir={workdir}", "--config.model.routing_iterations=1",
-                  "--config.num_epochs=3")
+  _one_line_error(
+    capsys,
+    (
+      "has checkpoints but no config.json",
+      "--config.resume_with_changes='*'",
+      "--config.overwrite=True",
+    ),
+    f"--workdir={workdir}",
+    "--config.model.routing_iterations=1",
+    "--config.num_epochs=3",
+  )
   assert not os.path.exists(os.path.join(workdir, "config.json"))
   # The escape hatch, given explicitly, resumes them (step 8 -> 12).
   summary = _train(workdir, num_epochs=3, resume_with_changes="*")
@@ -278,14 +360,24 @@ def test_overwrite_moves_checkpoints_without_config_json_aside(tmp_path, src):
 def test_resume_with_changes_after_nan_advice(capsys, tmp_path, src, caplog):
   workdir = _copy(src, tmp_path)
   # The plain retry the NaN message used to suggest is refused, naming the way on.
-  _one_line_error(capsys, ("optim.learning_rate: 0.001 (saved) vs 0.0001 (now)",
-                           "--config.resume_with_changes=optim.learning_rate"),
-                  f"--workdir={workdir}", "--config.optim.learning_rate=0.0001",
-                  "--config.num_epochs=3")
+  _one_line_error(
+    capsys,
+    (
+      "optim.learning_rate: 0.001 (saved) vs 0.0001 (now)",
+      "--config.resume_with_changes=optim.learning_rate",
+    ),
+    f"--workdir={workdir}",
+    "--config.optim.learning_rate=0.0001",
+    "--config.num_epochs=3",
+  )
   with caplog.at_level("WARNING"):
-    summary = _train(workdir, num_epochs=3, resume_with_changes="optim.learning_rate",
-                     **{"optim.learning_rate": 1e-4})
-  assert summary["step"] == 12          # continued from step 8, not restarted.
+    summary = _train(
+      workdir,
+      num_epochs=3,
+      resume_with_changes="optim.learning_rate",
+      **{"optim.learning_rate": 1e-4},
+    )
+  assert summary["step"] == 12  # continued from step 8, not restarted.
   assert "config.optim.learning_rate changed: 0.001 -> 0.0001" in caplog.text
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["optim"]["learning_rate"] == 1e-4
@@ -294,41 +386,61 @@ def test_resume_with_changes_after_nan_advice(capsys, tmp_path, src, caplog):
   with open(os.path.join(workdir, previous[0])) as f:
     assert json.load(f)["optim"]["learning_rate"] == 1e-3
   # Only the fields named: another change is still refused.
-  _one_line_error(capsys, ("seed: 0 (saved) vs 1 (now)",), f"--workdir={workdir}",
-                  "--config.optim.learning_rate=0.0001", "--config.seed=1",
-                  "--config.resume_with_changes=optim.learning_rate")
+  _one_line_error(
+    capsys,
+    ("seed: 0 (saved) vs 1 (now)",),
+    f"--workdir={workdir}",
+    "--config.optim.learning_rate=0.0001",
+    "--config.seed=1",
+    "--config.resume_with_changes=optim.learning_rate",
+  )
 
 
 def test_resume_with_changes_still_refuses_another_model_shape(capsys, tmp_path, src):
   workdir = _copy(src, tmp_path)
-  _one_line_error(capsys, ("has shape (80, 32) in the checkpoint but (40, 32) in the model",),
-                  f"--workdir={workdir}", "--config.model.digit_dim=4",
-                  "--config.resume_with_changes=model", "--config.num_epochs=3")
+  _one_line_error(
+    capsys,
+    ("has shape (80, 32) in the checkpoint but (40, 32) in the model",),
+    f"--workdir={workdir}",
+    "--config.model.digit_dim=4",
+    "--config.resume_with_changes=model",
+    "--config.num_epochs=3",
+  )
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("optim.learnin_rate", "config.resume_with_changes: 'optim.learnin_rate' is not a config "
-                           "field"),
+@pytest.mark.parametrize(
+  "value,expected",
+  [
+    (
+      "optim.learnin_rate",
+      "config.resume_with_changes: 'optim.learnin_rate' is not a config field",
+    ),
     ("num_epochs", "config.resume_with_changes lists 'num_epochs', which is not run-defining"),
-])
-def test_resume_with_changes_names_run_defining_fields(capsys, tmp_path, mock, value,
-                                                       expected):
-  _one_line_error(capsys, (expected,), f"--workdir={tmp_path}",
-                  f"--config.resume_with_changes={value}")
+  ],
+)
+def test_resume_with_changes_names_run_defining_fields(capsys, tmp_path, mock, value, expected):
+  _one_line_error(
+    capsys, (expected,), f"--workdir={tmp_path}", f"--config.resume_with_changes={value}"
+  )
   assert not os.listdir(tmp_path)
 
 
 def test_non_finite_message_names_resume_with_changes():
   from capsjax import train  # pylint: disable=g-import-not-at-top
+
   run = types.SimpleNamespace(
-      ckpt=types.SimpleNamespace(latest_step=lambda: 8, directory="W/checkpoints"),
-      steps_per_epoch=4, config=_config())
+    ckpt=types.SimpleNamespace(latest_step=lambda: 8, directory="W/checkpoints"),
+    steps_per_epoch=4,
+    config=_config(),
+  )
   with pytest.raises(errors_lib().NonFiniteLossError) as e:
     train._Run.check_finite(run, [(9, {"loss": float("nan")})])
-  assert ("--config.optim.learning_rate=<lower> "
-          "--config.resume_with_changes=optim.learning_rate") in str(e.value)
+  assert (
+    "--config.optim.learning_rate=<lower> --config.resume_with_changes=optim.learning_rate"
+  ) in str(e.value)
 
 
 def errors_lib():
   from capsjax import errors  # pylint: disable=g-import-not-at-top
+
   return errors

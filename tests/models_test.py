@@ -17,8 +17,11 @@ from configs import cifar10, common, fashion
 
 
 def _abstract_model(config, image_shape=(28, 28, 1), num_classes=10):
-  return nnx.eval_shape(lambda: models.create_model(
-      config.model, image_shape=image_shape, num_classes=num_classes, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(
+    lambda: models.create_model(
+      config.model, image_shape=image_shape, num_classes=num_classes, rngs=nnx.Rngs(0)
+    )
+  )
 
 
 def test_paper_parameter_count():
@@ -46,8 +49,7 @@ def test_cifar_shapes():
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
 def test_forward_shapes_and_values(shape):
   config = fashion.get_config("smoke")
-  model = models.create_model(config.model, image_shape=shape, num_classes=10,
-                              rngs=nnx.Rngs(0))
+  model = models.create_model(config.model, image_shape=shape, num_classes=10, rngs=nnx.Rngs(0))
   x = jax.random.uniform(jax.random.key(1), (3, *shape))
   labels = jnp.array([0, 4, 9])
   out = jax.jit(lambda m, x, y: m(x, y, return_couplings=True))(model, x, labels)
@@ -60,7 +62,8 @@ def test_forward_shapes_and_values(shape):
   # 1e-30 leaves the tiny initial lengths distinguishable (1e-7 makes them all ~3.2e-4).
   assert config.model.length_eps == 1e-30
   np.testing.assert_allclose(
-      out["lengths"], np.sqrt(np.sum(np.square(out["v"]), -1) + 1e-30), rtol=1e-4)
+    out["lengths"], np.sqrt(np.sum(np.square(out["v"]), -1) + 1e-30), rtol=1e-4
+  )
   assert np.ptp(out["lengths"]) > 1e-7
   assert np.all(out["lengths"] < 1.0)
   np.testing.assert_array_equal(out["pred"], np.argmax(out["lengths"], -1))
@@ -69,8 +72,9 @@ def test_forward_shapes_and_values(shape):
 
 def test_decoder_masks_by_label_or_prediction():
   config = fashion.get_config("smoke")
-  model = models.create_model(config.model, image_shape=(28, 28, 1), num_classes=10,
-                              rngs=nnx.Rngs(0))
+  model = models.create_model(
+    config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
+  )
   x = jax.random.uniform(jax.random.key(2), (2, 28, 28, 1))
   out_pred = model(x)
   # Masking by the predicted class equals passing the prediction as labels.
@@ -81,41 +85,53 @@ def test_decoder_masks_by_label_or_prediction():
   v = out_pred["v"]
   other = (out_pred["pred"] + 1) % 10
   v2 = v.at[jnp.arange(2), other].add(0.3)
-  np.testing.assert_allclose(model.decoder(v, out_pred["pred"]),
-                             model.decoder(v2, out_pred["pred"]), rtol=1e-6)
+  np.testing.assert_allclose(
+    model.decoder(v, out_pred["pred"]), model.decoder(v2, out_pred["pred"]), rtol=1e-6
+  )
 
 
 def test_primary_caps_grouping_is_consecutive_channels():
   config = fashion.get_config("smoke")
-  model = models.create_model(config.model, image_shape=(28, 28, 1), num_classes=10,
-                              rngs=nnx.Rngs(0))
+  model = models.create_model(
+    config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
+  )
   x = jax.random.uniform(jax.random.key(3), (1, 28, 28, 1))
   h = jax.nn.relu(model.conv1(x))
-  y = model.primary_caps.conv(h)                       # [1, 6, 6, types*dim]
-  u = model.primary_caps(h)                            # [1, N_in, dim]
+  y = model.primary_caps.conv(h)  # [1, 6, 6, types*dim]
+  u = model.primary_caps(h)  # [1, N_in, dim]
   dim = config.model.primary_dim
   # Capsule (pixel 0, type 1) is channels dim..2*dim-1 at pixel (0, 0), squashed.
-  np.testing.assert_allclose(u[0, 1], caps_ops.squash(y[0, 0, 0, dim:2 * dim]), rtol=1e-5)
+  np.testing.assert_allclose(u[0, 1], caps_ops.squash(y[0, 0, 0, dim : 2 * dim]), rtol=1e-5)
 
 
 def test_bad_model_config_errors():
   config = fashion.get_config("smoke")
   config.model.routing_iterations = 0
-  with pytest.raises(errors.ConfigError,
-                     match=r"^config.model.routing_iterations: num_iterations must be >= 1, "
-                           r"got 0"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"^config.model.routing_iterations: num_iterations must be >= 1, "
+    r"got 0",
+  ):
     _abstract_model(config)
   config = fashion.get_config()
   with pytest.raises(errors.ConfigError, match="too small"):
     _abstract_model(config, image_shape=(12, 12, 1))
-  model = models.create_model(fashion.get_config("smoke").model, image_shape=(28, 28, 1),
-                              num_classes=10, rngs=nnx.Rngs(0))
+  model = models.create_model(
+    fashion.get_config("smoke").model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
+  )
   with pytest.raises(ValueError, match=r"images must have shape \[B, 28, 28, 1\]"):
     model(jnp.zeros((2, 32, 32, 3)))
 
 
-_SIZES = ["conv1_channels", "conv1_kernel", "primary_types", "primary_dim", "primary_kernel",
-          "primary_stride", "digit_dim"]
+_SIZES = [
+  "conv1_channels",
+  "conv1_kernel",
+  "primary_types",
+  "primary_dim",
+  "primary_kernel",
+  "primary_stride",
+  "digit_dim",
+]
 
 
 @pytest.mark.parametrize("field", _SIZES)
@@ -124,8 +140,9 @@ def test_bad_sizes_are_config_errors_naming_the_field(field, value):
   """Zero and negative sizes fail before any arithmetic (no ZeroDivisionError)."""
   config = fashion.get_config("smoke")
   config.model[field] = value
-  with pytest.raises(errors.ConfigError,
-                     match=rf"^config.model.{field}: must be an int >= 1, got {value}\b"):
+  with pytest.raises(
+    errors.ConfigError, match=rf"^config.model.{field}: must be an int >= 1, got {value}\b"
+  ):
     _abstract_model(config)
 
 
@@ -134,22 +151,38 @@ def test_bad_sizes_are_config_errors_naming_the_field(field, value):
 def test_non_int_sizes_are_config_errors(field, value):
   kwargs = dict(fashion.get_config("smoke").model, conv_impl="xla")
   kwargs[field] = value
-  with pytest.raises(errors.ConfigError,
-                     match=rf"^config.model.{field}: must be an int >= 1, got {value!r}"):
+  with pytest.raises(
+    errors.ConfigError, match=rf"^config.model.{field}: must be an int >= 1, got {value!r}"
+  ):
     models.CapsNet(**kwargs, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("dtype", "float16", r"config.model.dtype: must be one of \['bfloat16', 'float32'\], got "
-                         r"'float16'"),
-    ("init", "glorot", r"config.model.init: must be one of \('torch', 'keras', 'tf'\), got "
-                       r"'glorot'"),
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    (
+      "dtype",
+      "float16",
+      r"config.model.dtype: must be one of \['bfloat16', 'float32'\], got "
+      r"'float16'",
+    ),
+    (
+      "init",
+      "glorot",
+      r"config.model.init: must be one of \('torch', 'keras', 'tf'\), got "
+      r"'glorot'",
+    ),
     ("length_eps", 0.0, r"config.model.length_eps: must be in \(0, 1e-3\], got 0.0"),
     ("length_eps", 0.1, r"config.model.length_eps: must be in \(0, 1e-3\], got 0.1"),
     ("conv_impl", "cudnn", r"config.model.conv_impl: .*must be .*'auto'.*, got 'cudnn'"),
-    ("decoder_hidden", (16, 0), r"config.model.decoder_hidden\[1\]: must be an int >= 1, "
-                                r"got 0"),
-])
+    (
+      "decoder_hidden",
+      (16, 0),
+      r"config.model.decoder_hidden\[1\]: must be an int >= 1, "
+      r"got 0",
+    ),
+  ],
+)
 def test_bad_values_are_config_errors_naming_the_field(field, value, match):
   config = fashion.get_config("smoke")
   config.model[field] = value
@@ -163,28 +196,39 @@ def test_capsnet_keywords_are_the_config_model_fields():
   fields = set(common.get_base_config().model.keys())
   assert params - {"self", "image_shape", "num_classes", "rngs"} == fields
   config = fashion.get_config("smoke")
-  direct = nnx.eval_shape(lambda: models.CapsNet(
-      **dict(config.model, conv_impl="xla"), image_shape=(28, 28, 1), num_classes=10,
-      rngs=nnx.Rngs(0)))
+  direct = nnx.eval_shape(
+    lambda: models.CapsNet(
+      **dict(config.model, conv_impl="xla"),
+      image_shape=(28, 28, 1),
+      num_classes=10,
+      rngs=nnx.Rngs(0),
+    )
+  )
   built = _abstract_model(config)
-  assert (jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(direct))
-          == jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(built)))
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(direct)) == jax.tree.map(
+    lambda a: (a.shape, a.dtype), nnx.state(built)
+  )
 
 
 def test_auto_is_resolved_by_create_model_not_by_capsnet():
   config = fashion.get_config("smoke")
   assert config.model.conv_impl == "auto"
   kwargs = dict(config.model)
-  with pytest.raises(errors.ConfigError, match=r"^config.model.conv_impl: 'auto' must be "
-                                               r"resolved .*resolve_conv_impl"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"^config.model.conv_impl: 'auto' must be "
+    r"resolved .*resolve_conv_impl",
+  ):
     models.CapsNet(**kwargs, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
   model = _abstract_model(config)
   assert model.conv1.impl == model.primary_caps.conv.impl
   assert model.conv1.impl == cpu_runtime.resolve_conv_impl("auto")
   # A caller that resolved it at start-up passes the lowering; the config keeps 'auto'.
-  model = nnx.eval_shape(lambda: models.create_model(
-      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0),
-      conv_impl="hybrid"))
+  model = nnx.eval_shape(
+    lambda: models.create_model(
+      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), conv_impl="hybrid"
+    )
+  )
   assert model.primary_caps.conv.impl == "hybrid"
   assert config.model.conv_impl == "auto"
 
@@ -194,35 +238,52 @@ def test_old_configs_without_init_and_length_eps_and_unknown_fields():
   a field CapsNet does not know is a ConfigError naming it, not a TypeError."""
   saved = dict(fashion.get_config("smoke").model)
   del saved["init"], saved["length_eps"]
-  saved["decoder_hidden"] = list(saved["decoder_hidden"])      # as JSON gives it back
-  model = nnx.eval_shape(lambda: models.create_model(
-      saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)))
+  saved["decoder_hidden"] = list(saved["decoder_hidden"])  # as JSON gives it back
+  model = nnx.eval_shape(
+    lambda: models.create_model(saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
+  )
   assert model.length_eps == 1e-7
-  assert model.digit_caps.bias is None                         # 'torch': no routing bias
+  assert model.digit_caps.bias is None  # 'torch': no routing bias
   assert len(model.decoder.layers) == 3
   saved["routing_iteration"] = 2
-  with pytest.raises(errors.ConfigError, match=r"^config.model.routing_iteration: not a "
-                                               r"CapsNet field"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"^config.model.routing_iteration: not a "
+    r"CapsNet field",
+  ):
     models.create_model(saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
 
 
 def test_every_conv_path_gives_the_same_model():
   """Outputs and parameter gradients of a small CapsNet agree for every conv lowering."""
   from capsjax import losses  # pylint: disable=g-import-not-at-top
+
   images = jax.random.uniform(jax.random.key(1), (4, 20, 20, 1))
   labels = jnp.array([0, 3, 1, 2])
 
   def run(impl):
-    model = models.CapsNet(image_shape=(20, 20, 1), num_classes=4, conv1_channels=16,
-                           conv1_kernel=5, primary_types=4, primary_dim=4, primary_kernel=5,
-                           primary_stride=2, digit_dim=6, decoder_hidden=(16,),
-                           conv_impl=impl, rngs=nnx.Rngs(0))       # same init for every impl
+    model = models.CapsNet(
+      image_shape=(20, 20, 1),
+      num_classes=4,
+      conv1_channels=16,
+      conv1_kernel=5,
+      primary_types=4,
+      primary_dim=4,
+      primary_kernel=5,
+      primary_stride=2,
+      digit_dim=6,
+      decoder_hidden=(16,),
+      conv_impl=impl,
+      rngs=nnx.Rngs(0),
+    )  # same init for every impl
     graphdef, params = nnx.split(model)
 
     def loss(params):
       out = nnx.merge(graphdef, params)(images, labels)
-      return jnp.mean(losses.margin_loss(out["lengths"], labels)
-                      + jnp.mean(jnp.square(out["reconstruction"] - images), (1, 2, 3))), out
+      return jnp.mean(
+        losses.margin_loss(out["lengths"], labels)
+        + jnp.mean(jnp.square(out["reconstruction"] - images), (1, 2, 3))
+      ), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return out, grads
@@ -233,5 +294,8 @@ def test_every_conv_path_gives_the_same_model():
     out, grads = run(impl)
     for k in ("lengths", "v", "reconstruction"):
       np.testing.assert_allclose(out[k], ref_out[k], rtol=1e-4, atol=1e-5, err_msg=f"{impl} {k}")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
-                                                         err_msg=impl), grads, ref_grads)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=impl),
+      grads,
+      ref_grads,
+    )

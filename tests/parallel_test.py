@@ -30,8 +30,11 @@ def _setup():
 
 
 def _close(a, b, rtol=2e-5, atol=1e-6):
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol),
-               jax.device_get(a), jax.device_get(b))
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol),
+    jax.device_get(a),
+    jax.device_get(b),
+  )
 
 
 def test_four_devices_forced():
@@ -45,13 +48,15 @@ def test_sharded_step_matches_single_device(n):
   schedule = optim.make_schedule(config.optim, 10)
 
   def grads_fn(state, batch, key):
-    loss, aux, grads = steps_lib.loss_and_grads(graphdef, state, batch, key, weights=weights,
-                                            aug=aug)
+    loss, aux, grads = steps_lib.loss_and_grads(
+      graphdef, state, batch, key, weights=weights, aug=aug
+    )
     return loss, grads
 
   def step_fn(state, batch, key):
-    return steps_lib.train_step(graphdef, state, batch, key, weights=weights, aug=aug,
-                            schedule=schedule)
+    return steps_lib.train_step(
+      graphdef, state, batch, key, weights=weights, aug=aug, schedule=schedule
+    )
 
   ref_loss, ref_grads = jax.jit(grads_fn)(state, batch, key)
   ref_state, ref_metrics = jax.jit(step_fn)(state, batch, key)
@@ -89,12 +94,16 @@ def test_gradient_is_the_mean_not_the_sum():
   def grads_fn(state, batch):
     return steps_lib.loss_and_grads(graphdef, state, batch, key, weights=weights, aug=aug)[2]
 
-  grads = jax.device_get(parallel.jit_data_parallel(grads_fn, mesh)(
-      parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh)))
+  grads = jax.device_get(
+    parallel.jit_data_parallel(grads_fn, mesh)(
+      parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh)
+    )
+  )
   # Directional derivative along the whole (normalised) gradient: analytic = |g|.
   norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
   d = jax.tree.map(lambda g: g / norm, grads)
   eps = 3e-3
+
   def shift(sign):
     model = jax.tree.map(lambda x, di: x + sign * eps * di, state[0], d)
     return nnx.State({0: model, 1: state[1]})
@@ -107,7 +116,9 @@ def test_gradient_is_the_mean_not_the_sum():
 
 def test_indivisible_batch_is_a_clear_error():
   mesh = parallel.make_mesh(4)
-  with pytest.raises(ValueError, match=r"must be a positive multiple of the number of devices \(4\)"):
+  with pytest.raises(
+    ValueError, match=r"must be a positive multiple of the number of devices \(4\)"
+  ):
     parallel.shard_batch(helpers.synthetic_batch(6), mesh)
   with pytest.raises(ValueError, match=r"config.batch_size=10 must be a positive multiple"):
     parallel.check_batch_size(10, mesh, name="config.batch_size")

@@ -38,8 +38,11 @@ def _env(cache, **hooks):
 
 def _start(workdir, cache, **hooks):
   os.makedirs(workdir, exist_ok=True)
-  return fi.start(fi.child_cmd(CONFIG, workdir, *OVERRIDES), _env(cache, **hooks),
-                  os.path.join(workdir, "..", os.path.basename(workdir) + ".log"))
+  return fi.start(
+    fi.child_cmd(CONFIG, workdir, *OVERRIDES),
+    _env(cache, **hooks),
+    os.path.join(workdir, "..", os.path.basename(workdir) + ".log"),
+  )
 
 
 def _log(workdir):
@@ -108,19 +111,26 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, jax_cache, 
 
 
 def test_sigterm_in_the_middle_of_a_scanned_chunk_saves_exits_75_and_resumes(
-    tmp_path, jax_cache, reference):
+  tmp_path, jax_cache, reference
+):
   workdir = str(tmp_path / "run")
   marker = str(tmp_path / "marker")
   # Chunks of up to 3 steps, ending at log steps and epoch ends (4, 8, 12): 0-3, 3-4,
   # 4-7, ... The SIGTERM lands while the chunk 4-7 runs (holding step 6); the loop
   # finishes the chunk, saves at its end and exits 75.
   # (A time bound far above any step keeps the chunks where they are on a loaded machine.)
-  scan = ("--config.loop=scan", "--config.scan_chunk_steps=3", "--config.log_every_steps=4",
-          "--config.scan_chunk_seconds=3600")
+  scan = (
+    "--config.loop=scan",
+    "--config.scan_chunk_steps=3",
+    "--config.log_every_steps=4",
+    "--config.scan_chunk_seconds=3600",
+  )
   os.makedirs(workdir, exist_ok=True)
-  proc = fi.start(fi.child_cmd(CONFIG, workdir, *OVERRIDES, *scan),
-                  _env(jax_cache, hold_at_step=6, marker=marker),
-                  os.path.join(workdir, "..", "run.log"))
+  proc = fi.start(
+    fi.child_cmd(CONFIG, workdir, *OVERRIDES, *scan),
+    _env(jax_cache, hold_at_step=6, marker=marker),
+    os.path.join(workdir, "..", "run.log"),
+  )
   assert fi.wait_for(marker, proc, TIMEOUT), _log(workdir)[-3000:]
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=TIMEOUT) == processes.PREEMPTED_EXIT_CODE == 75, _log(workdir)[-3000:]
@@ -128,15 +138,17 @@ def test_sigterm_in_the_middle_of_a_scanned_chunk_saves_exits_75_and_resumes(
   assert _checkpoints(workdir) == ["4", "7"]
   # Resumed from step 7 with the default chunks (the smoke config logs every 2 steps), the
   # run ends with the per-step reference's parameters.
-  proc = fi.start(fi.child_cmd(CONFIG, workdir, *OVERRIDES, "--config.loop=scan"),
-                  _env(jax_cache), os.path.join(workdir, "..", "run.log"))
+  proc = fi.start(
+    fi.child_cmd(CONFIG, workdir, *OVERRIDES, "--config.loop=scan"),
+    _env(jax_cache),
+    os.path.join(workdir, "..", "run.log"),
+  )
   assert proc.wait(timeout=TIMEOUT) == 0, _log(workdir)[-3000:]
   assert "resumed from" in _log(workdir) and "at step 7" in _log(workdir)
   _assert_identical(workdir, reference)
 
 
-def test_sigkill_during_async_save_then_resume_is_bit_identical(tmp_path, jax_cache,
-                                                                 reference):
+def test_sigkill_during_async_save_then_resume_is_bit_identical(tmp_path, jax_cache, reference):
   workdir = str(tmp_path / "run")
   marker = str(tmp_path / "marker")
   # Hang inside the save of step 8, before Orbax renames its temporary directory.
@@ -157,21 +169,36 @@ def test_sigkill_during_async_save_then_resume_is_bit_identical(tmp_path, jax_ca
 
 @pytest.mark.slow
 def test_fault_injection_script_reports_no_divergence(tmp_path, capfd):
-  bad = fi.run(2, seed=1, config=CONFIG, overrides=OVERRIDES, mock_examples=48,
-               root=str(tmp_path), verbose=True)
+  bad = fi.run(
+    2,
+    seed=1,
+    config=CONFIG,
+    overrides=OVERRIDES,
+    mock_examples=48,
+    root=str(tmp_path),
+    verbose=True,
+  )
   assert bad == 0
   assert "2 resumes, 0 divergences" in capfd.readouterr().out
 
 
 def test_preempted_exit_code_is_documented():
   from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
+
   assert "75  preempted" in main_lib.__doc__
 
 
 @pytest.mark.slow
 def test_corruption_script_reports_no_silent_resume(tmp_path, capfd):
   # The command line of `--corrupt`: trains its own reference run, then the trials.
-  counts = fi.run_corrupt(5, seed=2, config=CONFIG, overrides=OVERRIDES[:2],
-                          mock_examples=48, root=str(tmp_path), verbose=True)
+  counts = fi.run_corrupt(
+    5,
+    seed=2,
+    config=CONFIG,
+    overrides=OVERRIDES[:2],
+    mock_examples=48,
+    root=str(tmp_path),
+    verbose=True,
+  )
   assert counts["silent"] == 0, counts
   assert "5 trials, 0 silent resumes from corrupt data" in capfd.readouterr().out

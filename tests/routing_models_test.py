@@ -45,11 +45,18 @@ def _jit_call(module, fn, *args):
 # ----------------------------------------------------------------------------------------
 
 
-def _random_routed_caps(name, *, iterations=3, seed=0, num_in=5, in_dim=3, num_out=4,
-                        out_dim=6):
+def _random_routed_caps(name, *, iterations=3, seed=0, num_in=5, in_dim=3, num_out=4, out_dim=6):
   rng = np.random.default_rng(seed)
-  layer = layers.RoutedCaps(num_in, in_dim, num_out, out_dim, routing_iterations=iterations,
-                            routing=name, em_final_lambda=0.05, rngs=nnx.Rngs(seed))
+  layer = layers.RoutedCaps(
+    num_in,
+    in_dim,
+    num_out,
+    out_dim,
+    routing_iterations=iterations,
+    routing=name,
+    em_final_lambda=0.05,
+    rngs=nnx.Rngs(seed),
+  )
   params = {"w": rng.normal(0, 0.5, (num_in, num_out, in_dim, out_dim))}
   if name == "em":
     params.update(beta_u=rng.normal(0, 1, num_out), beta_a=rng.normal(0, 1, num_out))
@@ -67,36 +74,40 @@ def _random_routed_caps(name, *, iterations=3, seed=0, num_in=5, in_dim=3, num_o
 def test_routed_caps_equals_routing_of_numpy_votes(name, iterations):
   layer, p = _random_routed_caps(name, iterations=iterations)
   rng = np.random.default_rng(1)
-  u = rng.normal(0, 1, (2, 5, 3)).astype(np.float32)                   # [B, N_in, D_in]
-  a_in = rng.uniform(0.1, 0.9, (2, 5)).astype(np.float32)              # [B, N_in]
-  votes = np.einsum("bni,nmio->bnmo", u.astype(np.float64), p["w"])   # [B, N_in, N_out, D]
-  kwargs = {"dynamic": {},
-            "em": dict(a_in=a_in, beta_u=p.get("beta_u"), beta_a=p.get("beta_a"),
-                       final_lambda=0.05),
-            "inverted_dot_product": dict(ln_scale=p.get("ln_scale"), ln_bias=p.get("ln_bias")),
-            "self_attention": dict(log_prior=p.get("log_prior"))}[name]
+  u = rng.normal(0, 1, (2, 5, 3)).astype(np.float32)  # [B, N_in, D_in]
+  a_in = rng.uniform(0.1, 0.9, (2, 5)).astype(np.float32)  # [B, N_in]
+  votes = np.einsum("bni,nmio->bnmo", u.astype(np.float64), p["w"])  # [B, N_in, N_out, D]
+  kwargs = {
+    "dynamic": {},
+    "em": dict(a_in=a_in, beta_u=p.get("beta_u"), beta_a=p.get("beta_a"), final_lambda=0.05),
+    "inverted_dot_product": dict(ln_scale=p.get("ln_scale"), ln_bias=p.get("ln_bias")),
+    "self_attention": dict(log_prior=p.get("log_prior")),
+  }[name]
   expected = routing.get(name)(jnp.asarray(votes, jnp.float32), iterations, **kwargs)
-  got = _jit_call(layer, lambda m, x, a: m.route(x, a_in=a if name == "em" else None),
-                  u, a_in)
+  got = _jit_call(layer, lambda m, x, a: m.route(x, a_in=a if name == "em" else None), u, a_in)
   for field in routing.Routed._fields:
-    np.testing.assert_allclose(getattr(got, field), getattr(expected, field), rtol=2e-5,
-                               atol=2e-6, err_msg=f"{name} {field}")
+    np.testing.assert_allclose(
+      getattr(got, field), getattr(expected, field), rtol=2e-5, atol=2e-6, err_msg=f"{name} {field}"
+    )
   # The layer call (predict_and_route for dynamic routing) gives the same poses and
   # assignments.
-  called = _jit_call(layer, lambda m, x, a: m(x, a_in=a if name == "em" else None,
-                                              return_couplings=True), u, a_in)
+  called = _jit_call(
+    layer, lambda m, x, a: m(x, a_in=a if name == "em" else None, return_couplings=True), u, a_in
+  )
   np.testing.assert_allclose(called.v, expected.poses, rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(called.c, expected.assignments, rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(np.sum(called.c, -1), 1.0, rtol=1e-5)
 
 
 def test_each_routing_holds_exactly_its_own_parameters():
-  expected = {"dynamic": {"w"}, "em": {"w", "beta_u", "beta_a"},
-              "inverted_dot_product": {"w", "ln_scale", "ln_bias"},
-              "self_attention": {"w", "log_prior"}}
+  expected = {
+    "dynamic": {"w"},
+    "em": {"w", "beta_u", "beta_a"},
+    "inverted_dot_product": {"w", "ln_scale", "ln_bias"},
+    "self_attention": {"w", "log_prior"},
+  }
   for name in ROUTINGS:
-    layer = layers.RoutedCaps(5, 3, 4, 6, routing_iterations=2, routing=name,
-                              rngs=nnx.Rngs(0))
+    layer = layers.RoutedCaps(5, 3, 4, 6, routing_iterations=2, routing=name, rngs=nnx.Rngs(0))
     assert set(nnx.state(layer, nnx.Param).keys()) == expected[name], name
   with pytest.raises(ValueError, match="unknown routing 'fast'; valid routings: 'dynamic'"):
     layers.RoutedCaps(5, 3, 4, 6, routing_iterations=2, routing="fast", rngs=nnx.Rngs(0))
@@ -124,18 +135,30 @@ def _np_layer_norm(x, scale, bias):
 
 
 def _small_capsnet(name, seed=0):
-  return models.CapsNet(image_shape=(12, 12, 1), num_classes=3, conv1_channels=4,
-                        conv1_kernel=5, primary_types=2, primary_dim=4, primary_kernel=3,
-                        primary_stride=2, digit_dim=4, routing_iterations=2,
-                        decoder_hidden=(8,), routing=name, em_final_lambda=0.05,
-                        conv_impl="xla", rngs=nnx.Rngs(seed))
+  return models.CapsNet(
+    image_shape=(12, 12, 1),
+    num_classes=3,
+    conv1_channels=4,
+    conv1_kernel=5,
+    primary_types=2,
+    primary_dim=4,
+    primary_kernel=3,
+    primary_stride=2,
+    digit_dim=4,
+    routing_iterations=2,
+    decoder_hidden=(8,),
+    routing=name,
+    em_final_lambda=0.05,
+    conv_impl="xla",
+    rngs=nnx.Rngs(seed),
+  )
 
 
 @pytest.mark.parametrize("name", ROUTINGS)
 def test_capsnet_class_scores_against_numpy(name):
   model = _small_capsnet(name)
   rng = np.random.default_rng(2)
-  if name == "inverted_dot_product":                       # not the identity init.
+  if name == "inverted_dot_product":  # not the identity init.
     _set(model.primary_caps.ln_scale, rng.uniform(0.5, 1.5, 4))
     _set(model.primary_caps.ln_bias, rng.normal(0, 0.3, 4))
   images = rng.uniform(0, 1, (3, 12, 12, 1)).astype(np.float32)
@@ -143,31 +166,43 @@ def test_capsnet_class_scores_against_numpy(name):
 
   # The conv trunk (tested in models_test/conv_test) from the model; the rest in NumPy.
   x = jax.nn.relu(model.conv1(images))
-  y = np.asarray(model.primary_caps.conv(x), np.float64)               # [B, 4, 4, 8]
-  raw = y.reshape(3, -1, 4)                                            # [B, N_in=32, 4]
-  prim = {"dynamic": _np_squash, "em": lambda s: s,
-          "self_attention": _np_efficient_squash,
-          "inverted_dot_product": lambda s: _np_layer_norm(
-              s, np.asarray(model.primary_caps.ln_scale[...]),
-              np.asarray(model.primary_caps.ln_bias[...]))}[name](raw)
+  y = np.asarray(model.primary_caps.conv(x), np.float64)  # [B, 4, 4, 8]
+  raw = y.reshape(3, -1, 4)  # [B, N_in=32, 4]
+  prim = {
+    "dynamic": _np_squash,
+    "em": lambda s: s,
+    "self_attention": _np_efficient_squash,
+    "inverted_dot_product": lambda s: _np_layer_norm(
+      s, np.asarray(model.primary_caps.ln_scale[...]), np.asarray(model.primary_caps.ln_bias[...])
+    ),
+  }[name](raw)
   w = np.asarray(model.digit_caps.w[...], np.float64)
-  votes = np.einsum("bni,nmio->bnmo", prim, w)                         # [B, 32, 3, 4]
+  votes = np.einsum("bni,nmio->bnmo", prim, w)  # [B, 32, 3, 4]
   caps = model.digit_caps
   if name == "em":
     a_in = 1 / (1 + np.exp(-np.asarray(model.primary_caps.activation_conv(x), np.float64)))
-    r = routing.em(jnp.asarray(votes, jnp.float32), 2, a_in=a_in.reshape(3, -1),
-                   beta_u=caps.beta_u[...], beta_a=caps.beta_a[...], final_lambda=0.05)
+    r = routing.em(
+      jnp.asarray(votes, jnp.float32),
+      2,
+      a_in=a_in.reshape(3, -1),
+      beta_u=caps.beta_u[...],
+      beta_a=caps.beta_a[...],
+      final_lambda=0.05,
+    )
     scores = np.asarray(r.activations)
   elif name == "inverted_dot_product":
-    r = routing.inverted_dot_product(jnp.asarray(votes, jnp.float32), 2,
-                                     ln_scale=caps.ln_scale[...], ln_bias=caps.ln_bias[...])
+    r = routing.inverted_dot_product(
+      jnp.asarray(votes, jnp.float32), 2, ln_scale=caps.ln_scale[...], ln_bias=caps.ln_bias[...]
+    )
     fc_w = np.asarray(model.class_fc.kernel[...])[:, 0]
     fc_b = float(np.asarray(model.class_fc.bias[...])[0])
     scores = 1 / (1 + np.exp(-(np.asarray(r.poses) @ fc_w + fc_b)))
   else:
-    r = routing.get(name)(jnp.asarray(votes, jnp.float32), 2,
-                          **({"log_prior": caps.log_prior[...]}
-                             if name == "self_attention" else {}))
+    r = routing.get(name)(
+      jnp.asarray(votes, jnp.float32),
+      2,
+      **({"log_prior": caps.log_prior[...]} if name == "self_attention" else {}),
+    )
     scores = np.sqrt(np.sum(np.asarray(r.poses, np.float64) ** 2, -1) + 1e-7)
   np.testing.assert_allclose(out["v"], r.poses, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(out["couplings"], r.assignments, rtol=1e-4, atol=1e-6)
@@ -179,17 +214,17 @@ def test_capsnet_class_scores_against_numpy(name):
 def test_matrix_votes_and_coordinate_addition_against_numpy():
   rng = np.random.default_rng(3)
   caps = layers.MatrixClassCaps(2, 3, routing_iterations=2, rngs=nnx.Rngs(0))
-  poses = rng.normal(0, 1, (2, 3, 4, 2, 16)).astype(np.float32)        # [B, H, W, T, 16]
-  w = np.asarray(caps.w[...], np.float64)                              # [T, N_out, 4, 4]
-  got = np.asarray(_jit_call(caps, lambda m, p: m.votes(p), poses))    # [B, 24, 3, 16]
+  poses = rng.normal(0, 1, (2, 3, 4, 2, 16)).astype(np.float32)  # [B, H, W, T, 16]
+  w = np.asarray(caps.w[...], np.float64)  # [T, N_out, 4, 4]
+  got = np.asarray(_jit_call(caps, lambda m, p: m.votes(p), poses))  # [B, 24, 3, 16]
   expected = np.zeros((2, 3, 4, 2, 3, 16))
   for yy in range(3):
     for xx in range(4):
       for t in range(2):
         for j in range(3):
           v = poses[:, yy, xx, t].reshape(2, 4, 4).astype(np.float64) @ w[t, j]  # [B, 4, 4]
-          v[:, 0, 3] += (yy + 0.5) / 3                                 # row, right column
-          v[:, 1, 3] += (xx + 0.5) / 4                                 # column
+          v[:, 0, 3] += (yy + 0.5) / 3  # row, right column
+          v[:, 1, 3] += (xx + 0.5) / 4  # column
           expected[:, yy, xx, t, j] = v.reshape(2, 16)
   np.testing.assert_allclose(got, expected.reshape(2, 24, 3, 16), rtol=1e-5, atol=1e-5)
 
@@ -200,9 +235,11 @@ def test_matrix_votes_and_coordinate_addition_against_numpy():
 
 
 def _count(config):
-  model = nnx.eval_shape(lambda: models.create_model(
-      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0),
-      conv_impl="xla"))
+  model = nnx.eval_shape(
+    lambda: models.create_model(
+      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), conv_impl="xla"
+    )
+  )
   decoder = 0 if model.decoder is None else models.count_params(model.decoder)
   return models.count_params(model), decoder
 
@@ -213,10 +250,12 @@ def test_parameter_counts_per_routing_in_the_smoke_capsnet():
   conv1, primary, w = 9 * 9 * 16 + 16, 9 * 9 * 16 * 16 + 16, 144 * 10 * 4 * 8
   decoder = (80 * 32 + 32) + (32 * 64 + 64) + (64 * 784 + 784)
   base = conv1 + primary + w + decoder
-  extra = {"dynamic": 0,
-           "em": (9 * 9 * 16 * 4 + 4) + 10 + 10,             # activation conv, beta_u, beta_a
-           "inverted_dot_product": 4 + 4 + 8 + 8 + 8 + 1,    # primary LN, routing LN, final_fc
-           "self_attention": 144 * 10}                       # log prior
+  extra = {
+    "dynamic": 0,
+    "em": (9 * 9 * 16 * 4 + 4) + 10 + 10,  # activation conv, beta_u, beta_a
+    "inverted_dot_product": 4 + 4 + 8 + 8 + 8 + 1,  # primary LN, routing LN, final_fc
+    "self_attention": 144 * 10,
+  }  # log prior
   for name in ROUTINGS:
     total, dec = _count(helpers.smoke_config(**{"model.routing": name}))
     assert (total, dec) == (base + extra[name], decoder), name
@@ -230,14 +269,18 @@ def test_efficient_capsnet_has_the_published_161k_parameters():
   # EscVM/Efficient-CapsNet models/efficient_capsnet_graph_mnist.py: four convs (+ bias)
   # each followed by BatchNorm (scale, bias), depthwise 9x9 PrimaryCaps (+ bias), FCCaps
   # W [10, 16, 8, 16] and b [10, 16, 1].
-  convs = (5 * 5 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (3 * 3 * 64 * 64 + 64) + (
-      3 * 3 * 64 * 128 + 128)
+  convs = (
+    (5 * 5 * 1 * 32 + 32)
+    + (3 * 3 * 32 * 64 + 64)
+    + (3 * 3 * 64 * 64 + 64)
+    + (3 * 3 * 64 * 128 + 128)
+  )
   norms = 2 * (32 + 64 + 64 + 128)
   primary = 9 * 9 * 128 + 128
   fccaps = 16 * 10 * 8 * 16 + 16 * 10
   total, decoder = _count(efficient_capsnet.get_config())
   assert total - decoder == convs + norms + primary + fccaps == 161_824
-  assert (total - decoder) // 1000 == 161                  # the paper's "161K"
+  assert (total - decoder) // 1000 == 161  # the paper's "161K"
   assert decoder == (160 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 784 + 784)
 
 
@@ -254,19 +297,32 @@ def test_matrix_capsnet_parameter_count():
 
 
 def _build(config):
-  return nnx.eval_shape(lambda: models.create_model(
-      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0),
-      conv_impl="xla"))
+  return nnx.eval_shape(
+    lambda: models.create_model(
+      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), conv_impl="xla"
+    )
+  )
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("model.routing", "fast", r"^config.model.routing: unknown routing 'fast'; valid "
-                              r"routings: 'dynamic', 'em', 'inverted_dot_product', "
-                              r"'self_attention'"),
-    ("model.architecture", "resnet", r"^config.model.architecture: must be one of "
-                                     r"\['capsnet', 'efficient_capsnet', 'matrix_capsnet'\]"),
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
+    (
+      "model.routing",
+      "fast",
+      r"^config.model.routing: unknown routing 'fast'; valid "
+      r"routings: 'dynamic', 'em', 'inverted_dot_product', "
+      r"'self_attention'",
+    ),
+    (
+      "model.architecture",
+      "resnet",
+      r"^config.model.architecture: must be one of "
+      r"\['capsnet', 'efficient_capsnet', 'matrix_capsnet'\]",
+    ),
     ("model.em_final_lambda", 0.0, r"^config.model.em_final_lambda: must be a number > 0"),
-])
+  ],
+)
 def test_bad_routing_fields_are_config_errors(field, value, match):
   with pytest.raises(errors.ConfigError, match=match):
     _build(helpers.smoke_config(**{field: value}))
@@ -275,8 +331,11 @@ def test_bad_routing_fields_are_config_errors(field, value, match):
 def test_paper_architectures_refuse_routings_they_do_not_build():
   config = efficient_capsnet.get_config("smoke")
   config.model.routing = "em"
-  with pytest.raises(errors.ConfigError, match=r"^config.model.routing: this architecture "
-                                               r"supports 'self_attention', got 'em'"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"^config.model.routing: this architecture "
+    r"supports 'self_attention', got 'em'",
+  ):
     _build(config)
   config = matrix_capsules_em.get_config("smoke")
   config.model.primary_types = 0
@@ -288,6 +347,7 @@ def test_paper_architectures_refuse_routings_they_do_not_build():
 @pytest.mark.parametrize("variant", [None, "quick", "smoke"])
 def test_paper_configs_load_and_declare_exactly_their_model_fields(module, variant):
   from configs import common  # pylint: disable=g-import-not-at-top
+
   config = module.get_config(variant)
   assert set(config.to_dict()) == set(common.get_base_config().to_dict())
   assert set(config.model) == models.model_fields(config.model.architecture)
@@ -302,13 +362,18 @@ def test_old_workdirs_without_the_routing_fields_still_resume(tmp_path):
   for leaf in ("architecture", "routing", "em_final_lambda"):
     del saved["model"][leaf]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  workdir_lib.check_config(config, str(tmp_path))      # the legacy values: accepted.
-  model = nnx.eval_shape(lambda: models.create_model(
-      saved["model"] | {"conv_impl": "xla"}, image_shape=(28, 28, 1), num_classes=10,
-      rngs=nnx.Rngs(0)))
+  workdir_lib.check_config(config, str(tmp_path))  # the legacy values: accepted.
+  model = nnx.eval_shape(
+    lambda: models.create_model(
+      saved["model"] | {"conv_impl": "xla"},
+      image_shape=(28, 28, 1),
+      num_classes=10,
+      rngs=nnx.Rngs(0),
+    )
+  )
   assert model.routing == "dynamic"
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  config.model.routing = "em"                          # another routing: refused.
+  config.model.routing = "em"  # another routing: refused.
   with pytest.raises(ValueError, match=r"model.routing: 'dynamic' \(saved\) vs 'em' \(now\)"):
     workdir_lib.check_config(config, str(tmp_path))
 
@@ -333,12 +398,16 @@ def _case(case):
     config = matrix_capsules_em.get_config("smoke")
     return config, {"digit_caps.beta_u": 0.0, "digit_caps.beta_a": 0.0}
   config = helpers.smoke_config(**{"model.routing": case})
-  return config, {"dynamic": {},
-                  "em": {"digit_caps.beta_u": 0.0, "digit_caps.beta_a": 0.0},
-                  "inverted_dot_product": {"digit_caps.ln_scale": 1.0,
-                                           "digit_caps.ln_bias": 0.0,
-                                           "primary_caps.ln_scale": 1.0},
-                  "self_attention": {"digit_caps.log_prior": 0.0}}[case]
+  return config, {
+    "dynamic": {},
+    "em": {"digit_caps.beta_u": 0.0, "digit_caps.beta_a": 0.0},
+    "inverted_dot_product": {
+      "digit_caps.ln_scale": 1.0,
+      "digit_caps.ln_bias": 0.0,
+      "primary_caps.ln_scale": 1.0,
+    },
+    "self_attention": {"digit_caps.log_prior": 0.0},
+  }[case]
 
 
 def _param(model, dotted):
@@ -351,18 +420,22 @@ def _param(model, dotted):
 @pytest.mark.parametrize("case", ROUTINGS + ("efficient_capsnet", "matrix_capsnet"))
 def test_smoke_training_resume_and_assignments(case, tmp_path, mock_mnist):
   config, own = _case(case)
-  for key, value in {"dataset": "mnist", "train_examples": 32, "eval_examples": 24,
-                     "data_dir": str(tmp_path / "tfds")}.items():
+  for key, value in {
+    "dataset": "mnist",
+    "train_examples": 32,
+    "eval_examples": 24,
+    "data_dir": str(tmp_path / "tfds"),
+  }.items():
     run_config.set_field(config, key, value)
   workdir = str(tmp_path / "run")
   summary = train.train_and_evaluate(config, workdir)
-  assert summary["step"] == 8                              # 32 / 8 x 2 epochs
+  assert summary["step"] == 8  # 32 / 8 x 2 epochs
   with open(os.path.join(workdir, "metrics.csv")) as f:
     rows = list(csv.DictReader(f))
   losses = [float(r["loss"]) for r in rows]
   assert losses and all(math.isfinite(x) for x in losses)
   run = analysis.load_run(workdir)
-  for dotted, init in own.items():                         # the routing's parameters learned.
+  for dotted, init in own.items():  # the routing's parameters learned.
     value = _param(run.model, dotted)
     assert np.all(np.isfinite(value)) and np.max(np.abs(value - init)) > 1e-6, dotted
   # The model's couplings are its routing's assignments: [B, N_in, 10], rows sum to 1.
@@ -371,8 +444,9 @@ def test_smoke_training_resume_and_assignments(case, tmp_path, mock_mnist):
   assert c.shape == (4, run.model.num_primary, 10)
   np.testing.assert_allclose(c.sum(-1), 1.0, rtol=1e-5)
   # visualize draws the routing's assignments on its primary-capsule grid.
-  paths = visualize.make_figures(workdir, num_examples=2, num_routing=2, eval_examples=8,
-                                 data_dir=config.data_dir)
+  paths = visualize.make_figures(
+    workdir, num_examples=2, num_routing=2, eval_examples=8, data_dir=config.data_dir
+  )
   assert os.path.getsize(paths["routing.png"]) > 5000
   # Resuming with one more epoch continues from step 8.
   config.num_epochs = 3
@@ -386,10 +460,9 @@ def test_readme_em_example_runs_and_prints_what_it_says(capsys):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "README.md")) as f:
     readme = f.read()
-  section = readme[readme.index("## Routing algorithms"):]
-  code = section[section.index("```python\n") + 10:]
-  code = code[:code.index("```")]
+  section = readme[readme.index("## Routing algorithms") :]
+  code = section[section.index("```python\n") + 10 :]
+  code = code[: code.index("```")]
   assert "routing.em(" in code and "CapsNet" not in code
   exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
   assert capsys.readouterr().out.strip() == "(2, 5, 16) (2, 5) (2, 32, 5)"
-

@@ -17,8 +17,9 @@ from tests import helpers
 
 def _config(tmp_path, **overrides):
   # MNIST, not Fashion-MNIST: with fashion_mnist the loader finds the real Debian files.
-  return helpers.smoke_config(**{"dataset": "mnist", "data_dir": str(tmp_path / "tfds"),
-                                 **overrides})
+  return helpers.smoke_config(
+    **{"dataset": "mnist", "data_dir": str(tmp_path / "tfds"), **overrides}
+  )
 
 
 @pytest.fixture
@@ -51,13 +52,15 @@ def test_sweep_runs_tabulates_and_skips_finished_runs(tmp_path, mock_data, count
   config = _config(tmp_path, num_epochs=1)
   rows = routing_sweep.run_sweep(config, sweep, [1, 2], [0], entropy_examples=16)
   assert count_training == [(1, 0, "iter1_seed0"), (2, 0, "iter2_seed0")]
-  assert [(r["iterations"], r["seed"], r["skipped"]) for r in rows] == [(1, 0, False),
-                                                                          (2, 0, False)]
+  assert [(r["iterations"], r["seed"], r["skipped"]) for r in rows] == [
+    (1, 0, False),
+    (2, 0, False),
+  ]
   # The :smoke CapsNet's parameters (tests/routing_models_test.py counts them by hand).
   assert [r["parameters"] for r in rows] == [123_808, 123_808]
   for it in (1, 2):
     rdir = os.path.join(sweep, f"iter{it}_seed0")
-    assert os.listdir(os.path.join(rdir, "checkpoints")) == ["4"]   # 32 examples / batch 8
+    assert os.listdir(os.path.join(rdir, "checkpoints")) == ["4"]  # 32 examples / batch 8
     assert os.path.exists(os.path.join(rdir, "summary.json"))
     assert os.path.exists(os.path.join(rdir, routing_sweep.RUN_JSON))
 
@@ -90,8 +93,11 @@ def test_sweep_runs_tabulates_and_skips_finished_runs(tmp_path, mock_data, count
   assert os.path.getsize(os.path.join(sweep, "accuracy_vs_iterations.png")) > 5000
 
   # Rerun: nothing is retrained and the runs' files are untouched; tables are rewritten.
-  watched = [os.path.join(sweep, f"iter{it}_seed0", name) for it in (1, 2)
-             for name in ("summary.json", "metrics.csv")]
+  watched = [
+    os.path.join(sweep, f"iter{it}_seed0", name)
+    for it in (1, 2)
+    for name in ("summary.json", "metrics.csv")
+  ]
   before = {p: (os.stat(p).st_mtime_ns, open(p).read()) for p in watched}
   rows2 = routing_sweep.run_sweep(config, sweep, [1, 2], [0], entropy_examples=16)
   assert len(count_training) == 2
@@ -114,8 +120,7 @@ def test_sweep_runs_tabulates_and_skips_finished_runs(tmp_path, mock_data, count
 def test_unfinished_run_resumes(tmp_path, mock_data, count_training):
   sweep = str(tmp_path / "sweep")
   # A run that stopped after 1 of 2 epochs (what a killed run leaves behind).
-  routing_sweep.run_sweep(_config(tmp_path, num_epochs=1), sweep, [2], [0],
-                          entropy_examples=0)
+  routing_sweep.run_sweep(_config(tmp_path, num_epochs=1), sweep, [2], [0], entropy_examples=0)
   rows = routing_sweep.run_sweep(_config(tmp_path), sweep, [2], [0], entropy_examples=0)
   assert len(count_training) == 2 and not rows[0]["skipped"]
   assert rows[0]["step"] == 8 and rows[0]["epochs"] == 2
@@ -133,14 +138,21 @@ def test_sweep_over_routings(tmp_path, mock_data, count_training):
   once, as iterations=1; parameters per routing in the table."""
   sweep = str(tmp_path / "sweep")
   config = _config(tmp_path, num_epochs=1)
-  rows = routing_sweep.run_sweep(config, sweep, [2, 3], [0], entropy_examples=8,
-                                 routings=["em", "self_attention"])
-  assert count_training == [(2, 0, "em_iter2_seed0"), (3, 0, "em_iter3_seed0"),
-                            (1, 0, "self_attention_iter1_seed0")]
+  rows = routing_sweep.run_sweep(
+    config, sweep, [2, 3], [0], entropy_examples=8, routings=["em", "self_attention"]
+  )
+  assert count_training == [
+    (2, 0, "em_iter2_seed0"),
+    (3, 0, "em_iter3_seed0"),
+    (1, 0, "self_attention_iter1_seed0"),
+  ]
   results = _read(os.path.join(sweep, "results.csv"))
   assert [(r["routing"], int(r["iterations"]), int(r["parameters"])) for r in results] == [
-      ("em", 2, 129_016), ("em", 3, 129_016), ("self_attention", 1, 125_248)]
-  for r in rows:   # every routing's assignments sum to 1: entropy in (0, ln 10].
+    ("em", 2, 129_016),
+    ("em", 3, 129_016),
+    ("self_attention", 1, 125_248),
+  ]
+  for r in rows:  # every routing's assignments sum to 1: entropy in (0, ln 10].
     assert 0.0 < r["coupling_entropy"] <= np.log(10) + 1e-6
   with open(os.path.join(sweep, "results.md")) as f:
     md = f.read()
@@ -150,10 +162,23 @@ def test_sweep_over_routings(tmp_path, mock_data, count_training):
 
 
 def test_summarize_mean_and_std_over_seeds():
-  rows = [{"routing": "dynamic", "iterations": 3, "seed": s, "accuracy": a, "loss": 1.0,
-           "margin_loss": 0.5, "recon_loss": 0.1, "images_per_s": 10.0, "wall_s": 2.0,
-           "coupling_entropy": e, "epochs": 1.0, "parameters": 7}
-          for s, a, e in ((0, 0.8, 2.0), (1, 0.9, 1.0))]
+  rows = [
+    {
+      "routing": "dynamic",
+      "iterations": 3,
+      "seed": s,
+      "accuracy": a,
+      "loss": 1.0,
+      "margin_loss": 0.5,
+      "recon_loss": 0.1,
+      "images_per_s": 10.0,
+      "wall_s": 2.0,
+      "coupling_entropy": e,
+      "epochs": 1.0,
+      "parameters": 7,
+    }
+    for s, a, e in ((0, 0.8, 2.0), (1, 0.9, 1.0))
+  ]
   rows.append(dict(rows[0], routing="em", accuracy=0.5))
   r, em = routing_sweep.summarize(rows)
   assert (em["routing"], em["num_seeds"], em["accuracy_mean"]) == ("em", 1, 0.5)
@@ -175,8 +200,16 @@ def test_validates_arguments(tmp_path):
 
 def test_command_line_flags_and_config_overrides(monkeypatch):
   from absl import flags
-  argv = ["prog", "--config=configs/fashion.py:smoke", "--config.model.digit_dim=4",
-          "--iterations=1,3,5", "--seeds=0,1", "--workdir=/tmp/x", "--routings=em,dynamic"]
+
+  argv = [
+    "prog",
+    "--config=configs/fashion.py:smoke",
+    "--config.model.digit_dim=4",
+    "--iterations=1,3,5",
+    "--seeds=0,1",
+    "--workdir=/tmp/x",
+    "--routings=em,dynamic",
+  ]
   monkeypatch.setattr("sys.argv", argv)  # config_flags reads its overrides from sys.argv.
   fv = flags.FlagValues()
   routing_sweep._define_flags(fv)

@@ -20,12 +20,12 @@ from capsjax.routing import Routed
 
 ALGORITHMS = ("dynamic", "em", "inverted_dot_product", "self_attention")
 SHAPES = [
-    (5, 3, 4),            # no batch dim: [N_in, N_out, D]
-    (2, 3, 6, 4, 3),      # two batch dims: [B1, B2, N_in, N_out, D]
-    (1, 8, 5, 16),        # 4x4 pose matrices, as EM routing uses
+  (5, 3, 4),  # no batch dim: [N_in, N_out, D]
+  (2, 3, 6, 4, 3),  # two batch dims: [B1, B2, N_in, N_out, D]
+  (1, 8, 5, 16),  # 4x4 pose matrices, as EM routing uses
 ]
 ITERATIONS = (1, 2, 3)
-EM_FINAL_LAMBDA = 0.1     # larger than the default 0.01, so activations vary visibly
+EM_FINAL_LAMBDA = 0.1  # larger than the default 0.01, so activations vary visibly
 
 
 # ---------------------------------------------------------------------------------------
@@ -50,10 +50,11 @@ def per_example(fn, u_hat, *extra):
   u_hat = np.asarray(u_hat, np.float64)
   batch = u_hat.shape[:-3]
   flat = u_hat.reshape((-1,) + u_hat.shape[-3:])
-  extra_flat = [np.reshape(e, (len(flat),) + np.shape(e)[len(batch):]) for e in extra]
+  extra_flat = [np.reshape(e, (len(flat),) + np.shape(e)[len(batch) :]) for e in extra]
   outs = [fn(u, *[e[k] for e in extra_flat]) for k, u in enumerate(flat)]
-  return tuple(np.stack([o[t] for o in outs]).reshape(batch + outs[0][t].shape)
-               for t in range(len(outs[0])))
+  return tuple(
+    np.stack([o[t] for o in outs]).reshape(batch + outs[0][t].shape) for t in range(len(outs[0]))
+  )
 
 
 def np_squash(s):
@@ -66,9 +67,10 @@ def np_dynamic_one(u, num_iterations):
   n_in, n_out, d = u.shape
   b = np.zeros((n_in, n_out))
   for r in range(num_iterations):
-    c = np.stack([np_softmax(b[i]) for i in range(n_in)])              # [N_in, N_out]
-    v = np.stack([np_squash(sum(c[i, j] * u[i, j] for i in range(n_in)))
-                  for j in range(n_out)])                               # [N_out, D]
+    c = np.stack([np_softmax(b[i]) for i in range(n_in)])  # [N_in, N_out]
+    v = np.stack(
+      [np_squash(sum(c[i, j] * u[i, j] for i in range(n_in))) for j in range(n_out)]
+    )  # [N_out, D]
     if r < num_iterations - 1:
       for i in range(n_in):
         for j in range(n_out):
@@ -89,20 +91,21 @@ def np_em_one(u, a_in, beta_u, beta_a, lambdas, eps=1e-8, normalise_over="parent
     mu = np.zeros((n_out, d))
     var = np.zeros((n_out, d))
     a_out = np.zeros(n_out)
-    for j in range(n_out):                                              # M-step
-      rp = r[:, j] * a_in                                               # [N_in]
+    for j in range(n_out):  # M-step
+      rp = r[:, j] * a_in  # [N_in]
       total = rp.sum()
       mu[j] = sum(rp[i] * u[i, j] for i in range(n_in)) / (total + eps)
       var[j] = sum(rp[i] * (u[i, j] - mu[j]) ** 2 for i in range(n_in)) / (total + eps) + eps
-      cost = (beta_u[j] + np.log(np.sqrt(var[j]))) * total              # [D]
+      cost = (beta_u[j] + np.log(np.sqrt(var[j]))) * total  # [D]
       a_out[j] = np_sigmoid(lam * (beta_a[j] - cost.sum()))
     if t == len(lambdas) - 1:
       break
-    p = np.zeros((n_in, n_out))                                         # E-step
+    p = np.zeros((n_in, n_out))  # E-step
     for i in range(n_in):
       for j in range(n_out):
-        p[i, j] = np.prod(np.exp(-(u[i, j] - mu[j]) ** 2 / (2 * var[j]))
-                          / np.sqrt(2 * np.pi * var[j]))
+        p[i, j] = np.prod(
+          np.exp(-((u[i, j] - mu[j]) ** 2) / (2 * var[j])) / np.sqrt(2 * np.pi * var[j])
+        )
     ap = a_out[None, :] * p
     axis = 1 if normalise_over == "parents" else 0
     r = ap / ap.sum(axis=axis, keepdims=True)
@@ -118,23 +121,33 @@ def np_layer_norm(x, scale=None, bias=None, eps=1e-5):
   return y
 
 
-def np_inverted_one(u, num_iterations, scale=None, ln_scale=None, ln_bias=None,
-                    normalise_over="parents"):
+def np_inverted_one(
+  u, num_iterations, scale=None, ln_scale=None, ln_bias=None, normalise_over="parents"
+):
   """Tsai et al. (2020), Procedure 1: zero-initialised parents, then attention."""
   n_in, n_out, d = u.shape
   scale = 1.0 / np.sqrt(d) if scale is None else scale
   r = np.full((n_in, n_out), 1.0 / n_out)
-  v = np.stack([np_layer_norm(sum(r[i, j] * u[i, j] for i in range(n_in)), ln_scale,
-                              ln_bias) for j in range(n_out)])          # [N_out, D]
+  v = np.stack(
+    [
+      np_layer_norm(sum(r[i, j] * u[i, j] for i in range(n_in)), ln_scale, ln_bias)
+      for j in range(n_out)
+    ]
+  )  # [N_out, D]
   for _ in range(num_iterations - 1):
-    agree = np.array([[scale * np.dot(v[j], u[i, j]) for j in range(n_out)]
-                      for i in range(n_in)])                            # [N_in, N_out]
+    agree = np.array(
+      [[scale * np.dot(v[j], u[i, j]) for j in range(n_out)] for i in range(n_in)]
+    )  # [N_in, N_out]
     if normalise_over == "parents":
       r = np.stack([np_softmax(agree[i]) for i in range(n_in)])
     else:
       r = np.stack([np_softmax(agree[:, j]) for j in range(n_out)], axis=1)
-    v = np.stack([np_layer_norm(sum(r[i, j] * u[i, j] for i in range(n_in)), ln_scale,
-                                ln_bias) for j in range(n_out)])
+    v = np.stack(
+      [
+        np_layer_norm(sum(r[i, j] * u[i, j] for i in range(n_in)), ln_scale, ln_bias)
+        for j in range(n_out)
+      ]
+    )
   return v, r.mean(axis=0), r
 
 
@@ -148,16 +161,20 @@ def np_self_attention_one(u, log_prior=None, normalise_over="parents"):
   n_in, n_out, d = u.shape
   logits = np.zeros((n_in, n_out))
   for j in range(n_out):
-    uj = u[:, j, :]                                                     # [N_in, D]
-    a = uj @ uj.T / np.sqrt(d)                                          # [N_in, N_in]
+    uj = u[:, j, :]  # [N_in, D]
+    a = uj @ uj.T / np.sqrt(d)  # [N_in, N_in]
     logits[:, j] = a.sum(axis=1)
   if normalise_over == "parents":
     c = np.stack([np_softmax(logits[i]) for i in range(n_in)])
   else:
     c = np.stack([np_softmax(logits[:, j]) for j in range(n_out)], axis=1)
   b = np.zeros((n_in, n_out)) if log_prior is None else log_prior
-  v = np.stack([np_efficient_squash(sum(u[i, j] * (c[i, j] + b[i, j]) for i in range(n_in)))
-                for j in range(n_out)])
+  v = np.stack(
+    [
+      np_efficient_squash(sum(u[i, j] * (c[i, j] + b[i, j]) for i in range(n_in)))
+      for j in range(n_out)
+    ]
+  )
   return v, np.sqrt(np.sum(v * v, axis=-1) + 1e-7), c
 
 
@@ -172,18 +189,22 @@ def make_inputs(shape, seed=0, dtype=np.float32):
   n_in, n_out = shape[-3], shape[-2]
   u = rng.standard_normal(shape).astype(dtype)
   return {
-      "u": u,
-      "a_in": rng.uniform(0.1, 1.0, shape[:-2]).astype(dtype),
-      "beta_u": rng.normal(0.0, 0.5, (n_out,)).astype(dtype),
-      "beta_a": rng.normal(0.0, 0.5, (n_out,)).astype(dtype),
-      "log_prior": rng.normal(0.0, 0.3, (n_in, n_out)).astype(dtype),
+    "u": u,
+    "a_in": rng.uniform(0.1, 1.0, shape[:-2]).astype(dtype),
+    "beta_u": rng.normal(0.0, 0.5, (n_out,)).astype(dtype),
+    "beta_a": rng.normal(0.0, 0.5, (n_out,)).astype(dtype),
+    "log_prior": rng.normal(0.0, 0.3, (n_in, n_out)).astype(dtype),
   }
 
 
 def kwargs_for(algo, inputs):
   if algo == "em":
-    return dict(a_in=inputs["a_in"], beta_u=inputs["beta_u"], beta_a=inputs["beta_a"],
-                final_lambda=EM_FINAL_LAMBDA)
+    return dict(
+      a_in=inputs["a_in"],
+      beta_u=inputs["beta_u"],
+      beta_a=inputs["beta_a"],
+      final_lambda=EM_FINAL_LAMBDA,
+    )
   if algo == "self_attention":
     return dict(log_prior=inputs["log_prior"])
   return {}
@@ -198,8 +219,10 @@ def reference(algo, inputs, num_iterations, **overrides):
     beta_u = np.asarray(inputs["beta_u"], np.float64)
     beta_a = np.asarray(inputs["beta_a"], np.float64)
     return per_example(
-        lambda x, a: np_em_one(x, a, beta_u, beta_a, lambdas, **overrides), u,
-        np.asarray(inputs["a_in"], np.float64))
+      lambda x, a: np_em_one(x, a, beta_u, beta_a, lambdas, **overrides),
+      u,
+      np.asarray(inputs["a_in"], np.float64),
+    )
   if algo == "inverted_dot_product":
     return per_example(lambda x: np_inverted_one(x, num_iterations, **overrides), u)
   prior = np.asarray(inputs["log_prior"], np.float64)
@@ -213,14 +236,21 @@ def outputs():
 
   @jax.jit
   def route_all(inputs):
-    return [[[routing.get(algo)(inp["u"], r, **kwargs_for(algo, inp)) for r in ITERATIONS]
-             for inp in inputs] for algo in ALGORITHMS]
+    return [
+      [
+        [routing.get(algo)(inp["u"], r, **kwargs_for(algo, inp)) for r in ITERATIONS]
+        for inp in inputs
+      ]
+      for algo in ALGORITHMS
+    ]
 
   results = route_all(inputs)
-  return {(algo, shape, r): (inp, res_r)
-          for algo, res_a in zip(ALGORITHMS, results)
-          for shape, inp, res_s in zip(SHAPES, inputs, res_a)
-          for r, res_r in zip(ITERATIONS, res_s)}
+  return {
+    (algo, shape, r): (inp, res_r)
+    for algo, res_a in zip(ALGORITHMS, results)
+    for shape, inp, res_s in zip(SHAPES, inputs, res_a)
+    for r, res_r in zip(ITERATIONS, res_s)
+  }
 
 
 SETTINGS = [(a, s, r) for a in ALGORITHMS for s in SHAPES for r in ITERATIONS]
@@ -233,7 +263,6 @@ SETTING_IDS = [f"{a}-{'x'.join(map(str, s))}-r{r}" for a, s, r in SETTINGS]
 
 
 class TestAgainstNumPy:
-
   @pytest.mark.parametrize("algo,shape,r", SETTINGS, ids=SETTING_IDS)
   def test_matches_reference(self, outputs, algo, shape, r):
     inputs, res = outputs[(algo, shape, r)]
@@ -245,9 +274,9 @@ class TestAgainstNumPy:
     if r > 1:
       first = outputs[(algo, shape, 1)][1]
       changed = np.max(np.abs(np.asarray(res.poses) - np.asarray(first.poses)))
-      if algo == "self_attention":       # single pass: iterations change nothing
+      if algo == "self_attention":  # single pass: iterations change nothing
         assert changed == 0
-      else:                              # routing must do something, else the test is weak
+      else:  # routing must do something, else the test is weak
         assert changed > 1e-3
 
   @pytest.mark.parametrize("algo,shape,r", SETTINGS, ids=SETTING_IDS)
@@ -281,13 +310,15 @@ class TestAgainstNumPy:
 
   def test_dynamic_is_caps_ops_dynamic_routing(self):
     u = make_inputs((2, 6, 4, 3))["u"]
-    res, (v, c) = jax.jit(lambda x: (routing.dynamic(x, 3), caps_ops.dynamic_routing(
-        x, 3, return_couplings=True)))(u)
+    res, (v, c) = jax.jit(
+      lambda x: (routing.dynamic(x, 3), caps_ops.dynamic_routing(x, 3, return_couplings=True))
+    )(u)
     # Equal up to the last bit XLA's fusion choices may move.
     np.testing.assert_allclose(np.asarray(res.poses), np.asarray(v), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(res.assignments), np.asarray(c), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(res.activations),
-                               np.asarray(caps_ops.capsule_lengths(v)), rtol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(res.activations), np.asarray(caps_ops.capsule_lengths(v)), rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,13 +345,11 @@ def bf16_and_f64():
 
 
 class TestTransformsAndDtypes:
-
   @pytest.mark.parametrize("algo", ALGORITHMS)
   def test_jit_equals_eager(self, outputs, algo):
     inputs, jitted = outputs[(algo, (5, 3, 4), 3)]
     eager = call(algo, inputs, 3)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7),
-                 eager, jitted)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), eager, jitted)
 
   @pytest.mark.parametrize("algo", ALGORITHMS)
   def test_vmap_equals_batched(self, outputs, algo):
@@ -332,8 +361,9 @@ class TestTransformsAndDtypes:
       mapped = jax.jit(jax.vmap(lambda u, a: fn(u, a_in=a)))(per_ex["u"], per_ex["a_in"])
     else:
       mapped = jax.jit(jax.vmap(fn))(per_ex["u"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7),
-                 mapped, batched)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), mapped, batched
+    )
 
   @pytest.mark.parametrize("algo", ALGORITHMS)
   def test_bfloat16_in_bfloat16_out(self, bf16_and_f64, algo):
@@ -365,14 +395,12 @@ class TestTransformsAndDtypes:
 
 
 class TestGradients:
-
   @pytest.mark.parametrize("algo", ALGORITHMS)
   def test_check_grads_float64(self, algo):
     with jax.enable_x64(True):
       inputs = make_inputs((2, 4, 3, 4), seed=7, dtype=np.float64)
       if algo == "em":
-        f = lambda u, a, bu, ba: routing.em(u, 3, a_in=a, beta_u=bu, beta_a=ba,
-                                            final_lambda=1.0)
+        f = lambda u, a, bu, ba: routing.em(u, 3, a_in=a, beta_u=bu, beta_a=ba, final_lambda=1.0)
         args = (inputs["u"], inputs["a_in"], inputs["beta_u"], inputs["beta_a"])
       elif algo == "inverted_dot_product":
         d = inputs["u"].shape[-1]
@@ -390,10 +418,12 @@ class TestGradients:
   @pytest.mark.parametrize("algo", ALGORITHMS)
   def test_grads_finite_for_degenerate_votes(self, algo):
     """Identical votes (EM: σ² = 0; LayerNorm: var = 0) and zero votes (squash at 0)."""
-    grad = jax.jit(jax.vmap(jax.grad(lambda x: sum(
-        jnp.sum(jnp.sin(t)) for t in routing.get(algo)(x, 2)))))
-    g = np.asarray(grad(np.stack([np.ones((4, 3, 4), np.float32),
-                                  np.zeros((4, 3, 4), np.float32)])))
+    grad = jax.jit(
+      jax.vmap(jax.grad(lambda x: sum(jnp.sum(jnp.sin(t)) for t in routing.get(algo)(x, 2))))
+    )
+    g = np.asarray(
+      grad(np.stack([np.ones((4, 3, 4), np.float32), np.zeros((4, 3, 4), np.float32)]))
+    )
     assert np.all(np.isfinite(g)), algo
 
 
@@ -403,27 +433,34 @@ class TestGradients:
 
 
 class TestEM:
-
   def test_default_inverse_temperature_schedule(self):
-    np.testing.assert_allclose(routing.em_inverse_temperatures(3),
-                               [0.01 * 0.05, 0.01 * 0.0975, 0.01 * 0.142625], rtol=1e-12)
+    np.testing.assert_allclose(
+      routing.em_inverse_temperatures(3), [0.01 * 0.05, 0.01 * 0.0975, 0.01 * 0.142625], rtol=1e-12
+    )
     inputs = make_inputs((2, 6, 4, 3))
-    default, explicit = jax.jit(lambda u, a: (
+    default, explicit = jax.jit(
+      lambda u, a: (
         routing.em(u, 3, a_in=a),
-        routing.em(u, 3, a_in=a, inverse_temperatures=routing.em_inverse_temperatures(3))
-    ))(inputs["u"], inputs["a_in"])
+        routing.em(u, 3, a_in=a, inverse_temperatures=routing.em_inverse_temperatures(3)),
+      )
+    )(inputs["u"], inputs["a_in"])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), default, explicit)
 
   def test_explicit_inverse_temperatures_match_reference(self):
     inputs = make_inputs((2, 6, 4, 3), seed=3)
     lambdas = (0.3, 1.0)
-    res = jax.jit(lambda u, a, bu, ba: routing.em(
-        u, 2, a_in=a, beta_u=bu, beta_a=ba, inverse_temperatures=lambdas))(
-            inputs["u"], inputs["a_in"], inputs["beta_u"], inputs["beta_a"])
+    res = jax.jit(
+      lambda u, a, bu, ba: routing.em(
+        u, 2, a_in=a, beta_u=bu, beta_a=ba, inverse_temperatures=lambdas
+      )
+    )(inputs["u"], inputs["a_in"], inputs["beta_u"], inputs["beta_a"])
     ref = per_example(
-        lambda x, a: np_em_one(x, a, inputs["beta_u"].astype(np.float64),
-                               inputs["beta_a"].astype(np.float64), lambdas),
-        inputs["u"], inputs["a_in"].astype(np.float64))
+      lambda x, a: np_em_one(
+        x, a, inputs["beta_u"].astype(np.float64), inputs["beta_a"].astype(np.float64), lambdas
+      ),
+      inputs["u"],
+      inputs["a_in"].astype(np.float64),
+    )
     for got, want in zip(res, ref):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
 
@@ -435,10 +472,10 @@ class TestEM:
     u2[:, 0] += 5.0
     f = jax.jit(lambda u: routing.em(u, 3, a_in=a_in, final_lambda=1.0))
     r1, r2 = f(inputs["u"]), f(u2)
-    np.testing.assert_allclose(np.asarray(r1.poses), np.asarray(r2.poses), rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(np.asarray(r1.activations), np.asarray(r2.activations),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(r1.poses), np.asarray(r2.poses), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(r1.activations), np.asarray(r2.activations), rtol=1e-5, atol=1e-6
+    )
 
   def test_bad_arguments(self):
     u = make_inputs((2, 6, 4, 3))["u"]
@@ -453,14 +490,15 @@ class TestEM:
 
 
 class TestInvertedDotProduct:
-
   def test_paper_scale_and_layer_norm_params_match_reference(self):
     inputs = make_inputs((2, 6, 4, 3), seed=8)
     g, b = np.array([1.5, 0.5, 2.0]), np.array([0.1, -0.2, 0.3])
-    res = jax.jit(lambda u: routing.inverted_dot_product(
-        u, 3, agreement_scale=1.0, ln_scale=g, ln_bias=b))(inputs["u"])
-    ref = per_example(lambda x: np_inverted_one(x, 3, scale=1.0, ln_scale=g, ln_bias=b),
-                      inputs["u"])
+    res = jax.jit(
+      lambda u: routing.inverted_dot_product(u, 3, agreement_scale=1.0, ln_scale=g, ln_bias=b)
+    )(inputs["u"])
+    ref = per_example(
+      lambda x: np_inverted_one(x, 3, scale=1.0, ln_scale=g, ln_bias=b), inputs["u"]
+    )
     for got, want in zip(res, ref):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
     # The scale matters: the default 1/sqrt(D) result differs.
@@ -474,13 +512,16 @@ class TestInvertedDotProduct:
     @jax.jit
     def run(u):
       two = routing.inverted_dot_product(u, 2)
-      return (routing.inverted_dot_product(u, 3),
-              routing.inverted_dot_product(u, 1, parent_poses=two.poses),
-              routing.inverted_dot_product(u, 2, parent_poses=two.poses))
+      return (
+        routing.inverted_dot_product(u, 3),
+        routing.inverted_dot_product(u, 1, parent_poses=two.poses),
+        routing.inverted_dot_product(u, 2, parent_poses=two.poses),
+      )
 
     three, resumed, resumed2 = run(u)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 resumed, three)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, three
+    )
     ref4 = per_example(lambda x: np_inverted_one(x, 4), u)
     for got, want in zip(resumed2, ref4):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
@@ -493,9 +534,8 @@ class TestInvertedDotProduct:
 
 
 class TestSelfAttention:
-
   def test_efficient_squash(self):
-    s = make_inputs((5, 4, 3), seed=9)["u"].reshape(-1, 3) * 2         # norms ~0.5..8
+    s = make_inputs((5, 4, 3), seed=9)["u"].reshape(-1, 3) * 2  # norms ~0.5..8
     huge = np.full((2, 4), 3e38, np.float32)
     huge[1, 1:] = 0
 
@@ -503,14 +543,19 @@ class TestSelfAttention:
     def run(s, huge):
       zero = jnp.zeros_like(s[:2])
       grad_at_zero = jax.grad(lambda x: jnp.sum(routing.efficient_squash(x)))(zero)
-      return (routing.efficient_squash(s), routing.efficient_squash(zero), grad_at_zero,
-              routing.efficient_squash(huge))
+      return (
+        routing.efficient_squash(s),
+        routing.efficient_squash(zero),
+        grad_at_zero,
+        routing.efficient_squash(huge),
+      )
 
     v, v0, g0, vh = map(np.asarray, run(s, huge))
-    np.testing.assert_allclose(v, np.stack([np_efficient_squash(x) for x in
-                                            s.astype(np.float64)]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+      v, np.stack([np_efficient_squash(x) for x in s.astype(np.float64)]), rtol=1e-5, atol=1e-7
+    )
     np.testing.assert_array_equal(v0, np.zeros_like(v0))
-    np.testing.assert_allclose(g0, 1.0, rtol=1e-3)                     # v ≈ s near 0
+    np.testing.assert_allclose(g0, 1.0, rtol=1e-3)  # v ≈ s near 0
     assert np.all(np.isfinite(vh))
     np.testing.assert_allclose(np.linalg.norm(vh, axis=-1), 1.0, rtol=1e-6)
 
@@ -532,7 +577,6 @@ class TestSelfAttention:
 
 
 class TestRegistryAndErrors:
-
   def test_registry(self):
     assert set(routing.ROUTINGS) == set(ALGORITHMS)
     for name in ALGORITHMS:
@@ -549,9 +593,10 @@ class TestRegistryAndErrors:
     assert all(repr(name) in message for name in ALGORITHMS)
 
   @pytest.mark.parametrize("algo", ALGORITHMS)
-  @pytest.mark.parametrize("bad, error", [
-      (0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError),
-      (None, TypeError)])
+  @pytest.mark.parametrize(
+    "bad, error",
+    [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError), (None, TypeError)],
+  )
   def test_bad_num_iterations(self, algo, bad, error):
     u = make_inputs((4, 3, 2))["u"]
     with pytest.raises(error, match="num_iterations"):

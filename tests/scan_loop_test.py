@@ -38,7 +38,7 @@ _TIMING = {"images_per_s", "wall_s", "seconds"}
 
 def _chunk_plan_data():
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (44, 28, 28, 1), dtype=np.uint8)   # 44 % 8: 4 dropped.
+  images = rng.integers(0, 256, (44, 28, 28, 1), dtype=np.uint8)  # 44 % 8: 4 dropped.
   labels = rng.integers(0, 10, 44)
   return images, labels
 
@@ -52,17 +52,17 @@ def test_chunks_equal_steps(n):
   images, labels = _chunk_plan_data()
   spe = input_pipeline.steps_per_epoch(len(labels), config.batch_size)
   assert spe == 5
-  graphdef, state0 = steps_lib.create_model_and_optimizer(config, info, spe,
-                                                          jax.random.key(0))
-  state0 = jax.device_get(state0)     # host copies: each loop donates its own device state.
+  graphdef, state0 = steps_lib.create_model_and_optimizer(config, info, spe, jax.random.key(0))
+  state0 = jax.device_get(state0)  # host copies: each loop donates its own device state.
   key = jax.random.key(3)
   mesh = parallel.make_mesh(n)
 
   train_fn, _ = steps_lib.make_steps(graphdef, config, spe, mesh)
   state, ref_metrics = parallel.replicate(state0, mesh), []
   for epoch in range(2):
-    for batch in input_pipeline.train_batches(images, labels, batch_size=8, seed=config.seed,
-                                              epoch=epoch):
+    for batch in input_pipeline.train_batches(
+      images, labels, batch_size=8, seed=config.seed, epoch=epoch
+    ):
       state, m = train_fn(state, parallel.shard_batch(batch, mesh), key)
       ref_metrics.append(m)
   ref = jax.device_get(state)
@@ -73,8 +73,10 @@ def test_chunks_equal_steps(n):
   assert data["image"].dtype == np.uint8 and data["image"].sharding.is_fully_replicated
   state, metrics = parallel.replicate(state0, mesh), []
   for epoch, plan in ((0, [(0, 3), (3, 2)]), (1, [(0, 1), (1, 4)])):
-    indices = parallel.put_batch_indices(input_pipeline.epoch_batch_indices(
-        len(labels), batch_size=8, seed=config.seed, epoch=epoch), mesh)   # [5, 8]
+    indices = parallel.put_batch_indices(
+      input_pipeline.epoch_batch_indices(len(labels), batch_size=8, seed=config.seed, epoch=epoch),
+      mesh,
+    )  # [5, 8]
     for start, steps in plan:
       state, stacked = chunk(state, data, indices, np.int32(start), np.int32(steps), key)
       stacked = jax.device_get(stacked)
@@ -95,8 +97,8 @@ def test_conv1_weight_gradient_has_the_same_bits_in_a_loop_body(impl):
   # XLA:CPU rewrites a weight-gradient conv into Eigen's layout only at a program's top
   # level; conv.py writes the stride-1 one out so that a loop body computes the same.
   rng = np.random.default_rng(0)
-  x = rng.random((8, 28, 28, 1), np.float32)                   # [B, H, W, C_in]
-  w = rng.standard_normal((9, 9, 1, 16)).astype(np.float32)    # [kh, kw, C_in, C_out]
+  x = rng.random((8, 28, 28, 1), np.float32)  # [B, H, W, C_in]
+  w = rng.standard_normal((9, 9, 1, 16)).astype(np.float32)  # [kh, kw, C_in, C_out]
   g = rng.standard_normal((8, 20, 20, 16)).astype(np.float32)  # [B, Ho, Wo, C_out]
 
   def dw(x, w):
@@ -123,8 +125,9 @@ def test_epoch_batch_indices_are_train_batches():
 
 
 def _run(workdir, **overrides):
-  config = helpers.mnist_smoke_config(**{"data_dir": os.path.join(workdir, "..", "tfds"),
-                                         "num_epochs": 3, **overrides})
+  config = helpers.mnist_smoke_config(
+    **{"data_dir": os.path.join(workdir, "..", "tfds"), "num_epochs": 3, **overrides}
+  )
   return train.train_and_evaluate(config, workdir)
 
 
@@ -173,7 +176,7 @@ def test_scan_run_equals_step_run_on_4_devices(tmp_path, mock, step_run):
 
 def test_scan_run_matches_row_for_row(tmp_path, mock, step_run):
   workdir = str(tmp_path / "scan")
-  _run(workdir, loop="scan", scan_chunk_steps=1)    # smoke logs every 2 steps.
+  _run(workdir, loop="scan", scan_chunk_steps=1)  # smoke logs every 2 steps.
   _assert_same_run(workdir, step_run)
 
 
@@ -186,8 +189,7 @@ def test_scan_run_equals_step_run_on_1_device(tmp_path, mock, monkeypatch):
   _assert_same_run(str(tmp_path / "scan"), str(tmp_path / "step"))
 
 
-def test_resume_in_the_middle_of_a_chunk_is_bit_identical(tmp_path, mock, step_run,
-                                                          monkeypatch):
+def test_resume_in_the_middle_of_a_chunk_is_bit_identical(tmp_path, mock, step_run, monkeypatch):
   # A run stopped after step 5 (chunks of 1 step), resumed in chunks of up to 2 steps
   # (smoke logs every 2): its chunks 5-6, 6-8, ... cut across those of an uninterrupted
   # scanned run (4-6, 6-8) and of the per-step reference.
@@ -200,7 +202,7 @@ def test_resume_in_the_middle_of_a_chunk_is_bit_identical(tmp_path, mock, step_r
     def hooked(state, data, indices, start, num_steps, key):
       out = chunk_fn(state, data, indices, start, num_steps, key)
       steps_run[0] += int(num_steps)
-      if steps_run[0] == 5:     # a SIGTERM while the chunk ending at step 5 runs.
+      if steps_run[0] == 5:  # a SIGTERM while the chunk ending at step 5 runs.
         os.kill(os.getpid(), signal.SIGTERM)
       return out
 
@@ -242,14 +244,16 @@ def test_chunk_ends_fall_on_log_steps_epoch_ends_and_bounds():
 
 
 def test_loop_settings_are_checked(tmp_path):
-  for overrides, message in (({"loop": "fast"}, r"config.loop must be one of \('auto'"),
-                             ({"scan_chunk_steps": -1}, "config.scan_chunk_steps must be"),
-                             ({"scan_chunk_seconds": 0.0}, "config.scan_chunk_seconds must be")):
+  for overrides, message in (
+    ({"loop": "fast"}, r"config.loop must be one of \('auto'"),
+    ({"scan_chunk_steps": -1}, "config.scan_chunk_steps must be"),
+    ({"scan_chunk_seconds": 0.0}, "config.scan_chunk_seconds must be"),
+  ):
     with pytest.raises(errors.ConfigError, match=message):
       train.train_and_evaluate(helpers.smoke_config(**overrides), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
   assert parallel.resolve_loop("scan") == "scan" and parallel.resolve_loop("step") == "step"
-  assert parallel.resolve_loop("auto") == "step"      # on CPU (benchmarks/epoch_loop.py).
+  assert parallel.resolve_loop("auto") == "step"  # on CPU (benchmarks/epoch_loop.py).
 
 
 @pytest.mark.slow
@@ -258,6 +262,7 @@ def test_two_processes_scanning_match_one_process_stepping(tmp_path):
   # devices, chunks end at the same steps everywhere (no time bound), stop flags are
   # compared at chunk ends.
   from experiments import fault_injection as fi  # pylint: disable=g-import-not-at-top
+
   config = "configs/fashion.py:smoke"
   overrides = ("--config.dataset=mnist", "--config.train_examples=32", "--config.num_epochs=1")
   cache = str(tmp_path / "jax_cache")
@@ -266,19 +271,30 @@ def test_two_processes_scanning_match_one_process_stepping(tmp_path):
     port = s.getsockname()[1]
   procs = []
   for pid in range(2):
-    env = fi.child_env(devices=1, cache_dir=cache, mock_examples=48,
-                       dump_dir=str(tmp_path / "dist_params"))
-    cmd = fi.child_cmd(config, str(tmp_path / "dist"), *overrides, "--config.loop=scan",
-                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                       f"--process_id={pid}")
+    env = fi.child_env(
+      devices=1, cache_dir=cache, mock_examples=48, dump_dir=str(tmp_path / "dist_params")
+    )
+    cmd = fi.child_cmd(
+      config,
+      str(tmp_path / "dist"),
+      *overrides,
+      "--config.loop=scan",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={pid}",
+    )
     procs.append(fi.start(cmd, env, str(tmp_path / f"dist{pid}.log")))
   for pid, p in enumerate(procs):
     with open(tmp_path / f"dist{pid}.log") as f:
       assert p.wait(timeout=300) == 0, f.read()[-3000:]
-  env = fi.child_env(devices=2, cache_dir=cache, mock_examples=48,
-                     dump_dir=str(tmp_path / "single_params"))
-  p = fi.start(fi.child_cmd(config, str(tmp_path / "single"), *overrides, "--config.loop=step"),
-               env, str(tmp_path / "single.log"))
+  env = fi.child_env(
+    devices=2, cache_dir=cache, mock_examples=48, dump_dir=str(tmp_path / "single_params")
+  )
+  p = fi.start(
+    fi.child_cmd(config, str(tmp_path / "single"), *overrides, "--config.loop=step"),
+    env,
+    str(tmp_path / "single.log"),
+  )
   assert p.wait(timeout=300) == 0
   p0 = fi.final_params(str(tmp_path / "dist_params"), process=0)
   p1 = fi.final_params(str(tmp_path / "dist_params"), process=1)

@@ -59,15 +59,31 @@ with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_
 
 def _start(tmp_path, point):
   marker = tmp_path / "marker"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, HOOK_POINT=point,
-             HOOK_MARKER=str(marker),
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO,
+    HOOK_POINT=point,
+    HOOK_MARKER=str(marker),
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
   env.pop("CAPSJAX_TRACEBACK", None)
   proc = subprocess.Popen(
-      [sys.executable, "-c", _CHILD, "--config=configs/fashion.py:smoke",
-       f"--workdir={tmp_path / 'run'}", "--config.dataset=mnist",
-       "--config.train_examples=32"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-c",
+      _CHILD,
+      "--config=configs/fashion.py:smoke",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.dataset=mnist",
+      "--config.train_examples=32",
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   t0 = time.time()
   while not marker.exists():
     if proc.poll() is not None:
@@ -90,8 +106,9 @@ def test_signal_during_model_set_up_exits_at_once_with_128_plus_signal(tmp_path,
   code, lines, err = _finish(proc)
   # Nothing was trained, so nothing to save: 130 (SIGINT) / 143 (SIGTERM), not 75.
   assert code == processes.interrupted_exit_code(sig) == 128 + sig, err[-3000:]
-  assert len(lines) == 1 and lines[0].startswith(f"capsjax: stopped by signal {int(sig)} "
-                                                 "outside the training loop"), err[-3000:]
+  assert len(lines) == 1 and lines[0].startswith(
+    f"capsjax: stopped by signal {int(sig)} outside the training loop"
+  ), err[-3000:]
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
 
 
@@ -101,9 +118,10 @@ def test_second_ctrl_c_during_the_first_compile_exits_130(tmp_path):
   time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   code, lines, err = _finish(proc)
-  assert code == 130, err[-3000:]     # never -11, never a KeyboardInterrupt traceback.
+  assert code == 130, err[-3000:]  # never -11, never a KeyboardInterrupt traceback.
   assert len(lines) == 1 and lines[0].startswith(
-      "capsjax: stopped by signal 2 (a second Ctrl-C)"), err[-3000:]
+    "capsjax: stopped by signal 2 (a second Ctrl-C)"
+  ), err[-3000:]
 
 
 def test_sigterm_during_the_first_compile_saves_after_the_first_step(tmp_path):
@@ -119,6 +137,7 @@ def test_sigterm_during_the_first_compile_saves_after_the_first_step(tmp_path):
 
 def test_exit_codes_are_documented():
   from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
+
   for code in ("75  preempted", "130 SIGINT", "143 SIGTERM"):
     assert code in main_lib.__doc__
   with open(os.path.join(REPO, "experiments", "slurm", "README.md")) as f:

@@ -41,9 +41,19 @@ def _mount_problem() -> str | None:
   if not shutil.which("unshare"):
     return "no `unshare` command"
   probe = subprocess.run(
-      ["unshare", "-m", "--propagation", "private", "sh", "-c",
-       "mount -t tmpfs -o size=1m tmpfs /mnt && umount /mnt"],
-      capture_output=True, text=True, check=False)
+    [
+      "unshare",
+      "-m",
+      "--propagation",
+      "private",
+      "sh",
+      "-c",
+      "mount -t tmpfs -o size=1m tmpfs /mnt && umount /mnt",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   return None if probe.returncode == 0 else f"cannot mount: {probe.stderr.strip()[:200]}"
 
 
@@ -51,11 +61,26 @@ def _run(workdir, cache, *overrides, mount: str = ""):
   """Runs the child to completion; returns (exit code, its stdout+stderr)."""
   cmd = fi.child_cmd(CONFIG, workdir, *OVERRIDES, *overrides)
   if mount:
-    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-           mount + ' && exec "$@"', "sh", *cmd]
-  proc = subprocess.run(cmd, env=fi.child_env(devices=1, cache_dir=cache, mock_examples=48),
-                        cwd=fi.REPO, capture_output=True, text=True, timeout=TIMEOUT,
-                        check=False)
+    cmd = [
+      "unshare",
+      "-m",
+      "--propagation",
+      "private",
+      "sh",
+      "-c",
+      mount + ' && exec "$@"',
+      "sh",
+      *cmd,
+    ]
+  proc = subprocess.run(
+    cmd,
+    env=fi.child_env(devices=1, cache_dir=cache, mock_examples=48),
+    cwd=fi.REPO,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    check=False,
+  )
   return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -75,11 +100,19 @@ def test_read_only_checkpoints_fail_at_once_without_hang_or_traceback(tmp_path, 
   workdir = str(tmp_path / "run")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   os.makedirs(ckpt_dir)
-  rc, out = _run(workdir, jax_cache, "--config.num_epochs=1",
-                 mount=f"mount --bind {ckpt_dir} {ckpt_dir} && "
-                       f"mount -o remount,ro,bind {ckpt_dir}")
-  line = _assert_one_line_error(rc, out, f"could not write checkpoint in {ckpt_dir}",
-                                "the file system is read-only", "make it writable")
+  rc, out = _run(
+    workdir,
+    jax_cache,
+    "--config.num_epochs=1",
+    mount=f"mount --bind {ckpt_dir} {ckpt_dir} && mount -o remount,ro,bind {ckpt_dir}",
+  )
+  line = _assert_one_line_error(
+    rc,
+    out,
+    f"could not write checkpoint in {ckpt_dir}",
+    "the file system is read-only",
+    "make it writable",
+  )
   assert "free space" not in line
   # Refused when the run opened its checkpoints, before an epoch was trained.
   assert "epoch 1:" not in out
@@ -95,11 +128,19 @@ def test_full_disk_in_checkpoints_says_the_disk_is_full(tmp_path, jax_cache):
     ckpt_dir = os.path.join(workdir, "checkpoints")
     os.makedirs(ckpt_dir)
     # 2 MiB holds the step-4 checkpoint (about 1.4 MB) but not the next one.
-    rc, out = _run(workdir, jax_cache, "--config.num_epochs=3",
-                   mount=f"mount -t tmpfs -o size=2m tmpfs {ckpt_dir}")
-    _assert_one_line_error(rc, out, f"could not write checkpoint (step 8) in {ckpt_dir}: "
-                                    "the disk is full. Earlier checkpoints are kept "
-                                    "(steps [4]); free space and rerun the same command")
+    rc, out = _run(
+      workdir,
+      jax_cache,
+      "--config.num_epochs=3",
+      mount=f"mount -t tmpfs -o size=2m tmpfs {ckpt_dir}",
+    )
+    _assert_one_line_error(
+      rc,
+      out,
+      f"could not write checkpoint (step 8) in {ckpt_dir}: "
+      "the disk is full. Earlier checkpoints are kept "
+      "(steps [4]); free space and rerun the same command",
+    )
 
 
 @pytest.mark.slow
@@ -109,13 +150,18 @@ def test_init_from_errors_end_with_one_line_and_no_orbax_traceback(tmp_path, jax
   os.makedirs(tmp_path / "plain")
   os.makedirs(tmp_path / "empty" / "checkpoints")
   (tmp_path / "a_file").write_text("not a checkpoint")
-  cases = {"missing": "does not exist", "plain": "no checkpoints under",
-           "a_file": "no checkpoints under", "empty": "holds no complete checkpoint"}
+  cases = {
+    "missing": "does not exist",
+    "plain": "no checkpoints under",
+    "a_file": "no checkpoints under",
+    "empty": "holds no complete checkpoint",
+  }
   for attempt in range(2):
     for name, expected in cases.items():
       workdir = str(tmp_path / f"run_{name}_{attempt}")
-      rc, out = _run(workdir, jax_cache, "--config.num_epochs=1",
-                     f"--config.init_from={tmp_path / name}")
+      rc, out = _run(
+        workdir, jax_cache, "--config.num_epochs=1", f"--config.init_from={tmp_path / name}"
+      )
       _assert_one_line_error(rc, out, expected)
 
 
@@ -129,11 +175,14 @@ def _no_space(*args, **kwargs):
 def test_metrics_csv_on_a_full_disk_is_a_workdir_error(tmp_path, monkeypatch):
   from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import metrics  # pylint: disable=g-import-not-at-top
+
   writer = metrics.MetricWriter(str(tmp_path))
   monkeypatch.setattr(metrics, "open", _no_space, raising=False)
-  with pytest.raises(errors.WorkdirError,
-                     match=rf"could not write {tmp_path}/metrics.csv: the disk is full\. "
-                           r"Checkpoints already saved are kept"):
+  with pytest.raises(
+    errors.WorkdirError,
+    match=rf"could not write {tmp_path}/metrics.csv: the disk is full\. "
+    r"Checkpoints already saved are kept",
+  ):
     writer.write(1, 0.25, "train", {"loss": 1.0})
   with pytest.raises(errors.WorkdirError, match=r"epochs.csv: the disk is full"):
     writer.write_epoch(1, 4, {"loss": 1.0}, {"loss": 1.0}, seconds=1.0, images=8)
@@ -143,6 +192,7 @@ def test_metrics_csv_on_a_full_disk_is_a_workdir_error(tmp_path, monkeypatch):
 def test_a_plot_on_a_full_disk_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
   import matplotlib.figure  # pylint: disable=g-import-not-at-top
   from capsjax import metrics  # pylint: disable=g-import-not-at-top
+
   writer = metrics.MetricWriter(str(tmp_path))
   writer.write(4, 1.0, "train", {"loss": 1.0, "accuracy": 0.5})
   writer.close()
@@ -159,8 +209,9 @@ def test_full_disk_for_plots_does_not_stop_training(tmp_path, jax_cache):
   plots = os.path.join(workdir, "plots")
   os.makedirs(plots)
   # 8 KiB: too small for curves.png (about 50 KB).
-  rc, out = _run(workdir, jax_cache, "--config.num_epochs=1",
-                 mount=f"mount -t tmpfs -o size=8k tmpfs {plots}")
+  rc, out = _run(
+    workdir, jax_cache, "--config.num_epochs=1", mount=f"mount -t tmpfs -o size=8k tmpfs {plots}"
+  )
   assert rc == 0, out[-3000:]
   assert "Traceback" not in out and "could not write the plot" in out, out[-3000:]
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))

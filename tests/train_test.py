@@ -24,8 +24,14 @@ from tests import helpers
 
 
 def test_overfits_a_fixed_batch():
-  config = helpers.smoke_config(**{"optim.decay_rate": 1.0, "augment.flip": False,
-                                   "augment.max_shift": 0, "augment.shift_fraction": 0.0})
+  config = helpers.smoke_config(
+    **{
+      "optim.decay_rate": 1.0,
+      "augment.flip": False,
+      "augment.max_shift": 0,
+      "augment.shift_fraction": 0.0,
+    }
+  )
   info = input_pipeline.dataset_info("fashion_mnist")
   graphdef, state = steps_lib.create_model_and_optimizer(config, info, 100, jax.random.key(0))
   mesh = parallel.make_mesh(2)
@@ -50,10 +56,15 @@ def mock_fashion():
 def _run(workdir, **overrides):
   # MNIST, not Fashion-MNIST: for Fashion-MNIST the loader would find Debian's real files
   # (installed on CI) and build from them instead of using the mock.
-  config = helpers.smoke_config(**{"dataset": "mnist", "train_examples": 32,
-                                   "eval_examples": 24,
-                                   "data_dir": os.path.join(workdir, "..", "tfds"),
-                                   **overrides})
+  config = helpers.smoke_config(
+    **{
+      "dataset": "mnist",
+      "train_examples": 32,
+      "eval_examples": 24,
+      "data_dir": os.path.join(workdir, "..", "tfds"),
+      **overrides,
+    }
+  )
   return train.train_and_evaluate(config, workdir)
 
 
@@ -86,7 +97,7 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
     assert e["test_accuracy"] == t["accuracy"] and e["test_loss"] == t["loss"]
     assert float(e["seconds"]) > 0 and float(e["images_per_s"]) > 0
     assert 0 <= float(e["train_accuracy"]) <= 1 and float(e["learning_rate"]) > 0
-  assert float(epochs[1]["learning_rate"]) == pytest.approx(0.95e-3)   # x0.95 per epoch
+  assert float(epochs[1]["learning_rate"]) == pytest.approx(0.95e-3)  # x0.95 per epoch
 
   # Rerunning with more epochs resumes at step 8 instead of starting over.
   summary = _run(workdir, num_epochs=3)
@@ -112,7 +123,7 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
 def test_two_identical_runs_are_identical(tmp_path, mock_fashion):
   a = _run(str(tmp_path / "a"), num_epochs=1)
   b = _run(str(tmp_path / "b"), num_epochs=1)
-  assert a.pop("wall_s") > 0 and b.pop("wall_s") > 0   # the only field that may differ.
+  assert a.pop("wall_s") > 0 and b.pop("wall_s") > 0  # the only field that may differ.
   assert a == b
   la = [r["loss"] for r in _rows(str(tmp_path / "a"))]
   lb = [r["loss"] for r in _rows(str(tmp_path / "b"))]
@@ -125,8 +136,11 @@ def test_init_from_loads_weights_and_rejects_other_architectures(tmp_path, mock_
   # Evaluating the source checkpoint through init_from gives the same accuracy.
   result = _run(str(tmp_path / "eval"), num_epochs=1, mode="eval", init_from=src)
   np.testing.assert_allclose(result["accuracy"], first["accuracy"])
-  with pytest.raises(ValueError, match=r"parameter 0/decoder/layers/0/kernel has shape "
-                                       r"\(80, 32\) in the checkpoint but \(40, 32\) in the model"):
+  with pytest.raises(
+    ValueError,
+    match=r"parameter 0/decoder/layers/0/kernel has shape "
+    r"\(80, 32\) in the checkpoint but \(40, 32\) in the model",
+  ):
     _run(str(tmp_path / "other"), num_epochs=1, init_from=src, **{"model.digit_dim": 4})
   with pytest.raises(FileNotFoundError, match="does not exist"):
     _run(str(tmp_path / "x"), init_from=str(tmp_path / "missing"))
@@ -142,8 +156,9 @@ def test_workdir_guards(tmp_path, mock_fashion):
   backups = glob.glob(os.path.join(workdir, "previous-*"))
   assert len(backups) == 1
   assert os.path.isdir(os.path.join(backups[0], "checkpoints", "4"))
-  with pytest.raises(errors.ConfigError,
-                     match="config.model.routing_iterations: .*must be >= 1, got 0"):
+  with pytest.raises(
+    errors.ConfigError, match="config.model.routing_iterations: .*must be >= 1, got 0"
+  ):
     _run(workdir, **{"model.routing_iterations": 0})
   with pytest.raises(errors.ConfigError, match="config.batch_size=6 must be a positive multiple"):
     _run(str(tmp_path / "b"), batch_size=6)
@@ -188,8 +203,7 @@ def test_validation_split_is_disjoint_from_every_training_batch():
   assert sorted(_ids(tr_i)) == [256 * int(a) + int(b) for a, b in tr_i[:, 0, :2, 0]]
   assert min(val_ids) < 200 and max(val_ids) > 800
   for epoch in range(3):
-    for batch in input_pipeline.train_batches(tr_i, tr_l, batch_size=64, seed=7,
-                                              epoch=epoch):
+    for batch in input_pipeline.train_batches(tr_i, tr_l, batch_size=64, seed=7, epoch=epoch):
       assert not _ids(batch["image"]) & val_ids
   # The same examples for any seed and any training subset (load_splits holds them out
   # before train_examples subsets the rest).
@@ -219,8 +233,14 @@ def test_validation_selects_and_survives_a_resume(tmp_path, mock_fashion, monkey
   # test numbers equal the uninterrupted run's.
   assert len(seen["val"]) == 3 and all(v == seen["val"][0] for v in seen["val"])
   assert len(seen["val"][0]) == 8
-  keys = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "selected_epoch",
-          "selected_test_accuracy")
+  keys = (
+    "epoch",
+    "val_accuracy",
+    "val_loss",
+    "test_accuracy",
+    "selected_epoch",
+    "selected_test_accuracy",
+  )
   rows_full = [{k: r[k] for k in keys} for r in _rows(full, "epochs.csv")]
   assert rows_full == [{k: r[k] for k in keys} for r in _rows(split, "epochs.csv")]
   summary.pop("wall_s"), resumed.pop("wall_s")
@@ -231,7 +251,8 @@ def test_validation_selects_and_survives_a_resume(tmp_path, mock_fashion, monkey
   best = val.index(max(val))
   assert summary["selected_on"] == "val" and summary["selected_epoch"] == best + 1
   assert summary["selected_test_accuracy"] == pytest.approx(
-      float(rows_full[best]["test_accuracy"]), abs=1e-6)
+    float(rows_full[best]["test_accuracy"]), abs=1e-6
+  )
   assert summary["final_test_accuracy"] == summary["accuracy"]
   test = [float(r["test_accuracy"]) for r in rows_full]
   assert summary["best_test_accuracy"] == pytest.approx(max(test), abs=1e-6)
@@ -242,28 +263,36 @@ def test_validation_selects_and_survives_a_resume(tmp_path, mock_fashion, monkey
   result = _run(full, num_epochs=3, seed=1, mode="eval", eval_checkpoint="selected")
   assert result["step"] == 4 * (best + 1)
   assert result["accuracy"] == pytest.approx(float(rows_full[best]["test_accuracy"]), abs=1e-6)
-  assert _run(full, num_epochs=3, seed=1, mode="eval")["step"] == 12   # 'latest'
-  with pytest.raises(errors.ConfigError,
-                     match=r"config.eval_checkpoint must be one of \('latest', 'selected'\), got 'best'"):
+  assert _run(full, num_epochs=3, seed=1, mode="eval")["step"] == 12  # 'latest'
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"config.eval_checkpoint must be one of \('latest', 'selected'\), got 'best'",
+  ):
     _run(full, mode="eval", eval_checkpoint="best")
 
 
 def test_summary_protocols():
-  history = [{"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.7},
-             {"epoch": 2, "val_accuracy": 0.8, "test_accuracy": 0.6},
-             {"epoch": 3, "val_accuracy": 0.8, "test_accuracy": 0.9},
-             {"epoch": 4, "val_accuracy": 0.6, "test_accuracy": 0.65}]
+  history = [
+    {"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.7},
+    {"epoch": 2, "val_accuracy": 0.8, "test_accuracy": 0.6},
+    {"epoch": 3, "val_accuracy": 0.8, "test_accuracy": 0.9},
+    {"epoch": 4, "val_accuracy": 0.6, "test_accuracy": 0.65},
+  ]
   final = {"accuracy": 0.65, "count": 100, "step": 40, "epochs": 4.0}
   s = metrics_lib.summarize(history, final, on="val")
   assert (s["selected_epoch"], s["selected_test_accuracy"], s["selected_val_accuracy"]) == (
-      2, 0.6, 0.8)                                   # ties keep the earliest epoch.
+    2,
+    0.6,
+    0.8,
+  )  # ties keep the earliest epoch.
   assert (s["best_test_epoch"], s["best_test_accuracy"]) == (3, 0.9)
   assert s["final_test_accuracy"] == 0.65
   text = metrics_lib.format_summary(s, "fashion_mnist")
   assert "60.00%  epoch 2, selected on validation" in text
   assert "90.00%  epoch 3, best on test" in text and "65.00%  final checkpoint" in text
-  s = metrics_lib.summarize([{k: h[k] for k in ("epoch", "test_accuracy")} for h in history],
-                      final, on="test")
+  s = metrics_lib.summarize(
+    [{k: h[k] for k in ("epoch", "test_accuracy")} for h in history], final, on="test"
+  )
   assert s["selected_on"] == "test" and s["selected_epoch"] == 3
   assert "selected on validation" not in metrics_lib.format_summary(s, "fashion_mnist")
 
@@ -282,26 +311,39 @@ def test_early_stopping_needs_validation_and_stops(tmp_path, mock_fashion):
 
 
 def test_workdir_saved_before_the_new_fields_compares_with_their_legacy_values(tmp_path):
-  config = helpers.smoke_config(**{"val_examples": 0, "model.init": "torch",
-                                   "model.length_eps": 1e-7, "augment.shift_fraction": 0.0,
-                                   "augment.fill": "zero", "augment.max_shift": 2})
+  config = helpers.smoke_config(
+    **{
+      "val_examples": 0,
+      "model.init": "torch",
+      "model.length_eps": 1e-7,
+      "augment.shift_fraction": 0.0,
+      "augment.fill": "zero",
+      "augment.max_shift": 2,
+    }
+  )
   saved = json.loads(config.to_json_best_effort())
-  for parent, leaf in ((saved, "val_examples"), (saved["model"], "init"),
-                       (saved["model"], "length_eps"), (saved["augment"], "shift_fraction"),
-                       (saved["augment"], "fill"), (saved["optim"], "min_learning_rate")):
+  for parent, leaf in (
+    (saved, "val_examples"),
+    (saved["model"], "init"),
+    (saved["model"], "length_eps"),
+    (saved["augment"], "shift_fraction"),
+    (saved["augment"], "fill"),
+    (saved["optim"], "min_learning_rate"),
+  ):
     del parent[leaf]
   workdir = tmp_path / "old"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(saved))
-  workdir_lib.check_config(config, str(workdir))     # how the old run trained: accepted.
+  workdir_lib.check_config(config, str(workdir))  # how the old run trained: accepted.
   (workdir / "config.json").write_text(json.dumps(saved))
-  config.val_examples = 8                              # a different training set: refused.
+  config.val_examples = 8  # a different training set: refused.
   with pytest.raises(ValueError, match=r"val_examples: 0 \(saved\) vs 8 \(now\)"):
     workdir_lib.check_config(config, str(workdir))
 
 
-def test_training_sees_no_validation_example_and_the_recipe_shift(tmp_path, mock_fashion,
-                                                                  monkeypatch):
+def test_training_sees_no_validation_example_and_the_recipe_shift(
+  tmp_path, mock_fashion, monkeypatch
+):
   held_out, trained, aug_kwargs = [], [], []
   real_split, real_batches = input_pipeline.split_validation, input_pipeline.train_batches
   real_augment = augment.augment_batch
@@ -324,21 +366,21 @@ def test_training_sees_no_validation_example_and_the_recipe_shift(tmp_path, mock
   monkeypatch.setattr(input_pipeline, "train_batches", batches)
   monkeypatch.setattr(augment, "augment_batch", augment_batch)
   _run(str(tmp_path / "run"), num_epochs=2, train_examples=0)
-  assert len(held_out) == 8 and len(set(held_out)) == 8        # distinct mock images.
+  assert len(held_out) == 8 and len(set(held_out)) == 8  # distinct mock images.
   assert len(trained) == 2 * 40 and not set(held_out) & set(trained)
   # The Fashion recipe's Keras-style shift reaches the jitted step.
   assert aug_kwargs and all(
-      (k["shift_fraction"], k["fill"], k["flip"], k["max_shift"]) == (0.1, "nearest", True, 0)
-      for k in aug_kwargs)
+    (k["shift_fraction"], k["fill"], k["flip"], k["max_shift"]) == (0.1, "nearest", True, 0)
+    for k in aug_kwargs
+  )
 
 
-def test_invalid_optimizer_config_is_refused_before_the_workdir_is_touched(tmp_path,
-                                                                           mock_fashion):
+def test_invalid_optimizer_config_is_refused_before_the_workdir_is_touched(tmp_path, mock_fashion):
   workdir = tmp_path / "w"
   with pytest.raises(ValueError, match=r"optim.learning_rate must be > 0, got -1.0"):
     _run(str(workdir), **{"optim.learning_rate": -1.0})
   assert not (workdir / "config.json").exists()
-  assert _run(str(workdir), num_epochs=1)["step"] == 4      # the workdir is still usable.
+  assert _run(str(workdir), num_epochs=1)["step"] == 4  # the workdir is still usable.
 
 
 def test_train_examples_beyond_the_split_is_an_error(tmp_path, mock_fashion):
@@ -348,4 +390,4 @@ def test_train_examples_beyond_the_split_is_an_error(tmp_path, mock_fashion):
   summary = _run(str(tmp_path / "ok"), train_examples=40, num_epochs=1)
   assert summary["step"] == 5
   rows = _rows(str(tmp_path / "ok"), "epochs.csv")
-  assert rows[0]["train_steps"] == "5"                     # epochs.csv says what it averages.
+  assert rows[0]["train_steps"] == "5"  # epochs.csv says what it averages.
