@@ -179,10 +179,7 @@ def apply_variant(config: config_dict.ConfigDict, arg) -> config_dict.ConfigDict
       the full model, one pass over 45,000 training images in batches of 50 (per-epoch
       decays do not act within it), no augmentation, PyTorch-style init, evaluated on the
       whole test split (no validation split: a one-epoch run has nothing to select).
-      Measured on 2 CPU cores (RESULTS.md, single runs): no augmentation (it pays off over
-      many epochs, not in one); batch 50 (86.5% against 85.2-85.6% for batch 100 at the
-      same images/s on XLA:CPU; batch 25 ran ~17% fewer images/s for 85.8%); 'torch'
-      init (Keras' glorot_uniform reached 83.2% in the same pass).
+      RESULTS.md (the `:quick` section) has the runs behind each of these choices.
     'smoke': a tiny model for tests and CI: seconds on CPU, any data (mock data too).
   """
   if arg in (None, ""):

@@ -1,0 +1,65 @@
+"""Bad config values and workdirs end with one line naming them, before the workdir is
+touched (issue 17, defects 3, 4, 13, 14, 19, 20, 21). In-process `capsjax.main` runs on
+TFDS mock MNIST with the `:smoke` config; every case fails before any training step.
+"""
+
+import os
+
+import pytest
+
+from tests import helpers
+from tests.main_test import _cli
+from tests.main_test import _one_line_error
+
+mock = helpers.mock_mnist_fixture()
+
+
+@pytest.mark.parametrize(
+  "override,expected",
+  [
+    ("--config.optim.learning_rate=-1", "config.optim.learning_rate must be > 0, got -1"),
+    ("--config.model.primary_stride=0", "config.model.primary_stride"),
+    ("--config.model.conv1_kernel=0", "config.model.conv1_kernel"),
+    ("--config.model.digit_dim=0", "config.model.digit_dim"),
+    ("--config.loss.m_plus=nan", "config.loss.m_plus must be a number >= 0, got nan"),
+    ("--config.seed=-1", "config.seed must be >= 0, got -1"),
+  ],
+)
+def test_a_rejected_config_leaves_the_workdir_untouched(capsys, tmp_path, mock, override, expected):
+  workdir = tmp_path / "run"
+  _one_line_error(capsys, (expected,), f"--workdir={workdir}", override)
+  # Nothing was written: the same workdir then takes a valid config without complaint.
+  assert not os.path.exists(workdir)
+
+
+def test_an_empty_workdir_is_not_the_current_directory(capsys, tmp_path, mock, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "mine.txt").write_text("a user's file")
+  # (`--config.overwrite=True` would move the cwd's files aside if it were taken as one.)
+  _one_line_error(capsys, ("--workdir=''",), "--workdir=", "--config.keep_checkpoints=1")
+  assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+
+
+def test_a_workdir_that_is_a_file_or_a_dangling_link(capsys, tmp_path, mock):
+  path = tmp_path / "file"
+  path.write_text("x")
+  _one_line_error(capsys, ("is a file, expected a directory",), f"--workdir={path}")
+  link = tmp_path / "link"
+  os.symlink(tmp_path / "missing", link)
+  _one_line_error(capsys, ("is a dangling symlink",), f"--workdir={link}")
+  assert path.read_text() == "x" and not os.path.exists(tmp_path / "missing")
+
+
+def test_a_broken_saved_config_names_its_file(capsys, tmp_path, mock):
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "config.json")
+  _one_line_error(capsys, (str(workdir / "config.json"), "is not a file"), f"--workdir={workdir}")
+  other = tmp_path / "other"
+  os.makedirs(other)
+  (other / "config.json").write_text("{not json")
+  _one_line_error(
+    capsys, (str(other / "config.json"), "cannot read the run's saved config"), f"--workdir={other}"
+  )
+  assert (other / "config.json").read_text() == "{not json"  # never overwritten.
+  code, _, _ = _cli(capsys, f"--workdir={other}", "--config.seed=-1")
+  assert code == 2
