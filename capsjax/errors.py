@@ -212,11 +212,17 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
     text = str(e).replace("\\n", "\n").replace("\\'", "'")
     hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
     overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-    what = (
-      f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)'
-      if hint
-      else text.strip("'\"").splitlines()[0]
-    )
+    missing = text.strip("'\"").splitlines()[0] if text.strip() else ""
+    parts = set(re.split(r"[.=\s]", overrides))
+    # Only a field named by an override is a user's misspelling; the same exception from
+    # inside a config file's get_config is a bug there and keeps its traceback.
+    if (
+      os.environ.get("CAPSJAX_TRACEBACK")
+      or not overrides
+      or (hint is None and missing not in parts)
+    ):
+      raise
+    what = f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint else missing
     print_user_error(f"unknown config field {what} in: {overrides}")
     sys.exit(USER_ERROR_EXIT_CODE)
   return rest

@@ -407,6 +407,10 @@ class BatchNorm(nnx.Module):
   variance, in training and evaluation alike: capsjax's train and eval steps have no
   train/eval switch, so running averages would never be read. eps = 1e-3 is Keras'
   `BatchNormalization` default (what Efficient-CapsNet's code uses).
+
+  Known limitation: evaluation pads its last batch with zero images (masked out of the
+  metrics), and those rows enter the statistics here, so an evaluation whose example
+  count is not a multiple of `eval_batch_size` depends slightly on that batch size.
   """
 
   def __init__(self, features: int, *, eps: float = 1e-3):

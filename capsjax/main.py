@@ -139,7 +139,8 @@ def _parse_flags(argv):
 
 
 def main(argv):
-  # Imported here so that `--help` and flag errors do not pay for the JAX import.
+  # Imported here: flag errors are reported before JAX backends start (a config file
+  # that imports capsjax.losses imports jax, but starts no backend).
   from capsjax import errors  # pylint: disable=g-import-not-at-top
 
   # User mistakes (capsjax.errors) end with one line naming the problem; anything else

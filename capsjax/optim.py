@@ -42,6 +42,11 @@ def validate(optim_cfg) -> None:
     raise errors.ConfigError(
       f"config.optim.decay_steps must be >= 0 (0 = use decay_epochs), got {optim_cfg.decay_steps}"
     )
+  if optim_cfg.decay_steps == 0 and not optim_cfg.decay_epochs > 0:
+    raise errors.ConfigError(
+      f"config.optim.decay_epochs must be > 0 when optim.decay_steps is 0, got "
+      f"{optim_cfg.decay_epochs}"
+    )
   floor = _floor(optim_cfg)
   if not 0 <= floor <= optim_cfg.learning_rate:
     raise errors.ConfigError(

@@ -1,7 +1,9 @@
 """A run's config: validating it, the fields that define a run, dotted field names.
 
-Every check runs before anything touches the workdir, so a rejected config leaves no
-trace there. The model is built abstractly (`nnx.eval_shape`) to let `CapsNet` reject
+Every check that needs no data runs here, before anything touches the workdir, so such a
+rejected config leaves no trace there. (Checks against the data, e.g. `train_examples`
+beyond the dataset, come later; a workdir without checkpoints then takes the corrected
+config, see `workdir.check_config`.) The model is built abstractly (`nnx.eval_shape`) to let `CapsNet` reject
 impossible sizes with its own message, without paying for the parameters.
 """
 
@@ -134,6 +136,9 @@ def validate_config(config) -> None:
     ("early_stop_epochs", " (0 = off)"),
   ):
     _check(config[name] >= 0, name, f"must be >= 0{zero}, got {config[name]}")
+  # jax.random.key wraps seeds modulo 2**32 (and overflows from 2**63): two seeds would
+  # share their initialisation and augmentation keys.
+  _check(config.seed < 2**32, "seed", f"must be < 2**32, got {config.seed}")
   _check(
     not config.early_stop_epochs or config.val_examples,
     "early_stop_epochs",

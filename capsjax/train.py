@@ -112,8 +112,10 @@ def setup(config, steps_per_epoch: int):
   info = input_pipeline.dataset_info(config.dataset)
   mesh = parallel.make_mesh()
   for name in ("batch_size", "eval_batch_size"):
-    with errors.config_field(name):
+    try:
       parallel.check_batch_size(config[name], mesh, name=f"config.{name}")
+    except ValueError as e:  # the message names the field and the device count.
+      raise errors.ConfigError(str(e)) from e
   init_key, aug_key = jax.random.split(jax.random.key(config.seed))
   graphdef, state = steps_lib.create_model_and_optimizer(config, info, steps_per_epoch, init_key)
   logging.info(
@@ -374,7 +376,9 @@ def _train_loop(run: _Run, state, step: int, trainer):
       bar.close()
       bar = None
       test_metrics = _end_of_epoch(run, state, step, means)
-      stopping = step < run.total_steps and stop.anywhere()
+      # A run that has just stopped early is finished: a signal now must not ask for a
+      # requeue (exit 75).
+      stopping = step < run.total_steps and not run.early_stopped() and stop.anywhere()
       epoch_done = step // steps_per_epoch
       if (
         epoch_done % config.checkpoint_every_epochs == 0

@@ -126,6 +126,12 @@ def check_config(config, workdir: str) -> None:
       {k: saved[k] for k in run_config.RUN_DEFINING_FIELDS if k in saved}, now
     )
     refused = [c for c in changed if not run_config.change_allowed(c[0], allowed)]
+    if refused and not config.overwrite and not _has_checkpoints(workdir):
+      # Nothing was trained with the saved config (e.g. it failed a check that needs the
+      # data, such as train_examples > the dataset): replacing it loses nothing, and the
+      # user can fix the value. The old file is kept and each change logged.
+      logging.warning("%s is from a run that saved no checkpoint: replacing it", path)
+      refused = []
     if refused and not config.overwrite:
       raise errors.WorkdirError(
         f"workdir {workdir} was used by a run with a different config ("

@@ -3,11 +3,15 @@ touched (issue 17, defects 3, 4, 13, 14, 19, 20, 21). In-process `capsjax.main` 
 TFDS mock MNIST with the `:smoke` config; every case fails before any training step.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from tests import helpers
+from tests.main_test import REPO
 from tests.main_test import _cli
 from tests.main_test import _one_line_error
 
@@ -63,3 +67,42 @@ def test_a_broken_saved_config_names_its_file(capsys, tmp_path, mock):
   assert (other / "config.json").read_text() == "{not json"  # never overwritten.
   code, _, _ = _cli(capsys, f"--workdir={other}", "--config.seed=-1")
   assert code == 2
+
+
+def test_a_workdir_without_checkpoints_takes_the_corrected_config(tmp_path, caplog):
+  # A config that failed a check against the data (after config.json was written) must
+  # not lock the workdir: nothing was trained with it.
+  from capsjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "run")
+  workdir_lib.check_config(helpers.mnist_smoke_config(train_examples=10**7), workdir)
+  with caplog.at_level("WARNING"):
+    workdir_lib.check_config(helpers.mnist_smoke_config(train_examples=32), workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train_examples"] == 32
+  kept = [n for n in os.listdir(workdir) if n.startswith("config.json.previous-")]
+  assert len(kept) == 1 and "saved no checkpoint" in caplog.text
+
+
+def test_seeds_that_jax_would_wrap_are_refused(capsys, tmp_path, mock):
+  _one_line_error(
+    capsys,
+    ("config.seed must be < 2**32",),
+    f"--workdir={tmp_path / 'r'}",
+    f"--config.seed={2**32 + 5}",
+  )
+
+
+def test_a_bug_inside_a_config_file_keeps_its_traceback(tmp_path):
+  # A KeyError raised by get_config itself is not an unknown --config. field.
+  path = tmp_path / "buggy.py"
+  path.write_text("def get_config():\n  return {}['missing']\n")
+  r = subprocess.run(
+    [sys.executable, "-m", "capsjax.main", f"--config={path}", f"--workdir={tmp_path / 'w'}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert r.returncode == 1 and "Traceback" in r.stderr, r.stderr
+  assert "unknown config field" not in r.stderr
