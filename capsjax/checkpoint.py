@@ -38,7 +38,7 @@ and what to do. Every wait on a background save is bounded (`SAVE_TIMEOUT_S`), a
 every Checkpointer is closed on the paths that open one, so no Orbax thread outlives a
 run to hang it or print a traceback after its error.
 
-Why ~720 lines: this is the only module that imports Orbax, by design, so everything that
+Why this long: this is the only module that imports Orbax, by design, so everything that
 touches it (saving, bounded waits, storage-failure messages, content digests, fallback
 over unreadable steps, model-only restore) stays here rather than leaking Orbax types and
 errors into the rest of capsjax.

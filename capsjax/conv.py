@@ -39,7 +39,7 @@ it in front), so under the trainer's Auto mesh a batch sharded over `P('data')` 
 sharded without annotations. Low-precision inputs accumulate in float32 and the result
 has the promoted input dtype.
 
-Why ~510 lines: five lowerings of one function, three with hand-written gradients
+Why this long: five lowerings of one function, three with hand-written gradients
 (custom VJPs); they share the checks, patch and tap helpers and are tested as one.
 """
 

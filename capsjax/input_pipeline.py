@@ -6,7 +6,7 @@ indexes and casts with array methods only, so the scanned training loop
 validating the original release files, and building TFDS datasets from them offline, is
 `offline_data`'s job.
 
-Why ~470 lines: the registry, the cache and the batching are the three parts of one job,
+Why this long: the registry, the cache and the batching are the three parts of one job,
 "a split as arrays, then its batches", and each is short.
 """
 

@@ -10,6 +10,10 @@ step still uses NNX's functional form (split/merge around a pure `jax.jit` step,
 
 Every layer takes a `dtype` for its matmuls/convs ('float32' or 'bfloat16'); parameters
 are always float32 and squash/routing run in float32 (capsjax.caps_ops upcasts).
+
+Why this long: the layers of the three architectures (CapsNet, Efficient-CapsNet, the
+matrix-capsule network) and the four routings' per-layer parameters, with their
+initialisation schemes; each layer is short.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ gives 2048 primary capsules).
 `CapsNet(**config.model, image_shape=..., num_classes=..., rngs=...)`; `create_model` does
 that and also resolves the config value `conv_impl='auto'` (see there).
 
-Why one module of ~580 lines: the three architectures share the config-field validation
+Why one module this long: the three architectures share the config-field validation
 and the output dict that the steps, analysis and checkpoints rely on; split apart, each
 file would import the others' private helpers.
 """

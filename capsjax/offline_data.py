@@ -10,7 +10,7 @@ a warning; a file whose digest belongs to another dataset is rejected.
 `prepare_offline` writes the same array_record dataset as the official TFDS builder (same
 name and version, PNG-encoded with PIL), so `tfds.data_source(name)` reads it afterwards.
 
-Why ~570 lines: about 50 are the published checksum tables of four releases, and the rest
+Why this long: about 50 lines are the published checksum tables of four releases, and the rest
 is one job (release files in, validated arrays or a TFDS build out).
 """
 

@@ -25,7 +25,7 @@ input dtype (softmaxes, logs and normalisations lose most of their bits in bfloa
 float32 and float64 stay as they are. Each function is safe under `jit`, `vmap` and
 `grad` (forward and reverse mode); iterations run in a `lax.fori_loop`.
 
-Why ~450 lines: four algorithms under one contract, each with its equations written out
+Why this long: four algorithms under one contract, each with its equations written out
 in its docstring; one file keeps the contract and the registry next to what they cover.
 """
 
