@@ -362,6 +362,7 @@ def test_old_workdirs_without_the_routing_fields_still_resume(tmp_path):
   for leaf in ("architecture", "routing", "em_final_lambda"):
     del saved["model"][leaf]
   (tmp_path / "config.json").write_text(json.dumps(saved))
+  os.makedirs(tmp_path / "checkpoints" / "4")  # it trained: its config binds the workdir.
   workdir_lib.check_config(config, str(tmp_path))  # the legacy values: accepted.
   model = nnx.eval_shape(
     lambda: models.create_model(

@@ -334,6 +334,7 @@ def test_workdir_saved_before_the_new_fields_compares_with_their_legacy_values(t
   workdir = tmp_path / "old"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(saved))
+  os.makedirs(workdir / "checkpoints" / "4")  # it trained: its config binds the workdir.
   workdir_lib.check_config(config, str(workdir))  # how the old run trained: accepted.
   (workdir / "config.json").write_text(json.dumps(saved))
   config.val_examples = 8  # a different training set: refused.

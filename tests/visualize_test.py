@@ -201,7 +201,8 @@ def test_cli_unexpected_argument(capsys):
   with pytest.raises(SystemExit) as e:
     visualize.main(["visualize", "stray"])
   assert e.value.code == 2
+  # Not a terminal: the error starts on a fresh line (after a newline), a line of its own.
   assert capsys.readouterr().err == (
-    "capsjax: error: unexpected arguments: ['stray']; capsjax.visualize takes only flags, "
+    "\ncapsjax: error: unexpected arguments: ['stray']; capsjax.visualize takes only flags, "
     "e.g. --workdir=RUN\n"
   )
