@@ -170,6 +170,20 @@ def split_variants(arg, own: tuple[str, ...] = ()) -> tuple[set[str], str | None
   return mine, (rest[0] if rest else None)
 
 
+def smoke_run(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """The run size of every `:smoke` variant (2 epochs of 32 examples, batch 8, no bar);
+  each config file shrinks its own model on top."""
+  config.num_epochs = 2
+  config.train_examples = 32
+  config.eval_examples = 24
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.val_examples = 8
+  config.log_every_steps = 2
+  config.progress_bar = False
+  return config
+
+
 def apply_variant(config: config_dict.ConfigDict, arg) -> config_dict.ConfigDict:
   """Applies a `file.py:VARIANT` shrink to a full config.
 
@@ -199,14 +213,7 @@ def apply_variant(config: config_dict.ConfigDict, arg) -> config_dict.ConfigDict
     config.augment.cutout_size = 0
     return config
   if arg == "smoke":
-    config.num_epochs = 2
-    config.train_examples = 32
-    config.eval_examples = 24
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.val_examples = 8
-    config.log_every_steps = 2
-    config.progress_bar = False
+    smoke_run(config)
     m = config.model
     m.conv1_channels = 16
     m.conv1_kernel = 9

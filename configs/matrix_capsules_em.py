@@ -61,14 +61,7 @@ def get_config(arg=None):
 
 def _smoke(config):
   """A tiny model for tests: seconds on CPU, any data (mock data too)."""
-  config.num_epochs = 2
-  config.train_examples = 32
-  config.eval_examples = 24
-  config.batch_size = 8
-  config.eval_batch_size = 16
-  config.val_examples = 8
-  config.log_every_steps = 2
-  config.progress_bar = False
+  common.smoke_run(config)
   config.model.conv1_channels = 16
   config.model.primary_types = 2
   config.model.routing_iterations = 2
