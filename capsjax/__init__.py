@@ -6,7 +6,7 @@ queries, no config changes.
 """
 
 from capsjax.caps_ops import RoutingResult, capsule_lengths, dynamic_routing, squash
-from capsjax.losses import margin_loss, reconstruction_loss
+from capsjax.losses import margin_loss, reconstruction_loss, spread_loss
 from capsjax import routing
 from capsjax.routing import Routed
 
@@ -18,5 +18,6 @@ __all__ = [
   "margin_loss",
   "reconstruction_loss",
   "routing",
+  "spread_loss",
   "squash",
 ]

@@ -15,26 +15,70 @@ import jax
 import jax.numpy as jnp
 
 
+CLASS_LOSSES = ("margin", "spread")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
   """The loss hyperparameters, with the paper's values as defaults (Sec. 3 and 4.1).
 
   The one place these defaults are written: `margin_loss` and the configs
-  (`configs/common.py`) read them from here.
+  (`configs/common.py`, through `config_defaults`) read them from here.
+
+  `class_loss` picks the loss on the class scores: 'margin' (Sabour et al., Eq. 4, with
+  m_plus, m_minus, lam) or 'spread' (Hinton et al. 2018, Eq. 3, for EM routing's
+  activations). The spread loss's margin rises linearly from `spread_margin_start` to
+  `spread_margin_end` over the first `spread_ramp_fraction` of the run's steps, as the
+  EM paper's "starting with a small margin of 0.2 and linearly increasing it during
+  training to 0.9" (Sec. 3.1). `total_steps` is the run's length, set by the trainer
+  (not a config field); 0 (unknown, e.g. evaluating a checkpoint alone) means the
+  margin has finished rising.
   """
 
   m_plus: float = 0.9
   m_minus: float = 0.1
   lam: float = 0.5
   recon_weight: float = 0.392  # x per-pixel MSE on 28x28 == the paper's 0.0005 x SSE.
+  class_loss: str = "margin"
+  spread_margin_start: float = 0.2
+  spread_margin_end: float = 0.9
+  spread_ramp_fraction: float = 1.0
+  total_steps: int = 0
 
   @classmethod
-  def from_config(cls, loss_cfg) -> LossWeights:
-    """From a `config.loss` ConfigDict (or any mapping with the four fields)."""
-    return cls(*(float(loss_cfg[f.name]) for f in dataclasses.fields(cls)))
+  def config_defaults(cls) -> dict:
+    """The `config.loss` fields and their defaults (every field but `total_steps`)."""
+    return {k: v for k, v in dataclasses.asdict(cls()).items() if k != "total_steps"}
 
+  @classmethod
+  def from_config(cls, loss_cfg, total_steps: int = 0) -> LossWeights:
+    """From a `config.loss` ConfigDict (or any mapping with `config_defaults`' fields).
 
-PAPER = LossWeights()
+    A mapping without the class-loss fields (a run saved before they existed) trains
+    with the margin loss, as such runs did.
+    """
+    values = {}
+    for name, default in cls.config_defaults().items():
+      value = loss_cfg[name] if name in loss_cfg else default
+      values[name] = str(value) if isinstance(default, str) else float(value)
+    return cls(**values, total_steps=int(total_steps))
+
+  def spread_margin(self, step) -> jax.Array:
+    """The spread loss's margin m at train step `step` (a scalar, traced or not)."""
+    start, end = self.spread_margin_start, self.spread_margin_end
+    ramp = self.spread_ramp_fraction * self.total_steps
+    if self.total_steps <= 0 or ramp <= 0:
+      return jnp.asarray(end, jnp.float32)
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / ramp, 0.0, 1.0)
+    return start + (end - start) * progress
+
+  def class_loss_per_example(self, scores: jax.Array, labels: jax.Array, step) -> jax.Array:
+    """[..., K] class scores, [...] labels -> [...] margin or spread loss (`class_loss`)."""
+    if self.class_loss == "margin":
+      return margin_loss(scores, labels, m_plus=self.m_plus, m_minus=self.m_minus, lam=self.lam)
+    if self.class_loss == "spread":
+      return spread_loss(scores, labels, margin=self.spread_margin(step))
+    raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}")
 
 
 def _scores_and_targets(scores, labels, name: str):
@@ -58,9 +102,9 @@ def margin_loss(
   lengths: jax.Array,
   labels: jax.Array,
   *,
-  m_plus: float = PAPER.m_plus,
-  m_minus: float = PAPER.m_minus,
-  lam: float = PAPER.lam,
+  m_plus: float = LossWeights.m_plus,
+  m_minus: float = LossWeights.m_minus,
+  lam: float = LossWeights.lam,
 ) -> jax.Array:
   """Margin loss, Eq. 4 of the paper, summed over classes.
 
@@ -127,7 +171,9 @@ def reconstruction_loss(
   return jnp.sum(err, axis=axes) if reduction == "sum" else jnp.mean(err, axis=axes)
 
 
-def spread_loss(activations: jax.Array, labels: jax.Array, *, margin: float = 0.2) -> jax.Array:
+def spread_loss(
+  activations: jax.Array, labels: jax.Array, *, margin: float | jax.Array = 0.2
+) -> jax.Array:
   """Spread loss of EM routing (Hinton, Sabour & Frosst 2018, Sec. 3.1, Eq. 3).
 
   L = sum over the wrong classes i of max(0, m - (a_t - a_i))^2, with a_t the target
@@ -138,7 +184,7 @@ def spread_loss(activations: jax.Array, labels: jax.Array, *, margin: float = 0.
   Args:
     activations: [..., K] class activations a_i.
     labels: [...] integer class ids in [0, K).
-    margin: m.
+    margin: m, a Python float or a traced scalar (the trainer's schedule).
 
   Returns:
     [...] per-example loss, dtype of `activations` (at least float32).

@@ -20,6 +20,7 @@ from capsjax import augment
 from capsjax import caps_ops
 from capsjax import errors
 from capsjax import input_pipeline
+from capsjax import losses
 from capsjax import models
 from capsjax import optim
 
@@ -54,6 +55,10 @@ LEGACY_DEFAULTS = {
   "model.architecture": "capsnet",
   "model.routing": "dynamic",
   "model.em_final_lambda": 0.01,
+  "loss.class_loss": "margin",
+  "loss.spread_margin_start": 0.2,
+  "loss.spread_margin_end": 0.9,
+  "loss.spread_ramp_fraction": 1.0,
 }
 
 
@@ -160,7 +165,16 @@ def validate_config(config) -> None:
     "set the other to 0",
   )
   _check_choice(config, "augment.fill", augment.FILLS)
-  for name in ("m_plus", "m_minus", "lam", "recon_weight"):
+  _check_choice(config, "loss.class_loss", losses.CLASS_LOSSES)
+  for name in (
+    "m_plus",
+    "m_minus",
+    "lam",
+    "recon_weight",
+    "spread_margin_start",
+    "spread_margin_end",
+    "spread_ramp_fraction",
+  ):
     value = config.loss[name]
     _check(
       isinstance(value, (int, float)) and value == value and value >= 0,

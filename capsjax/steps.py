@@ -79,13 +79,15 @@ def create_model_and_optimizer(
 
 
 def per_example_losses(
-  out: dict[str, jax.Array], images: jax.Array, labels: jax.Array, weights: LossWeights
+  out: dict[str, jax.Array], images: jax.Array, labels: jax.Array, weights: LossWeights, step
 ) -> tuple[jax.Array, jax.Array]:
-  """(margin [B], reconstruction [B]) of a CapsNet output dict; zero reconstruction
-  loss for a model without a decoder."""
-  margin = losses.margin_loss(
-    out["lengths"], labels, m_plus=weights.m_plus, m_minus=weights.m_minus, lam=weights.lam
-  )
+  """(class loss [B], reconstruction [B]) of a model's output dict at train step `step`.
+
+  The class loss is `weights.class_loss` (margin or spread) on out['lengths'], the class
+  scores; it is reported as 'margin_loss' whichever it is, so every run's epochs.csv
+  has the same columns. Zero reconstruction loss for a model without a decoder.
+  """
+  margin = weights.class_loss_per_example(out["lengths"], labels, step)
   if "reconstruction" in out:
     recon = losses.reconstruction_loss(images, out["reconstruction"], reduction="mean")
   else:
@@ -94,15 +96,16 @@ def per_example_losses(
 
 
 def compute_losses(
-  model: models.CapsNet, images: jax.Array, labels: jax.Array, weights: LossWeights
+  model: models.CapsNet, images: jax.Array, labels: jax.Array, weights: LossWeights, step=0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean total loss over the batch and a dict of float32 batch metrics.
 
   images [B, H, W, C], labels [B] -> (loss [], {'loss', 'margin_loss', 'recon_loss',
-  'accuracy'} scalars). The decoder is masked by the true labels.
+  'accuracy'} scalars). The decoder is masked by the true labels; `step` sets the
+  spread loss's margin (unused by the margin loss).
   """
   out = model(images, labels)
-  margin, recon = per_example_losses(out, images, labels, weights)
+  margin, recon = per_example_losses(out, images, labels, weights, step)
   loss = jnp.mean(margin + weights.recon_weight * recon)
   aux = {
     "loss": loss,
@@ -118,7 +121,7 @@ def _loss_and_grads(model, step, batch, key, weights: LossWeights, aug: AugmentS
   # augmentations as an uninterrupted one.
   images = aug(jax.random.fold_in(key, step), batch["image"])
   grad_fn = nnx.value_and_grad(
-    lambda m: compute_losses(m, images, batch["label"], weights), has_aux=True
+    lambda m: compute_losses(m, images, batch["label"], weights, step), has_aux=True
   )
   (loss, aux), grads = grad_fn(model)
   return loss, aux, grads
@@ -213,10 +216,10 @@ def eval_step(graphdef, state, batch, *, weights: LossWeights):
   batch: {'image' [B,H,W,C], 'label' [B], 'mask' [B]}. The decoder is masked by the
   predicted class, as at test time in the paper.
   """
-  model, _ = nnx.merge(graphdef, state)
+  model, optimizer = nnx.merge(graphdef, state)
   images, labels = batch["image"], batch["label"]
   out = model(images)
-  margin, recon = per_example_losses(out, images, labels, weights)
+  margin, recon = per_example_losses(out, images, labels, weights, optimizer.step[...])
   m = batch["mask"].astype(jnp.float32)
   return {
     "correct": jnp.sum((out["pred"] == labels) * m),
@@ -228,7 +231,7 @@ def eval_step(graphdef, state, batch, *, weights: LossWeights):
 
 def make_steps(graphdef, config, steps_per_epoch: int, mesh):
   """Jitted (train_step, eval_step) closed over the static graphdef and hyperparameters."""
-  weights = LossWeights.from_config(config.loss)
+  weights = LossWeights.from_config(config.loss, config.num_epochs * steps_per_epoch)
   aug = AugmentSpec.from_config(config.augment)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
   train = parallel.jit_data_parallel(
@@ -249,7 +252,7 @@ def make_train_chunk(graphdef, config, steps_per_epoch: int, mesh, max_steps: in
 
   The state is donated; outputs are replicated over `mesh`, as `make_steps`' step.
   """
-  weights = LossWeights.from_config(config.loss)
+  weights = LossWeights.from_config(config.loss, config.num_epochs * steps_per_epoch)
   aug = AugmentSpec.from_config(config.augment)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
   return parallel.jit_data_parallel(

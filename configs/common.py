@@ -5,8 +5,6 @@ override (`--config.model.routing_iteration=1`) fails with "Did you mean" instea
 being ignored. Durations are in epochs; `capsjax.train` turns them into steps.
 """
 
-import dataclasses
-
 from ml_collections import config_dict
 
 from capsjax import losses
@@ -112,7 +110,10 @@ def get_base_config() -> config_dict.ConfigDict:
   config.optim.min_learning_rate = 0.0  # floor of the schedule (authors: 1e-6).
 
   # m_plus, m_minus, lam, recon_weight: the paper's values (capsjax.losses.LossWeights).
-  config.loss = config_dict.ConfigDict(dataclasses.asdict(losses.LossWeights()))
+  # class_loss: 'margin' (Sabour et al.) or 'spread' (EM routing's loss, Hinton et al.
+  # 2018), whose margin rises from spread_margin_start to spread_margin_end over the
+  # first spread_ramp_fraction of the run's steps.
+  config.loss = config_dict.ConfigDict(losses.LossWeights.config_defaults())
 
   config.augment = config_dict.ConfigDict()
   config.augment.max_shift = 2  # integer shift, uniform in [-k, k] px.
