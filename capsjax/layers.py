@@ -460,6 +460,92 @@ class DepthwiseConv2D(nnx.Module):
     return y + self.bias[...]
 
 
+def capsule_patches(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+  """x [B, H, W, T, ...] -> [B, H', W', kernel * kernel * T, ...], the K x K receptive
+  field of every output cell (VALID, H' = (H - K) // stride + 1), ordered (ky, kx, type)."""
+  b, h, w = x.shape[:3]
+  ho, wo = conv_lib.out_size(h, kernel, stride), conv_lib.out_size(w, kernel, stride)
+  if min(ho, wo) < 1:
+    raise ValueError(f"a {kernel}x{kernel} kernel does not fit the {h}x{w} capsule grid")
+  taps = [
+    x[:, ky : ky + stride * (ho - 1) + 1 : stride, kx : kx + stride * (wo - 1) + 1 : stride]
+    for ky in range(kernel)
+    for kx in range(kernel)
+  ]  # each [B, H', W', T, ...]
+  p = jnp.stack(taps, axis=3)  # [B, H', W', K*K, T, ...]
+  return p.reshape(b, ho, wo, kernel * kernel * x.shape[3], *x.shape[4:])
+
+
+def _em_beta(num_out: int):
+  return nnx.Param(jnp.zeros((num_out,)))
+
+
+class MatrixConvCaps(nnx.Module):
+  """A convolutional capsule layer of a matrix-capsule network (ConvCaps1/2 of Hinton et
+  al. 2018), routed by EM.
+
+  Every output cell sees the K x K x T_in capsules of its receptive field; capsule i at
+  kernel offset (ky, kx) and type t votes V_ij = M_i W_(ky,kx,t),j for each output type
+  j, with W shared over positions as a convolution shares its kernel. EM then routes each
+  output cell's K*K*T_in votes to its T_out parents on their own: a child in the
+  receptive fields of several cells gets an assignment summing to 1 within each, as in
+  yl-1993/Matrix-Capsules-EM-PyTorch (model/capsules.py L250-260, patches routed with
+  the batch as B * H' * W') and www0wwwjs1/Matrix-Capsules-EM-Tensorflow
+  (capsnet_em.py L201-213). The paper, and IBM/matrix-capsules-with-em-routing
+  (utils.py L516-523), normalise a child's assignments over every parent that sees it
+  instead; that couples neighbouring cells and is not implemented here.
+
+  W ~ N(0, 1), as yl-1993 (`torch.randn`, capsules.py L93) and IBM
+  (`truncated_normal(stddev=1.0)`, utils.py L143-147); beta_u, beta_a [T_out] start at 0
+  (yl-1993 capsules.py L87-88).
+  """
+
+  def __init__(
+    self,
+    in_types: int,
+    out_types: int,
+    *,
+    kernel: int,
+    stride: int,
+    routing_iterations: int,
+    final_lambda: float = 0.01,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    caps_ops.check_iterations(routing_iterations)
+    self.kernel, self.stride = int(kernel), int(stride)
+    self.routing_iterations = routing_iterations
+    self.final_lambda = float(final_lambda)
+    self.dtype = jnp.dtype(dtype)
+    self.w = nnx.Param(
+      jax.random.normal(rngs.params(), (kernel * kernel * in_types, out_types, 4, 4), jnp.float32)
+    )
+    self.beta_u = _em_beta(out_types)
+    self.beta_a = _em_beta(out_types)
+
+  def votes(self, poses: jax.Array) -> jax.Array:
+    """poses [B, H, W, T_in, 16] -> votes [B, H', W', K*K*T_in, T_out, 16]."""
+    p = capsule_patches(poses, self.kernel, self.stride)  # [B, H', W', N, 16]
+    m = p.reshape(*p.shape[:-1], 4, 4).astype(self.dtype)
+    v = jnp.einsum(
+      "byxnik,nmko->byxnmio", m, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32
+    )  # [B, H', W', N, T_out, 4, 4]
+    return v.reshape(*v.shape[:-2], 16)
+
+  def __call__(self, poses: jax.Array, a_in: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """poses [B, H, W, T_in, 16], a_in [B, H, W, T_in] -> (poses [B, H', W', T_out, 16],
+    activations [B, H', W', T_out])."""
+    r = routing_lib.em(
+      self.votes(poses),
+      self.routing_iterations,
+      a_in=capsule_patches(a_in, self.kernel, self.stride),
+      beta_u=self.beta_u[...],
+      beta_a=self.beta_a[...],
+      final_lambda=self.final_lambda,
+    )
+    return r.poses, r.activations
+
+
 class MatrixClassCaps(nnx.Module):
   """Class capsules of a matrix-capsule network, routed by EM (Hinton et al. 2018).
 
@@ -488,13 +574,10 @@ class MatrixClassCaps(nnx.Module):
     self.final_lambda = float(final_lambda)
     self.coordinate_addition = coordinate_addition
     self.dtype = jnp.dtype(dtype)
-    # stddev 1/2: for unit-variance poses, each vote entry (a sum of 4 products) also has
-    # unit variance.
-    self.w = nnx.Param(
-      nnx.initializers.truncated_normal(0.5)(rngs.params(), (types, num_out, 4, 4), jnp.float32)
-    )
-    self.beta_u = nnx.Param(jnp.zeros((num_out,)))
-    self.beta_a = nnx.Param(jnp.zeros((num_out,)))
+    # N(0, 1) and zero betas, as `MatrixConvCaps`.
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (types, num_out, 4, 4), jnp.float32))
+    self.beta_u = _em_beta(num_out)
+    self.beta_a = _em_beta(num_out)
 
   def votes(self, poses: jax.Array) -> jax.Array:
     """poses: [B, H, W, types, 16] -> votes [B, N_in, N_out, 16], N_in = H * W * types."""

@@ -20,6 +20,7 @@ file would import the others' private helpers.
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from typing import Sequence
 
@@ -493,17 +494,19 @@ class EfficientCapsNet(nnx.Module):
 
 
 class MatrixCapsNet(nnx.Module):
-  """A small matrix-capsule network with EM routing (Hinton, Sabour & Frosst 2018).
+  """A matrix-capsule network with EM routing (Hinton, Sabour & Frosst 2018).
 
-  ReLU Conv1 (5x5, stride 2, A channels) -> PrimaryCaps (1x1 conv: B types of 4x4 pose
-  matrices and sigmoid activations per cell) -> class capsules (`layers.MatrixClassCaps`:
-  votes M W_tj shared over positions, coordinate addition, `routing.em`). The paper's
-  network puts two convolutional capsule layers (ConvCaps1, ConvCaps2, K = 3) between
-  PrimaryCaps and the class capsules; they are left out here (their EM routing over
-  overlapping receptive fields is not implemented), so this is the paper's
-  PrimaryCaps -> Class Capsules path only. Class scores are the class activations a_j;
-  the paper trains with its spread loss, capsjax with the margin loss on a_j (one loss
-  for every routing).
+  ReLU Conv1 (K x K, stride s, A channels) -> PrimaryCaps (1x1 conv: B types of 4x4 pose
+  matrices and sigmoid activations per cell) -> ConvCaps layers (`layers.MatrixConvCaps`,
+  one per entry of `convcaps_types`, with its kernel and stride; the paper's ConvCaps1
+  (K = 3, stride 2, C types) and ConvCaps2 (K = 3, stride 1, D types)) -> class capsules
+  (`layers.MatrixClassCaps`: votes M W_tj shared over positions, coordinate addition,
+  `routing.em`). Each ConvCaps cell routes its receptive field on its own (see
+  `layers.MatrixConvCaps`), a simplification of the paper's overlapping normalisation.
+  `convcaps_types=()` routes PrimaryCaps straight to the class capsules.
+
+  Class scores are the class activations a_j; configs/matrix_capsules_em.py trains them
+  with the paper's spread loss (`config.loss.class_loss='spread'`).
 
   Keywords are the `config.model` fields of configs/matrix_capsules_em.py; `init` is the
   scheme of the convs and decoder, and `length_eps` is unused (shared fields, see
@@ -520,6 +523,9 @@ class MatrixCapsNet(nnx.Module):
     conv1_kernel: int = 5,
     conv1_stride: int = 2,
     primary_types: int = 8,
+    convcaps_types: Sequence[int] = (),
+    convcaps_kernels: Sequence[int] = (),
+    convcaps_strides: Sequence[int] = (),
     routing: str = "em",
     routing_iterations: int = 3,
     em_final_lambda: float = 0.01,
@@ -546,6 +552,14 @@ class MatrixCapsNet(nnx.Module):
     k1 = _positive_int("conv1_kernel", conv1_kernel)
     s1 = _positive_int("conv1_stride", conv1_stride)
     types = _positive_int("primary_types", primary_types)
+    cc_types = _check_sizes("convcaps_types", convcaps_types)
+    cc_kernels = _check_sizes("convcaps_kernels", convcaps_kernels)
+    cc_strides = _check_sizes("convcaps_strides", convcaps_strides)
+    if not len(cc_types) == len(cc_kernels) == len(cc_strides):
+      raise errors.ConfigError(
+        f"config.model.convcaps_types={cc_types}, convcaps_kernels={cc_kernels} and "
+        f"convcaps_strides={cc_strides} must have one entry per ConvCaps layer (the same length)"
+      )
     em_final_lambda = _positive_float("em_final_lambda", em_final_lambda)
     coordinate_addition = _check_bool("coordinate_addition", coordinate_addition)
     decoder_hidden = _check_sizes("decoder_hidden", decoder_hidden)
@@ -558,10 +572,20 @@ class MatrixCapsNet(nnx.Module):
         f"config.model.conv1_kernel={k1}, conv1_stride={s1}: the "
         f"image shape {(h, w, c)} is too small for them"
       )
+    grid = (h1, w1)
+    for i, (k, st) in enumerate(zip(cc_kernels, cc_strides)):
+      grid = tuple(conv_lib.out_size(n, k, st) for n in grid)
+      if min(grid) < 1:
+        raise errors.ConfigError(
+          f"config.model.convcaps_kernels[{i}]={k}, convcaps_strides[{i}]={st}: the capsule "
+          f"grid before it is too small for them (image {(h, w, c)})"
+        )
     self.image_shape = (h, w, c)
     self.num_classes = int(num_classes)
-    self.num_primary = h1 * w1 * types
-    self.primary_grid = (h1, w1, types)
+    # The grid the class capsules route from (the last ConvCaps layer's, else
+    # PrimaryCaps'): what `analysis.couplings` and the routing figure index.
+    self.primary_grid = (*grid, cc_types[-1] if cc_types else types)
+    self.num_primary = math.prod(self.primary_grid)
     self.routing = routing
     self.conv1 = layers.Conv2D(
       c, ch1, k1, stride=s1, impl=conv_impl, dtype=dt, init=init, role="conv1", rngs=rngs
@@ -572,8 +596,23 @@ class MatrixCapsNet(nnx.Module):
     self.primary_activations = layers.Conv2D(
       ch1, types, 1, impl=conv_impl, dtype=dt, init=init, role="primary", rngs=rngs
     )
+    self.conv_caps = nnx.List(
+      [
+        layers.MatrixConvCaps(
+          t_in,
+          t_out,
+          kernel=k,
+          stride=st,
+          routing_iterations=routing_iterations,
+          final_lambda=em_final_lambda,
+          dtype=dt,
+          rngs=rngs,
+        )
+        for t_in, t_out, k, st in zip((types, *cc_types), cc_types, cc_kernels, cc_strides)
+      ]
+    )
     self.digit_caps = layers.MatrixClassCaps(
-      types,
+      cc_types[-1] if cc_types else types,
       self.num_classes,
       routing_iterations=routing_iterations,
       final_lambda=em_final_lambda,
@@ -598,6 +637,8 @@ class MatrixCapsNet(nnx.Module):
     p = self.primary_poses(x)  # [B, H1, W1, types*16]
     poses = p.reshape(*p.shape[:3], -1, 16)  # [B, H1, W1, types, 16]
     a = jax.nn.sigmoid(self.primary_activations(x))  # [B, H1, W1, types]
+    for layer in self.conv_caps:
+      poses, a = layer(poses, a)  # [B, H', W', T, 16], [B, H', W', T]
     return self.digit_caps(poses, a.reshape(a.shape[0], -1))
 
   def capsules(self, images: jax.Array, *, return_couplings: bool = False):

@@ -152,6 +152,7 @@ def em(
   beta_a: jax.Array | float = 0.0,
   final_lambda: float = 0.01,
   inverse_temperatures: Sequence[float] | None = None,
+  cost_scale: float = 1.0,
   eps: float = 1e-8,
 ) -> Routed:
   """EM routing, Procedure 1 of Hinton, Sabour & Frosst, "Matrix capsules with EM
@@ -237,7 +238,7 @@ def em(
     coeff = rp / (r_sum[..., None] + eps)  # [..., N_out, N_in]
     mu = _weighted_sum(coeff, ut)  # [..., N_out, D]
     var = _weighted_sum(coeff, jnp.square(ut - mu[..., None, :])) + eps  # [..., N_out, D]
-    cost = (bu + 0.5 * jnp.log(var)) * r_sum[..., None]  # [..., N_out, D]
+    cost = (bu + 0.5 * jnp.log(var)) * (cost_scale * r_sum[..., None])  # [..., N_out, D]
     logit = lam_t * (beta_a - jnp.sum(cost, axis=-1))  # [..., N_out]
     return mu, var, logit
 

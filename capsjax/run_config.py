@@ -61,6 +61,12 @@ LEGACY_DEFAULTS = {
   "loss.spread_ramp_fraction": 1.0,
 }
 
+# As LEGACY_DEFAULTS, for model fields one architecture added later: a saved
+# `model.architecture` picks the entries (JSON values: tuples are lists).
+LEGACY_MODEL_DEFAULTS = {
+  "matrix_capsnet": {"convcaps_types": [], "convcaps_kernels": [], "convcaps_strides": []},
+}
+
 
 def _parent(node, field: str):
   """(the node holding the last part of a dotted `field`, that part)."""
@@ -208,6 +214,10 @@ def with_legacy_defaults(saved: dict, prefix: str = "") -> dict:
       continue
     if isinstance(node, dict):
       node.setdefault(leaf, value)
+  model = saved if prefix == "model." else saved.get("model") if not prefix else None
+  if isinstance(model, dict):
+    for leaf, value in LEGACY_MODEL_DEFAULTS.get(model.get("architecture"), {}).items():
+      model.setdefault(leaf, value)
   return saved
 
 

@@ -398,7 +398,7 @@ def make_figures(
     names,
     analysis.model_primary_grid(run.model, run.model_cfg, run.info.image_shape),
     os.path.join(out_dir, "routing.png"),
-    title=f"Final routing assignments, primary capsules -> classes ({tag})",
+    title=f"Final routing assignments, capsules -> classes ({tag})",
   )
   ne = len(images) if eval_examples == 0 else min(eval_examples, len(images))
   cm = analysis.confusion_matrix(labels[:ne], out["pred"][:ne], run.info.num_classes)

@@ -27,6 +27,11 @@ mock = helpers.mock_mnist_fixture()
     ("--config.model.digit_dim=0", "config.model.digit_dim"),
     ("--config.loss.m_plus=nan", "config.loss.m_plus must be a number >= 0, got nan"),
     ("--config.seed=-1", "config.seed must be >= 0, got -1"),
+    (
+      "--config.loss.class_loss=hinge",
+      "config.loss.class_loss must be one of ('margin', 'spread'), got 'hinge'",
+    ),
+    ("--config.loss.spread_margin_end=-0.5", "config.loss.spread_margin_end must be a number"),
   ],
 )
 def test_a_rejected_config_leaves_the_workdir_untouched(capsys, tmp_path, mock, override, expected):

@@ -252,3 +252,44 @@ def test_spread_loss_against_numpy_and_hand_values():
   )
   with pytest.raises(TypeError, match="integer class ids"):
     losses.spread_loss(a, y.astype(np.float32))
+
+
+def test_spread_margin_rises_linearly_over_the_ramp():
+  """m(step) = 0.2 + 0.7 * min(1, step / (fraction * total_steps)), worked by hand."""
+  w = losses.LossWeights(class_loss="spread", spread_ramp_fraction=0.5, total_steps=400)
+  # The ramp is 200 steps: 0.2 at step 0, 0.2 + 0.7 * 50/200 = 0.375 at 50, 0.9 from 200 on.
+  for step, expected in ((0, 0.2), (50, 0.375), (100, 0.55), (200, 0.9), (399, 0.9)):
+    np.testing.assert_allclose(jax.jit(w.spread_margin)(step), expected, rtol=1e-6)
+  # A run of unknown length (a checkpoint evaluated alone) uses the final margin.
+  np.testing.assert_allclose(losses.LossWeights().spread_margin(0), 0.9)
+
+
+def test_class_loss_per_example_picks_margin_or_spread():
+  rng = np.random.default_rng(1)
+  a = rng.uniform(0, 1, (4, 10)).astype(np.float32)
+  y = rng.integers(0, 10, 4).astype(np.int32)
+  spread = losses.LossWeights(class_loss="spread", total_steps=100)
+  # At step 25 of a 100-step ramp the margin is 0.2 + 0.7 / 4 = 0.375.
+  expected = [
+    sum(max(0.0, 0.375 - (a[b, y[b]] - a[b, i])) ** 2 for i in range(10) if i != y[b])
+    for b in range(4)
+  ]
+  got = jax.jit(spread.class_loss_per_example)(a, y, 25)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.LossWeights().class_loss_per_example(a, y, 25), margin_loss(a, y), rtol=1e-6
+  )
+
+
+def test_loss_weights_from_a_config_saved_before_the_class_loss_fields():
+  """A run saved with only the four margin-loss fields trains with the margin loss."""
+  old = {"m_plus": 0.8, "m_minus": 0.2, "lam": 0.25, "recon_weight": 0.0}
+  w = losses.LossWeights.from_config(old, total_steps=7)
+  assert (w.m_plus, w.m_minus, w.lam, w.recon_weight) == (0.8, 0.2, 0.25, 0.0)
+  assert (w.class_loss, w.total_steps) == ("margin", 7)
+  assert set(losses.LossWeights.config_defaults()) == set(old) | {
+    "class_loss",
+    "spread_margin_start",
+    "spread_margin_end",
+    "spread_ramp_fraction",
+  }

@@ -284,11 +284,67 @@ def test_efficient_capsnet_has_the_published_161k_parameters():
   assert decoder == (160 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 784 + 784)
 
 
-def test_matrix_capsnet_parameter_count():
-  # Conv1 5x5x1->64, 1x1 pose conv 64->8x16 and activation conv 64->8, W [8, 10, 4, 4],
-  # beta_u and beta_a [10]; no decoder.
-  expected = (5 * 5 * 64 + 64) + (64 * 128 + 128) + (64 * 8 + 8) + 8 * 10 * 16 + 20
-  assert _count(matrix_capsules_em.get_config()) == (expected, 0)
+def test_matrix_capsnet_has_the_papers_68k_parameters():
+  # Conv1 5x5x1->64; 1x1 pose conv 64->8x16 and activation conv 64->8; ConvCaps1 W
+  # [3*3*8, 16, 4, 4], ConvCaps2 W [3*3*16, 16, 4, 4], class W [16, 10, 4, 4], each with
+  # beta_u and beta_a per output type; no decoder. The paper (Sec. 5): "a smaller capsule
+  # network (A=64, B=8, C=D=16) with only 68K trainable parameters".
+  conv = (5 * 5 * 64 + 64) + (64 * 128 + 128) + (64 * 8 + 8)
+  caps = (9 * 8 * 16 * 16 + 32) + (9 * 16 * 16 * 16 + 32) + (16 * 10 * 16 + 20)
+  total = _count(matrix_capsules_em.get_config())
+  assert total == (conv + caps, 0) == (68_444, 0)
+  assert total[0] // 1000 == 68
+
+
+def test_capsule_patches_against_numpy():
+  x = np.random.default_rng(4).normal(size=(2, 7, 6, 3, 5)).astype(np.float32)
+  for k, st in ((3, 2), (2, 1), (3, 3)):
+    ho, wo = (7 - k) // st + 1, (6 - k) // st + 1
+    expected = np.zeros((2, ho, wo, k * k * 3, 5), np.float32)
+    for oy in range(ho):
+      for ox in range(wo):
+        n = 0
+        for ky in range(k):
+          for kx in range(k):
+            for t in range(3):
+              expected[:, oy, ox, n] = x[:, oy * st + ky, ox * st + kx, t]
+              n += 1
+    got = jax.jit(layers.capsule_patches, static_argnums=(1, 2))(x, k, st)
+    np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="a 8x8 kernel does not fit the 7x6 capsule grid"):
+    layers.capsule_patches(x, 8, 1)
+
+
+def test_matrix_conv_caps_routes_each_cell_by_em_on_numpy_votes():
+  """Votes M_i W_(ky,kx,t),j built in NumPy; each output cell routed by `routing.em` alone."""
+  rng = np.random.default_rng(5)
+  caps = layers.MatrixConvCaps(2, 3, kernel=2, stride=2, routing_iterations=2, rngs=nnx.Rngs(1))
+  _set(caps.beta_u, rng.normal(0, 0.5, 3))
+  _set(caps.beta_a, rng.normal(0, 0.5, 3))
+  poses = rng.normal(0, 1, (2, 4, 5, 2, 16)).astype(np.float32)  # [B, H, W, T, 16]
+  a = rng.uniform(0.05, 0.95, (2, 4, 5, 2)).astype(np.float32)
+  w = np.asarray(caps.w[...], np.float64)  # [K*K*T, 3, 4, 4]
+  got_poses, got_act = _jit_call(caps, lambda m, p, a: m(p, a), poses, a)
+  assert got_poses.shape == (2, 2, 2, 3, 16) and got_act.shape == (2, 2, 2, 3)
+  for oy in range(2):
+    for ox in range(2):
+      votes, a_in = [], []
+      for ky in range(2):
+        for kx in range(2):
+          for t in range(2):
+            m = poses[:, 2 * oy + ky, 2 * ox + kx, t].reshape(2, 4, 4).astype(np.float64)
+            n = (ky * 2 + kx) * 2 + t
+            votes.append(np.stack([(m @ w[n, j]).reshape(2, 16) for j in range(3)], 1))
+            a_in.append(a[:, 2 * oy + ky, 2 * ox + kx, t])
+      r = routing.em(
+        jnp.asarray(np.stack(votes, 1), jnp.float32),  # [B, 8, 3, 16]
+        2,
+        a_in=jnp.asarray(np.stack(a_in, 1)),
+        beta_u=caps.beta_u[...],
+        beta_a=caps.beta_a[...],
+      )
+      np.testing.assert_allclose(got_poses[:, oy, ox], r.poses, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(got_act[:, oy, ox], r.activations, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------
@@ -343,6 +399,29 @@ def test_paper_architectures_refuse_routings_they_do_not_build():
     _build(config)
 
 
+@pytest.mark.parametrize(
+  "fields, match",
+  [
+    (
+      {"convcaps_types": (4, 4)},
+      r"^config.model.convcaps_types=\(4, 4\), convcaps_kernels=\(3,\) and "
+      r"convcaps_strides=\(2,\) must have one entry per ConvCaps layer",
+    ),
+    (
+      {"convcaps_types": (4, 4), "convcaps_kernels": (3, 7), "convcaps_strides": (2, 1)},
+      r"^config.model.convcaps_kernels\[1\]=7, convcaps_strides\[1\]=1: the capsule grid "
+      r"before it is too small",
+    ),
+  ],
+)
+def test_bad_convcaps_fields_are_config_errors(fields, match):
+  config = matrix_capsules_em.get_config("smoke")  # 12x12 primary grid, then 5x5
+  for k, v in fields.items():
+    config.model[k] = v
+  with pytest.raises(errors.ConfigError, match=match):
+    _build(config)
+
+
 @pytest.mark.parametrize("module", [efficient_capsnet, matrix_capsules_em])
 @pytest.mark.parametrize("variant", [None, "quick", "smoke"])
 def test_paper_configs_load_and_declare_exactly_their_model_fields(module, variant):
@@ -377,6 +456,24 @@ def test_old_workdirs_without_the_routing_fields_still_resume(tmp_path):
   config.model.routing = "em"  # another routing: refused.
   with pytest.raises(ValueError, match=r"model.routing: 'dynamic' \(saved\) vs 'em' \(now\)"):
     workdir_lib.check_config(config, str(tmp_path))
+
+
+def test_old_matrix_workdirs_without_convcaps_fields_resume_without_them(tmp_path):
+  """A matrix-capsule run saved before ConvCaps existed routed PrimaryCaps -> classes."""
+  config = matrix_capsules_em.get_config("smoke")
+  saved = json.loads(config.to_json_best_effort())
+  for leaf in ("convcaps_types", "convcaps_kernels", "convcaps_strides"):
+    del saved["model"][leaf]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  os.makedirs(tmp_path / "checkpoints" / "4")
+  with pytest.raises(ValueError, match=r"model.convcaps_types: \[\] \(saved\) vs \[3\] \(now\)"):
+    workdir_lib.check_config(config, str(tmp_path))
+  for leaf in ("convcaps_types", "convcaps_kernels", "convcaps_strides"):
+    config.model[leaf] = ()
+  workdir_lib.check_config(config, str(tmp_path))  # the saved network: accepted.
+  # The capsnet skeleton's saved configs get no matrix-only field.
+  capsnet = json.loads(helpers.smoke_config().to_json_best_effort())
+  assert run_config.with_legacy_defaults(capsnet) == capsnet
 
 
 # ----------------------------------------------------------------------------------------
