@@ -177,9 +177,13 @@ def em(
   parents), so a density that underflows in float32 still gets its share. `eps` keeps
   μ finite for a parent that receives no input mass (0/0) and log σ finite for a parent
   whose votes agree exactly (σ² = 0). Gradients flow through every iteration, as the
-  authors answered on OpenReview ("We do not use stop gradient"). The per-layer
-  rescaling of the cost that IBM/matrix-capsules-with-em-routing adds
-  (`layer_norm_factor` in `em_routing.py`) is not applied: scale β_u, β_a or λ instead.
+  authors answered on OpenReview ("We do not use stop gradient").
+
+  `cost_scale` multiplies every cost_j^h. The paper has none (1.0, the default).
+  IBM/matrix-capsules-with-em-routing rescales each layer's cost by
+  `layer_norm_factor = 100 / (child_caps / parent_caps)` (em_routing.py L318-321 and
+  L362 at commit 2da9cdf), i.e. cost_scale = 100 * N_out / N_in, so that the cost, a sum
+  over N_in weighted inputs, has the same size in layers of different fan-in.
 
   λ schedule: `em_inverse_temperatures` (λ_t = final_lambda (1 - 0.95^(t+1)), the
   authors' formula quoted in IBM/matrix-capsules-with-em-routing `em_routing.py`), or an
@@ -195,6 +199,7 @@ def em(
     beta_a: scalar or [N_out], the learned activation offset β_a.
     final_lambda: the schedule's limit (ignored if `inverse_temperatures` is given).
     inverse_temperatures: optional explicit λ_t for t = 0 .. num_iterations-1.
+    cost_scale: a Python float > 0 that multiplies the cost (see above).
     eps: see above.
 
   Returns:
@@ -216,6 +221,8 @@ def em(
         f"got {len(lambdas)}"
       )
   lam = jnp.asarray(lambdas, dt)  # [T]
+  if not (isinstance(cost_scale, (int, float)) and cost_scale > 0):
+    raise ValueError(f"cost_scale must be a Python number > 0, got {cost_scale!r}")
   if a_in is None:
     a = jnp.ones_like(u[..., 0, 0])  # [..., N_in]
   else:

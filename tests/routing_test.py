@@ -78,7 +78,7 @@ def np_dynamic_one(u, num_iterations):
   return v, np.sqrt(np.sum(v * v, axis=-1) + 1e-7), c
 
 
-def np_em_one(u, a_in, beta_u, beta_a, lambdas, eps=1e-8, normalise_over="parents"):
+def np_em_one(u, a_in, beta_u, beta_a, lambdas, eps=1e-8, normalise_over="parents", cost_scale=1.0):
   """Hinton, Sabour & Frosst (2018), Procedure 1, with densities (not log densities).
 
   normalise_over='inputs' is a deliberately wrong E-step, to show the tests can fail.
@@ -96,7 +96,7 @@ def np_em_one(u, a_in, beta_u, beta_a, lambdas, eps=1e-8, normalise_over="parent
       total = rp.sum()
       mu[j] = sum(rp[i] * u[i, j] for i in range(n_in)) / (total + eps)
       var[j] = sum(rp[i] * (u[i, j] - mu[j]) ** 2 for i in range(n_in)) / (total + eps) + eps
-      cost = (beta_u[j] + np.log(np.sqrt(var[j]))) * total  # [D]
+      cost = cost_scale * (beta_u[j] + np.log(np.sqrt(var[j]))) * total  # [D]
       a_out[j] = np_sigmoid(lam * (beta_a[j] - cost.sum()))
     if t == len(lambdas) - 1:
       break
@@ -449,20 +449,26 @@ class TestEM:
   def test_explicit_inverse_temperatures_match_reference(self):
     inputs = make_inputs((2, 6, 4, 3), seed=3)
     lambdas = (0.3, 1.0)
-    res = jax.jit(
-      lambda u, a, bu, ba: routing.em(
-        u, 2, a_in=a, beta_u=bu, beta_a=ba, inverse_temperatures=lambdas
+    for cost_scale in (1.0, 100.0 * 3 / 6):  # the paper's; IBM's 100 N_out / N_in.
+      res = jax.jit(
+        lambda u, a, bu, ba, s=cost_scale: routing.em(
+          u, 2, a_in=a, beta_u=bu, beta_a=ba, inverse_temperatures=lambdas, cost_scale=s
+        )
+      )(inputs["u"], inputs["a_in"], inputs["beta_u"], inputs["beta_a"])
+      ref = per_example(
+        lambda x, a, s=cost_scale: np_em_one(
+          x,
+          a,
+          inputs["beta_u"].astype(np.float64),
+          inputs["beta_a"].astype(np.float64),
+          lambdas,
+          cost_scale=s,
+        ),
+        inputs["u"],
+        inputs["a_in"].astype(np.float64),
       )
-    )(inputs["u"], inputs["a_in"], inputs["beta_u"], inputs["beta_a"])
-    ref = per_example(
-      lambda x, a: np_em_one(
-        x, a, inputs["beta_u"].astype(np.float64), inputs["beta_a"].astype(np.float64), lambdas
-      ),
-      inputs["u"],
-      inputs["a_in"].astype(np.float64),
-    )
-    for got, want in zip(res, ref):
-      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
+      for got, want in zip(res, ref):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
 
   def test_inactive_inputs_do_not_move_the_poses(self):
     inputs = make_inputs((2, 6, 4, 3), seed=4)
@@ -487,6 +493,8 @@ class TestEM:
       routing.em(u, 3, beta_a=np.zeros((4, 1), np.float32))
     with pytest.raises(ValueError, match=r"a_in of shape \(2, 5\)"):
       routing.em(u, 3, a_in=np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match="cost_scale must be a Python number > 0, got 0.0"):
+      routing.em(u, 3, cost_scale=0.0)
 
 
 class TestInvertedDotProduct:
