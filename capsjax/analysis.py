@@ -105,6 +105,7 @@ def load_run(path: str, *, step: int | None = None) -> Run:
     )
     graphdef, target = nnx.split(abstract)
     model = nnx.merge(graphdef, ckpt.restore_params(step, target))
+    model.eval()  # evaluation behaviour: BatchNorm reads its running statistics.
   finally:
     ckpt.close()
   logging.info(

@@ -405,29 +405,40 @@ class Decoder(nnx.Module):
 
 
 class BatchNorm(nnx.Module):
-  """Batch normalisation with learned scale and bias and no running statistics.
+  """Batch normalisation with learned scale and bias and running statistics.
 
-  Normalises over every axis but the last with the batch's own mean and (biased)
-  variance, in training and evaluation alike: capsjax's train and eval steps have no
-  train/eval switch, so running averages would never be read. eps = 1e-3 is Keras'
-  `BatchNormalization` default (what Efficient-CapsNet's code uses).
-
-  Known limitation: evaluation pads its last batch with zero images (masked out of the
-  metrics), and those rows enter the statistics here, so an evaluation whose example
-  count is not a multiple of `eval_batch_size` depends slightly on that batch size.
+  In training (`use_running_average=False`, the default) it normalises over every axis
+  but the last with the batch's own mean and (biased) variance, and moves the running
+  statistics towards them: running = momentum * running + (1 - momentum) * batch. In
+  evaluation (`model.eval()` sets `use_running_average=True`, as `steps.eval_step` and
+  `analysis.load_run` do) it normalises with the running statistics, so an example's
+  output does not depend on the rest of its batch or on the zero images that pad an
+  evaluation's last batch. momentum = 0.99 and eps = 1e-3 are the defaults of Keras'
+  `BatchNormalization`, which Efficient-CapsNet's code uses without arguments.
   """
 
-  def __init__(self, features: int, *, eps: float = 1e-3):
+  def __init__(self, features: int, *, eps: float = 1e-3, momentum: float = 0.99):
     self.eps = eps
+    self.momentum = momentum
+    self.use_running_average = False
     self.scale = nnx.Param(jnp.ones((features,)))
     self.bias = nnx.Param(jnp.zeros((features,)))
+    self.mean = nnx.BatchStat(jnp.zeros((features,)))
+    self.var = nnx.BatchStat(jnp.ones((features,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, ..., C] -> same shape, float32."""
     x = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)  # [C]
-    var = jnp.mean(jnp.square(x - mean), axis=axes)  # [C]
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axis=axes)  # [C]
+      var = jnp.mean(jnp.square(x - mean), axis=axes)  # [C]
+      m = self.momentum
+      # The statistics get no gradient: they are state, not parameters.
+      self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+      self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
     return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 

@@ -350,10 +350,10 @@ class EfficientCapsNet(nnx.Module):
   lengths. Without the decoder that is 161,824 trainable parameters on 28x28x1 inputs
   (the paper's "161K"). The decoder is `layers.Decoder` (160 -> 512 -> 1024 -> image).
 
-  Departure: BatchNorm keeps no running averages and normalises with the batch's
-  statistics in evaluation too (`layers.BatchNorm`), since capsjax's steps have no
-  train/eval switch; Keras' BatchNormalization also holds 2 x 576 non-trainable running
-  statistics, which the paper's count leaves out as well.
+  BatchNorm (`layers.BatchNorm`) keeps running statistics, as Keras' does: the batch's
+  statistics in training, the running ones in evaluation (`model.eval()`). They are
+  576 non-trainable numbers (a mean and a variance per channel of the 288), not counted
+  in the 161,824, as Keras lists them apart and the paper's count leaves them out.
 
   Keywords are the `config.model` fields of configs/efficient_capsnet.py; `init` is the
   decoder's scheme (`layers.initializers`) and `em_final_lambda` is unused (shared

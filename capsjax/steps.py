@@ -217,6 +217,7 @@ def eval_step(graphdef, state, batch, *, weights: LossWeights):
   predicted class, as at test time in the paper.
   """
   model, optimizer = nnx.merge(graphdef, state)
+  model.eval()  # BatchNorm reads its running statistics (Efficient-CapsNet).
   images, labels = batch["image"], batch["label"]
   out = model(images)
   margin, recon = per_example_losses(out, images, labels, weights, optimizer.step[...])

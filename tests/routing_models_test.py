@@ -16,10 +16,13 @@ from flax import nnx
 
 from capsjax import analysis
 from capsjax import errors
+from capsjax import input_pipeline
 from capsjax import layers
 from capsjax import models
+from capsjax import parallel
 from capsjax import routing
 from capsjax import run_config
+from capsjax import steps as steps_lib
 from capsjax import train
 from capsjax import visualize
 from capsjax import workdir as workdir_lib
@@ -227,6 +230,65 @@ def test_matrix_votes_and_coordinate_addition_against_numpy():
           v[:, 1, 3] += (xx + 0.5) / 4  # column
           expected[:, yy, xx, t, j] = v.reshape(2, 16)
   np.testing.assert_allclose(got, expected.reshape(2, 24, 3, 16), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# BatchNorm (Efficient-CapsNet): batch statistics in training, running ones in evaluation
+# ----------------------------------------------------------------------------------------
+
+
+def test_batch_norm_train_and_eval_against_numpy():
+  rng = np.random.default_rng(6)
+  bn = layers.BatchNorm(3)
+  _set(bn.scale, [1.5, 0.5, 2.0])
+  _set(bn.bias, [0.1, -0.2, 0.0])
+  x1 = rng.normal(2.0, 3.0, (4, 5, 3)).astype(np.float32)
+  x2 = rng.normal(-1.0, 0.5, (6, 5, 3)).astype(np.float32)
+  scale, bias = np.array([1.5, 0.5, 2.0]), np.array([0.1, -0.2, 0.0])
+  run_mean, run_var = np.zeros(3), np.ones(3)
+  graphdef, state = nnx.split(bn)
+  step = jax.jit(lambda s, x: (lambda m: (m(x), nnx.state(m)))(nnx.merge(graphdef, s)))
+  for x in (x1, x2):  # training: the batch's own statistics, then the running update
+    y, state = step(state, x)
+    mean, var = x.mean((0, 1)), x.var((0, 1))
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3) * scale + bias, rtol=1e-4)
+    run_mean = 0.99 * run_mean + 0.01 * mean
+    run_var = 0.99 * run_var + 0.01 * var
+  bn = nnx.merge(graphdef, state)
+  np.testing.assert_allclose(bn.mean[...], run_mean, rtol=1e-5)
+  np.testing.assert_allclose(bn.var[...], run_var, rtol=1e-5)
+  bn.eval()  # evaluation: the running statistics; each row on its own
+  expected = (x1 - run_mean) / np.sqrt(run_var + 1e-3) * scale + bias
+  np.testing.assert_allclose(bn(x1), expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(bn(x1[:1]), expected[:1], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], run_mean, rtol=1e-5)  # unchanged by eval
+
+
+def test_efficient_capsnet_train_step_updates_running_stats_and_eval_ignores_padding():
+  config = efficient_capsnet.get_config("smoke")
+  config.augment.update(max_shift=0, shift_fraction=0.0, flip=False, cutout_size=0)
+  info = input_pipeline.dataset_info("mnist")
+  graphdef, state = steps_lib.create_model_and_optimizer(config, info, 4, jax.random.key(0))
+  train_fn, eval_fn = steps_lib.make_steps(graphdef, config, 4, parallel.make_mesh(1))
+  batch = helpers.synthetic_batch(8, seed=2)
+  model0, _ = nnx.merge(graphdef, state)
+  conv0 = np.asarray(jax.nn.relu(model0.convs[0](batch["image"])))  # the first BN's input
+  state, _ = train_fn(state, batch, jax.random.key(1))
+  model, _ = nnx.merge(graphdef, state)
+  np.testing.assert_allclose(model.norms[0].mean[...], 0.01 * conv0.mean((0, 1, 2)), rtol=1e-3)
+  # Evaluation normalises with the running statistics: padding a batch with zero images
+  # (masked out) changes nothing for the real rows.
+  images, labels = batch["image"][:5], batch["label"][:5]
+  sums = []
+  for pad in (0, 3):
+    padded = {
+      "image": np.concatenate([images, np.zeros((pad, 28, 28, 1), np.float32)]),
+      "label": np.concatenate([labels, np.zeros(pad, np.int32)]),
+      "mask": np.concatenate([np.ones(5, bool), np.zeros(pad, bool)]),
+    }
+    sums.append(jax.device_get(eval_fn(state, padded)))
+  for k in ("correct", "margin_loss", "recon_loss", "count"):
+    np.testing.assert_allclose(sums[0][k], sums[1][k], rtol=1e-5, err_msg=k)
 
 
 # ----------------------------------------------------------------------------------------
