@@ -23,6 +23,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from capsjax import caps_ops
@@ -491,20 +492,39 @@ def _em_beta(num_out: int):
   return nnx.Param(jnp.zeros((num_out,)))
 
 
+def _child_ids(grid: tuple[int, int, int], kernel: int, stride: int) -> np.ndarray:
+  """int [H' * W' * K*K*T]: the flat child index (y * W + x) * T + t of every patch entry."""
+  h, w, t = grid
+  ids = np.arange(h * w * t).reshape(h, w, t)
+  ho, wo = conv_lib.out_size(h, kernel, stride), conv_lib.out_size(w, kernel, stride)
+  # NumPy, not `capsule_patches`: these are constants even when the layer is traced.
+  cells = [
+    ids[y * stride + ky, x * stride + kx]  # [T]
+    for y in range(ho)
+    for x in range(wo)
+    for ky in range(kernel)
+    for kx in range(kernel)
+  ]
+  return np.concatenate(cells)
+
+
 class MatrixConvCaps(nnx.Module):
   """A convolutional capsule layer of a matrix-capsule network (ConvCaps1/2 of Hinton et
   al. 2018), routed by EM.
 
   Every output cell sees the K x K x T_in capsules of its receptive field; capsule i at
   kernel offset (ky, kx) and type t votes V_ij = M_i W_(ky,kx,t),j for each output type
-  j, with W shared over positions as a convolution shares its kernel. EM then routes each
-  output cell's K*K*T_in votes to its T_out parents on their own: a child in the
-  receptive fields of several cells gets an assignment summing to 1 within each, as in
-  yl-1993/Matrix-Capsules-EM-PyTorch (model/capsules.py L250-260, patches routed with
-  the batch as B * H' * W') and www0wwwjs1/Matrix-Capsules-EM-Tensorflow
-  (capsnet_em.py L201-213). The paper, and IBM/matrix-capsules-with-em-routing
-  (utils.py L516-523), normalise a child's assignments over every parent that sees it
-  instead; that couples neighbouring cells and is not implemented here.
+  j, with W shared over positions as a convolution shares its kernel. EM then routes the
+  votes of every cell to its T_out parents. A child in the receptive fields of several
+  cells has one vote per cell, and its assignments are normalised:
+  - `per_cell=False` (the paper's): over every parent that sees it, in every cell: R_ij =
+    a_j p_ij / sum over the cells c seeing i and their parents j' of a_j' p_ij', starting
+    from 1 / (cells seeing i x T_out), as IBM/matrix-capsules-with-em-routing does
+    (utils.py L516-523 and L236-237 at commit 2da9cdf);
+  - `per_cell=True`: within each cell alone, as a separate routing problem, as
+    yl-1993/Matrix-Capsules-EM-PyTorch (model/capsules.py L250-260, patches routed with
+    the batch as B * H' * W') and www0wwwjs1/Matrix-Capsules-EM-Tensorflow
+    (capsnet_em.py L201-213) do.
 
   W ~ N(0, 1), as yl-1993 (`torch.randn`, capsules.py L93) and IBM
   (`truncated_normal(stddev=1.0)`, utils.py L143-147); beta_u, beta_a [T_out] start at 0
@@ -520,6 +540,7 @@ class MatrixConvCaps(nnx.Module):
     stride: int,
     routing_iterations: int,
     final_lambda: float = 0.01,
+    per_cell: bool = False,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -527,6 +548,7 @@ class MatrixConvCaps(nnx.Module):
     self.kernel, self.stride = int(kernel), int(stride)
     self.routing_iterations = routing_iterations
     self.final_lambda = float(final_lambda)
+    self.per_cell = bool(per_cell)
     self.dtype = jnp.dtype(dtype)
     self.w = nnx.Param(
       jax.random.normal(rngs.params(), (kernel * kernel * in_types, out_types, 4, 4), jnp.float32)
@@ -543,16 +565,41 @@ class MatrixConvCaps(nnx.Module):
     )  # [B, H', W', N, T_out, 4, 4]
     return v.reshape(*v.shape[:-2], 16)
 
+  def _shared_children(self, grid: tuple[int, int, int], out_types: int):
+    """(normalise, initial R) of the paper's E-step over every parent of a child."""
+    ids = _child_ids(grid, self.kernel, self.stride)  # [P]
+    num_children = math.prod(grid)
+    parents = np.bincount(ids, minlength=num_children)  # cells seeing each child
+    seg = jnp.asarray(ids)
+
+    def normalise(log_num):  # [B, H', W', N, T_out] -> R, same shape
+      z = log_num.reshape(log_num.shape[0], -1, out_types)  # [B, P, T_out]
+      # A per-child shift keeps exp() in range; it cancels in the ratio.
+      top = jax.ops.segment_max(jnp.max(z, -1).T, seg, num_children)  # [children, B]
+      e = jnp.exp(z - jax.lax.stop_gradient(top[seg].T)[..., None])  # [B, P, T_out]
+      total = jax.ops.segment_sum(jnp.sum(e, -1).T, seg, num_children)  # [children, B]
+      return (e / total[seg].T[..., None]).reshape(log_num.shape)
+
+    ho, wo = (conv_lib.out_size(n, self.kernel, self.stride) for n in grid[:2])
+    r0 = (1.0 / (parents[ids] * out_types)).reshape(ho, wo, -1, 1)
+    return normalise, jnp.asarray(r0, jnp.float32)  # r0 [H', W', N, 1]
+
   def __call__(self, poses: jax.Array, a_in: jax.Array) -> tuple[jax.Array, jax.Array]:
     """poses [B, H, W, T_in, 16], a_in [B, H, W, T_in] -> (poses [B, H', W', T_out, 16],
     activations [B, H', W', T_out])."""
+    v = self.votes(poses)
+    normalise, r0 = (
+      (None, None) if self.per_cell else self._shared_children(poses.shape[1:4], v.shape[-2])
+    )
     r = routing_lib.em(
-      self.votes(poses),
+      v,
       self.routing_iterations,
       a_in=capsule_patches(a_in, self.kernel, self.stride),
       beta_u=self.beta_u[...],
       beta_a=self.beta_a[...],
       final_lambda=self.final_lambda,
+      normalise=normalise,
+      initial_assignments=r0,
     )
     return r.poses, r.activations
 

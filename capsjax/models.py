@@ -501,8 +501,9 @@ class MatrixCapsNet(nnx.Module):
   one per entry of `convcaps_types`, with its kernel and stride; the paper's ConvCaps1
   (K = 3, stride 2, C types) and ConvCaps2 (K = 3, stride 1, D types)) -> class capsules
   (`layers.MatrixClassCaps`: votes M W_tj shared over positions, coordinate addition,
-  `routing.em`). Each ConvCaps cell routes its receptive field on its own (see
-  `layers.MatrixConvCaps`), a simplification of the paper's overlapping normalisation.
+  `routing.em`). A capsule seen by several ConvCaps cells has its assignments
+  normalised over all their parents, as in the paper, or, with `convcaps_per_cell`, within
+  each cell alone, as yl-1993/Matrix-Capsules-EM-PyTorch does (`layers.MatrixConvCaps`).
   `convcaps_types=()` routes PrimaryCaps straight to the class capsules.
 
   Class scores are the class activations a_j; configs/matrix_capsules_em.py trains them
@@ -526,6 +527,7 @@ class MatrixCapsNet(nnx.Module):
     convcaps_types: Sequence[int] = (),
     convcaps_kernels: Sequence[int] = (),
     convcaps_strides: Sequence[int] = (),
+    convcaps_per_cell: bool = False,
     routing: str = "em",
     routing_iterations: int = 3,
     em_final_lambda: float = 0.01,
@@ -555,6 +557,7 @@ class MatrixCapsNet(nnx.Module):
     cc_types = _check_sizes("convcaps_types", convcaps_types)
     cc_kernels = _check_sizes("convcaps_kernels", convcaps_kernels)
     cc_strides = _check_sizes("convcaps_strides", convcaps_strides)
+    per_cell = _check_bool("convcaps_per_cell", convcaps_per_cell)
     if not len(cc_types) == len(cc_kernels) == len(cc_strides):
       raise errors.ConfigError(
         f"config.model.convcaps_types={cc_types}, convcaps_kernels={cc_kernels} and "
@@ -605,6 +608,7 @@ class MatrixCapsNet(nnx.Module):
           stride=st,
           routing_iterations=routing_iterations,
           final_lambda=em_final_lambda,
+          per_cell=per_cell,
           dtype=dt,
           rngs=rngs,
         )

@@ -153,6 +153,8 @@ def em(
   final_lambda: float = 0.01,
   inverse_temperatures: Sequence[float] | None = None,
   cost_scale: float = 1.0,
+  normalise: Callable[[jax.Array], jax.Array] | None = None,
+  initial_assignments: jax.Array | None = None,
   eps: float = 1e-8,
 ) -> Routed:
   """EM routing, Procedure 1 of Hinton, Sabour & Frosst, "Matrix capsules with EM
@@ -185,6 +187,11 @@ def em(
   L362 at commit 2da9cdf), i.e. cost_scale = 100 * N_out / N_in, so that the cost, a sum
   over N_in weighted inputs, has the same size in layers of different fan-in.
 
+  `normalise` and `initial_assignments` serve layers whose inputs are shared between
+  routing problems, as in a convolutional capsule layer, where the paper normalises a
+  child's assignments over every parent that sees it (`capsjax.layers.MatrixConvCaps`).
+  By default the E-step's R_ij = softmax_j(log a_j + log p_ij) and R starts at 1/N_out.
+
   λ schedule: `em_inverse_temperatures` (λ_t = final_lambda (1 - 0.95^(t+1)), the
   authors' formula quoted in IBM/matrix-capsules-with-em-routing `em_routing.py`), or an
   explicit `inverse_temperatures` sequence of length num_iterations.
@@ -200,12 +207,16 @@ def em(
     final_lambda: the schedule's limit (ignored if `inverse_temperatures` is given).
     inverse_temperatures: optional explicit λ_t for t = 0 .. num_iterations-1.
     cost_scale: a Python float > 0 that multiplies the cost (see above).
+    normalise: optional E-step normaliser: log a_j + log p_ij [..., N_in, N_out] -> R
+      [..., N_in, N_out]; None: a softmax over the parents.
+    initial_assignments: optional R before the first M-step, broadcastable to
+      [..., N_in, N_out]; None: 1/N_out.
     eps: see above.
 
   Returns:
     Routed: poses μ [..., N_out, D]; activations a_j [..., N_out] in (0, 1);
     assignments R [..., N_in, N_out] used by the last M-step (before the multiplication
-    by a_in), summing to 1 over the parents.
+    by a_in), summing to 1 over the parents (with the default `normalise`).
   """
   num_iterations = caps_ops.check_iterations(num_iterations)
   u, out_dtype = _prepare(u_hat, "em")  # [..., N_in, N_out, D]
@@ -255,14 +266,18 @@ def em(
       + jnp.log(2 * math.pi * var[..., None, :]),
       axis=-1,
     )  # [..., N_out, N_in]
-    return jax.nn.softmax(
-      jax.nn.log_sigmoid(logit)[..., None] + log_p, axis=-2
-    )  # [..., N_out, N_in]
+    log_num = jax.nn.log_sigmoid(logit)[..., None] + log_p  # [..., N_out, N_in]
+    if normalise is None:
+      return jax.nn.softmax(log_num, axis=-2)
+    return jnp.swapaxes(normalise(jnp.swapaxes(log_num, -1, -2)), -1, -2).astype(dt)
 
   def body(t, r):
     return e_step(*m_step(r, lam[t]))
 
-  r0 = jnp.full_like(ut[..., 0], 1.0 / n_out)  # [..., N_out, N_in]
+  if initial_assignments is None:
+    r0 = jnp.full_like(ut[..., 0], 1.0 / n_out)  # [..., N_out, N_in]
+  else:
+    r0 = jnp.broadcast_to(jnp.swapaxes(jnp.asarray(initial_assignments, dt), -1, -2), ut.shape[:-1])
   r = jax.lax.fori_loop(0, num_iterations - 1, body, r0)
   mu, _, logit = m_step(r, lam[num_iterations - 1])
   return Routed(

@@ -64,7 +64,12 @@ LEGACY_DEFAULTS = {
 # As LEGACY_DEFAULTS, for model fields one architecture added later: a saved
 # `model.architecture` picks the entries (JSON values: tuples are lists).
 LEGACY_MODEL_DEFAULTS = {
-  "matrix_capsnet": {"convcaps_types": [], "convcaps_kernels": [], "convcaps_strides": []},
+  "matrix_capsnet": {
+    "convcaps_types": [],
+    "convcaps_kernels": [],
+    "convcaps_strides": [],
+    "convcaps_per_cell": False,
+  },
 }
 
 

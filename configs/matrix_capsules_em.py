@@ -17,10 +17,10 @@ Published for this network (every figure is the final epoch on the test set):
 Network: ReLU Conv1 (5x5, stride 2, A=64) -> PrimaryCaps (B=8 types of 4x4 poses and
 sigmoid activations) -> ConvCaps1 (K=3, stride 2, C=16) -> ConvCaps2 (K=3, stride 1,
 D=16) -> class capsules (shared W, coordinate addition), EM routing between every pair
-of capsule layers, class scores = class activations, spread loss. One simplification:
-each ConvCaps cell routes its own receptive field (`layers.MatrixConvCaps`), as
-yl-1993's code does, where the paper normalises a child's assignments over all the
-cells that see it. The paper's full network (A=B=C=D=32, MNIST 0.44% error) is
+of capsule layers, class scores = class activations, spread loss. As in yl-1993's code,
+each ConvCaps cell routes its own receptive field (`convcaps_per_cell=True`);
+`--config.model.convcaps_per_cell=False` normalises a child's assignments over all the
+cells that see it, as the paper does (`layers.MatrixConvCaps`). The paper's full network (A=B=C=D=32, MNIST 0.44% error) is
 `--config.model.conv1_channels=32 --config.model.primary_types=32
 --config.model.convcaps_types=32,32`.
 
@@ -45,6 +45,7 @@ def model_config() -> config_dict.ConfigDict:
   m.convcaps_types = (16, 16)  # C, D
   m.convcaps_kernels = (3, 3)
   m.convcaps_strides = (2, 1)
+  m.convcaps_per_cell = True  # yl-1993's; False: the paper's (see the docstring).
   m.routing = "em"
   m.routing_iterations = 2  # yl-1993's best (the paper: 3).
   m.em_final_lambda = 0.01

@@ -2,6 +2,7 @@
 scores against NumPy, hand-counted parameters, config errors, and a `:smoke` training run
 (with a resume) per routing and per paper architecture."""
 
+import collections
 import csv
 import json
 import math
@@ -9,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -459,6 +461,124 @@ def test_paper_architectures_refuse_routings_they_do_not_build():
   config.model.primary_types = 0
   with pytest.raises(errors.ConfigError, match=r"^config.model.primary_types: must be"):
     _build(config)
+
+
+def _np_conv_em(poses, a, w, beta_u, beta_a, kernel, stride, lambdas):
+  """EM routing of a ConvCaps layer with the paper's normalisation, by explicit loops:
+  a child's assignments sum to 1 over every parent, in every cell, that sees it."""
+  b, h, wd, t_in, _ = poses.shape
+  t_out = w.shape[1]
+  ho, wo = (h - kernel) // stride + 1, (wd - kernel) // stride + 1
+  cells = [(y, x) for y in range(ho) for x in range(wo)]
+  entries = [(ky, kx, t) for ky in range(kernel) for kx in range(kernel) for t in range(t_in)]
+  child = {
+    (c, n): ((y * stride + ky) * wd + x * stride + kx) * t_in + t
+    for c, (y, x) in enumerate(cells)
+    for n, (ky, kx, t) in enumerate(entries)
+  }
+  seen = collections.Counter(child.values())
+  mus = np.zeros((b, len(cells), t_out, 16))
+  acts = np.zeros((b, len(cells), t_out))
+  for e in range(b):
+    votes = np.zeros((len(cells), len(entries), t_out, 16))
+    a_in = np.zeros((len(cells), len(entries)))
+    for c, (y, x) in enumerate(cells):
+      for n, (ky, kx, t) in enumerate(entries):
+        m = poses[e, y * stride + ky, x * stride + kx, t].reshape(4, 4)
+        for j in range(t_out):
+          votes[c, n, j] = (m @ w[n, j]).reshape(16)
+        a_in[c, n] = a[e, y * stride + ky, x * stride + kx, t]
+    r = np.array(
+      [
+        [[1.0 / (seen[child[c, n]] * t_out)] * t_out for n in range(len(entries))]
+        for c in range(len(cells))
+      ]
+    )
+    for it, lam in enumerate(lambdas):
+      mu = np.zeros((len(cells), t_out, 16))
+      var = np.zeros((len(cells), t_out, 16))
+      act = np.zeros((len(cells), t_out))
+      for c in range(len(cells)):  # M-step, cell by cell
+        for j in range(t_out):
+          rp = r[c, :, j] * a_in[c]
+          total = rp.sum()
+          mu[c, j] = (rp[:, None] * votes[c, :, j]).sum(0) / (total + 1e-8)
+          var[c, j] = (rp[:, None] * (votes[c, :, j] - mu[c, j]) ** 2).sum(0) / (total + 1e-8)
+          var[c, j] += 1e-8
+          cost = (beta_u[j] + 0.5 * np.log(var[c, j])) * total
+          act[c, j] = 1 / (1 + np.exp(-lam * (beta_a[j] - cost.sum())))
+      if it == len(lambdas) - 1:
+        break
+      num = np.zeros_like(r)  # E-step: a_j p_ij, normalised per child
+      for c in range(len(cells)):
+        for n in range(len(entries)):
+          for j in range(t_out):
+            d = votes[c, n, j] - mu[c, j]
+            p = np.prod(np.exp(-(d**2) / (2 * var[c, j])) / np.sqrt(2 * np.pi * var[c, j]))
+            num[c, n, j] = act[c, j] * p
+      per_child = collections.defaultdict(float)
+      for (c, n), i in child.items():
+        per_child[i] += num[c, n].sum()
+      r = np.array(
+        [
+          [num[c, n] / per_child[child[c, n]] for n in range(len(entries))]
+          for c in range(len(cells))
+        ]
+      )
+    mus[e], acts[e] = mu, act
+  return mus.reshape(b, ho, wo, t_out, 16), acts.reshape(b, ho, wo, t_out)
+
+
+@pytest.mark.parametrize("kernel, stride", [(2, 1), (3, 2)])
+def test_matrix_conv_caps_shares_children_between_cells_as_the_paper(kernel, stride):
+  rng = np.random.default_rng(7)
+  caps = layers.MatrixConvCaps(
+    2, 3, kernel=kernel, stride=stride, routing_iterations=3, final_lambda=0.5, rngs=nnx.Rngs(2)
+  )
+  _set(caps.w, np.asarray(caps.w[...]) * 0.5)
+  _set(caps.beta_u, rng.normal(0, 0.5, 3))
+  _set(caps.beta_a, rng.normal(0, 0.5, 3))
+  poses = rng.normal(0, 0.5, (2, 5, 5, 2, 16)).astype(np.float32)
+  a = rng.uniform(0.05, 0.95, (2, 5, 5, 2)).astype(np.float32)
+  got = _jit_call(caps, lambda m, p, a: m(p, a), poses, a)
+  want = _np_conv_em(
+    poses.astype(np.float64),
+    a.astype(np.float64),
+    np.asarray(caps.w[...], np.float64).reshape(-1, 3, 4, 4),
+    np.asarray(caps.beta_u[...], np.float64),
+    np.asarray(caps.beta_a[...], np.float64),
+    kernel,
+    stride,
+    routing.em_inverse_temperatures(3, 0.5),
+  )
+  np.testing.assert_allclose(got[0], want[0], rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=2e-4, atol=2e-5)
+  # Routing each cell alone gives other activations once cells share children.
+  caps.per_cell = True
+  alone = _jit_call(caps, lambda m, p, a: m(p, a), poses, a)
+  assert np.max(np.abs(np.asarray(alone[1]) - want[1])) > 1e-3
+
+
+def test_shared_children_routing_check_grads_float64():
+  """EM with the paper's ConvCaps normaliser (per-child shift, segment sums) against
+  finite differences: votes of 2x2 cells, 2x2 kernels, stride 1 on a 3x3x2 grid."""
+  caps = layers.MatrixConvCaps(2, 3, kernel=2, stride=1, routing_iterations=3, rngs=nnx.Rngs(0))
+  normalise, r0 = caps._shared_children((3, 3, 2), 3)
+  rng = np.random.default_rng(8)
+  with jax.enable_x64(True):
+    votes = jnp.asarray(rng.normal(0, 0.5, (2, 2, 2, 8, 3, 4)))  # [B, H', W', N, T_out, D]
+    a_in = jnp.asarray(rng.uniform(0.1, 0.9, (2, 2, 2, 8)))
+    f = lambda v, a, bu: routing.em(
+      v, 3, a_in=a, beta_u=bu, final_lambda=1.0, normalise=normalise, initial_assignments=r0
+    )
+    check_grads(jax.jit(f), (votes, a_in, jnp.asarray([0.1, -0.2, 0.3])), order=1, modes=["rev"])
+    # Each child's assignments, over all cells and parents that see it, sum to 1.
+    r = np.asarray(f(votes, a_in, jnp.zeros(3)).assignments)  # [B, 2, 2, 8, 3]
+    ids = layers._child_ids((3, 3, 2), 2, 1)
+    sums = np.zeros((2, 18))
+    for b in range(2):
+      np.add.at(sums[b], ids, r[b].sum(-1).reshape(-1))
+    np.testing.assert_allclose(sums, 1.0, rtol=1e-10)
 
 
 @pytest.mark.parametrize(
