@@ -112,7 +112,8 @@ def get_base_config() -> config_dict.ConfigDict:
   # m_plus, m_minus, lam, recon_weight: the paper's values (capsjax.losses.LossWeights).
   # class_loss: 'margin' (Sabour et al.) or 'spread' (EM routing's loss, Hinton et al.
   # 2018), whose margin rises from spread_margin_start to spread_margin_end over the
-  # first spread_ramp_fraction of the run's steps.
+  # first spread_ramp_fraction of the run's steps (num_epochs x steps per epoch: resuming
+  # with more epochs stretches the rest of the ramp).
   config.loss = config_dict.ConfigDict(losses.LossWeights.config_defaults())
 
   config.augment = config_dict.ConfigDict()
