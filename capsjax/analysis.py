@@ -146,7 +146,12 @@ def load_test_images(
 # Pure computations.
 # ----------------------------------------------------------------------------------------
 def _jitted(model: nnx.Module, fn):
-  """jax.jit of `fn(model, *args)` with the model split once (no nnx.jit overhead)."""
+  """jax.jit of `fn(model, *args)` with the model split once (no nnx.jit overhead).
+
+  The model runs in the mode it is in: a model with BatchNorm (Efficient-CapsNet) should
+  be in evaluation mode (`model.eval()`, as `load_run` leaves it) to use its running
+  statistics; its state is never written back.
+  """
   graphdef, state = nnx.split(model)
   jitted = jax.jit(lambda s, *args: fn(nnx.merge(graphdef, s), *args))
   return lambda *args: jitted(state, *args)

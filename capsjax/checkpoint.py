@@ -156,6 +156,10 @@ def _param_shapes(tree: Any) -> dict[str, list[int]]:
   }
 
 
+# The state entries `layers.BatchNorm` added after checkpoints had been saved without them.
+_RUNNING_STAT = re.compile(r"(^|/)norms/\d+/(mean|var)$")
+
+
 def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source: str) -> None:
   """Raises CheckpointMismatchError naming the first parameter whose shape differs.
 
@@ -165,6 +169,13 @@ def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source:
     source: the checkpoint's path, for the message.
   """
   want = _param_shapes(target)
+  missing = [name for name in want if name not in saved_shapes]
+  if missing and all(_RUNNING_STAT.search(name) for name in missing):
+    raise errors.CheckpointMismatchError(
+      f"checkpoint {source} has no BatchNorm running statistics ({missing[0]}): it was "
+      "saved before capsjax's BatchNorm kept them (Efficient-CapsNet), and this model "
+      "evaluates with them; train it again with this version"
+    )
   for name, shape in want.items():
     if name not in saved_shapes:
       raise errors.CheckpointMismatchError(

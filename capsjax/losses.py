@@ -30,9 +30,9 @@ class LossWeights:
   activations). The spread loss's margin rises linearly from `spread_margin_start` to
   `spread_margin_end` over the first `spread_ramp_fraction` of the run's steps, as the
   EM paper's "starting with a small margin of 0.2 and linearly increasing it during
-  training to 0.9" (Sec. 3.1). `total_steps` is the run's length, set by the trainer
-  (not a config field); 0 (unknown, e.g. evaluating a checkpoint alone) means the
-  margin has finished rising.
+  training to 0.9" (Sec. 3.1). `total_steps` is the run's length (num_epochs x steps
+  per epoch), set by `steps.make_steps` (not a config field); 0 (a run of unknown
+  length) means the margin has finished rising.
   """
 
   m_plus: float = 0.9

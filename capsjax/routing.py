@@ -32,6 +32,7 @@ in its docstring; one file keeps the contract and the registry next to what they
 from __future__ import annotations
 
 import math
+import numbers
 import types
 from typing import Callable, NamedTuple, Sequence
 
@@ -206,7 +207,7 @@ def em(
     beta_a: scalar or [N_out], the learned activation offset β_a.
     final_lambda: the schedule's limit (ignored if `inverse_temperatures` is given).
     inverse_temperatures: optional explicit λ_t for t = 0 .. num_iterations-1.
-    cost_scale: a Python float > 0 that multiplies the cost (see above).
+    cost_scale: a real number > 0 (not traced) that multiplies the cost (see above).
     normalise: optional E-step normaliser: log a_j + log p_ij [..., N_in, N_out] -> R
       [..., N_in, N_out]; None: a softmax over the parents.
     initial_assignments: optional R before the first M-step, broadcastable to
@@ -232,8 +233,8 @@ def em(
         f"got {len(lambdas)}"
       )
   lam = jnp.asarray(lambdas, dt)  # [T]
-  if not (isinstance(cost_scale, (int, float)) and cost_scale > 0):
-    raise ValueError(f"cost_scale must be a Python number > 0, got {cost_scale!r}")
+  if isinstance(cost_scale, bool) or not (isinstance(cost_scale, numbers.Real) and cost_scale > 0):
+    raise ValueError(f"cost_scale must be a real number > 0, got {cost_scale!r}")
   if a_in is None:
     a = jnp.ones_like(u[..., 0, 0])  # [..., N_in]
   else:
@@ -277,7 +278,9 @@ def em(
   if initial_assignments is None:
     r0 = jnp.full_like(ut[..., 0], 1.0 / n_out)  # [..., N_out, N_in]
   else:
-    r0 = jnp.broadcast_to(jnp.swapaxes(jnp.asarray(initial_assignments, dt), -1, -2), ut.shape[:-1])
+    r0 = jnp.swapaxes(
+      jnp.broadcast_to(jnp.asarray(initial_assignments, dt), u.shape[:-1]), -1, -2
+    )  # [..., N_out, N_in]
   r = jax.lax.fori_loop(0, num_iterations - 1, body, r0)
   mu, _, logit = m_step(r, lam[num_iterations - 1])
   return Routed(

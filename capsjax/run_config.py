@@ -68,7 +68,7 @@ LEGACY_MODEL_DEFAULTS = {
     "convcaps_types": [],
     "convcaps_kernels": [],
     "convcaps_strides": [],
-    "convcaps_per_cell": False,
+    "convcaps_per_cell": True,  # no ConvCaps layer then: either value builds that network.
   },
 }
 

@@ -8,8 +8,8 @@ depthwise 9x9 PrimaryCaps giving 16 capsules of 8 dimensions, FCCaps 10x16 with
 self-attention routing; 161,824 trainable parameters without the decoder
 (tests/routing_models_test.py checks the count). Recipe from the authors' `config.json`:
 Adam 5e-4 decayed x0.97 per epoch, batch 16, 150 epochs, reconstruction weight 0.392,
-margin loss. Not replicated: their MNIST augmentation (`utils/pre_process_mnist.py`) and
-their BatchNorm running averages (`capsjax.models.EfficientCapsNet` lists the departures).
+margin loss. Not replicated: their MNIST augmentation (`utils/pre_process_mnist.py`).
+BatchNorm keeps running statistics and evaluates with them, as Keras' does.
 
   python -m capsjax.main --config=configs/efficient_capsnet.py --workdir=/tmp/effcaps
   python -m capsjax.main --config=configs/efficient_capsnet.py:quick --workdir=/tmp/effcaps_q

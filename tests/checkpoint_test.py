@@ -481,3 +481,28 @@ def test_a_damaged_metrics_file_is_ignored_and_the_checkpoint_still_restores(tmp
   # Training goes on from it.
   summary = train.train_and_evaluate(_config(num_epochs=3), workdir)
   assert summary["step"] == 12
+
+
+def test_a_checkpoint_without_batchnorm_running_stats_is_named_as_such():
+  """Efficient-CapsNet checkpoints saved before BatchNorm kept running statistics."""
+  from capsjax import models  # pylint: disable=g-import-not-at-top
+  from configs import efficient_capsnet  # pylint: disable=g-import-not-at-top
+
+  config = efficient_capsnet.get_config("smoke")
+  target = nnx.split(
+    nnx.eval_shape(
+      lambda: models.create_model(
+        config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
+      )
+    )
+  )[1]
+  shapes = ckpt_lib._param_shapes(target)
+  old = {k: v for k, v in shapes.items() if not re.search(r"norms/\d+/(mean|var)$", k)}
+  assert len(shapes) - len(old) == 2 * len(config.model.conv_channels)
+  with pytest.raises(errors.CheckpointMismatchError, match=r"no BatchNorm running statistics"):
+    ckpt_lib.check_compatible(old, target, source="/x/4")
+  # Any other missing entry is a different architecture.
+  del old[next(k for k in old if k.endswith("scale"))]
+  with pytest.raises(errors.CheckpointMismatchError, match=r"saved from a different architecture"):
+    ckpt_lib.check_compatible(old, target, source="/x/4")
+  ckpt_lib.check_compatible(shapes, target, source="/x/4")  # the current layout fits

@@ -379,29 +379,32 @@ def test_capsule_patches_against_numpy():
     layers.capsule_patches(x, 8, 1)
 
 
-def test_matrix_conv_caps_routes_each_cell_by_em_on_numpy_votes():
-  """Votes M_i W_(ky,kx,t),j built in NumPy; each output cell routed by `routing.em` alone."""
+def test_matrix_conv_caps_per_cell_routes_each_cell_by_em_on_numpy_votes():
+  """Votes M_i W_(ky,kx,t),j built in NumPy; with per_cell, each output cell routed by
+  `routing.em` alone, though the 3x3 receptive fields (stride 1) overlap."""
   rng = np.random.default_rng(5)
-  caps = layers.MatrixConvCaps(2, 3, kernel=2, stride=2, routing_iterations=2, rngs=nnx.Rngs(1))
+  caps = layers.MatrixConvCaps(
+    2, 3, kernel=3, stride=1, routing_iterations=2, per_cell=True, rngs=nnx.Rngs(1)
+  )
   _set(caps.beta_u, rng.normal(0, 0.5, 3))
   _set(caps.beta_a, rng.normal(0, 0.5, 3))
   poses = rng.normal(0, 1, (2, 4, 5, 2, 16)).astype(np.float32)  # [B, H, W, T, 16]
   a = rng.uniform(0.05, 0.95, (2, 4, 5, 2)).astype(np.float32)
   w = np.asarray(caps.w[...], np.float64)  # [K*K*T, 3, 4, 4]
   got_poses, got_act = _jit_call(caps, lambda m, p, a: m(p, a), poses, a)
-  assert got_poses.shape == (2, 2, 2, 3, 16) and got_act.shape == (2, 2, 2, 3)
+  assert got_poses.shape == (2, 2, 3, 3, 16) and got_act.shape == (2, 2, 3, 3)
   for oy in range(2):
-    for ox in range(2):
+    for ox in range(3):
       votes, a_in = [], []
-      for ky in range(2):
-        for kx in range(2):
+      for ky in range(3):
+        for kx in range(3):
           for t in range(2):
-            m = poses[:, 2 * oy + ky, 2 * ox + kx, t].reshape(2, 4, 4).astype(np.float64)
-            n = (ky * 2 + kx) * 2 + t
+            m = poses[:, oy + ky, ox + kx, t].reshape(2, 4, 4).astype(np.float64)
+            n = (ky * 3 + kx) * 2 + t
             votes.append(np.stack([(m @ w[n, j]).reshape(2, 16) for j in range(3)], 1))
-            a_in.append(a[:, 2 * oy + ky, 2 * ox + kx, t])
+            a_in.append(a[:, oy + ky, ox + kx, t])
       r = routing.em(
-        jnp.asarray(np.stack(votes, 1), jnp.float32),  # [B, 8, 3, 16]
+        jnp.asarray(np.stack(votes, 1), jnp.float32),  # [B, 18, 3, 16]
         2,
         a_in=jnp.asarray(np.stack(a_in, 1)),
         beta_u=caps.beta_u[...],
@@ -644,7 +647,7 @@ def test_old_matrix_workdirs_without_convcaps_fields_resume_without_them(tmp_pat
   """A matrix-capsule run saved before ConvCaps existed routed PrimaryCaps -> classes."""
   config = matrix_capsules_em.get_config("smoke")
   saved = json.loads(config.to_json_best_effort())
-  for leaf in ("convcaps_types", "convcaps_kernels", "convcaps_strides"):
+  for leaf in ("convcaps_types", "convcaps_kernels", "convcaps_strides", "convcaps_per_cell"):
     del saved["model"][leaf]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   os.makedirs(tmp_path / "checkpoints" / "4")

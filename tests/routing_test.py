@@ -493,8 +493,22 @@ class TestEM:
       routing.em(u, 3, beta_a=np.zeros((4, 1), np.float32))
     with pytest.raises(ValueError, match=r"a_in of shape \(2, 5\)"):
       routing.em(u, 3, a_in=np.ones((2, 5), np.float32))
-    with pytest.raises(ValueError, match="cost_scale must be a Python number > 0, got 0.0"):
+    with pytest.raises(ValueError, match="cost_scale must be a real number > 0, got 0.0"):
       routing.em(u, 3, cost_scale=0.0)
+
+  def test_initial_assignments_broadcast_and_default(self):
+    """R0 given as [N_out] (or a full [..., N_in, N_out]) broadcasts; 1/N_out is the
+    default, so passing it changes nothing; another R0 changes the result."""
+    inputs = make_inputs((2, 6, 4, 3), seed=5)
+    u, a = inputs["u"], inputs["a_in"]
+    default = routing.em(u, 3, a_in=a, final_lambda=1.0)
+    for r0 in (np.full(4, 0.25, np.float32), np.full((2, 6, 4), 0.25, np.float32)):
+      same = routing.em(u, 3, a_in=a, final_lambda=1.0, initial_assignments=r0)
+      np.testing.assert_allclose(same.activations, default.activations, rtol=1e-6)
+    skewed = routing.em(
+      u, 3, a_in=a, final_lambda=1.0, initial_assignments=np.array([0.7, 0.1, 0.1, 0.1])
+    )
+    assert np.max(np.abs(np.asarray(skewed.poses) - np.asarray(default.poses))) > 1e-3
 
 
 class TestInvertedDotProduct:
