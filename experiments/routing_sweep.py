@@ -6,6 +6,9 @@ r"""Routing sweep: one training run per (routing algorithm, iterations, seed), t
   python -m experiments.routing_sweep --config=configs/fashion.py:quick \
       --routings=dynamic,em,inverted_dot_product,self_attention --iterations=1,3 \
       --seeds=0 --workdir=/tmp/routing_zoo
+  # EM routing learns with its paper's spread loss, not the margin loss (RESULTS.md):
+  python -m experiments.routing_sweep --config=configs/fashion.py:quick --routings=em \
+      --config.loss.class_loss=spread --iterations=1,2,3 --seeds=0 --workdir=/tmp/em_sweep
   # any config override works as for capsjax.main:
   python -m experiments.routing_sweep --config=configs/fashion.py:smoke \
       --config.dataset=fashion_mnist --iterations=1,3 --seeds=0 --workdir=/tmp/sweep_smoke
