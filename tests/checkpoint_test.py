@@ -222,7 +222,7 @@ def _largest_array_file(workdir, step):
   return max((os.path.join(d, n) for n in os.listdir(d)), key=os.path.getsize)
 
 
-def _flip(path, offsets=(500_000, 600_000, 700_000)):
+def _flip(path, offsets):
   """Inverts the bytes at `offsets` (the issue's repro: damage no format check notices)."""
   with open(path, "r+b") as f:
     for offset in offsets:
@@ -234,7 +234,12 @@ def _flip(path, offsets=(500_000, 600_000, 700_000)):
 
 def _corrupt_copy(src, tmp_path, name="corrupt"):
   workdir = _copy(src, tmp_path / name)
-  _flip(_largest_array_file(workdir, 8))
+  # Offsets at fixed fractions of the largest array file: how OCDBT packs the arrays into
+  # files varies from save to save, and so does that file's size.
+  path = _largest_array_file(workdir, 8)
+  size = os.path.getsize(path)
+  assert size > 50_000, f"{path}: {size} bytes, too small to be the array data"
+  _flip(path, [size * k // 10 for k in (5, 6, 7)])
   return workdir
 
 
