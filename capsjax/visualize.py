@@ -17,8 +17,8 @@ Loads the latest checkpoint of `--workdir` (or `--checkpoint`, anything
                         self-attention: each sums to 1 over the classes), primary capsules
                         -> classes, for a few examples: the full [N_in, N_out] matrix as
                         deviations from uniform routing (1/N_out), the mean per class, and
-                        where (on the PrimaryCaps grid) the predicted class draws its
-                        input from
+                        where (on the PrimaryCaps grid; the matrix-capsule network's
+                        last ConvCaps grid) the predicted class draws its input from
   confusion.png         confusion matrix on the first `--eval_examples` test examples
   curves.png            accuracy and loss curves from the run's metrics.csv
 
