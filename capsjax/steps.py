@@ -230,11 +230,20 @@ def eval_step(graphdef, state, batch, *, weights: LossWeights):
   }
 
 
+def _hyperparameters(config, steps_per_epoch: int):
+  """(LossWeights, AugmentSpec, learning-rate schedule) of a run: what both the per-step
+  and the scanned train step close over, so the two loops cannot drift apart."""
+  weights = LossWeights.from_config(config.loss, config.num_epochs * steps_per_epoch)
+  return (
+    weights,
+    AugmentSpec.from_config(config.augment),
+    optim.make_schedule(config.optim, steps_per_epoch),
+  )
+
+
 def make_steps(graphdef, config, steps_per_epoch: int, mesh):
   """Jitted (train_step, eval_step) closed over the static graphdef and hyperparameters."""
-  weights = LossWeights.from_config(config.loss, config.num_epochs * steps_per_epoch)
-  aug = AugmentSpec.from_config(config.augment)
-  schedule = optim.make_schedule(config.optim, steps_per_epoch)
+  weights, aug, schedule = _hyperparameters(config, steps_per_epoch)
   train = parallel.jit_data_parallel(
     lambda state, batch, key: train_step(
       graphdef, state, batch, key, weights=weights, aug=aug, schedule=schedule
@@ -253,9 +262,7 @@ def make_train_chunk(graphdef, config, steps_per_epoch: int, mesh, max_steps: in
 
   The state is donated; outputs are replicated over `mesh`, as `make_steps`' step.
   """
-  weights = LossWeights.from_config(config.loss, config.num_epochs * steps_per_epoch)
-  aug = AugmentSpec.from_config(config.augment)
-  schedule = optim.make_schedule(config.optim, steps_per_epoch)
+  weights, aug, schedule = _hyperparameters(config, steps_per_epoch)
   return parallel.jit_data_parallel(
     lambda state, data, indices, start, num_steps, key: train_chunk(
       graphdef,
