@@ -32,8 +32,8 @@ def measure(name: str, repeats: int) -> dict:
   shared machine falls on both alike.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from capsjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.run import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from capsjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from configs import fashion  # pylint: disable=g-import-not-at-top
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capsjax import conv
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 
 # name: (image [H, W, C_in], kernel [kh, kw, C_in, C_out], stride)
 SHAPES = {

@@ -80,8 +80,8 @@ def _config(loop: str, data_dir: str | None):
 def time_run(loop: str, root: str, name: str, data_dir: str | None) -> dict:
   """Trains one run with `loop`; its per-epoch timings and final parameters."""
   import jax  # pylint: disable=g-import-not-at-top
-  from capsjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.run import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from capsjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
@@ -148,7 +148,7 @@ def _peer(backend: str, batch: int) -> dict:
 
 def main(argv):
   del argv
-  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
 
   cpu_runtime.configure_cpu_runtime()  # as capsjax.main, before JAX starts its backends.
   import jax  # pylint: disable=g-import-not-at-top

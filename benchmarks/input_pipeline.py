@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from capsjax import augment
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 
 AUG_CONFIGS = {
   "none": dict(),
@@ -121,7 +121,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--iters", type=int, default=200)
   args = parser.parse_args()
-  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
 
   cpu_runtime.configure_cpu_runtime()  # as capsjax.main does, before JAX starts its backends.
   tfds.disable_progress_bar()

@@ -203,7 +203,7 @@ def run_torch(args: argparse.Namespace) -> list[dict]:
   """Trains the PyTorch port on capsjax's batches; its per-epoch rows, 1-based epochs."""
   # Imported here so that --skip_torch works without torch installed.
   from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   recipe = torch_peer.KerasRecipe(length_eps=args.torch_length_eps)
   out_dir = os.path.join(args.workdir, "torch")

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 from capsjax.caps_ops import dynamic_routing
 
 N_IN, N_OUT, D_OUT = 1152, 10, 16

@@ -181,8 +181,8 @@ def measure(
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from capsjax import parallel  # pylint: disable=g-import-not-at-top
   from capsjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from configs import fashion  # pylint: disable=g-import-not-at-top
@@ -295,7 +295,7 @@ def _peer_subprocess(batch: int, steps: int, threads: int, compile_too: bool) ->
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
 
   if _XLA_CONVS.value:
     cpu_runtime.use_xla_cpu_convs()

@@ -22,9 +22,9 @@ from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 
-from capsjax import checkpoint as ckpt_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import models
 
 # Offsets added to one capsule dimension: -0.25, -0.20, ..., 0.25 (paper Fig. 4). Built

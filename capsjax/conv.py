@@ -14,7 +14,7 @@ IMPLS; `benchmarks/conv.py` times them and RESULTS.md records the timings.
 * 'hybrid': 'xla' for the forward pass and the weight gradient; the input gradient of
   strided convs is one GEMM per kernel tap, accumulated in place into the stride phases
   of the image (custom VJP, reverse mode only). XLA:CPU sends convolutions to YNNPACK by
-  default; once they are taken off it (`capsjax.cpu_runtime.use_xla_cpu_convs`), XLA's
+  default; once they are taken off it (`capsjax.run.cpu_runtime.use_xla_cpu_convs`), XLA's
   own conv and weight gradient run near GEMM speed on CPU, but the input gradient of a
   strided conv does not.
 * 's2d': space-to-depth: pad to a multiple of the stride, fold each s x s block into the
@@ -32,7 +32,7 @@ IMPLS; `benchmarks/conv.py` times them and RESULTS.md records the timings.
   direct conv). Folded kernels larger than 5x5 (e.g. Conv1, 9x9 stride 1) or 1 wide, and
   non-float inputs, fall back to 'hybrid'.
 
-The config value 'auto' is not a lowering: `capsjax.cpu_runtime.resolve_conv_impl` maps it
+The config value 'auto' is not a lowering: `capsjax.run.cpu_runtime.resolve_conv_impl` maps it
 to the fastest one for the backend once, at start-up, and this module never reads the
 environment. No lowering merges the batch axis with another axis (all but 'winograd' keep
 it in front), so under the trainer's Auto mesh a batch sharded over `P('data')` stays
@@ -528,7 +528,7 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") ->
     x: [B, H, W, C_in] images.
     w: [kh, kw, C_in, C_out] kernel (HWIO).
     stride: the same stride along both spatial axes (static Python int).
-    impl: one of IMPLS (a concrete lowering; `capsjax.cpu_runtime.resolve_conv_impl`
+    impl: one of IMPLS (a concrete lowering; `capsjax.run.cpu_runtime.resolve_conv_impl`
       maps the config value 'auto' to one).
 
   Returns:
@@ -537,7 +537,7 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, impl: str = "xla") ->
   """
   if impl not in IMPLS:
     # 'auto' is a config value, resolved once at start-up by
-    # capsjax.cpu_runtime.resolve_conv_impl; this module never reads the environment.
+    # capsjax.run.cpu_runtime.resolve_conv_impl; this module never reads the environment.
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   x = jnp.asarray(x)
   w = jnp.asarray(w)

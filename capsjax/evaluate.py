@@ -22,11 +22,11 @@ import sys
 
 from ml_collections import config_dict
 
-from capsjax import checkpoint as ckpt_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
-from capsjax import run_config
+from capsjax.run import config as run_config
 from capsjax import steps as steps_lib
 from capsjax import train
 

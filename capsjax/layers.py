@@ -86,7 +86,7 @@ class Conv2D(nnx.Module):
   """VALID 2-D convolution with bias, lowered through `capsjax.conv.conv2d`.
 
   `impl` is a concrete lowering (one of `capsjax.conv.IMPLS`); the config value 'auto' is
-  resolved before any layer is built (`capsjax.cpu_runtime.resolve_conv_impl`).
+  resolved before any layer is built (`capsjax.run.cpu_runtime.resolve_conv_impl`).
   """
 
   def __init__(

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax import steps as steps_lib

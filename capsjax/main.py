@@ -129,10 +129,10 @@ def _parse_flags(argv):
   """The process's start: signals handled, then flags parsed, mistakes as one line.
 
   Signals come first so that a Ctrl-C or SIGTERM at any later moment (imports, model
-  set-up, the first compile) ends the process cleanly (see `capsjax.processes`).
+  set-up, the first compile) ends the process cleanly (see `capsjax.run.processes`).
   """
   from capsjax import errors  # pylint: disable=g-import-not-at-top
-  from capsjax import processes  # pylint: disable=g-import-not-at-top
+  from capsjax.run import processes  # pylint: disable=g-import-not-at-top
 
   processes.handle_signals()
   return errors.parse_flags(argv)
@@ -158,8 +158,8 @@ def _run():
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from capsjax import errors  # pylint: disable=g-import-not-at-top
-  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
-  from capsjax import processes  # pylint: disable=g-import-not-at-top
+  from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from capsjax.run import processes  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config

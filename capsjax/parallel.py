@@ -1,5 +1,5 @@
 """The only mesh- and sharding-aware module: the data-parallel mesh, state replication,
-batch sharding. (Host runtime settings, XLA flags and malloc, are `capsjax.cpu_runtime`'s.)
+batch sharding. (Host runtime settings, XLA flags and malloc, are `capsjax.run.cpu_runtime`'s.)
 
 capsjax writes the pmap model (batch split over devices, parameters replicated,
 gradients averaged) as a plain `jax.jit` over a 1-D ('data',) mesh: the state is placed

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from capsjax import augment
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import losses
 from capsjax import metrics as metrics_lib
 from capsjax import models

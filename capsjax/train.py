@@ -29,17 +29,17 @@ from flax import nnx
 import jax
 import numpy as np
 
-from capsjax import checkpoint as ckpt_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import loop as loop_lib
 from capsjax import metrics as metrics_lib
 from capsjax import models
 from capsjax import parallel
-from capsjax import processes
-from capsjax import run_config
+from capsjax.run import processes
+from capsjax.run import config as run_config
 from capsjax import steps as steps_lib
-from capsjax import workdir as workdir_lib
+from capsjax.run import workdir as workdir_lib
 
 
 # ----------------------------------------------------------------------------------------

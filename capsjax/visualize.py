@@ -436,7 +436,7 @@ def main(argv: Sequence[str]) -> None:
       raise errors.ConfigError(
         f"unexpected arguments: {argv[1:]}; capsjax.visualize takes only flags, e.g. --workdir=RUN"
       )
-    from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+    from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
 
     cpu_runtime.configure_cpu_runtime()  # before JAX starts its backends.
     paths = make_figures(

@@ -6,7 +6,7 @@ authors' code (EscVM/Efficient-CapsNet, `models/efficient_capsnet_graph_mnist.py
 `utils/layers.py`): Conv 5x5x32, 3x3x64, 3x3x64, 3x3x128 stride 2 (ReLU + BatchNorm each),
 depthwise 9x9 PrimaryCaps giving 16 capsules of 8 dimensions, FCCaps 10x16 with
 self-attention routing; 161,824 trainable parameters without the decoder
-(tests/routing_models_test.py checks the count). Recipe from the authors' `config.json`:
+(tests/models_routing_test.py checks the count). Recipe from the authors' `config.json`:
 Adam 5e-4 decayed x0.97 per epoch, batch 16, 150 epochs, reconstruction weight 0.392,
 margin loss. Not replicated: their MNIST augmentation (`utils/pre_process_mnist.py`).
 BatchNorm keeps running statistics and evaluates with them, as Keras' does.

@@ -12,7 +12,7 @@ Published for this network (every figure is the final epoch on the test set):
   here is constant.
 - The paper: 2.2% test error on smallNORB for this "smaller capsule network ... with
   only 68K trainable parameters" (Sec. 5). `models.MatrixCapsNet` with these sizes has
-  68,444 (tests/routing_models_test.py asserts it).
+  68,444 (tests/models_routing_test.py asserts it).
 
 Network: ReLU Conv1 (5x5, stride 2, A=64) -> PrimaryCaps (B=8 types of 4x4 poses and
 sigmoid activations) -> ConvCaps1 (K=3, stride 2, C=16) -> ConvCaps2 (K=3, stride 1,

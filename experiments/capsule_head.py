@@ -216,7 +216,7 @@ def main(argv: Sequence[str]) -> None:
   with errors.exit_on_user_error():
     if len(argv) > 1:
       raise errors.ConfigError(f"unexpected arguments: {argv[1:]}; only flags are taken")
-    from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+    from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
 
     cpu_runtime.configure_cpu_runtime()  # before JAX starts its backends.
     f = flags.FLAGS

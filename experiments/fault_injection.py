@@ -68,7 +68,7 @@ def _touch(path):
 
 def _install_hooks():
   import jax  # pylint: disable=g-import-not-at-top
-  from capsjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from capsjax.run import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from capsjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   env = os.environ
@@ -172,7 +172,7 @@ def child_main(argv):
 
 
 # ----------------------------------------------------------------------------------------
-# Driver helpers (also used by tests/reliability_test.py and tests/distributed_test.py).
+# Driver helpers (also used by tests/train_resume_test.py and tests/main_distributed_test.py).
 # ----------------------------------------------------------------------------------------
 def child_env(*, devices: int | None = None, cache_dir: str | None = None, **hooks) -> dict:
   """Environment for a child: CPU, `devices` host devices, a shared compilation cache."""
@@ -403,7 +403,7 @@ def corrupt_trials(
   """
   import jax  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  from capsjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from capsjax.run import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 

@@ -55,7 +55,7 @@ from flax import nnx
 
 from capsjax import analysis
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import models
 from capsjax import routing as routing_lib
 from experiments import sweep

@@ -47,7 +47,7 @@ from absl import logging
 
 from capsjax import errors
 from capsjax import metrics as metrics_lib
-from capsjax import run_config
+from capsjax.run import config as run_config
 from capsjax import train
 
 RUN_FIELDS = (
@@ -510,7 +510,7 @@ def start_cli(argv: Sequence[str]):
 
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {argv[1:]}; only flags are taken")
-  from capsjax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
 
   cpu_runtime.configure_cpu_runtime()  # before JAX starts its backends.
   return flags.FLAGS
@@ -521,7 +521,7 @@ def flags_parser(config_flags: tuple[str, ...] = ()):
   and every flag mistake one `capsjax: error:` line with exit code 2."""
 
   def parse(argv):
-    from capsjax import processes  # pylint: disable=g-import-not-at-top
+    from capsjax.run import processes  # pylint: disable=g-import-not-at-top
 
     processes.handle_signals()
     return errors.parse_flags(argv, config_flags=config_flags)
@@ -536,7 +536,7 @@ def run_cli(body: Callable[[Any], None], argv: Sequence[str]) -> None:
   during a run's training: its checkpoint saved) exit code 75, so rerunning the sweep
   resumes that run.
   """
-  from capsjax import processes  # pylint: disable=g-import-not-at-top
+  from capsjax.run import processes  # pylint: disable=g-import-not-at-top
 
   with errors.exit_on_user_error():
     f = start_cli(argv)

@@ -14,9 +14,9 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from capsjax import analysis
-from capsjax import checkpoint as ckpt_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import steps as steps_lib
 from capsjax import train
 from tests import helpers

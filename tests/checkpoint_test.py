@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capsjax import checkpoint as ckpt_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
 from capsjax import losses
 from capsjax import metrics as metrics_lib
@@ -97,7 +97,7 @@ def test_restore_falls_back_to_previous_readable_checkpoint(tmp_path, src, caplo
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "8", "state")):
     for name in files:
       os.remove(os.path.join(root, name))  # damaged (e.g. by a full disk in a copy).
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   _, state = steps_lib.create_model_and_optimizer(
     _config(), input_pipeline.dataset_info("mnist"), 4, jax.random.key(0)
@@ -139,7 +139,7 @@ def test_best_checkpoint_survives_reopening(tmp_path):
 # Model-only restore (Checkpointer.restore_params / restore_params).
 # ----------------------------------------------------------------------------------------
 def _smoke_model(key: int, **overrides):
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from capsjax import models  # pylint: disable=g-import-not-at-top
 
   info = input_pipeline.dataset_info("mnist")
@@ -184,7 +184,7 @@ def test_restore_params_returns_the_saved_model_arrays(tmp_path):
 
 
 def test_restore_params_of_a_training_run_and_mismatch(src):
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   _, state = steps_lib.create_model_and_optimizer(
     _config(), input_pipeline.dataset_info("mnist"), 4, jax.random.key(0)
@@ -244,7 +244,7 @@ def _corrupt_copy(src, tmp_path, name="corrupt"):
 
 
 def _full_state():
-  from capsjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capsjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   return steps_lib.create_model_and_optimizer(
     _config(), input_pipeline.dataset_info("mnist"), 4, jax.random.key(0)

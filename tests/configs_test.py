@@ -6,9 +6,9 @@ import pytest
 
 import numpy as np
 
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import optim
-from capsjax import run_config
+from capsjax.run import config as run_config
 from configs import common
 
 CONFIGS = ("fashion", "capsnet_fashion_mnist", "fashion_best", "kmnist", "mnist", "cifar10")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from capsjax import conv
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 from capsjax import parallel
 
 LOWERINGS = list(conv.IMPLS)

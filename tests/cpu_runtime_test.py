@@ -1,4 +1,4 @@
-"""capsjax.cpu_runtime: the YNNPACK flag per jaxlib version, 'auto' convs, glibc malloc.
+"""capsjax.run.cpu_runtime: the YNNPACK flag per jaxlib version, 'auto' convs, glibc malloc.
 
 The flag parser is checked against XLA's own rules and against the HLO XLA:CPU compiles
 (in fresh processes, since XLA reads XLA_FLAGS once); the jaxlib version gate with a
@@ -14,7 +14,7 @@ import jax
 import jaxlib
 import pytest
 
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 
 _F = "--xla_cpu_experimental_ynn_fusion_type="
 
@@ -37,7 +37,7 @@ def test_ynn_fusion_types_follow_xlas_rules(flags, expected):
 
 _CONV_HLO_USES_YNN = """
 import jax
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 x, w = jax.numpy.ones((2, 20, 20, 32)), jax.numpy.ones((9, 9, 32, 32))
 hlo = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
     x, w, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(
@@ -79,7 +79,7 @@ def test_use_xla_cpu_convs_in_a_fresh_process():
   """Before the backend starts it adds the flag (on the jaxlib versions whose XLA has it);
   'auto' then picks 'winograd' on CPU, and 'im2col' where convs stay on YNNPACK."""
   code = (
-    "import os; from capsjax import cpu_runtime; import jax; "
+    "import os; from capsjax.run import cpu_runtime; import jax; "
     "print(cpu_runtime.use_xla_cpu_convs(), os.environ['XLA_FLAGS'], "
     "jax.default_backend(), cpu_runtime.resolve_conv_impl('auto'))"
   )
@@ -151,7 +151,7 @@ def test_resolve_conv_impl_on_other_backends(monkeypatch):
 
 _TOUCH_TWICE = """
 import ctypes, resource, sys
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]

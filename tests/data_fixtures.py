@@ -7,8 +7,8 @@ import struct
 
 import numpy as np
 
-from capsjax import input_pipeline as ip
-from capsjax import offline_data as od
+from capsjax.data import input_pipeline as ip
+from capsjax.data import offline as od
 
 N_TRAIN, N_TEST = 12, 7
 COUNTS = {"train": N_TRAIN, "test": N_TEST}

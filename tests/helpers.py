@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from capsjax import run_config
+from capsjax.run import config as run_config
 
 from configs import fashion
 

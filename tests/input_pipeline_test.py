@@ -1,4 +1,4 @@
-"""Tests for capsjax.input_pipeline: registry, load_split and its cache, batching.
+"""Tests for capsjax.data.input_pipeline: registry, load_split and its cache, batching.
 
 No network and no real data, except `test_build_fashion_mnist_from_debian_files` (slow).
 Fixture IDX/npz files are tiny and written to tmp_path (see `data_fixtures`).
@@ -16,8 +16,8 @@ import requests
 import tensorflow_datasets as tfds
 
 from capsjax import errors
-from capsjax import input_pipeline as ip
-from capsjax import offline_data as od
+from capsjax.data import input_pipeline as ip
+from capsjax.data import offline as od
 from tests import data_fixtures as fx
 from tests.data_fixtures import COUNTS, N_TEST, N_TRAIN
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from capsjax import caps_ops
 from capsjax import conv
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 from capsjax import errors
 from capsjax import models
 from configs import cifar10, common, fashion

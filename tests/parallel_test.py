@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import optim
 from capsjax import parallel
 from capsjax import steps as steps_lib

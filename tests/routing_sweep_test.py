@@ -56,7 +56,7 @@ def test_sweep_runs_tabulates_and_skips_finished_runs(tmp_path, mock_data, count
     (1, 0, False),
     (2, 0, False),
   ]
-  # The :smoke CapsNet's parameters (tests/routing_models_test.py counts them by hand).
+  # The :smoke CapsNet's parameters (tests/models_routing_test.py counts them by hand).
   assert [r["parameters"] for r in rows] == [123_808, 123_808]
   for it in (1, 2):
     rdir = os.path.join(sweep, f"iter{it}_seed0")

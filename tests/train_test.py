@@ -12,14 +12,14 @@ import pytest
 import tensorflow_datasets as tfds
 
 from capsjax import augment
-from capsjax import checkpoint
+from capsjax.run import checkpoint
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax import steps as steps_lib
 from capsjax import train
-from capsjax import workdir as workdir_lib
+from capsjax.run import workdir as workdir_lib
 from tests import helpers
 
 

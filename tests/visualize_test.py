@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import train
 from capsjax import visualize
 from tests import helpers

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from capsjax import checkpoint as ckpt_lib
-from capsjax import input_pipeline
-from capsjax import processes
+from capsjax.run import checkpoint as ckpt_lib
+from capsjax.data import input_pipeline
+from capsjax.run import processes
 from capsjax import steps as steps_lib
 from experiments import fault_injection as fi
 from tests import helpers

@@ -24,10 +24,10 @@ import time
 from absl import logging
 import jax
 
-from capsjax import checkpoint as ckpt_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
-from capsjax import processes
-from capsjax import run_config
+from capsjax.run import processes
+from capsjax.run import config as run_config
 
 CONFIG_NAME = "config.json"
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from capsjax import processes
+from capsjax.run import processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240

@@ -18,16 +18,16 @@ from flax import nnx
 
 from capsjax import analysis
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import layers
 from capsjax import models
 from capsjax import parallel
 from capsjax import routing
-from capsjax import run_config
+from capsjax.run import config as run_config
 from capsjax import steps as steps_lib
 from capsjax import train
 from capsjax import visualize
-from capsjax import workdir as workdir_lib
+from capsjax.run import workdir as workdir_lib
 from configs import efficient_capsnet
 from configs import fashion
 from configs import matrix_capsules_em

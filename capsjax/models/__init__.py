@@ -33,7 +33,7 @@ from capsjax import conv as conv_lib
 
 # Only `create_model` uses it, to turn the config value conv_impl='auto' into a lowering;
 # CapsNet and the layers take a concrete one and never read the environment.
-from capsjax import cpu_runtime
+from capsjax.run import cpu_runtime
 from capsjax import errors
 from capsjax import layers
 from capsjax import routing as routing_lib

@@ -1,4 +1,4 @@
-"""Tests for capsjax.offline_data: finding, validating and building from original files.
+"""Tests for capsjax.data.offline: finding, validating and building from original files.
 
 No network and no real data: the IDX/npz fixtures are tiny and written to tmp_path.
 """
@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from capsjax import errors
-from capsjax import offline_data as od
+from capsjax.data import offline as od
 from tests import data_fixtures as fx
 from tests.data_fixtures import COUNTS, N_TEST, N_TRAIN
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from capsjax import errors
-from capsjax import offline_data
+from capsjax.data import offline as offline_data
 
 SPLITS = offline_data.SPLITS
 CACHE_DIRNAME = "capsjax_cache"

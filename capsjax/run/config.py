@@ -19,7 +19,7 @@ import jax
 from capsjax import augment
 from capsjax import caps_ops
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import losses
 from capsjax import models
 from capsjax import optim

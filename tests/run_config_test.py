@@ -77,7 +77,7 @@ def test_a_broken_saved_config_names_its_file(capsys, tmp_path, mock):
 def test_a_workdir_without_checkpoints_takes_the_corrected_config(tmp_path, caplog):
   # A config that failed a check against the data (after config.json was written) must
   # not lock the workdir: nothing was trained with it.
-  from capsjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from capsjax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path / "run")
   workdir_lib.check_config(helpers.mnist_smoke_config(train_examples=10**7), workdir)

@@ -5,7 +5,7 @@
 parameters, metrics.csv and epochs.csv rows, also after a stop and resume in the middle
 of a chunk; two jax.distributed processes (equal to float tolerance, as gloo's all-reduce
 is); and the conv weight gradient that made the loops equal on XLA:CPU. The SIGTERM in the
-middle of a chunk, in a real subprocess, is in reliability_test.py.
+middle of a chunk, in a real subprocess, is in train_resume_test.py.
 """
 
 import csv
@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from capsjax import loop as loop_lib
-from capsjax import checkpoint as ckpt_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax import conv
 from capsjax import errors
-from capsjax import input_pipeline
+from capsjax.data import input_pipeline
 from capsjax import parallel
-from capsjax import processes
+from capsjax.run import processes
 from capsjax import steps as steps_lib
 from capsjax import train
 from tests import helpers
@@ -300,6 +300,6 @@ def test_two_processes_scanning_match_one_process_stepping(tmp_path):
   p1 = fi.final_params(str(tmp_path / "dist_params"), process=1)
   single = fi.final_params(str(tmp_path / "single_params"))
   assert fi.diverges(p0, p1) is None
-  # Gloo's all-reduce against one process's: equal to float tolerance (as distributed_test).
+  # Gloo's all-reduce against one process's: equal to float tolerance (as main_distributed_test).
   for k in single:
     np.testing.assert_allclose(p0[k], single[k], rtol=1e-6, atol=1e-7, err_msg=k)

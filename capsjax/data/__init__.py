@@ -1,0 +1,1 @@
+"""Datasets: TFDS loading, batching and the offline build from the original files."""
