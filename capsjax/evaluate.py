@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+import jax
 from ml_collections import config_dict
 
 from capsjax.run import checkpoint as ckpt_lib
@@ -27,8 +28,8 @@ from capsjax import errors
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax.run import config as run_config
+from capsjax import setup
 from capsjax import steps as steps_lib
-from capsjax import train
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
     CheckpointNotFoundError: no checkpoint there (or the selected one was not kept).
     CheckpointReadError: the checkpoint (every candidate) cannot be read or is corrupt.
   """
+  run_config.validate_config(config, num_devices=jax.device_count())
   source = config.init_from or workdir
   src_dir, src_step = ckpt_lib.find_checkpoint(source)
   # Closed on every path: an open Orbax manager can leave a thread that prints a
@@ -126,17 +128,17 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
       meta = src.read_meta(step)
       step_config = _with_checkpoint_model(config, meta, f"{src.directory}/{step}")
       spe = meta.get("steps_per_epoch", 1)
-      info, mesh, graphdef, state, _, _ = train.setup(step_config, spe)
-      state, _ = src.restore(step, state)
-      return step_config, meta, info, mesh, graphdef, state
+      start = setup.build(step_config, spe)
+      state, _ = src.restore(step, start.state)
+      return step_config, meta, start.info, start.mesh, start.graphdef, state
 
     src_step, (config, meta, info, mesh, graphdef, state) = src.first_readable(
       candidates, restore, advice=""
     )
-  test_images, test_labels = train.load_data(config, "test", config.eval_examples)
+  test_images, test_labels = setup.load_data(config, "test", config.eval_examples)
   state = parallel.replicate(state, mesh)
   _, eval_fn = steps_lib.make_steps(graphdef, config, meta.get("steps_per_epoch", 1), mesh)
-  result = steps_lib.evaluate(
+  result = steps_lib.evaluate_split(
     eval_fn,
     state,
     test_images,

@@ -1,50 +1,56 @@
 """How the training loop advances: one jitted step at a time, or scanned chunks of steps.
 
-`make_trainer(run, ...)` returns the loop `config.loop` resolves to on this backend
-(`parallel.resolve_loop`); `train._train_loop` calls its `advance(state, step)` and does
-everything else (logging, NaN checks, evaluation, checkpoints, stopping) between advances.
-`run` is the driver's `train._Run` (its config, data splits, steps per epoch and mesh).
-Also here: the per-epoch progress bar and the host-side running means of train metrics.
+`make_trainer(ctx, ...)` returns the loop `config.loop` resolves to on this backend
+(`parallel.resolve_loop`); the driver (`capsjax.train`) calls its `advance(state, step)`
+and does everything else (logging, NaN checks, evaluation, checkpoints, stopping) between
+advances. Also here: the per-epoch progress bar and the host-side running means of train
+metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from capsjax import errors
-from capsjax.data import input_pipeline
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax import steps as steps_lib
+from capsjax.data import input_pipeline
 
 
-def train_batches(config, images, labels, steps_per_epoch: int, step: int):
-  """The batches of every epoch from `step` to the end of training, in order."""
-  for epoch in range(step // steps_per_epoch, config.num_epochs):
-    start = step - epoch * steps_per_epoch if epoch == step // steps_per_epoch else 0
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopContext:
+  """What the trainers read: the run's config, its training split, steps and mesh.
+
+  images: uint8 [N, H, W, C]; labels: int [N] (the training split, validation held out).
+  """
+
+  config: ml_collections.ConfigDict
+  images: np.ndarray
+  labels: np.ndarray
+  steps_per_epoch: int
+  mesh: jax.sharding.Mesh
+
+
+def batches_from(ctx: LoopContext, step: int):
+  """The host batches of every epoch from `step` to the end of training, in order."""
+  config, spe = ctx.config, ctx.steps_per_epoch
+  for epoch in range(step // spe, config.num_epochs):
+    start = step - epoch * spe if epoch == step // spe else 0
     yield from input_pipeline.train_batches(
-      images, labels, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start_step=start
-    )
-
-
-def check_loop_config(config) -> None:
-  """Raises ConfigError for a training-loop setting the loop could not use."""
-  if config.loop not in parallel.LOOPS:
-    raise errors.ConfigError(f"config.loop must be one of {parallel.LOOPS}, got {config.loop!r}")
-  steps = config.scan_chunk_steps
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-    raise errors.ConfigError(
-      f"config.scan_chunk_steps must be an integer >= 0 (0 = no limit), got {steps!r}"
-    )
-  if not config.scan_chunk_seconds > 0:
-    raise errors.ConfigError(
-      f"config.scan_chunk_seconds must be > 0, got {config.scan_chunk_seconds!r}"
+      ctx.images,
+      ctx.labels,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      epoch=epoch,
+      start_step=start,
     )
 
 
@@ -111,6 +117,10 @@ class TrainMeans:
     self.epoch.add(values)
     self.recent.append((step, values))
 
+  def images(self) -> int:
+    """Training images seen in this epoch's steps so far."""
+    return self.epoch.count * self._batch_size
+
   def take_recent(self) -> list[tuple[int, dict]]:
     recent, self.recent = self.recent, []
     return recent
@@ -124,13 +134,11 @@ class TrainMeans:
 
 
 class StepTrainer:
-  """The per-step loop: host batches (`train_batches`), one jitted step each."""
+  """The per-step loop: host batches (`batches_from`), one jitted step each."""
 
-  def __init__(self, run, train_fn: Callable, aug_key: jax.Array, step: int):
+  def __init__(self, ctx: LoopContext, train_fn: Callable, aug_key: jax.Array, step: int):
     self._train_fn, self._aug_key = train_fn, aug_key
-    self._batches = parallel.prefetch(
-      train_batches(run.config, *run.data.train, run.steps_per_epoch, step), run.mesh
-    )
+    self._batches = parallel.prefetch(batches_from(ctx, step), ctx.mesh)
     # Under jax.distributed the processes compare stop flags (a collective) at steps they
     # all know of: logging steps. With one process: after every step.
     self.stop_check_every_advance = jax.process_count() == 1
@@ -174,12 +182,12 @@ class ScanTrainer:
   logging, NaN checks, evaluation, checkpoints and SIGTERM all fall on chunk ends.
   """
 
-  def __init__(self, run, graphdef, aug_key: jax.Array):
-    config, spe = run.config, run.steps_per_epoch
-    self._run, self._aug_key = run, aug_key
+  def __init__(self, ctx: LoopContext, graphdef, aug_key: jax.Array):
+    config, spe = ctx.config, ctx.steps_per_epoch
+    self._ctx, self._aug_key = ctx, aug_key
     self.max_steps = min(spe, config.log_every_steps, config.scan_chunk_steps or spe)
-    self._chunk = steps_lib.make_train_chunk(graphdef, config, spe, run.mesh, self.max_steps)
-    self._data = parallel.put_dataset(*run.data.train, run.mesh)
+    self._chunk = steps_lib.make_train_chunk(graphdef, config, spe, ctx.mesh, self.max_steps)
+    self._data = parallel.put_dataset(ctx.images, ctx.labels, ctx.mesh)
     self._epoch, self._indices = None, None
     # Processes must agree on chunk ends (they compare stop flags there), so a time bound,
     # which each would measure differently, applies only to a one-process run.
@@ -190,15 +198,15 @@ class ScanTrainer:
 
   def advance(self, state, step: int):
     """One chunk from `step`: (state, [metrics of each step, host scalars])."""
-    config, spe = self._run.config, self._run.steps_per_epoch
+    config, spe = self._ctx.config, self._ctx.steps_per_epoch
     epoch, start = divmod(step, spe)
     if epoch != self._epoch:
       self._epoch = epoch
       self._indices = parallel.put_batch_indices(
         input_pipeline.epoch_batch_indices(
-          len(self._run.data.train[1]), batch_size=config.batch_size, seed=config.seed, epoch=epoch
+          len(self._ctx.labels), batch_size=config.batch_size, seed=config.seed, epoch=epoch
         ),
-        self._run.mesh,
+        self._ctx.mesh,
       )  # [S, B]
     n = (
       chunk_end(
@@ -224,10 +232,10 @@ class ScanTrainer:
     return state, [{k: v[i] for k, v in stacked.items()} for i in range(n)]
 
 
-def make_trainer(run, graphdef, train_fn: Callable, aug_key: jax.Array, step: int):
+def make_trainer(ctx: LoopContext, graphdef, train_fn: Callable, aug_key: jax.Array, step: int):
   """The loop `config.loop` resolves to on this backend (`parallel.resolve_loop`)."""
-  kind = parallel.resolve_loop(run.config.loop)
-  logging.info("training loop: %s (config.loop=%r)", kind, run.config.loop)
+  kind = parallel.resolve_loop(ctx.config.loop)
+  logging.info("training loop: %s (config.loop=%r)", kind, ctx.config.loop)
   if kind == "scan":
-    return ScanTrainer(run, graphdef, aug_key)
-  return StepTrainer(run, train_fn, aug_key, step)
+    return ScanTrainer(ctx, graphdef, aug_key)
+  return StepTrainer(ctx, train_fn, aug_key, step)

@@ -160,7 +160,6 @@ def _run():
   from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top
   from capsjax.run import processes  # pylint: disable=g-import-not-at-top
-  from capsjax import train  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
   cpu_runtime.configure_cpu_runtime()  # before JAX starts its backends.
@@ -170,10 +169,22 @@ def _run():
     logging.info(
       "JAX %s, backend %s, devices: %s", jax.__version__, jax.default_backend(), jax.devices()
     )
-    train.train_and_evaluate(config, _WORKDIR.value)
+    run(config, _WORKDIR.value)
   except processes.Preempted as e:
     errors.print_fresh_line(f"capsjax: {e}")
     sys.exit(processes.PREEMPTED_EXIT_CODE)
+
+
+def run(config, workdir: str):
+  """Trains (`config.mode='train'`) or evaluates a checkpoint ('eval'); returns the summary
+  or the test metrics. Each validates the whole config before touching `workdir`."""
+  # Imported here: a flag error is reported before JAX backends start.
+  from capsjax import evaluate  # pylint: disable=g-import-not-at-top
+  from capsjax import train  # pylint: disable=g-import-not-at-top
+
+  if config.mode == "eval":
+    return evaluate.evaluate_checkpoint(config, workdir)
+  return train.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -64,9 +64,11 @@ def num_devices(mesh: jax.sharding.Mesh) -> int:
   return int(mesh.devices.size)
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_size"):
-  """Raises ValueError unless `batch_size` splits evenly over the mesh's devices."""
-  n = num_devices(mesh)
+def check_batch_size(
+  batch_size: int, devices: jax.sharding.Mesh | int, *, name: str = "batch_size"
+) -> None:
+  """Raises ValueError unless `batch_size` splits evenly over `devices` (a mesh or a count)."""
+  n = devices if isinstance(devices, int) else num_devices(devices)
   if batch_size <= 0 or batch_size % n:
     raise ValueError(
       f"{name}={batch_size} must be a positive multiple of the number of devices ({n}); "

@@ -283,7 +283,7 @@ def make_train_chunk(graphdef, config, steps_per_epoch: int, mesh, max_steps: in
   )
 
 
-def evaluate(
+def evaluate_split(
   eval_fn: Callable,
   state,
   images: np.ndarray,

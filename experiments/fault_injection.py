@@ -405,7 +405,7 @@ def corrupt_trials(
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   from capsjax.run import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from capsjax import errors  # pylint: disable=g-import-not-at-top
-  from capsjax import train  # pylint: disable=g-import-not-at-top
+  from capsjax import setup  # pylint: disable=g-import-not-at-top
 
   rng = random.Random(seed)
   say = print if verbose else (lambda *a, **k: None)
@@ -415,7 +415,7 @@ def corrupt_trials(
   with clean:
     steps = clean.all_steps()
     meta = clean.read_meta(steps[-1])
-    target = train.setup(config, meta["steps_per_epoch"])[3]
+    target = setup.build(config, meta["steps_per_epoch"]).state
     saved = {}
     for step in steps:
       state, step_meta = clean.restore(step, target)

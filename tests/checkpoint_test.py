@@ -19,6 +19,7 @@ from flax import nnx
 from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
 from capsjax import losses
+from capsjax import main
 from capsjax import metrics as metrics_lib
 from capsjax import steps as steps_lib
 from capsjax import train
@@ -360,14 +361,14 @@ def test_eval_falls_back_to_the_previous_readable_checkpoint(tmp_path, src, capl
       os.remove(os.path.join(d, name))
     reason = "cannot read checkpoint"
   with caplog.at_level("WARNING"):
-    result = train.train_and_evaluate(_config(mode="eval"), workdir)
+    result = main.run(_config(mode="eval"), workdir)
   assert result["step"] == 4
   assert reason in caplog.text and "checkpoints/4 is the newest readable" in caplog.text
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
   assert not os.path.exists(os.path.join(workdir, "checkpoints-unreadable"))
   # A checkpoint named by its step is evaluated as it is, or refused: no fallback.
   with pytest.raises(errors.CheckpointReadError, match=r"checkpoints/8"):
-    train.train_and_evaluate(
+    main.run(
       _config(mode="eval", init_from=os.path.join(workdir, "checkpoints", "8")),
       str(tmp_path / "other"),
     )

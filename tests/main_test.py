@@ -428,13 +428,11 @@ def test_resume_with_changes_names_run_defining_fields(capsys, tmp_path, mock, v
 def test_non_finite_message_names_resume_with_changes():
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
-  run = types.SimpleNamespace(
-    ckpt=types.SimpleNamespace(latest_step=lambda: 8, directory="W/checkpoints"),
-    steps_per_epoch=4,
-    config=_config(),
-  )
+  ckpt = types.SimpleNamespace(latest_step=lambda: 8, directory="W/checkpoints")
   with pytest.raises(errors_lib().NonFiniteLossError) as e:
-    train._Run.check_finite(run, [(9, {"loss": float("nan")})])
+    train.check_finite(
+      [(9, {"loss": float("nan")})], ckpt=ckpt, steps_per_epoch=4, config=_config()
+    )
   assert (
     "--config.optim.learning_rate=<lower> --config.resume_with_changes=optim.learning_rate"
   ) in str(e.value)

@@ -14,11 +14,11 @@ import tensorflow_datasets as tfds
 from capsjax import augment
 from capsjax.run import checkpoint
 from capsjax import errors
+from capsjax import main
 from capsjax.data import input_pipeline
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax import steps as steps_lib
-from capsjax import train
 from capsjax.run import workdir as workdir_lib
 from tests import helpers
 
@@ -65,7 +65,7 @@ def _run(workdir, **overrides):
       **overrides,
     }
   )
-  return train.train_and_evaluate(config, workdir)
+  return main.run(config, workdir)
 
 
 def _rows(workdir, name="metrics.csv"):

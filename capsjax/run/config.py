@@ -23,6 +23,7 @@ from capsjax.data import input_pipeline
 from capsjax import losses
 from capsjax import models
 from capsjax import optim
+from capsjax import parallel
 
 MODES = ("train", "eval")
 EVAL_CHECKPOINTS = ("latest", "selected")
@@ -104,11 +105,12 @@ def _check_choice(config, field: str, choices) -> None:
   _check(value in choices, field, f"must be one of {tuple(choices)}, got {value!r}")
 
 
-def validate_config(config) -> None:
+def validate_config(config, *, num_devices: int | None = None) -> None:
   """Raises `errors.ConfigError` naming the first field a run could not use.
 
-  Covers every value that would otherwise fail deep inside JAX or after the workdir was
-  written: mode, sizes, counts, augmentation, optimizer, and the model's own sizes.
+  The one pass over every check that needs no data, run before the workdir is touched:
+  mode, sizes, counts, the training loop, augmentation, optimizer, the model's own sizes,
+  and with `num_devices` (the global device count) the batch sizes' divisibility.
   """
   _check_choice(config, "mode", MODES)
   _check_choice(config, "eval_checkpoint", EVAL_CHECKPOINTS)
@@ -175,6 +177,24 @@ def validate_config(config) -> None:
     f"={aug.max_shift} and shift_fraction={aug.shift_fraction} are two kinds of shift: "
     "set the other to 0",
   )
+  _check_choice(config, "loop", parallel.LOOPS)
+  steps = config.scan_chunk_steps
+  _check(
+    isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+    "scan_chunk_steps",
+    f"must be an integer >= 0 (0 = no limit), got {steps!r}",
+  )
+  _check(
+    config.scan_chunk_seconds > 0,
+    "scan_chunk_seconds",
+    f"must be > 0, got {config.scan_chunk_seconds!r}",
+  )
+  if num_devices is not None:
+    for name in ("batch_size", "eval_batch_size"):
+      try:
+        parallel.check_batch_size(config[name], num_devices, name=f"config.{name}")
+      except ValueError as e:  # the message names the field and the device count.
+        raise errors.ConfigError(str(e)) from e
   _check_choice(config, "augment.fill", augment.FILLS)
   _check_choice(config, "loss.class_loss", losses.CLASS_LOSSES)
   for name in (

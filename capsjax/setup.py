@@ -1,0 +1,139 @@
+"""What a run starts from: its data splits, its mesh, model and optimizer state.
+
+Training (`capsjax.train`) and checkpoint evaluation (`capsjax.evaluate`) both build on
+these, so neither imports the other.
+
+Model selection: with `config.val_examples > 0` a fixed part of the training split is held
+out (`input_pipeline.split_validation`), and the kept "best" checkpoint, the selected epoch
+and early stopping use validation accuracy only. With `val_examples = 0` (the reference
+recipes, to train on what they trained on) selection falls back to test accuracy, as in the
+references, which used the test set as their validation data, and every report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import logging
+from flax import nnx
+import jax
+import numpy as np
+
+from capsjax import errors
+from capsjax import models
+from capsjax import parallel
+from capsjax import steps as steps_lib
+from capsjax.data import input_pipeline
+from capsjax.run import checkpoint as ckpt_lib
+
+
+def _subset(images, labels, n: int):
+  return (images[:n], labels[:n]) if n and n < len(labels) else (images, labels)
+
+
+def load_data(config, split: str, limit: int):
+  """uint8 images [N, H, W, C] and labels [N] of a split; its first `limit` if > 0."""
+  images, labels = input_pipeline.load_split(
+    config.dataset,
+    split,
+    data_dir=config.data_dir,
+    manual_dir=config.manual_dir,
+    download=config.download,
+  )
+  return _subset(images, labels, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """uint8 images [N, H, W, C] and int labels [N] of the train, validation and test sets."""
+
+  train: tuple[np.ndarray, np.ndarray]
+  val: tuple[np.ndarray, np.ndarray]
+  test: tuple[np.ndarray, np.ndarray]
+
+
+def load_splits(config) -> Splits:
+  """Train (less the validation split, then its first `train_examples`), val and test.
+
+  The validation split is held out of the whole training split before `train_examples`
+  subsets it, so it is the same for every `train_examples` and seed. The checks that need
+  the data (sizes against the dataset's) happen here; the others ran in
+  `run.config.validate_config`.
+  """
+  images, labels = load_data(config, "train", 0)
+  train_images, train_labels, val_images, val_labels = input_pipeline.split_validation(
+    images, labels, config.val_examples
+  )
+  if config.train_examples > len(train_labels):
+    raise errors.ConfigError(
+      f"config.train_examples={config.train_examples} exceeds the {len(train_labels)} "
+      f"training examples of {config.dataset} (after holding out "
+      f"config.val_examples={config.val_examples}); use 0 for all of them"
+    )
+  test = load_data(config, "test", config.eval_examples)
+  if config.eval_examples > len(test[1]):
+    raise errors.ConfigError(
+      f"config.eval_examples={config.eval_examples} exceeds the {len(test[1])} test "
+      f"examples of {config.dataset}; use 0 for all of them"
+    )
+  train = _subset(train_images, train_labels, config.train_examples)
+  if config.batch_size > len(train[1]):
+    raise errors.ConfigError(
+      f"config.batch_size={config.batch_size} is larger than the training set "
+      f"({len(train[1])} examples)"
+    )
+  return Splits(train=train, val=(val_images, val_labels), test=test)
+
+
+def selection_split(config) -> str:
+  """'val' when the run holds out a validation split, else 'test' (as the references)."""
+  return "val" if config.val_examples else "test"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Start:
+  """A run's starting point: dataset info, mesh, model graph and state, keys."""
+
+  info: input_pipeline.DatasetInfo
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  state: nnx.State  # (model, optimizer), not yet placed on the mesh.
+  aug_key: jax.Array
+  num_params: int
+
+
+def build(config, steps_per_epoch: int) -> Start:
+  """The model and optimizer of `config`, initialised from `config.seed`, and the mesh."""
+  info = input_pipeline.dataset_info(config.dataset)
+  mesh = parallel.make_mesh()
+  init_key, aug_key = jax.random.split(jax.random.key(config.seed))
+  graphdef, state = steps_lib.create_model_and_optimizer(config, info, steps_per_epoch, init_key)
+  logging.info(
+    "mesh: %s over %d device(s): %s", dict(mesh.shape), parallel.num_devices(mesh), jax.devices()
+  )
+  model, _ = nnx.merge(graphdef, state)
+  num_params = models.count_params(model)
+  logging.info("CapsNet parameters: %s", f"{num_params:,}")
+  return Start(
+    info=info, mesh=mesh, graphdef=graphdef, state=state, aug_key=aug_key, num_params=num_params
+  )
+
+
+def restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state):
+  """Restores the latest checkpoint of `ckpt`, or `init_from` weights, or keeps `state`.
+
+  Returns (state, step, meta of the restored checkpoint or {}).
+  """
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, meta, step = restored
+    logging.info("resumed from %s at step %d", ckpt.directory, step)
+    return state, step, meta
+  if config.init_from:
+    src_dir, src_step = ckpt_lib.find_checkpoint(config.init_from)
+    with ckpt_lib.Checkpointer(src_dir, read_only=True) as src:
+      restored, _ = src.restore(src_step, state)
+    # Only the weights: the optimizer (step count, moments) starts fresh.
+    state = nnx.State({0: restored[0], 1: state[1]})
+    logging.info("initialised weights from %s step %d", src.directory, src_step)
+  return state, 0, {}
