@@ -19,7 +19,11 @@ def _model(init, **model):
     config[k] = v
   config.init = init
   return models.create_model(
-    config, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(params=jax.random.key(0))
+    config,
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    rngs=nnx.Rngs(params=jax.random.key(0)),
+    conv_impl="xla",
   )
 
 
@@ -115,7 +119,7 @@ def test_tf_capsule_bias_enters_every_routing_iteration():
   x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
   bias = jax.random.normal(jax.random.key(2), (10, 16))
   model.digit_caps.bias[...] = bias
-  v = model.capsules(x)
+  v = model.routed(x).poses
   u = model.primary_caps(jax.nn.relu(model.conv1(x)))
   u_hat = np.einsum(
     "bni,nmio->bnmo", np.asarray(u, np.float64), np.asarray(model.digit_caps.w[...], np.float64)
