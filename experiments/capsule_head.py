@@ -116,7 +116,8 @@ class TinyCapsNet(nnx.Module):
       )
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-    """images [B, H, W, C] -> {'v': [B, K, D], 'class_scores': [B, K], 'assignments': [B, N_in, K]}."""
+    """images [B, H, W, C] -> {'v': [B, K, D], 'class_scores': [B, K],
+    'assignments': [B, N_in, K]}."""
     if tuple(images.shape[1:]) != self.image_shape:
       raise ValueError(
         f"images must have shape [B, {', '.join(map(str, self.image_shape))}],"
