@@ -5,7 +5,7 @@ flags, so notebooks and `experiments/` can use it without matplotlib.
 
   run = analysis.load_run("/tmp/caps_fmnist")            # latest checkpoint
   images, labels = analysis.load_test_images(run.info.name, 100)
-  out = analysis.predict(run.model, images)              # v, lengths, pred, reconstruction
+  out = analysis.predict(run.model, images)              # v, class_scores, pred, reconstruction
   c = analysis.couplings(run.model, images[:8])          # [8, N_in, N_out]
 """
 
@@ -26,6 +26,7 @@ from capsjax.run import checkpoint as ckpt_lib
 from capsjax import errors
 from capsjax.data import input_pipeline
 from capsjax import models
+from capsjax.run import cpu_runtime
 
 # Offsets added to one capsule dimension: -0.25, -0.20, ..., 0.25 (paper Fig. 4). Built
 # from integers so the middle one is exactly 0.0.
@@ -101,6 +102,7 @@ def load_run(path: str, *, step: int | None = None) -> Run:
         image_shape=info.image_shape,
         num_classes=info.num_classes,
         rngs=nnx.Rngs(params=jax.random.key(0)),
+        conv_impl=cpu_runtime.resolve_conv_impl(model_cfg.get("conv_impl", "auto")),
       )
     )
     graphdef, target = nnx.split(abstract)
@@ -172,7 +174,7 @@ def predict(model: models.CapsNet, images, *, batch_size: int = 100) -> dict[str
     batch_size: examples per jitted call.
 
   Returns:
-    {'v': [N, N_out, D_out], 'lengths': [N, N_out], 'pred': [N] int32,
+    {'v': [N, N_out, D_out], 'class_scores': [N, N_out], 'pred': [N] int32,
      'reconstruction': [N, H, W, C] (if the model has a decoder)} as NumPy arrays.
   """
   images = _as_images(model, images)
@@ -202,7 +204,7 @@ def couplings(model: models.CapsNet, images) -> np.ndarray:
     c [B, N_in, N_out]; each input capsule's row sums to 1 over N_out.
   """
   images = _as_images(model, images)
-  fwd = _jitted(model, lambda m, x: m.capsules(x, return_couplings=True).c)
+  fwd = _jitted(model, lambda m, x: m.routed(x).assignments)
   return np.asarray(jax.device_get(fwd(images)))  # [B, N_in, N_out]
 
 

@@ -1,29 +1,26 @@
-"""Flax NNX capsule layers: Conv2D (fast lowerings), PrimaryCaps, RoutedCaps, Decoder.
+"""Flax NNX vector-capsule layers: Conv2D (fast lowerings), PrimaryCaps, RoutedCaps, Decoder,
+and Efficient-CapsNet's BatchNorm and DepthwiseConv2D. (Matrix capsules: `capsjax.matrix_layers`.)
 
 `RoutedCaps` routes with any algorithm of `capsjax.routing` (`routing=` a name in
-`routing.ROUTINGS`); 'dynamic' keeps the fast `caps_ops.predict_and_route` path.
+`routing.ROUTINGS`); 'dynamic' takes the fast `caps_ops.predict_and_route` path.
 
 Why NNX: it is the API Flax points new users to, and its modules are plain Python
 objects researchers can subclass and poke at (`model.digit_caps.w[...]`). The training
 step still uses NNX's functional form (split/merge around a pure `jax.jit` step, see
-`capsjax.train`), so there is no `nnx.jit` overhead in the hot loop.
+`capsjax.steps`), so there is no `nnx.jit` overhead in the hot loop.
 
 Every layer takes a `dtype` for its matmuls/convs ('float32' or 'bfloat16'); parameters
 are always float32 and squash/routing run in float32 (capsjax.caps_ops upcasts).
-
-Why this long: the layers of the three architectures (CapsNet, Efficient-CapsNet, the
-matrix-capsule network) and the four routings' per-layer parameters, with their
-initialisation schemes; each layer is short.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from capsjax import caps_ops
@@ -176,36 +173,15 @@ class PrimaryCaps(nnx.Module):
     self.types = types
     self.dim = dim
     self.nonlinearity = nonlinearity
-    self.conv = Conv2D(
-      in_channels,
-      types * dim,
-      kernel,
-      stride=stride,
-      impl=impl,
-      dtype=dtype,
-      init=init,
-      role="primary",
-      rngs=rngs,
+    conv = functools.partial(
+      Conv2D, in_channels, kernel=kernel, stride=stride, impl=impl, dtype=dtype, init=init
     )
-    # Attributes that are None add no parameters, so the default (dynamic routing) layer
-    # has exactly the parameter tree of older checkpoints.
+    self.conv = conv(types * dim, role="primary", rngs=rngs)
+    # Attributes that are None add no parameters: each routing's layer holds only the
+    # parameters it uses.
     self.ln_scale = nnx.Param(jnp.ones((dim,))) if nonlinearity == "layer_norm" else None
     self.ln_bias = nnx.Param(jnp.zeros((dim,))) if nonlinearity == "layer_norm" else None
-    self.activation_conv = (
-      Conv2D(
-        in_channels,
-        types,
-        kernel,
-        stride=stride,
-        impl=impl,
-        dtype=dtype,
-        init=init,
-        role="primary",
-        rngs=rngs,
-      )
-      if activation_head
-      else None
-    )
+    self.activation_conv = conv(types, role="primary", rngs=rngs) if activation_head else None
 
   def __call__(self, x: jax.Array):
     """x: [B, H, W, C] -> u: [B, N_in, D_in] with N_in = H' * W' * types.
@@ -326,41 +302,37 @@ class RoutedCaps(nnx.Module):
     return fn(u_hat, n, log_prior=self.log_prior[...])
 
   def route(self, u: jax.Array, *, a_in: jax.Array | None = None) -> routing_lib.Routed:
-    """u: [B, N_in, D_in] (a_in: [B, N_in] for EM) -> `route_votes(predictions(u))`."""
-    return self.route_votes(self.predictions(u), a_in=a_in)
+    """u: [B, N_in, D_in] (a_in: [B, N_in] for EM) -> the routing's `routing.Routed`.
 
-  def __call__(
-    self, u: jax.Array, *, a_in: jax.Array | None = None, return_couplings: bool = False
-  ):
-    """u: [B, N_in, D_in] -> v: [B, N_out, D_out] (and c: [B, N_in, N_out]).
+    The values of `route_votes(predictions(u), a_in=a_in)`. Dynamic routing without a
+    bias computes them with `caps_ops.predict_and_route`, which never builds u_hat in the
+    [B, N_in, N_out, D_out] layout (much faster forward and backward on CPU); with a
+    bfloat16 dtype, u and W are rounded to bfloat16 and their products accumulated in
+    float32, as in `predictions`. With a bias it takes the autodiff path: the
+    hand-written gradient of `predict_and_route` has no bias term.
 
-    For dynamic routing equal to `dynamic_routing(self.predictions(u), ...)`, computed by
-    `caps_ops.predict_and_route`, which never builds u_hat in the [B, N_in, N_out, D_out]
-    layout (much faster forward and backward on CPU; RESULTS.md). With a bfloat16 dtype, u and W are
-    rounded to bfloat16 and their products accumulated in float32, as in `predictions`.
-    A layer with a bias routes `predictions(u)` through `dynamic_routing` (autodiff;
-    the hand-written gradient of `predict_and_route` has no bias term). Other routings
-    return `route(u, a_in=a_in)`'s poses (and assignments, as c).
+    Returns:
+      routing.Routed(poses [B, N_out, D_out], activations [B, N_out],
+      assignments [B, N_in, N_out]).
     """
+    if self.routing != "dynamic" or self.bias is not None:
+      return self.route_votes(self.predictions(u), a_in=a_in)
     f32 = jnp.float32
-    if self.routing != "dynamic":
-      r = self.route(u, a_in=a_in)
-      return caps_ops.RoutingResult(v=r.poses, c=r.assignments) if return_couplings else r.poses
-    if self.bias is not None:
-      return caps_ops.dynamic_routing(
-        self.predictions(u),
-        self.routing_iterations,
-        stop_gradient=self.stop_gradient,
-        return_couplings=return_couplings,
-        bias=self.bias[...],
-      )
-    return caps_ops.predict_and_route(
+    res = caps_ops.predict_and_route(
       u.astype(self.dtype).astype(f32),
       self.w[...].astype(self.dtype).astype(f32),
       self.routing_iterations,
       stop_gradient=self.stop_gradient,
-      return_couplings=return_couplings,
+      return_couplings=True,
     )
+    # The activations `routing.dynamic` gives: the capsule lengths.
+    lengths = caps_ops.capsule_lengths(res.v).astype(res.v.dtype)  # [B, N_out]
+    return routing_lib.Routed(poses=res.v, activations=lengths, assignments=res.c)
+
+  def __call__(self, u: jax.Array, *, a_in: jax.Array | None = None) -> jax.Array:
+    """u: [B, N_in, D_in] (a_in: [B, N_in] for EM) -> v: [B, N_out, D_out], the poses
+    of `route`."""
+    return self.route(u, a_in=a_in).poses
 
 
 class Decoder(nnx.Module):
@@ -470,196 +442,3 @@ class DepthwiseConv2D(nnx.Module):
       preferred_element_type=jnp.float32,
     )  # [B, H', W', C]
     return y + self.bias[...]
-
-
-def capsule_patches(x: jax.Array, kernel: int, stride: int) -> jax.Array:
-  """x [B, H, W, T, ...] -> [B, H', W', kernel * kernel * T, ...], the K x K receptive
-  field of every output cell (VALID, H' = (H - K) // stride + 1), ordered (ky, kx, type)."""
-  b, h, w = x.shape[:3]
-  ho, wo = conv_lib.out_size(h, kernel, stride), conv_lib.out_size(w, kernel, stride)
-  if min(ho, wo) < 1:
-    raise ValueError(f"a {kernel}x{kernel} kernel does not fit the {h}x{w} capsule grid")
-  taps = [
-    x[:, ky : ky + stride * (ho - 1) + 1 : stride, kx : kx + stride * (wo - 1) + 1 : stride]
-    for ky in range(kernel)
-    for kx in range(kernel)
-  ]  # each [B, H', W', T, ...]
-  p = jnp.stack(taps, axis=3)  # [B, H', W', K*K, T, ...]
-  return p.reshape(b, ho, wo, kernel * kernel * x.shape[3], *x.shape[4:])
-
-
-def _em_beta(num_out: int):
-  return nnx.Param(jnp.zeros((num_out,)))
-
-
-def _child_ids(grid: tuple[int, int, int], kernel: int, stride: int) -> np.ndarray:
-  """int [H' * W' * K*K*T]: the flat child index (y * W + x) * T + t of every patch entry."""
-  h, w, t = grid
-  ids = np.arange(h * w * t).reshape(h, w, t)
-  ho, wo = conv_lib.out_size(h, kernel, stride), conv_lib.out_size(w, kernel, stride)
-  # NumPy, not `capsule_patches`: these are constants even when the layer is traced.
-  cells = [
-    ids[y * stride + ky, x * stride + kx]  # [T]
-    for y in range(ho)
-    for x in range(wo)
-    for ky in range(kernel)
-    for kx in range(kernel)
-  ]
-  return np.concatenate(cells)
-
-
-class MatrixConvCaps(nnx.Module):
-  """A convolutional capsule layer of a matrix-capsule network (ConvCaps1/2 of Hinton et
-  al. 2018), routed by EM.
-
-  Every output cell sees the K x K x T_in capsules of its receptive field; capsule i at
-  kernel offset (ky, kx) and type t votes V_ij = M_i W_(ky,kx,t),j for each output type
-  j, with W shared over positions as a convolution shares its kernel. EM then routes the
-  votes of every cell to its T_out parents. A child in the receptive fields of several
-  cells has one vote per cell, and its assignments are normalised:
-  - `per_cell=False` (the paper's): over every parent that sees it, in every cell: R_ij =
-    a_j p_ij / sum over the cells c seeing i and their parents j' of a_j' p_ij', starting
-    from 1 / (cells seeing i x T_out), as IBM/matrix-capsules-with-em-routing does
-    (utils.py L516-523 and L236-237 at commit 2da9cdf);
-  - `per_cell=True`: within each cell alone, as a separate routing problem, as
-    yl-1993/Matrix-Capsules-EM-PyTorch (model/capsules.py L250-260, patches routed with
-    the batch as B * H' * W') and www0wwwjs1/Matrix-Capsules-EM-Tensorflow
-    (capsnet_em.py L201-213) do.
-
-  W ~ N(0, 1), as yl-1993 (`torch.randn`, capsules.py L93) and IBM
-  (`truncated_normal(stddev=1.0)`, utils.py L143-147); beta_u, beta_a [T_out] start at 0
-  (yl-1993 capsules.py L87-88).
-  """
-
-  def __init__(
-    self,
-    in_types: int,
-    out_types: int,
-    *,
-    kernel: int,
-    stride: int,
-    routing_iterations: int,
-    final_lambda: float = 0.01,
-    per_cell: bool = False,
-    dtype=jnp.float32,
-    rngs: nnx.Rngs,
-  ):
-    caps_ops.check_iterations(routing_iterations)
-    self.kernel, self.stride = int(kernel), int(stride)
-    self.routing_iterations = routing_iterations
-    self.final_lambda = float(final_lambda)
-    self.per_cell = bool(per_cell)
-    self.dtype = jnp.dtype(dtype)
-    self.w = nnx.Param(
-      jax.random.normal(rngs.params(), (kernel * kernel * in_types, out_types, 4, 4), jnp.float32)
-    )
-    self.beta_u = _em_beta(out_types)
-    self.beta_a = _em_beta(out_types)
-
-  def votes(self, poses: jax.Array) -> jax.Array:
-    """poses [B, H, W, T_in, 16] -> votes [B, H', W', K*K*T_in, T_out, 16]."""
-    p = capsule_patches(poses, self.kernel, self.stride)  # [B, H', W', N, 16]
-    m = p.reshape(*p.shape[:-1], 4, 4).astype(self.dtype)
-    v = jnp.einsum(
-      "byxnik,nmko->byxnmio", m, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32
-    )  # [B, H', W', N, T_out, 4, 4]
-    return v.reshape(*v.shape[:-2], 16)
-
-  def _shared_children(self, grid: tuple[int, int, int], out_types: int):
-    """(normalise, initial R) of the paper's E-step over every parent of a child."""
-    ids = _child_ids(grid, self.kernel, self.stride)  # [P]
-    num_children = math.prod(grid)
-    parents = np.bincount(ids, minlength=num_children)  # cells seeing each child
-    seg = jnp.asarray(ids)
-
-    def normalise(log_num):  # [B, H', W', N, T_out] -> R, same shape
-      z = log_num.reshape(log_num.shape[0], -1, out_types)  # [B, P, T_out]
-      # A per-child shift keeps exp() in range; it cancels in the ratio.
-      top = jax.ops.segment_max(jnp.max(z, -1).T, seg, num_children)  # [children, B]
-      e = jnp.exp(z - jax.lax.stop_gradient(top[seg].T)[..., None])  # [B, P, T_out]
-      total = jax.ops.segment_sum(jnp.sum(e, -1).T, seg, num_children)  # [children, B]
-      return (e / total[seg].T[..., None]).reshape(log_num.shape)
-
-    ho, wo = (conv_lib.out_size(n, self.kernel, self.stride) for n in grid[:2])
-    r0 = (1.0 / (parents[ids] * out_types)).reshape(ho, wo, -1, 1)
-    return normalise, jnp.asarray(r0, jnp.float32)  # r0 [H', W', N, 1]
-
-  def __call__(self, poses: jax.Array, a_in: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """poses [B, H, W, T_in, 16], a_in [B, H, W, T_in] -> (poses [B, H', W', T_out, 16],
-    activations [B, H', W', T_out])."""
-    v = self.votes(poses)
-    normalise, r0 = (
-      (None, None) if self.per_cell else self._shared_children(poses.shape[1:4], v.shape[-2])
-    )
-    r = routing_lib.em(
-      v,
-      self.routing_iterations,
-      a_in=capsule_patches(a_in, self.kernel, self.stride),
-      beta_u=self.beta_u[...],
-      beta_a=self.beta_a[...],
-      final_lambda=self.final_lambda,
-      normalise=normalise,
-      initial_assignments=r0,
-    )
-    return r.poses, r.activations
-
-
-class MatrixClassCaps(nnx.Module):
-  """Class capsules of a matrix-capsule network, routed by EM (Hinton et al. 2018).
-
-  Every input capsule i of type t at grid cell (y, x) holds a 4x4 pose matrix M_i; its
-  vote for class j is V_ij = M_i W_tj, with one W_tj [4, 4] per (type, class) shared over
-  the grid, as the paper's class-capsule layer shares transformation matrices between
-  positions. With `coordinate_addition`, the cell's centre ((y + 0.5) / H, (x + 0.5) / W)
-  is added to the first two elements of the vote's right-hand column (Sec. 3.1,
-  "Coordinate Addition"): flattened indices 3 and 7. Then `routing.em` with learned
-  beta_u, beta_a [N_out].
-  """
-
-  def __init__(
-    self,
-    types: int,
-    num_out: int,
-    *,
-    routing_iterations: int,
-    final_lambda: float = 0.01,
-    coordinate_addition: bool = True,
-    dtype=jnp.float32,
-    rngs: nnx.Rngs,
-  ):
-    caps_ops.check_iterations(routing_iterations)
-    self.routing_iterations = routing_iterations
-    self.final_lambda = float(final_lambda)
-    self.coordinate_addition = coordinate_addition
-    self.dtype = jnp.dtype(dtype)
-    # N(0, 1) and zero betas, as `MatrixConvCaps`.
-    self.w = nnx.Param(jax.random.normal(rngs.params(), (types, num_out, 4, 4), jnp.float32))
-    self.beta_u = _em_beta(num_out)
-    self.beta_a = _em_beta(num_out)
-
-  def votes(self, poses: jax.Array) -> jax.Array:
-    """poses: [B, H, W, types, 16] -> votes [B, N_in, N_out, 16], N_in = H * W * types."""
-    b, h, w, t, _ = poses.shape
-    m = poses.reshape(b, h, w, t, 4, 4).astype(self.dtype)
-    v = jnp.einsum(
-      "byxtik,tmko->byxtmio", m, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32
-    )  # [B, H, W, T, N_out, 4, 4]
-    v = v.reshape(*v.shape[:-2], 16)  # [B, H, W, T, N_out, 16]
-    if self.coordinate_addition:
-      rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h  # [H]
-      cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w  # [W]
-      coord = jnp.zeros((h, w, 16), jnp.float32)
-      coord = coord.at[:, :, 3].set(rows[:, None]).at[:, :, 7].set(cols[None, :])
-      v = v + coord[:, :, None, None, :]
-    return v.reshape(b, h * w * t, v.shape[-2], 16)  # [B, N_in, N_out, 16]
-
-  def __call__(self, poses: jax.Array, a_in: jax.Array) -> routing_lib.Routed:
-    """poses [B, H, W, types, 16], a_in [B, H * W * types] -> routing.Routed of EM."""
-    return routing_lib.em(
-      self.votes(poses),
-      self.routing_iterations,
-      a_in=a_in,
-      beta_u=self.beta_u[...],
-      beta_a=self.beta_a[...],
-      final_lambda=self.final_lambda,
-    )

@@ -81,9 +81,10 @@ def _writing(path: str):
     ) from e
 
 
-def accuracy(lengths: jax.Array, labels: jax.Array) -> jax.Array:
-  """Fraction of examples whose longest capsule is the label. lengths [B, K], labels [B]."""
-  return jnp.mean(jnp.argmax(lengths, axis=-1) == labels)
+def accuracy(class_scores: jax.Array, labels: jax.Array) -> jax.Array:
+  """Fraction of examples whose highest class score is the label. class_scores [B, K],
+  labels [B]."""
+  return jnp.mean(jnp.argmax(class_scores, axis=-1) == labels)
 
 
 class Averager:

@@ -26,6 +26,7 @@ from capsjax import metrics as metrics_lib
 from capsjax import models
 from capsjax import optim
 from capsjax import parallel
+from capsjax.run import cpu_runtime
 
 LossWeights = losses.LossWeights
 
@@ -72,6 +73,7 @@ def create_model_and_optimizer(
     image_shape=info.image_shape,
     num_classes=info.num_classes,
     rngs=nnx.Rngs(params=init_key),
+    conv_impl=cpu_runtime.resolve_conv_impl(config.model.conv_impl),
   )
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -83,11 +85,11 @@ def per_example_losses(
 ) -> tuple[jax.Array, jax.Array]:
   """(class loss [B], reconstruction [B]) of a model's output dict at train step `step`.
 
-  The class loss is `weights.class_loss` (margin or spread) on out['lengths'], the class
+  The class loss is `weights.class_loss` (margin or spread) on out['class_scores'], the class
   scores; it is reported as 'margin_loss' whichever it is, so every run's epochs.csv
   has the same columns. Zero reconstruction loss for a model without a decoder.
   """
-  margin = weights.class_loss_per_example(out["lengths"], labels, step)
+  margin = weights.class_loss_per_example(out["class_scores"], labels, step)
   if "reconstruction" in out:
     recon = losses.reconstruction_loss(images, out["reconstruction"], reduction="mean")
   else:
@@ -111,7 +113,7 @@ def compute_losses(
     "loss": loss,
     "margin_loss": jnp.mean(margin),
     "recon_loss": jnp.mean(recon),
-    "accuracy": metrics_lib.accuracy(out["lengths"], labels),
+    "accuracy": metrics_lib.accuracy(out["class_scores"], labels),
   }
   return loss, aux
 

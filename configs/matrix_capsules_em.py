@@ -20,7 +20,7 @@ D=16) -> class capsules (shared W, coordinate addition), EM routing between ever
 of capsule layers, class scores = class activations, spread loss. As in yl-1993's code,
 each ConvCaps cell routes its own receptive field (`convcaps_per_cell=True`);
 `--config.model.convcaps_per_cell=False` normalises a child's assignments over all the
-cells that see it, as the paper does (`layers.MatrixConvCaps`). The paper's full
+cells that see it, as the paper does (`matrix_layers.MatrixConvCaps`). The paper's full
 network (A=B=C=D=32, MNIST 0.44% error) is
 `--config.model.conv1_channels=32 --config.model.primary_types=32
 --config.model.convcaps_types=32,32 --config.model.routing_iterations=3

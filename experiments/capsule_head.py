@@ -5,7 +5,7 @@ two capsule heads, trained with `capsjax.losses.margin_loss` and no decoder:
 
   'routed'  `capsjax.layers.RoutedCaps`: one W_ij per (primary capsule, class), as in
             CapsNet's DigitCaps.
-  'shared'  a head written here that calls `capsjax.dynamic_routing` directly with
+  'shared'  a head written here that calls `capsjax.routing.dynamic` directly with
             weights shared over positions (one W per (capsule type, class), a
             "convolutional" transform, as in the paper's Sec. 4 for ConvCaps layers), so
             its parameter count does not grow with the image size.
@@ -33,6 +33,7 @@ from capsjax import layers
 from capsjax import losses
 from capsjax import metrics as metrics_lib
 from capsjax import models
+from capsjax import routing
 
 HEADS = ("routed", "shared")
 
@@ -60,17 +61,15 @@ class SharedCapsHead(nnx.Module):
       0.05 * jax.random.normal(rngs.params(), (types, num_out, in_dim, out_dim), jnp.float32)
     )
 
-  def __call__(self, u: jax.Array, *, return_couplings: bool = False):
-    """u: [B, N_in, D_in] -> v: [B, N_out, D_out] (and c: [B, N_in, N_out])."""
+  def route(self, u: jax.Array) -> routing.Routed:
+    """u: [B, N_in, D_in] -> Routed(v [B, N_out, D_out], |v| [B, N_out], c [B, N_in, N_out])."""
     b, n_in, d_in = u.shape
     if n_in % self.types:
       raise ValueError(f"SharedCapsHead: N_in={n_in} is not a multiple of types={self.types}")
     u = u.reshape(b, n_in // self.types, self.types, d_in)  # [B, P, T, D_in]
     u_hat = jnp.einsum("bpti,tmio->bptmo", u, self.w[...])  # [B, P, T, N_out, D_out]
     u_hat = u_hat.reshape(b, n_in, *u_hat.shape[3:])  # [B, N_in, N_out, D_out]
-    return caps_ops.dynamic_routing(
-      u_hat, self.routing_iterations, return_couplings=return_couplings
-    )
+    return routing.dynamic(u_hat, self.routing_iterations)
 
 
 class TinyCapsNet(nnx.Module):
@@ -117,7 +116,8 @@ class TinyCapsNet(nnx.Module):
       )
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-    """images [B, H, W, C] -> {'v': [B, K, D], 'lengths': [B, K], 'couplings': [B, N_in, K]}."""
+    """images [B, H, W, C] -> {'v': [B, K, D], 'class_scores': [B, K],
+    'assignments': [B, N_in, K]}."""
     if tuple(images.shape[1:]) != self.image_shape:
       raise ValueError(
         f"images must have shape [B, {', '.join(map(str, self.image_shape))}],"
@@ -125,15 +125,19 @@ class TinyCapsNet(nnx.Module):
       )
     x = jax.nn.relu(self.conv(images))  # [B, H1, W1, channels]
     u = self.primary(x)  # [B, N_in, D_in]
-    v, c = self.head(u, return_couplings=True)  # [B, K, D], [B, N_in, K]
-    return {"v": v, "lengths": caps_ops.capsule_lengths(v), "couplings": c}
+    r = self.head.route(u)  # poses [B, K, D], assignments [B, N_in, K]
+    return {
+      "v": r.poses,
+      "class_scores": caps_ops.capsule_lengths(r.poses),
+      "assignments": r.assignments,
+    }
 
 
 def loss_fn(model: TinyCapsNet, images: jax.Array, labels: jax.Array):
   """Mean margin loss over the batch, and {'loss', 'accuracy'}. images [B,H,W,C], labels [B]."""
   out = model(images)
-  loss = jnp.mean(losses.margin_loss(out["lengths"], labels))  # []
-  return loss, {"loss": loss, "accuracy": metrics_lib.accuracy(out["lengths"], labels)}
+  loss = jnp.mean(losses.margin_loss(out["class_scores"], labels))  # []
+  return loss, {"loss": loss, "accuracy": metrics_lib.accuracy(out["class_scores"], labels)}
 
 
 def create(

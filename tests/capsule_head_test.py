@@ -38,15 +38,15 @@ def test_shapes_couplings_and_parameter_count(head, n_params):
   assert sum(int(x.size) for x in jax.tree.leaves(params)) == n_params
   out = jax.jit(lambda x: model(x))(capsule_head.synthetic_batch(4)["image"])
   assert out["v"].shape == (4, 10, 8)
-  assert out["lengths"].shape == (4, 10)
-  assert out["couplings"].shape == (4, 5 * 5 * 8, 10)  # 5x5 grid x 8 types
-  np.testing.assert_allclose(np.asarray(out["couplings"]).sum(-1), 1.0, rtol=1e-5)
-  assert np.all(np.asarray(out["lengths"]) < 1.0)
+  assert out["class_scores"].shape == (4, 10)
+  assert out["assignments"].shape == (4, 5 * 5 * 8, 10)  # 5x5 grid x 8 types
+  np.testing.assert_allclose(np.asarray(out["assignments"]).sum(-1), 1.0, rtol=1e-5)
+  assert np.all(np.asarray(out["class_scores"]) < 1.0)
 
 
 def test_one_iteration_gives_uniform_couplings():
   model = capsule_head.TinyCapsNet(head="shared", routing_iterations=1, rngs=nnx.Rngs(0))
-  c = np.asarray(model(capsule_head.synthetic_batch(2)["image"])["couplings"])
+  c = np.asarray(model(capsule_head.synthetic_batch(2)["image"])["assignments"])
   np.testing.assert_allclose(c, 0.1, rtol=1e-6)
 
 

@@ -20,6 +20,7 @@ from capsjax import analysis
 from capsjax import errors
 from capsjax.data import input_pipeline
 from capsjax import layers
+from capsjax import matrix_layers
 from capsjax import models
 from capsjax import parallel
 from capsjax import routing
@@ -94,14 +95,21 @@ def test_routed_caps_equals_routing_of_numpy_votes(name, iterations):
     np.testing.assert_allclose(
       getattr(got, field), getattr(expected, field), rtol=2e-5, atol=2e-6, err_msg=f"{name} {field}"
     )
-  # The layer call (predict_and_route for dynamic routing) gives the same poses and
-  # assignments.
-  called = _jit_call(
-    layer, lambda m, x, a: m(x, a_in=a if name == "em" else None, return_couplings=True), u, a_in
+  np.testing.assert_allclose(np.sum(got.assignments, -1), 1.0, rtol=1e-5)
+  # The layer call gives the poses of `route` (predict_and_route for dynamic routing).
+  called = _jit_call(layer, lambda m, x, a: m(x, a_in=a if name == "em" else None), u, a_in)
+  np.testing.assert_array_equal(called, got.poses)
+  # `route_votes` on the layer's own predictions gives the same (the autodiff path).
+  slow = _jit_call(
+    layer,
+    lambda m, x, a: m.route_votes(m.predictions(x), a_in=a if name == "em" else None),
+    u,
+    a_in,
   )
-  np.testing.assert_allclose(called.v, expected.poses, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(called.c, expected.assignments, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(np.sum(called.c, -1), 1.0, rtol=1e-5)
+  for field in routing.Routed._fields:
+    np.testing.assert_allclose(
+      getattr(got, field), getattr(slow, field), rtol=2e-5, atol=2e-6, err_msg=f"{name} {field}"
+    )
 
 
 def test_each_routing_holds_exactly_its_own_parameters():
@@ -119,7 +127,7 @@ def test_each_routing_holds_exactly_its_own_parameters():
 
 
 # ----------------------------------------------------------------------------------------
-# CapsNet: the class scores ('lengths') each routing gives, recomputed in NumPy
+# CapsNet: the class scores each routing gives, recomputed in NumPy
 # ----------------------------------------------------------------------------------------
 
 
@@ -167,7 +175,9 @@ def test_capsnet_class_scores_against_numpy(name):
     _set(model.primary_caps.ln_scale, rng.uniform(0.5, 1.5, 4))
     _set(model.primary_caps.ln_bias, rng.normal(0, 0.3, 4))
   images = rng.uniform(0, 1, (3, 12, 12, 1)).astype(np.float32)
-  out = _jit_call(model, lambda m, x: m(x, return_couplings=True), images)
+  out = _jit_call(model, lambda m, x: m(x), images)
+  routed = _jit_call(model, lambda m, x: m.routed(x), images)
+  np.testing.assert_array_equal(routed.poses, out["v"])  # one routing behind both
 
   # The conv trunk (tested in models_test/conv_test) from the model; the rest in NumPy.
   x = jax.nn.relu(model.conv1(images))
@@ -210,15 +220,15 @@ def test_capsnet_class_scores_against_numpy(name):
     )
     scores = np.sqrt(np.sum(np.asarray(r.poses, np.float64) ** 2, -1) + 1e-7)
   np.testing.assert_allclose(out["v"], r.poses, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(out["couplings"], r.assignments, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(out["lengths"], scores, rtol=1e-4, atol=1e-6)
-  assert np.all((out["lengths"] > 0) & (out["lengths"] < 1))
+  np.testing.assert_allclose(routed.assignments, r.assignments, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out["class_scores"], scores, rtol=1e-4, atol=1e-6)
+  assert np.all((out["class_scores"] > 0) & (out["class_scores"] < 1))
   np.testing.assert_array_equal(out["pred"], np.argmax(scores, -1))
 
 
 def test_matrix_votes_and_coordinate_addition_against_numpy():
   rng = np.random.default_rng(3)
-  caps = layers.MatrixClassCaps(2, 3, routing_iterations=2, rngs=nnx.Rngs(0))
+  caps = matrix_layers.MatrixClassCaps(2, 3, routing_iterations=2, rngs=nnx.Rngs(0))
   poses = rng.normal(0, 1, (2, 3, 4, 2, 16)).astype(np.float32)  # [B, H, W, T, 16]
   w = np.asarray(caps.w[...], np.float64)  # [T, N_out, 4, 4]
   got = np.asarray(_jit_call(caps, lambda m, p: m.votes(p), poses))  # [B, 24, 3, 16]
@@ -373,17 +383,17 @@ def test_capsule_patches_against_numpy():
             for t in range(3):
               expected[:, oy, ox, n] = x[:, oy * st + ky, ox * st + kx, t]
               n += 1
-    got = jax.jit(layers.capsule_patches, static_argnums=(1, 2))(x, k, st)
+    got = jax.jit(matrix_layers.capsule_patches, static_argnums=(1, 2))(x, k, st)
     np.testing.assert_array_equal(got, expected)
   with pytest.raises(ValueError, match="a 8x8 kernel does not fit the 7x6 capsule grid"):
-    layers.capsule_patches(x, 8, 1)
+    matrix_layers.capsule_patches(x, 8, 1)
 
 
 def test_matrix_conv_caps_per_cell_routes_each_cell_by_em_on_numpy_votes():
   """Votes M_i W_(ky,kx,t),j built in NumPy; with per_cell, each output cell routed by
   `routing.em` alone, though the 3x3 receptive fields (stride 1) overlap."""
   rng = np.random.default_rng(5)
-  caps = layers.MatrixConvCaps(
+  caps = matrix_layers.MatrixConvCaps(
     2, 3, kernel=3, stride=1, routing_iterations=2, per_cell=True, rngs=nnx.Rngs(1)
   )
   _set(caps.beta_u, rng.normal(0, 0.5, 3))
@@ -535,7 +545,7 @@ def _np_conv_em(poses, a, w, beta_u, beta_a, kernel, stride, lambdas):
 @pytest.mark.parametrize("kernel, stride", [(2, 1), (3, 2)])
 def test_matrix_conv_caps_shares_children_between_cells_as_the_paper(kernel, stride):
   rng = np.random.default_rng(7)
-  caps = layers.MatrixConvCaps(
+  caps = matrix_layers.MatrixConvCaps(
     2, 3, kernel=kernel, stride=stride, routing_iterations=3, final_lambda=0.5, rngs=nnx.Rngs(2)
   )
   _set(caps.w, np.asarray(caps.w[...]) * 0.5)
@@ -565,7 +575,9 @@ def test_matrix_conv_caps_shares_children_between_cells_as_the_paper(kernel, str
 def test_shared_children_routing_check_grads_float64():
   """EM with the paper's ConvCaps normaliser (per-child shift, segment sums) against
   finite differences: votes of 2x2 cells, 2x2 kernels, stride 1 on a 3x3x2 grid."""
-  caps = layers.MatrixConvCaps(2, 3, kernel=2, stride=1, routing_iterations=3, rngs=nnx.Rngs(0))
+  caps = matrix_layers.MatrixConvCaps(
+    2, 3, kernel=2, stride=1, routing_iterations=3, rngs=nnx.Rngs(0)
+  )
   normalise, r0 = caps._shared_children((3, 3, 2), 3)
   rng = np.random.default_rng(8)
   with jax.enable_x64(True):
@@ -577,7 +589,7 @@ def test_shared_children_routing_check_grads_float64():
     check_grads(jax.jit(f), (votes, a_in, jnp.asarray([0.1, -0.2, 0.3])), order=1, modes=["rev"])
     # Each child's assignments, over all cells and parents that see it, sum to 1.
     r = np.asarray(f(votes, a_in, jnp.zeros(3)).assignments)  # [B, 2, 2, 8, 3]
-    ids = layers._child_ids((3, 3, 2), 2, 1)
+    ids = matrix_layers._child_ids((3, 3, 2), 2, 1)
     sums = np.zeros((2, 18))
     for b in range(2):
       np.add.at(sums[b], ids, r[b].sum(-1).reshape(-1))
@@ -644,7 +656,7 @@ def test_old_workdirs_without_the_routing_fields_still_resume(tmp_path):
 
 
 def test_old_matrix_workdirs_without_convcaps_fields_resume_without_them(tmp_path):
-  """A matrix-capsule run saved before ConvCaps existed routed PrimaryCaps -> classes."""
+  """A matrix-capsule config without the ConvCaps fields routes PrimaryCaps -> classes."""
   config = matrix_capsules_em.get_config("smoke")
   saved = json.loads(config.to_json_best_effort())
   for leaf in ("convcaps_types", "convcaps_kernels", "convcaps_strides", "convcaps_per_cell"):

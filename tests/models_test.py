@@ -1,6 +1,9 @@
-"""CapsNet structure: parameter counts from the paper's sizes, shapes, masking."""
+"""CapsNet structure: parameter counts from the paper's sizes, shapes, masking, config
+errors; what the models package may import."""
 
+import ast
 import inspect
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,18 +13,24 @@ from flax import nnx
 
 from capsjax import caps_ops
 from capsjax import conv
-from capsjax.run import cpu_runtime
 from capsjax import errors
+from capsjax import layers
 from capsjax import models
-from configs import cifar10, common, fashion
+from configs import cifar10, common, efficient_capsnet, fashion, matrix_capsules_em
+
+
+def _model(config, image_shape=(28, 28, 1), num_classes=10):
+  return models.create_model(
+    config.model,
+    image_shape=image_shape,
+    num_classes=num_classes,
+    rngs=nnx.Rngs(0),
+    conv_impl="xla",
+  )
 
 
 def _abstract_model(config, image_shape=(28, 28, 1), num_classes=10):
-  return nnx.eval_shape(
-    lambda: models.create_model(
-      config.model, image_shape=image_shape, num_classes=num_classes, rngs=nnx.Rngs(0)
-    )
-  )
+  return nnx.eval_shape(lambda: _model(config, image_shape, num_classes))
 
 
 def test_paper_parameter_count():
@@ -49,32 +58,31 @@ def test_cifar_shapes():
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
 def test_forward_shapes_and_values(shape):
   config = fashion.get_config("smoke")
-  model = models.create_model(config.model, image_shape=shape, num_classes=10, rngs=nnx.Rngs(0))
+  model = _model(config, image_shape=shape)
   x = jax.random.uniform(jax.random.key(1), (3, *shape))
   labels = jnp.array([0, 4, 9])
-  out = jax.jit(lambda m, x, y: m(x, y, return_couplings=True))(model, x, labels)
+  out = jax.jit(lambda m, x, y: m(x, y))(model, x, labels)
+  r = jax.jit(lambda m, x: m.routed(x))(model, x)
   n_in = model.num_primary
   assert out["v"].shape == (3, 10, 8)
-  assert out["couplings"].shape == (3, n_in, 10)
+  assert r.assignments.shape == (3, n_in, 10)
   assert out["reconstruction"].shape == (3, *shape)
-  np.testing.assert_allclose(out["couplings"].sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(r.assignments.sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(r.poses, out["v"])  # the same routing
   # Lengths are sqrt(|v|^2 + length_eps) (finite gradient at v = 0); the Keras recipe's
   # 1e-30 leaves the tiny initial lengths distinguishable (1e-7 makes them all ~3.2e-4).
   assert config.model.length_eps == 1e-30
   np.testing.assert_allclose(
-    out["lengths"], np.sqrt(np.sum(np.square(out["v"]), -1) + 1e-30), rtol=1e-4
+    out["class_scores"], np.sqrt(np.sum(np.square(out["v"]), -1) + 1e-30), rtol=1e-4
   )
-  assert np.ptp(out["lengths"]) > 1e-7
-  assert np.all(out["lengths"] < 1.0)
-  np.testing.assert_array_equal(out["pred"], np.argmax(out["lengths"], -1))
+  assert np.ptp(out["class_scores"]) > 1e-7
+  assert np.all(out["class_scores"] < 1.0)
+  np.testing.assert_array_equal(out["pred"], np.argmax(out["class_scores"], -1))
   assert np.all((out["reconstruction"] >= 0) & (out["reconstruction"] <= 1))
 
 
 def test_decoder_masks_by_label_or_prediction():
-  config = fashion.get_config("smoke")
-  model = models.create_model(
-    config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
-  )
+  model = _model(fashion.get_config("smoke"))
   x = jax.random.uniform(jax.random.key(2), (2, 28, 28, 1))
   out_pred = model(x)
   # Masking by the predicted class equals passing the prediction as labels.
@@ -92,9 +100,7 @@ def test_decoder_masks_by_label_or_prediction():
 
 def test_primary_caps_grouping_is_consecutive_channels():
   config = fashion.get_config("smoke")
-  model = models.create_model(
-    config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
-  )
+  model = _model(config)
   x = jax.random.uniform(jax.random.key(3), (1, 28, 28, 1))
   h = jax.nn.relu(model.conv1(x))
   y = model.primary_caps.conv(h)  # [1, 6, 6, types*dim]
@@ -116,9 +122,7 @@ def test_bad_model_config_errors():
   config = fashion.get_config()
   with pytest.raises(errors.ConfigError, match="too small"):
     _abstract_model(config, image_shape=(12, 12, 1))
-  model = models.create_model(
-    fashion.get_config("smoke").model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
-  )
+  model = _model(fashion.get_config("smoke"))
   with pytest.raises(ValueError, match=r"images must have shape \[B, 28, 28, 1\]"):
     model(jnp.zeros((2, 32, 32, 3)))
 
@@ -210,37 +214,60 @@ def test_capsnet_keywords_are_the_config_model_fields():
   )
 
 
-def test_auto_is_resolved_by_create_model_not_by_capsnet():
-  config = fashion.get_config("smoke")
+@pytest.mark.parametrize("module", [fashion, efficient_capsnet, matrix_capsules_em])
+def test_auto_is_resolved_by_the_caller_not_by_model_code(module):
+  config = module.get_config("smoke")
   assert config.model.conv_impl == "auto"
-  kwargs = dict(config.model)
-  with pytest.raises(
-    errors.ConfigError,
-    match=r"^config.model.conv_impl: 'auto' must be "
-    r"resolved .*resolve_conv_impl",
-  ):
-    models.CapsNet(**kwargs, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
-  model = _abstract_model(config)
-  assert model.conv1.impl == model.primary_caps.conv.impl
-  assert model.conv1.impl == cpu_runtime.resolve_conv_impl("auto")
-  # A caller that resolved it at start-up passes the lowering; the config keeps 'auto'.
-  model = nnx.eval_shape(
+  build = lambda **kw: nnx.eval_shape(
     lambda: models.create_model(
-      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), conv_impl="hybrid"
+      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), **kw
     )
   )
-  assert model.primary_caps.conv.impl == "hybrid"
+  unresolved = r"^config.model.conv_impl: 'auto' must be resolved .*resolve_conv_impl"
+  with pytest.raises(errors.ConfigError, match=unresolved):
+    build()
+  cls = models.ARCHITECTURES[config.model.architecture]
+  with pytest.raises(errors.ConfigError, match=unresolved):
+    cls(**dict(config.model), image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
+  # A caller that resolved it at start-up passes the lowering; the config keeps 'auto'.
+  model = build(conv_impl="hybrid")
+  impls = {m.impl for _, m in nnx.iter_graph(model) if isinstance(m, layers.Conv2D)}
+  assert impls == {"hybrid"}
   assert config.model.conv_impl == "auto"
+  # A bad config value is named even when the caller passes a lowering.
+  config.model.conv_impl = "cudnn"
+  with pytest.raises(errors.ConfigError, match=r"^config.model.conv_impl: .*got 'cudnn'"):
+    build(conv_impl="xla")
+
+
+def test_model_code_imports_no_run_plumbing():
+  """Runtime settings (backend, XLA flags) are resolved at start-up, never in model code."""
+  root = pathlib.Path(models.__file__).parents[1]
+  files = [*root.joinpath("models").glob("*.py"), root / "layers.py", root / "matrix_layers.py"]
+  assert len(files) >= 7
+  for path in files:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom):
+        names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      assert not any(n.startswith("capsjax.run") for n in names), (path, names)
 
 
 def test_old_configs_without_init_and_length_eps_and_unknown_fields():
-  """A config.json saved before `init`/`length_eps` existed builds with CapsNet's defaults;
-  a field CapsNet does not know is a ConfigError naming it, not a TypeError."""
+  """A config.json without `init`/`length_eps` builds with CapsNet's defaults, one without
+  `conv_impl` with the caller's lowering; a field CapsNet does not know is a ConfigError
+  naming it, not a TypeError."""
   saved = dict(fashion.get_config("smoke").model)
   del saved["init"], saved["length_eps"]
   saved["decoder_hidden"] = list(saved["decoder_hidden"])  # as JSON gives it back
+  del saved["conv_impl"]  # 'auto' then: the caller's lowering applies.
   model = nnx.eval_shape(
-    lambda: models.create_model(saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
+    lambda: models.create_model(
+      saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), conv_impl="xla"
+    )
   )
   assert model.length_eps == 1e-7
   assert model.digit_caps.bias is None  # 'torch': no routing bias
@@ -251,7 +278,9 @@ def test_old_configs_without_init_and_length_eps_and_unknown_fields():
     match=r"^config.model.routing_iteration: not a "
     r"CapsNet field",
   ):
-    models.create_model(saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0))
+    models.create_model(
+      saved, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), conv_impl="xla"
+    )
 
 
 def test_every_conv_path_gives_the_same_model():
@@ -281,7 +310,7 @@ def test_every_conv_path_gives_the_same_model():
     def loss(params):
       out = nnx.merge(graphdef, params)(images, labels)
       return jnp.mean(
-        losses.margin_loss(out["lengths"], labels)
+        losses.margin_loss(out["class_scores"], labels)
         + jnp.mean(jnp.square(out["reconstruction"] - images), (1, 2, 3))
       ), out
 
@@ -292,7 +321,7 @@ def test_every_conv_path_gives_the_same_model():
   assert float(jnp.max(jnp.abs(ref_grads["primary_caps"]["conv"]["kernel"][...]))) > 0
   for impl in [i for i in conv.IMPLS if i != "xla"]:
     out, grads = run(impl)
-    for k in ("lengths", "v", "reconstruction"):
+    for k in ("class_scores", "v", "reconstruction"):
       np.testing.assert_allclose(out[k], ref_out[k], rtol=1e-4, atol=1e-5, err_msg=f"{impl} {k}")
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=impl),
