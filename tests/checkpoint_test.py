@@ -42,7 +42,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, src, mon
   monkeypatch.setattr(losses, "margin_loss", lambda *a, **k: orig(*a, **k) * jnp.nan)
   with pytest.raises(
     FloatingPointError,
-    match=r"non-finite margin_loss=nan at step 5 \(epoch 1.25\); training "
+    match=r"non-finite class_loss=nan at step 5 \(epoch 1.25\); training "
     r"stopped without saving. The last good checkpoint is .*/4",
   ):
     train.train_and_evaluate(_config(), workdir)
