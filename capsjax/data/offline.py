@@ -452,8 +452,8 @@ class _OfflineMixin:
 
   Given `arrays` ({split: (images [N, H, W, C], labels [N])}, already validated) it writes
   those; without them (`download.download`) it fetches the upstream IDX files with the
-  TFDS download manager, which checks the registered checksums. Examples are keyed by file index, as in
-  the official builder, so TFDS stores them in the same order.
+  TFDS download manager, which checks the registered checksums. Examples are keyed by
+  file index, as in the official builder, so TFDS stores them in the same order.
   """
 
   def __init__(
