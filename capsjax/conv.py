@@ -38,9 +38,6 @@ environment. No lowering merges the batch axis with another axis (all but 'winog
 it in front), so under the trainer's Auto mesh a batch sharded over `P('data')` stays
 sharded without annotations. Low-precision inputs accumulate in float32 and the result
 has the promoted input dtype.
-
-Why this long: five lowerings of one function, three with hand-written gradients
-(custom VJPs); they share the checks, patch and tap helpers and are tested as one.
 """
 
 from __future__ import annotations

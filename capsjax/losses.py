@@ -54,8 +54,8 @@ class LossWeights:
   def from_config(cls, loss_cfg, total_steps: int = 0) -> LossWeights:
     """From a `config.loss` ConfigDict (or any mapping with `config_defaults`' fields).
 
-    A mapping without the class-loss fields (a run saved before they existed) trains
-    with the margin loss, as such runs did.
+    Missing fields take their defaults: a config.json without the class-loss fields
+    trains with the margin loss, the class loss its run was trained with.
     """
     values = {}
     for name, default in cls.config_defaults().items():

@@ -2,6 +2,7 @@
 
 Files a run writes into its workdir (only process 0 writes):
   metrics.csv        one row per logged step: step, epoch, split, and the metric columns
+                     (`class_loss` is the run's class loss: margin or spread)
   epochs.csv         one row per epoch: train (mean over the `train_steps` steps of the
                      epoch this invocation ran: fewer after a mid-epoch resume), validation and test
                      losses and accuracy, the epoch selected so far (on validation, or on
@@ -38,7 +39,7 @@ CSV_FIELDS = (
   "epoch",
   "split",
   "loss",
-  "margin_loss",
+  "class_loss",
   "recon_loss",
   "accuracy",
   "learning_rate",
@@ -47,7 +48,7 @@ CSV_FIELDS = (
   "wall_s",
 )
 EPOCH_CSV_NAME = "epochs.csv"
-_TERMS = ("loss", "margin_loss", "recon_loss", "accuracy")
+_TERMS = ("loss", "class_loss", "recon_loss", "accuracy")
 EPOCH_FIELDS = (
   "epoch",
   "step",
@@ -61,6 +62,25 @@ EPOCH_FIELDS = (
   "seconds",
   "images_per_s",
 )
+# {old column name: current name}, also under a split prefix ('test_margin_loss'): files
+# written under the old name are read, and resumed, under the current one.
+_RENAMED = {"margin_loss": "class_loss"}
+
+
+def current_names(row: Mapping[str, object]) -> dict:
+  """`row` (a CSV row, a summary.json) with old column names renamed to current ones.
+
+  'margin_loss' and '<split>_margin_loss' become 'class_loss' and '<split>_class_loss',
+  unless `row` has the current name too; every other key is kept as it is.
+  """
+  out = {}
+  for key, value in row.items():
+    new = key
+    for old, current in _RENAMED.items():
+      if isinstance(key, str) and (key == old or key.endswith("_" + old)):
+        new = key[: -len(old)] + current
+    out[key if new in row else new] = value
+  return out
 
 
 def _reason(e: OSError) -> str:
@@ -124,9 +144,10 @@ class MetricWriter:
       return
     with _writing(workdir):
       os.makedirs(workdir, exist_ok=True)
-    if resume_step is not None:
-      truncate_csv(self.path, resume_step)
-      truncate_csv(self.epoch_path, resume_step, EPOCH_FIELDS)
+    # Also without a resume step: a file with old column names gets the current header,
+    # so the rows appended below line up with it.
+    truncate_csv(self.path, resume_step)
+    truncate_csv(self.epoch_path, resume_step, EPOCH_FIELDS)
     if not os.path.exists(self.epoch_path):
       with _writing(self.epoch_path), open(self.epoch_path, "w", newline="") as f:
         csv.DictWriter(f, EPOCH_FIELDS).writeheader()
@@ -200,11 +221,17 @@ class MetricWriter:
       self._tb.close()
 
 
-def truncate_csv(path: str, max_step: int, fields: Sequence[str] = CSV_FIELDS) -> None:
+def truncate_csv(path: str, max_step: int | None, fields: Sequence[str] = CSV_FIELDS) -> None:
   """Drops rows logged after `max_step`: a resumed run recomputes those steps.
 
-  A file written with other columns (by an earlier capsjax) is rewritten with `fields`,
-  each kept value under its own column name, so that appended rows line up.
+  A file with other columns than `fields` (fewer, or old names such as 'margin_loss') is
+  rewritten with the header `fields`, each kept value under its current column name
+  (`current_names`), so that the rows appended after it line up with its header.
+
+  Args:
+    path: a CSV with a 'step' column; nothing happens if it does not exist.
+    max_step: the last step kept; None keeps every row.
+    fields: the header the file must have.
   """
   if not os.path.exists(path):
     return
@@ -212,10 +239,10 @@ def truncate_csv(path: str, max_step: int, fields: Sequence[str] = CSV_FIELDS) -
     reader = csv.DictReader(f)
     rows = list(reader)
     header = list(reader.fieldnames or [])
-  kept = [r for r in rows if int(r["step"]) <= max_step]
+  kept = [r for r in rows if max_step is None or int(r["step"]) <= max_step]
   if len(kept) == len(rows) and header == list(fields):
     return
-  kept = [{k: v for k, v in r.items() if k in fields} for r in kept]
+  kept = [{k: v for k, v in current_names(r).items() if k in fields} for r in kept]
   tmp = path + ".tmp"
   with _writing(path):
     with open(tmp, "w", newline="") as f:
@@ -300,8 +327,9 @@ def format_summary(summary: dict, dataset: str) -> str:
 
 
 def read_csv(path: str) -> list[dict[str, str]]:
+  """The rows of metrics.csv or epochs.csv, under current column names (`current_names`)."""
   with open(path, newline="") as f:
-    return list(csv.DictReader(f))
+    return [current_names(r) for r in csv.DictReader(f)]
 
 
 def _series(rows: Iterable[Mapping[str, str]], split: str, key: str):
@@ -334,7 +362,7 @@ def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str | None:
     if len(x):
       axes[1].plot(x, y, style, label=split)
   axes[0].set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-  axes[1].set(xlabel="epoch", ylabel="loss (margin + recon)", title="Loss")
+  axes[1].set(xlabel="epoch", ylabel="loss (class + recon)", title="Loss")
   for ax in axes:
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -355,7 +383,7 @@ def plot_curves(csv_path: str, out_path: str, *, title: str = "") -> str | None:
 
 def first_non_finite(values: Mapping[str, float]) -> tuple[str, float] | None:
   """(name, value) of the first NaN/inf metric, loss terms first; None if all are finite."""
-  for k in ("margin_loss", "recon_loss", "loss", "grad_norm", *values):
+  for k in ("class_loss", "recon_loss", "loss", "grad_norm", *values):
     if k in values and not math.isfinite(values[k]):
       return k, float(values[k])
   return None

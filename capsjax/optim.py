@@ -56,7 +56,7 @@ def validate(optim_cfg) -> None:
 
 
 def _floor(optim_cfg) -> float:
-  # Configs saved before the field existed (config.json of older runs) have no floor.
+  # A saved config.json without the field has no floor.
   return float(optim_cfg.get("min_learning_rate", 0.0))
 
 

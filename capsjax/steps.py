@@ -85,8 +85,8 @@ def per_example_losses(
 ) -> tuple[jax.Array, jax.Array]:
   """(class loss [B], reconstruction [B]) of a model's output dict at train step `step`.
 
-  The class loss is `weights.class_loss` (margin or spread) on out['class_scores'], the class
-  scores; it is reported as 'margin_loss' whichever it is, so every run's epochs.csv
+  The class loss is `weights.class_loss` (margin or spread) on out['class_scores']; it is
+  reported as 'class_loss' whichever it is, so every run's epochs.csv
   has the same columns. Zero reconstruction loss for a model without a decoder.
   """
   margin = weights.class_loss_per_example(out["class_scores"], labels, step)
@@ -102,7 +102,7 @@ def compute_losses(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean total loss over the batch and a dict of float32 batch metrics.
 
-  images [B, H, W, C], labels [B] -> (loss [], {'loss', 'margin_loss', 'recon_loss',
+  images [B, H, W, C], labels [B] -> (loss [], {'loss', 'class_loss', 'recon_loss',
   'accuracy'} scalars). The decoder is masked by the true labels; `step` sets the
   spread loss's margin (unused by the margin loss).
   """
@@ -111,7 +111,7 @@ def compute_losses(
   loss = jnp.mean(margin + weights.recon_weight * recon)
   aux = {
     "loss": loss,
-    "margin_loss": jnp.mean(margin),
+    "class_loss": jnp.mean(margin),
     "recon_loss": jnp.mean(recon),
     "accuracy": metrics_lib.accuracy(out["class_scores"], labels),
   }
@@ -213,7 +213,7 @@ def train_chunk(
 
 
 def eval_step(graphdef, state, batch, *, weights: LossWeights):
-  """Masked sums over one padded eval batch: {'correct','margin_loss','recon_loss','count'}.
+  """Masked sums over one padded eval batch: {'correct','class_loss','recon_loss','count'}.
 
   batch: {'image' [B,H,W,C], 'label' [B], 'mask' [B]}. The decoder is masked by the
   predicted class, as at test time in the paper.
@@ -226,7 +226,7 @@ def eval_step(graphdef, state, batch, *, weights: LossWeights):
   m = batch["mask"].astype(jnp.float32)
   return {
     "correct": jnp.sum((out["pred"] == labels) * m),
-    "margin_loss": jnp.sum(margin * m),
+    "class_loss": jnp.sum(margin * m),
     "recon_loss": jnp.sum(recon * m),
     "count": jnp.sum(m),
   }
@@ -297,7 +297,7 @@ def evaluate_split(
 ) -> dict[str, float]:
   """Accuracy and mean losses over every example of (images [N,H,W,C], labels [N]) once.
 
-  Returns {'accuracy', 'margin_loss', 'recon_loss', 'loss' (margin + weighted recon),
+  Returns {'accuracy', 'class_loss', 'recon_loss', 'loss' (margin + weighted recon),
   'count'}.
   """
   totals: dict[str, float] = {}
@@ -306,10 +306,10 @@ def evaluate_split(
     for k, v in jax.device_get(eval_fn(state, batch)).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   n = totals["count"]
-  margin, recon = totals["margin_loss"] / n, totals["recon_loss"] / n
+  margin, recon = totals["class_loss"] / n, totals["recon_loss"] / n
   return {
     "accuracy": totals["correct"] / n,
-    "margin_loss": margin,
+    "class_loss": margin,
     "recon_loss": recon,
     "loss": margin + weights.recon_weight * recon,
     "count": n,

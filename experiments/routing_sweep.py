@@ -67,7 +67,7 @@ RUN_FIELDS = (
   "parameters",
   "accuracy",
   "loss",
-  "margin_loss",
+  "class_loss",
   "recon_loss",
   "step",
   "epochs",
@@ -85,7 +85,7 @@ RESULT_FIELDS = (
   "accuracy_mean",
   "accuracy_std",
   "loss",
-  "margin_loss",
+  "class_loss",
   "recon_loss",
   "images_per_s",
   "wall_s",
@@ -170,7 +170,7 @@ def run_one(
     record["entropy_examples"] = len(entropy_images)
   sweep.write_json(os.path.join(rdir, RUN_JSON), record)
   row = {
-    k: summary.get(k) for k in ("accuracy", "loss", "margin_loss", "recon_loss", "step", "epochs")
+    k: summary.get(k) for k in ("accuracy", "loss", "class_loss", "recon_loss", "step", "epochs")
   }
   row.update(
     routing=routing,
@@ -212,7 +212,7 @@ def _aggregate(name: str, it: int, group: Sequence[dict]) -> dict:
     "coupling_entropy_std": ent_std,
     **{
       k: sweep.mean_std([r[k] for r in group])[0]
-      for k in ("loss", "margin_loss", "recon_loss", "images_per_s", "wall_s", "epochs")
+      for k in ("loss", "class_loss", "recon_loss", "images_per_s", "wall_s", "epochs")
     },
   }
 
@@ -238,7 +238,7 @@ def write_markdown(path: str, config, results: Sequence[dict], rows: Sequence[di
     f"- hardware: {sweep.hardware()}",
     "",
     "| routing | parameters | routing iterations | seeds | test accuracy (%) | test loss | "
-    "margin loss | recon loss | train images/s | wall time / run (s) | "
+    "class loss | recon loss | train images/s | wall time / run (s) | "
     "coupling entropy (nats) |",
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
@@ -246,7 +246,7 @@ def write_markdown(path: str, config, results: Sequence[dict], rows: Sequence[di
     lines.append(
       f"| {r['routing']} | {r['parameters']:,} | {r['iterations']} | {r['num_seeds']} | "
       f"{100 * r['accuracy_mean']:.2f} ± "
-      f"{100 * r['accuracy_std']:.2f} | {r['loss']:.4f} | {r['margin_loss']:.4f} | "
+      f"{100 * r['accuracy_std']:.2f} | {r['loss']:.4f} | {r['class_loss']:.4f} | "
       f"{r['recon_loss']:.4f} | {r['images_per_s']:.1f} | {r['wall_s']:.1f} | "
       f"{r['coupling_entropy']:.4f} ± {r['coupling_entropy_std']:.2g} |"
     )

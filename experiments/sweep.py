@@ -213,7 +213,7 @@ def train_or_skip(cfg, rdir: str, record: dict) -> tuple[dict, bool]:
   """
   if is_finished(cfg, rdir):
     logging.info("finished run in %s, skipped", rdir)
-    return read_json(os.path.join(rdir, "summary.json")), True
+    return metrics_lib.current_names(read_json(os.path.join(rdir, "summary.json"))), True
   logging.info("training in %s", rdir)
   t0 = time.time()
   summary = train.train_and_evaluate(cfg, rdir)

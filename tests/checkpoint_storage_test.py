@@ -25,8 +25,8 @@ from experiments import fault_injection as fi
 
 CONFIG = "configs/fashion.py:smoke"
 OVERRIDES = ("--config.dataset=mnist", "--config.train_examples=32")
-# A hang guard, not a timing assertion: before the fix a read-only checkpoints/ kept the
-# process alive for about 300 s after its error.
+# A hang guard, not a timing assertion: a read-only checkpoints/ must not keep the process
+# alive after its error (Orbax threads waiting on it would for about 300 s).
 TIMEOUT = 200
 
 
@@ -145,8 +145,8 @@ def test_full_disk_in_checkpoints_says_the_disk_is_full(tmp_path, jax_cache):
 
 @pytest.mark.slow
 def test_init_from_errors_end_with_one_line_and_no_orbax_traceback(tmp_path, jax_cache):
-  # Before the fix about 3 runs in 5 printed a traceback from an Orbax thread ("cannot
-  # schedule new futures after interpreter shutdown") after the error: run each twice.
+  # An Orbax thread left running can print a traceback ("cannot schedule new futures
+  # after interpreter shutdown") after the error, in some runs only: run each twice.
   os.makedirs(tmp_path / "plain")
   os.makedirs(tmp_path / "empty" / "checkpoints")
   (tmp_path / "a_file").write_text("not a checkpoint")

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import requests
 import tensorflow_datasets as tfds
 
 from capsjax import errors
@@ -182,7 +181,7 @@ def test_cache_whose_arrays_changed_is_rebuilt_with_one_warning(tmp_path, caplog
     stored = {k: z[k] for k in z.files}
   if tamper == "zeros":  # same shapes, fingerprint and digest field; arrays zeroed
     stored["image"] = np.zeros_like(images)
-  elif tamper == "no_digest":  # written before digests were stored: rebuilt quietly
+  elif tamper == "no_digest":  # a cache file without a digest: rebuilt quietly
     stored["image"] = np.zeros_like(images)
     del stored["digest"]
   else:
@@ -285,75 +284,6 @@ def test_not_found_message_lists_every_place_and_is_fast(tmp_path, monkeypatch):
     assert expected in msg, expected
   assert "(does not exist)" in msg
   assert isinstance(e.value, FileNotFoundError)
-
-
-def _offline(monkeypatch):
-  """No host answers, as on a machine without a network; records TFDS download calls."""
-
-  def refuse(address, *args, **kwargs):
-    raise OSError(errno.ENETUNREACH, "Network is unreachable")
-
-  monkeypatch.setattr(od.socket, "create_connection", refuse)
-  calls = []
-
-  def download_and_prepare(self, *args, **kwargs):
-    # What TFDS raises offline, after minutes of retries.
-    calls.append(self.name)
-    raise requests.exceptions.ConnectionError(
-      "HTTPConnectionPool(host='fashion-mnist.s3-website.eu-central-1.amazonaws.com', "
-      "port=80): Max retries exceeded"
-    )
-
-  for cls in od._OFFLINE_BUILDERS.values():
-    monkeypatch.setattr(cls, "download_and_prepare", download_and_prepare)
-  return calls
-
-
-@pytest.mark.parametrize("dataset", ["fashion_mnist", "kmnist"])
-def test_download_offline_fails_at_once_naming_the_offline_routes(tmp_path, monkeypatch, dataset):
-  calls = _offline(monkeypatch)
-  with pytest.raises(errors.DatasetNotFoundError) as e:
-    ip.load_split(dataset, "train", data_dir=tmp_path, download=True)
-  assert calls == []  # TFDS never started: no minutes of retries.
-  msg = str(e.value)
-  assert "\n" not in msg, msg  # one line.
-  host = {
-    "fashion_mnist": "fashion-mnist.s3-website.eu-central-1.amazonaws.com:80",
-    "kmnist": "codh.rois.ac.jp:80",
-  }[dataset]
-  assert msg.startswith(f"--config.download=True: cannot connect to {host} (")
-  assert "--config.manual_dir=DIR" in msg
-  assert f"`tfds build {dataset} --file_format=array_record --data_dir=D`" in msg
-  assert ("apt-get install dataset-fashion-mnist" in msg) == (dataset == "fashion_mnist")
-
-
-def test_download_failing_on_the_network_later_is_one_line_too(tmp_path, monkeypatch):
-  calls = _offline(monkeypatch)
-  monkeypatch.setattr(od, "_unreachable", lambda url: None)  # e.g. the host answers, the
-  with pytest.raises(errors.DatasetNotFoundError) as e:  # transfer then fails.
-    ip.load_split("fashion_mnist", "train", data_dir=tmp_path, download=True)
-  assert calls == ["fashion_mnist"]
-  assert str(e.value).startswith(
-    "--config.download=True: downloading 'fashion_mnist' failed on the network (ConnectionError: "
-  )
-  assert "\n" not in str(e.value) and "offline, either copy" in str(e.value)
-
-
-def test_download_check_follows_a_proxy(monkeypatch):
-  seen = []
-
-  def connect(address, *args, **kwargs):
-    seen.append(address)
-    raise OSError(errno.ECONNREFUSED, "Connection refused")
-
-  monkeypatch.setattr(od.socket, "create_connection", connect)
-  monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
-  monkeypatch.delenv("no_proxy", raising=False)
-  monkeypatch.delenv("NO_PROXY", raising=False)
-  assert od._unreachable("http://fashion-mnist.example/") == (
-    "cannot connect to proxy.example:3128 ([Errno 111] Connection refused)"
-  )
-  assert seen == [("proxy.example", 3128)]
 
 
 def test_cifar10_not_prepared_fails_fast_with_tfds_command(tmp_path):

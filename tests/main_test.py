@@ -193,7 +193,7 @@ def test_a_library_value_error_keeps_its_traceback(capsys, tmp_path, mock, monke
 
 
 # ---------------------------------------------------------------------------------------
-# Flag parsing (issue 17, defect 17): every mistake is one line and exit code 2.
+# Flag parsing: every mistake is one line and exit code 2.
 # ---------------------------------------------------------------------------------------
 
 
@@ -317,7 +317,7 @@ def test_print_user_error_in_a_log_file_and_on_a_terminal(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Resuming with changes (defects 5 and 18).
+# Resuming with changes: refused naming the fields, unless resume_with_changes names them.
 # ---------------------------------------------------------------------------------------
 
 
@@ -330,7 +330,7 @@ def _train(workdir, **overrides):
 def test_checkpoints_without_config_json_are_refused(capsys, tmp_path, src):
   workdir = _copy(src, tmp_path)
   os.remove(os.path.join(workdir, "config.json"))
-  # Before: this silently continued the old checkpoints with 1 routing iteration.
+  # Continuing these checkpoints with 1 routing iteration would mix two experiments.
   _one_line_error(
     capsys,
     (
@@ -359,7 +359,7 @@ def test_overwrite_moves_checkpoints_without_config_json_aside(tmp_path, src):
 
 def test_resume_with_changes_after_nan_advice(capsys, tmp_path, src, caplog):
   workdir = _copy(src, tmp_path)
-  # The plain retry the NaN message used to suggest is refused, naming the way on.
+  # A plain retry with a lower learning rate is refused, naming the way on.
   _one_line_error(
     capsys,
     (

@@ -299,7 +299,7 @@ def test_efficient_capsnet_train_step_updates_running_stats_and_eval_ignores_pad
       "mask": np.concatenate([np.ones(5, bool), np.zeros(pad, bool)]),
     }
     sums.append(jax.device_get(eval_fn(state, padded)))
-  for k in ("correct", "margin_loss", "recon_loss", "count"):
+  for k in ("correct", "class_loss", "recon_loss", "count"):
     np.testing.assert_allclose(sums[0][k], sums[1][k], rtol=1e-5, err_msg=k)
 
 

@@ -1,9 +1,9 @@
-"""Signals from process start (issue 17, defect 11): a real `capsjax.main` process gets
-SIGINT/SIGTERM at set points and must end cleanly, with a documented exit code.
+"""Signals from process start: a real `capsjax.main` process gets SIGINT/SIGTERM at set
+points and must end cleanly, with a documented exit code.
 
-Before, only the training loop handled signals: a SIGTERM during model set-up killed the
-process (-15), a Ctrl-C there raised a KeyboardInterrupt traceback, and a second Ctrl-C
-during the first compile could crash the interpreter's shutdown (-11). Each child runs
+Outside the training loop a SIGTERM during model set-up must not kill the process with
+-15, a Ctrl-C there must not print a KeyboardInterrupt traceback, and a second Ctrl-C
+during the first compile must not crash the interpreter's shutdown (-11). Each child runs
 the `:smoke` config on TFDS mock MNIST, paused at the chosen point by a test-only hook
 that touches a marker file.
 """

@@ -169,7 +169,7 @@ def test_summarize_mean_and_std_over_seeds():
       "seed": s,
       "accuracy": a,
       "loss": 1.0,
-      "margin_loss": 0.5,
+      "class_loss": 0.5,
       "recon_loss": 0.1,
       "images_per_s": 10.0,
       "wall_s": 2.0,
@@ -186,6 +186,23 @@ def test_summarize_mean_and_std_over_seeds():
   np.testing.assert_allclose(r["accuracy_mean"], 0.85)
   np.testing.assert_allclose(r["accuracy_std"], np.std([0.8, 0.9], ddof=1))
   np.testing.assert_allclose(r["coupling_entropy"], 1.5)
+
+
+def test_a_finished_run_with_the_old_margin_loss_key_is_tabulated(tmp_path):
+  # summary.json of a finished run that named its class loss 'margin_loss': skipped, and
+  # its value lands in the class_loss columns.
+  sweep = str(tmp_path / "sweep")
+  config = _config(tmp_path, num_epochs=1)
+  rdir = routing_sweep.run_dir(sweep, 1, 0)
+  os.makedirs(rdir)
+  with open(os.path.join(rdir, "config.json"), "w") as f:
+    f.write(routing_sweep.run_config(config, 1, 0).to_json_best_effort())
+  summary = {"accuracy": 0.5, "loss": 0.3, "margin_loss": 0.25, "recon_loss": 0.05}
+  sweep_lib.write_json(os.path.join(rdir, "summary.json"), dict(summary, step=4, epochs=1.0))
+  row = routing_sweep.run_one(config, sweep, 1, 0)
+  assert row["skipped"] and row["class_loss"] == 0.25 and "margin_loss" not in row
+  (result,) = routing_sweep.summarize([dict(row, coupling_entropy=1.0)])
+  assert result["class_loss"] == 0.25
 
 
 def test_validates_arguments(tmp_path):

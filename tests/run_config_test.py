@@ -1,5 +1,5 @@
 """Bad config values and workdirs end with one line naming them, before the workdir is
-touched (issue 17, defects 3, 4, 13, 14, 19, 20, 21). In-process `capsjax.main` runs on
+touched. In-process `capsjax.main` runs on
 TFDS mock MNIST with the `:smoke` config; every case fails before any training step.
 """
 

@@ -1,1 +1,1 @@
-"""Datasets: TFDS loading, batching and the offline build from the original files."""
+"""Datasets: TFDS loading, batching, the download, and the offline build from the original files."""

@@ -4,10 +4,7 @@ No JAX import here: batches are NumPy, and `train.py` puts them on devices. `bat
 indexes and casts with array methods only, so the scanned training loop
 (`steps.train_chunk`) runs the very same code on device arrays inside `jit`. Reading and
 validating the original release files, and building TFDS datasets from them offline, is
-`offline_data`'s job.
-
-Why this long: the registry, the cache and the batching are the three parts of one job,
-"a split as arrays, then its batches", and each is short.
+`offline_data`'s job; downloading a dataset is `download_lib`'s.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from capsjax import errors
+from capsjax.data import download as download_lib
 from capsjax.data import offline as offline_data
 
 SPLITS = offline_data.SPLITS
@@ -257,7 +255,7 @@ def _load_from_tfds(
         f"--data_dir={root}`, or delete it to let capsjax build it offline."
       )
   elif download:
-    offline_data.download(dataset, data_dir=root)
+    download_lib.download(dataset, data_dir=root)
     prepared = _prepared_dir(root, dataset)
     builder = tfds.builder(dataset, data_dir=root, file_format="array_record")
   try:  # Not prepared: only works where TFDS serves data itself (mock_data).
@@ -335,7 +333,7 @@ def load_split(
     manual_dir: directory with the original release files.
     download: allow a network download. Off by default: a missing dataset then raises in
       well under a second. On, an unreachable download host raises within seconds
-      (`offline_data.download`), before TFDS would retry for minutes.
+      (`download_lib.download`), before TFDS would retry for minutes.
     use_cache: read and write the decoded-array cache.
 
   Returns:

@@ -9,9 +9,7 @@ a warning; a file whose digest belongs to another dataset is rejected.
 
 `prepare_offline` writes the same array_record dataset as the official TFDS builder (same
 name and version, PNG-encoded with PIL), so `tfds.data_source(name)` reads it afterwards.
-
-Why this long: about 50 lines are the published checksum tables of four releases, and the rest
-is one job (release files in, validated arrays or a TFDS build out).
+The same builders fetch the upstream files when `download.download` asks for them.
 """
 
 from __future__ import annotations
@@ -20,12 +18,7 @@ import gzip
 import hashlib
 import io
 import os
-import socket
 import struct
-import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -458,9 +451,9 @@ class _OfflineMixin:
   """Replaces the download and the TF-based reading of the official MNIST-family builders.
 
   Given `arrays` ({split: (images [N, H, W, C], labels [N])}, already validated) it writes
-  those; without them (`download`) it fetches the upstream IDX files with the TFDS download
-  manager, which checks the registered checksums. Examples are keyed by file index, as in
-  the official builder, so TFDS stores them in the same order.
+  those; without them (`download.download`) it fetches the upstream IDX files with the
+  TFDS download manager, which checks the registered checksums. Examples are keyed by
+  file index, as in the official builder, so TFDS stores them in the same order.
   """
 
   def __init__(
@@ -513,6 +506,27 @@ _OFFLINE_BUILDERS = {
 }
 
 
+def release_builder(
+  dataset: str,
+  *,
+  data_dir: str | os.PathLike,
+  arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tfds.core.DatasetBuilder:
+  """The official TFDS builder of `dataset` (name, version) that needs no TensorFlow.
+
+  Args:
+    dataset: one of `OFFLINE_DATASETS`.
+    data_dir: TFDS data dir to build into.
+    arrays: {split: (images uint8 [N, H, W, C], labels [N])}, already validated, to
+      write; None fetches the upstream release files (needs a network).
+
+  Returns:
+    An array_record builder; `download_and_prepare()` writes the dataset.
+  """
+  _check_offline(dataset)
+  return _OFFLINE_BUILDERS[dataset](arrays=arrays, data_dir=data_dir, file_format="array_record")
+
+
 def prepare_offline(
   dataset: str,
   *,
@@ -563,7 +577,7 @@ def prepare_offline(
   arrays = {
     s: read_original_split(dataset, *source_files[s], expected_count=counts[s]) for s in SPLITS
   }
-  builder = _OFFLINE_BUILDERS[dataset](arrays=arrays, data_dir=root, file_format="array_record")
+  builder = release_builder(dataset, data_dir=root, arrays=arrays)
   logging.info(
     "Building TFDS %s/%s in %s from %s", dataset, builder.version, root, dict(source_files)
   )
@@ -573,105 +587,3 @@ def prepare_offline(
     )
   )
   return os.fspath(builder.data_dir)
-
-
-# Where each download starts; the first host is tried before TFDS is handed the download.
-_DOWNLOAD_URLS = {
-  "mnist": tfds_mnist.MNIST.URL,
-  "fashion_mnist": tfds_mnist.FashionMNIST.URL,
-  "kmnist": tfds_mnist.KMNIST.URL,
-  "cifar10": "https://www.cs.toronto.edu/~kriz/",
-}
-# Seconds to wait for a TCP connection to the download host (or proxy), DNS included.
-DOWNLOAD_CHECK_TIMEOUT_S = 5.0
-
-
-def _unreachable(url: str, timeout: float = DOWNLOAD_CHECK_TIMEOUT_S) -> str | None:
-  """Why `url`'s host (or the proxy for it) takes no TCP connection; None if it does.
-
-  Offline, TFDS retries a download for minutes before it fails with a traceback; one
-  connection attempt tells within seconds. It runs in a thread so that a hanging DNS
-  lookup, which socket timeouts do not cover, is bounded too.
-  """
-  parts = urllib.parse.urlsplit(url)
-  host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-  proxy = urllib.request.getproxies().get(parts.scheme)
-  if proxy and not urllib.request.proxy_bypass(host):
-    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    host, port = proxy_parts.hostname, proxy_parts.port or 80
-  result = {}
-
-  def connect():
-    try:
-      socket.create_connection((host, port), timeout=timeout).close()
-      result["ok"] = True
-    except OSError as e:
-      result["error"] = e
-
-  thread = threading.Thread(target=connect, daemon=True)
-  thread.start()
-  thread.join(timeout)
-  if result.get("ok"):
-    return None
-  why = result.get("error") or f"no answer within {timeout:.0f} s"
-  return f"cannot connect to {host}:{port} ({why})"
-
-
-def offline_routes(dataset: str, data_dir: str) -> str:
-  """One sentence naming the ways to get `dataset` without a network."""
-  routes = []
-  if dataset in OFFLINE_DATASETS:
-    routes.append(
-      f"copy the original release files into a directory and pass "
-      f"--config.manual_dir=DIR (or set {MANUAL_DIR_ENV}=DIR)"
-    )
-  if dataset == "fashion_mnist":
-    routes.append(
-      "install them with `sudo apt-get install dataset-fashion-mnist` (Debian/"
-      "Ubuntu; found in /usr/share/datasets/fashion-mnist)"
-    )
-  routes.append(
-    f"on a connected machine run `tfds build {dataset} --file_format=array_record "
-    f"--data_dir=D` and copy D to {data_dir} (or pass --config.data_dir=D)"
-  )
-  return "offline, either " + "; or ".join(routes)
-
-
-def download(dataset: str, *, data_dir: str) -> None:
-  """Downloads and prepares `dataset` as array_record in `data_dir`; needs internet.
-
-  TFDS verifies the published checksums. The MNIST family goes through the builders above
-  (no TensorFlow); other datasets use the official builder, whose PNG encoding may need
-  TensorFlow.
-
-  Raises:
-    DatasetNotFoundError: the download host cannot be reached (found out within
-      `DOWNLOAD_CHECK_TIMEOUT_S`, before TFDS starts retrying) or the download failed on
-      the network; one line naming the offline routes.
-  """
-  url = _DOWNLOAD_URLS.get(dataset)
-  why = _unreachable(url) if url else None
-  if why:
-    raise errors.DatasetNotFoundError(
-      f"--config.download=True: {why}, so {dataset!r} cannot be downloaded; "
-      f"{offline_routes(dataset, data_dir)}."
-    )
-  logging.info("Downloading %s into %s (download=True).", dataset, data_dir)
-  if dataset in _OFFLINE_BUILDERS:
-    builder = _OFFLINE_BUILDERS[dataset](data_dir=data_dir, file_format="array_record")
-  else:
-    builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
-  import requests  # pylint: disable=g-import-not-at-top  # TFDS's own download client.
-
-  try:
-    builder.download_and_prepare()
-  except (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    urllib.error.URLError,
-  ) as e:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise errors.DatasetNotFoundError(
-      f"--config.download=True: downloading {dataset!r} failed on the network "
-      f"({type(e).__name__}: {first[:300]}); {offline_routes(dataset, data_dir)}."
-    ) from e

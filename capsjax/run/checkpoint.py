@@ -17,197 +17,59 @@ temporary directory, never a half-written `<step>/`. Such leftovers are ignored 
 warning (and removed when the workdir is opened for training); the previous complete
 checkpoints stay untouched, as they do when a save fails.
 
-Integrity: each save records a sha256 digest of every state entry (each leaf's name,
-dtype, shape and bytes) and of the meta JSON; each restore recomputes them. Orbax and
-TensorStore notice missing or truncated files but not changed bytes, which would
-otherwise restore as silently wrong parameters. A step that cannot be read or fails its
-digest is treated alike (`first_readable`, shared by training and `mode=eval`): a
-warning, the previous step instead, and, in a run that will save again, the damaged
+Integrity (digests and shape checks: `checkpoint_compat`): a step that cannot be read or
+fails its digest is treated alike (`first_readable`, shared by training and `mode=eval`):
+a warning, the previous step instead, and, in a run that will save again, the damaged
 step moved to `checkpoints-unreadable/` (kept, never deleted). A model-only restore
-checks the model entry's digest. Checkpoints from before digests restore unchecked.
-A damaged Orbax metrics file, which only decides the kept "best" step, is ignored with a
+checks the model entry's digest; a checkpoint without digests restores unchecked. A
+damaged Orbax metrics file, which only decides the kept "best" step, is ignored with a
 warning (`_Manager`). `python -m experiments.fault_injection --corrupt` tests all this.
-The digests cost one pass over the host arrays per save (about 0.2 s for the full
-model's 94 MB state on a CPU) and per restore.
 
-Storage failures: a `checkpoints/` that cannot be written (read-only, no permission)
-fails when the checkpointer opens, before any training; one that fills up fails at the
-save. Both raise one `CheckpointSaveError` naming the directory, the cause (from the
-errno, or TensorStore's RESOURCE_EXHAUSTED for a full disk), the steps still available
-and what to do. Every wait on a background save is bounded (`SAVE_TIMEOUT_S`), and
-every Checkpointer is closed on the paths that open one, so no Orbax thread outlives a
-run to hang it or print a traceback after its error.
-
-Why this long: this is the only module that imports Orbax, by design, so everything that
-touches it (saving, bounded waits, storage-failure messages, content digests, fallback
-over unreadable steps, model-only restore) stays here rather than leaking Orbax types and
-errors into the rest of capsjax.
+Storage failures (messages and quieting Orbax's threads: `storage`): every wait on a
+background save is bounded (`SAVE_TIMEOUT_S`), and every Checkpointer is closed on the
+paths that open one, so no Orbax thread outlives a run to hang it or print a traceback
+after its error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
-import json
-import logging as std_logging
 import os
-import re
 import shutil
-import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from capsjax import errors
+from capsjax.run import checkpoint_compat as compat
+from capsjax.run import storage
 
 CKPT_DIR = "checkpoints"
-# The saved state is `nnx.split((model, optimizer))[1]` (`steps.create_model_and_optimizer`),
-# keyed by position: the model's variables are entry 0.
-MODEL_ITEM = 0
-
+# Re-exported: the driver, tests and benchmarks reach these through the checkpointer.
+MODEL_ITEM = compat.MODEL_ITEM
+DIGESTS = compat.DIGESTS
+content_digests = compat.content_digests
+check_compatible = compat.check_compatible
+incomplete_checkpoints = compat.incomplete_checkpoints
 
 CheckpointMismatchError = errors.CheckpointMismatchError
 CheckpointReadError = errors.CheckpointReadError
 CheckpointSaveError = errors.CheckpointSaveError
 
-
-_TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-
-# The meta field holding the content digests: {state entry: sha256 hex}.
-DIGESTS = "digests"
 # The longest wait on a background save (`save`, `wait`, `close`) before giving up with an
 # error. A save of the full model takes about a second; two minutes mean the storage hangs.
 SAVE_TIMEOUT_S = 120
-
-
-def _host_array(x) -> np.ndarray | None:
-  """The value of one state leaf as a host NumPy array; None if no process holds it all."""
-  if isinstance(x, jax.Array):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    if not x.is_fully_addressable:
-      if not x.sharding.is_fully_replicated:
-        return None
-      # Replicated across processes (capsjax's state, P()): a local shard is the array.
-      x = x.addressable_data(0)
-  return np.asarray(x)
-
-
-def content_digests(tree: Any) -> dict[str, str]:
-  """sha256 of the arrays of each top-level entry of `tree`: {'0': hex, '1': hex}.
-
-  Each leaf adds its name (as in `_param_shapes`), dtype, shape and bytes, in sorted
-  name order, so the digest depends on values only, not on pytree flattening order or
-  where the arrays live.
-
-  Args:
-    tree: a pytree of arrays (`jax.Array`, NumPy); for a saved state, entry '0' is the
-      model and '1' the optimizer.
-
-  Returns:
-    {entry name: 64 hex digits, or None for an entry with an array sharded across
-    processes, which no single process can digest}.
-  """
-  entries: dict[str, list[tuple[str, Any]]] = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [n for n in map(_key_name, path) if n != "value"]
-    entries.setdefault(names[0] if names else "", []).append(("/".join(names), x))
-  digests = {}
-  for entry, leaves in entries.items():
-    h = hashlib.sha256()
-    for name, x in sorted(leaves, key=lambda t: t[0]):
-      a = _host_array(x)
-      if a is None:
-        h = None
-        break
-      a = np.ascontiguousarray(a)
-      h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
-      h.update(a.data)
-    digests[entry] = None if h is None else h.hexdigest()
-  return digests
-
-
-def incomplete_checkpoints(directory: str) -> list[str]:
-  """Temporary directories of saves that never finished (a crash or kill mid-save)."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(os.path.join(directory, n) for n in os.listdir(directory) if _TMP_RE.match(n))
-
-
-def _key_name(entry) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def _param_shapes(tree: Any) -> dict[str, list[int]]:
-  """{'0/digit_caps/w': [1152, 10, 8, 16], ...} for every array leaf of `tree`."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {
-    "/".join(n for n in map(_key_name, path) if n != "value"): list(np.shape(x)) for path, x in flat
-  }
-
-
-# The state entries `layers.BatchNorm` added after checkpoints had been saved without them.
-_RUNNING_STAT = re.compile(r"(^|/)norms/\d+/(mean|var)$")
-
-
-def check_compatible(saved_shapes: dict[str, list[int]], target: Any, *, source: str) -> None:
-  """Raises CheckpointMismatchError naming the first parameter whose shape differs.
-
-  Args:
-    saved_shapes: {'name/of/param': shape} as saved in a checkpoint's meta.
-    target: a pytree of arrays or `jax.ShapeDtypeStruct`s, named the same way.
-    source: the checkpoint's path, for the message.
-  """
-  want = _param_shapes(target)
-  missing = [name for name in want if name not in saved_shapes]
-  if missing and all(_RUNNING_STAT.search(name) for name in missing):
-    raise errors.CheckpointMismatchError(
-      f"checkpoint {source} has no BatchNorm running statistics ({missing[0]}): it was "
-      "saved before capsjax's BatchNorm kept them (Efficient-CapsNet), and this model "
-      "evaluates with them; train it again with this version"
-    )
-  for name, shape in want.items():
-    if name not in saved_shapes:
-      raise errors.CheckpointMismatchError(
-        f"checkpoint {source} has no parameter {name} (expected shape {tuple(shape)}): it "
-        "was saved from a different architecture"
-      )
-    if list(saved_shapes[name]) != list(shape):
-      raise errors.CheckpointMismatchError(
-        f"checkpoint {source} does not fit this model: parameter {name} has shape "
-        f"{tuple(saved_shapes[name])} in the checkpoint but {tuple(shape)} in the model"
-      )
-  extra = sorted(set(saved_shapes) - set(want))
-  if extra:
-    raise errors.CheckpointMismatchError(
-      f"checkpoint {source} has parameters this model lacks, e.g. {extra[0]}: it was "
-      "saved from a different architecture"
-    )
-
-
-def _meta_digest(meta: dict) -> str:
-  """sha256 of `meta` as canonical JSON, leaving out its DIGESTS field."""
-  meta = {k: v for k, v in meta.items() if k != DIGESTS}
-  # Through JSON first: a tuple saved comes back as a list.
-  text = json.dumps(json.loads(json.dumps(meta)), sort_keys=True, separators=(",", ":"))
-  return hashlib.sha256(text.encode()).hexdigest()
 
 
 class _Manager(ocp.CheckpointManager):
   """Orbax's CheckpointManager, reading a damaged metrics file as no metrics.
 
   Orbax parses every step's `metrics/metrics` when it opens the directory, and a file
-  that is not JSON stopped it with a traceback. The metrics only decide which step is
+  that is not JSON would stop it with a traceback. The metrics only decide which step is
   kept as the best, so that step just loses its "best" candidacy; its state and meta
   are checked by their digests when restored. The file stays where it is.
   """
@@ -221,112 +83,13 @@ class _Manager(ocp.CheckpointManager):
         "decides which checkpoint is kept as the best",
         self.directory,
         step,
-        _first_line(e),
+        storage.first_line(e),
       )
       return None
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _save_failure(e: BaseException) -> tuple[str, str] | None:
-  """(reason, advice) for a storage failure anywhere in `e`'s chain, else None.
-
-  Orbax raises the OSError of a failed file operation, possibly wrapped; TensorStore,
-  which writes the arrays, raises ValueError with an absl status code instead of errno
-  (a full disk reads "RESOURCE_EXHAUSTED: ... No space left on device").
-  """
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    text = str(e)
-    full = (
-      (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
-      or "RESOURCE_EXHAUSTED" in text
-      or "No space left on device" in text
-      or "Disk quota exceeded" in text
-    )
-    if full:
-      return "the disk is full", "free space"
-    read_only = (
-      isinstance(e, OSError) and e.errno == errno.EROFS
-    ) or "Read-only file system" in text
-    if read_only:
-      return (
-        "the file system is read-only",
-        "make it writable (or start a copy of the run in another --workdir)",
-      )
-    denied = (
-      (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM))
-      or "PERMISSION_DENIED" in text
-      or "Permission denied" in text
-    )
-    if denied:
-      return (
-        "permission denied",
-        "give this user write permission on it (or start a copy of the run in another --workdir)",
-      )
-    if isinstance(e, OSError):
-      return _first_line(e), "fix the storage"
-    e = e.__cause__ or e.__context__
-  return None
-
-
 class _DigestMismatch(Exception):
   pass
-
-
-class _OrbaxErrorsWithoutTraceback(std_logging.Filter):
-  """Drops the traceback of Orbax's own error records, keeping their one-line message.
-
-  A failed background save is logged, with a traceback, by each Orbax thread it stops
-  (about ten for one read-only directory), then raised to capsjax, which reports it as
-  one CheckpointSaveError. The same goes for asyncio's "Task exception was never
-  retrieved" about an Orbax write task, logged at exit. `--verbosity=1` keeps the
-  tracebacks.
-  """
-
-  def filter(self, record) -> bool:
-    if (
-      record.exc_info
-      and logging.get_verbosity() < 1
-      and (
-        "/orbax/" in record.pathname
-        or (record.name == "asyncio" and "orbax" in record.getMessage())
-      )
-    ):
-      record.exc_info = record.exc_text = None
-    return True
-
-
-_ORBAX_FILTER = _OrbaxErrorsWithoutTraceback()
-
-
-def _quiet_closed_loop_callbacks() -> None:
-  """Drops the 'Event loop is closed' errors left behind by a failed save (idempotent).
-
-  When one array write fails (a full disk), Orbax closes its event loop while TensorStore
-  still completes the other writes; each completion then raises RuntimeError in a
-  TensorStore thread, which Python prints as an unraisable traceback after capsjax's
-  one-line error. Only that exact error, with no object attached, is dropped.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "_capsjax", False):
-    return
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if (
-      unraisable.object is None and isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-    ):
-      logging.debug("ignored after a failed save: RuntimeError: Event loop is closed")
-      return
-    previous(unraisable)
-
-  hook._capsjax = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -349,16 +112,14 @@ class Checkpointer:
   ):
     self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
     self._read_only = read_only
-    for logger in ("absl", "asyncio"):
-      std_logging.getLogger(logger).addFilter(_ORBAX_FILTER)  # idempotent.
-    _quiet_closed_loop_callbacks()
+    storage.quiet_orbax_failures()
     self._closed = True  # until the manager exists: close() then has nothing to release.
     self._hung = False  # a wait timed out: Orbax's own (unbounded) waits are skipped.
     self._failed = False  # a save failure was raised: close() does not raise it again.
     self._in_flight = None  # the step of the latest save started, for messages.
     if not read_only:
       with self._save_errors(None):
-        self._check_writable()
+        storage.check_writable(self.directory)
     for path in incomplete_checkpoints(self.directory):
       logging.warning(
         "ignoring incomplete checkpoint %s (a save that was interrupted)%s",
@@ -404,14 +165,6 @@ class Checkpointer:
       self._mngr = _Manager(self.directory, options=options, item_names=("state", "meta"))
     self._closed = False
 
-  def _check_writable(self) -> None:
-    """Creates and removes a file in the directory: an unwritable one fails now, not at
-    the first save an epoch later."""
-    os.makedirs(self.directory, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".capsjax-write-test-", dir=self.directory)
-    os.close(fd)
-    os.remove(probe)
-
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
@@ -431,8 +184,8 @@ class Checkpointer:
       CheckpointSaveError: the directory cannot be written (read-only, permissions, disk
         full), also for an earlier asynchronous save that failed since.
     """
-    meta = dict(meta, step=int(step), param_shapes=_param_shapes(state))
-    meta[DIGESTS] = dict(content_digests(state), meta=_meta_digest(meta))
+    meta = dict(meta, step=int(step), param_shapes=compat.param_shapes(state))
+    meta[DIGESTS] = dict(content_digests(state), meta=compat.meta_digest(meta))
     # Orbax's save first waits for the previous one; doing that here (bounded) names the
     # step that failed if it was the previous save.
     with self._save_errors(self._in_flight):
@@ -454,24 +207,10 @@ class Checkpointer:
     except errors.CapsjaxError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      failure = _save_failure(e)
-      if failure is None:
+      if storage.save_failure(e) is None:
         raise
-      reason, advice = failure
       self._failed = True
-      kept = (
-        sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
-        if (os.path.isdir(self.directory))
-        else []
-      )
-      what = "could not write checkpoint" + ("" if step is None else f" (step {step})")
-      earlier = (
-        f"Earlier checkpoints are kept (steps {kept}); " if kept else "No checkpoint was written; "
-      )
-      raise errors.CheckpointSaveError(
-        f"{what} in {self.directory}: {reason}. {earlier}{advice} and rerun the same "
-        "command to resume from the latest"
-      ) from e
+      raise storage.save_error(e, self.directory, step) from e
 
   def read_meta(self, step: int) -> dict:
     """The JSON metadata saved with `step`.
@@ -488,12 +227,9 @@ class Checkpointer:
     with self._read_errors(step):
       meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       meta = meta["meta"]
-      saved = (meta.get(DIGESTS) or {}).get("meta") if isinstance(meta, dict) else None
-      if saved is not None and saved != _meta_digest(meta):
-        raise _DigestMismatch(
-          "its metadata (meta/) does not match the digest saved with it: "
-          "the file was changed or damaged after the save"
-        )
+      mismatch = compat.meta_mismatch(meta)
+      if mismatch:
+        raise _DigestMismatch(mismatch)
       return meta
 
   @contextlib.contextmanager
@@ -508,14 +244,14 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore report damaged files as ValueError, KeyError, OSError, ...
       raise errors.CheckpointReadError(
-        f"cannot read checkpoint {self.directory}/{step} ({_first_line(e)})"
+        f"cannot read checkpoint {self.directory}/{step} ({storage.first_line(e)})"
       ) from e
 
   def _verify(self, step: int, meta: dict, tree: Any) -> None:
     """Compares the digests of the restored `tree` with those saved in `meta`.
 
-    Only the entries in `tree` are checked (a model-only restore has just entry 0).
-    Checkpoints saved before capsjax recorded digests pass unchecked.
+    Only the entries in `tree` are checked (a model-only restore has just entry 0). A
+    checkpoint whose meta holds no digests passes unchecked.
     """
     saved = meta.get(DIGESTS)
     if not saved:
@@ -525,15 +261,9 @@ class Checkpointer:
         step,
       )
       return
-    for entry, digest in content_digests(tree).items():
-      if saved.get(entry) is None or digest is None:
-        continue  # not digested at save (or now): sharded across processes.
-      if saved.get(entry) != digest:
-        raise _DigestMismatch(
-          f"the content digest of state entry {entry} is {digest[:12]}... but "
-          f"{str(saved.get(entry))[:12]}... was saved: its files were changed or "
-          "damaged after the save"
-        )
+    mismatch = compat.state_mismatch(saved, tree)
+    if mismatch:
+      raise _DigestMismatch(mismatch)
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores the state saved at `step` into the structure/shardings of `target`.
@@ -749,7 +479,7 @@ class Checkpointer:
           self._mngr.close()
         except Exception as e:  # pylint: disable=broad-except
           # A failed save raises again here; it was reported above.
-          logging.info("while closing the checkpoint manager: %s", _first_line(e))
+          logging.info("while closing the checkpoint manager: %s", storage.first_line(e))
 
   def __enter__(self) -> "Checkpointer":
     return self
