@@ -749,15 +749,23 @@ def test_smoke_training_resume_and_assignments(case, tmp_path, mock_mnist):
   assert analysis.load_run(workdir).step == 12
 
 
-def test_readme_em_example_runs_and_prints_what_it_says(capsys):
-  """The README's "Routing algorithms" example: routing.em as the head of a non-CapsNet
-  NNX module."""
+def test_readme_routing_example_runs_and_prints_what_it_says(capsys):
+  """The README's routing-zoo example: every routing, and EM with its learned betas, on
+  votes from outside CapsNet."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "README.md")) as f:
     readme = f.read()
-  section = readme[readme.index("## Routing algorithms") :]
+  section = readme[readme.index("## The routing zoo") :]
   code = section[section.index("```python\n") + 10 :]
   code = code[: code.index("```")]
   assert "routing.em(" in code and "CapsNet" not in code
-  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
-  assert capsys.readouterr().out.strip() == "(2, 5, 16) (2, 5) (2, 32, 5)"
+  scope = {}
+  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines == [f"{name} (2, 5, 16) (2, 5) (2, 32, 5)" for name in routing.ROUTINGS]
+  out = scope["out"]  # the EM call's result, as the comment above it says.
+  assert (out.poses.shape, out.activations.shape, out.assignments.shape) == (
+    (2, 5, 16),
+    (2, 5),
+    (2, 32, 5),
+  )
