@@ -1,14 +1,15 @@
 """K-member ensembles (`capsjax.ensemble`) against the single runs they stand for.
 
 Tiny `:smoke` models on 3 steps of synthetic uint8 data, on a mesh of 4 forced CPU
-devices (each member's batch of 8 split 2 per device), against `steps.make_steps` runs
-with each member's seed:
-  - members computed one after another (`vmap_size=1`, the CPU default) run each single
-    run's program: losses, metrics and parameters equal bit for bit, also in the scanned
-    chunk, in evaluation and for a frozen member;
-  - vectorised members (`vmap_size=K`, the accelerator default), here with another
-    learning rate and reconstruction weight for one member, equal to rounding (the
-    tolerances are derived at `_ROUNDING`).
+devices (each member's batch of 8 split 2 per device), against `steps.make_steps` runs of
+each member's config (`SINGLES`):
+  - members computed one after another (`vmap_size=1`, the CPU default), with their own
+    seeds and learning rates, run each single run's program: losses, metrics and
+    parameters equal bit for bit, also in the scanned chunk, in evaluation and for a
+    frozen member;
+  - vectorised members (`vmap_size=K`, the accelerator default), with their own learning
+    rates and reconstruction weights, equal to rounding (tolerances derived at
+    `_ROUNDING_RTOL`).
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import pytest
 
 from capsjax import ensemble
 from capsjax import errors
+from capsjax import losses
 from capsjax import parallel
 from capsjax import steps as steps_lib
 from capsjax.data import input_pipeline
@@ -47,6 +49,15 @@ def _data():
   return images, labels
 
 
+# The single runs the members are compared with: (seed, learning rate, recon weight).
+SINGLES = {"A": (0, 1e-3, 0.392), "B": (1, 3e-3, 0.392), "C": (0, 3e-3, 0.1)}
+
+
+def _config(name):
+  seed, lr, rw = SINGLES[name]
+  return helpers.smoke_config(seed=seed, **{"optim.learning_rate": lr, "loss.recon_weight": rw})
+
+
 def _configs(*overrides):
   return [helpers.smoke_config(seed=m, **o) for m, o in enumerate(overrides)]
 
@@ -58,22 +69,22 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def singles(mesh):
-  """{(seed, learning_rate, recon_weight): Run} of the plain single-run step."""
+  """{name in SINGLES: Run} of the plain single-run step."""
   images, labels = _data()
-  out, train_fns = {}, {}
-  for seed, lr, rw in [(0, 1e-3, 0.392), (1, 1e-3, 0.392), (0, 3e-3, 0.1)]:
-    config = helpers.smoke_config(seed=seed, **{"optim.learning_rate": lr, "loss.recon_weight": rw})
-    init_key, aug_key = jax.random.split(jax.random.key(seed))  # as train.setup.
+  out = {}
+  for name in SINGLES:
+    config = _config(name)
+    init_key, aug_key = jax.random.split(jax.random.key(config.seed))  # as train.setup.
     graphdef, state = steps_lib.create_model_and_optimizer(config, INFO, SPE, init_key)
-    if (lr, rw) not in train_fns:  # the seed is not part of the step's program.
-      train_fns[(lr, rw)], _ = steps_lib.make_steps(graphdef, config, SPE, mesh)
-    train_fn = train_fns[(lr, rw)]
+    train_fn, _ = steps_lib.make_steps(graphdef, config, SPE, mesh)
     state, run = parallel.replicate(state, mesh), Run([], [])
-    for batch in input_pipeline.train_batches(images, labels, batch_size=BATCH, seed=seed, epoch=0):
+    for batch in input_pipeline.train_batches(
+      images, labels, batch_size=BATCH, seed=config.seed, epoch=0
+    ):
       state, aux = train_fn(state, parallel.shard_batch(batch, mesh), aug_key)
       run.aux.append(jax.device_get(aux))
       run.states.append(jax.device_get(state))
-    out[(seed, lr, rw)] = run
+    out[name] = run
   return out
 
 
@@ -97,15 +108,15 @@ def _train(configs, mesh, vmap_size=None):
 
 @pytest.fixture(scope="module")
 def seeds_run(mesh):
-  """Two members, seeds 0 and 1, otherwise the `:smoke` config; members in a loop."""
-  configs = _configs({}, {})
+  """Members A and B (seeds 0 and 1, learning rates 1e-3 and 3e-3), one after another."""
+  configs = [_config("A"), _config("B")]
   return (configs, *_train(configs, mesh, vmap_size=1))
 
 
 def test_members_in_a_loop_are_their_single_runs_bit_for_bit(seeds_run, singles):
   _, run, *_ = seeds_run
-  for m in range(2):
-    single = singles[(m, 1e-3, 0.392)]
+  for m, name in enumerate("AB"):
+    single = singles[name]
     for t in range(STEPS):
       assert set(run.aux[t]) == set(single.aux[t])
       for k, v in single.aux[t].items():
@@ -113,8 +124,9 @@ def test_members_in_a_loop_are_their_single_runs_bit_for_bit(seeds_run, singles)
       jax.tree.map(
         np.testing.assert_array_equal, ensemble.member_state(run.states[t], m), single.states[t]
       )
-  # The members did train apart: different seeds, different parameters.
+  # The members did train apart, each at its own rate.
   assert run.aux[0]["loss"][0] != run.aux[0]["loss"][1]
+  np.testing.assert_allclose(run.aux[0]["learning_rate"], [1e-3, 3e-3], rtol=1e-7)
 
 
 # Vectorised members sum in another order than the single run (XLA batches the convs and
@@ -132,11 +144,10 @@ _UPDATE_SHARE = 0.01
 
 
 def test_vectorised_members_with_own_rate_and_weight_match_their_single_runs(mesh, singles):
-  # Member 0: learning rate 3e-3 and reconstruction weight 0.1; member 1: the defaults.
-  configs = _configs({"optim.learning_rate": 3e-3, "loss.recon_weight": 0.1}, {})
-  run, *_ = _train(configs, mesh, vmap_size=2)
-  for m, key in enumerate([(0, 3e-3, 0.1), (1, 1e-3, 0.392)]):
-    single, lr = singles[key], key[1]
+  # Both seed 0 (a sweep): C's rate 3e-3 and reconstruction weight 0.1, A's 1e-3 and 0.392.
+  run, *_ = _train([_config("C"), _config("A")], mesh, vmap_size=2)
+  for m, name in enumerate("CA"):
+    single, lr = singles[name], SINGLES[name][1]
     for t in range(STEPS):
       for k, v in single.aux[t].items():
         np.testing.assert_allclose(run.aux[t][k][m], v, rtol=_ROUNDING_RTOL, err_msg=f"{m} {t} {k}")
@@ -146,7 +157,6 @@ def test_vectorised_members_with_own_rate_and_weight_match_their_single_runs(mes
         ensemble.member_state(run.states[t], m)[0],  # the model's parameters.
         single.states[t][0],
       )
-  # The two members' own rates are the ones logged and applied.
   np.testing.assert_allclose(run.aux[0]["learning_rate"], [3e-3, 1e-3], rtol=1e-7)
 
 
@@ -207,11 +217,9 @@ def test_evaluation_equals_single_run_evaluation(seeds_run, mesh):
     mesh=mesh,
     weights=[members.member_weights(m) for m in range(2)],
   )
-  weights, *_ = steps_lib._hyperparameters(configs[0], SPE)  # pylint: disable=protected-access
-  single_eval = parallel.jit_data_parallel(
-    lambda s, b: steps_lib.eval_step(graphdef, s, b, weights=weights), mesh
-  )
-  for m in range(2):
+  # The eval step reads only the loss weights, which A and B share: one program serves both.
+  _, single_eval = steps_lib.make_steps(graphdef, configs[0], SPE, mesh)
+  for m, config in enumerate(configs):
     want = steps_lib.evaluate(
       single_eval,
       parallel.replicate(ensemble.member_state(run.states[-1], m), mesh),
@@ -219,7 +227,7 @@ def test_evaluation_equals_single_run_evaluation(seeds_run, mesh):
       labels,
       batch_size=16,
       mesh=mesh,
-      weights=weights,
+      weights=losses.LossWeights.from_config(config.loss, config.num_epochs * SPE),
     )
     assert got[m] == want, m
     assert want["count"] == 20
