@@ -199,3 +199,35 @@ def prefetch(batches, mesh: jax.sharding.Mesh, size: int = 2):
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+# ----------------------------------------------------------------------------------------
+# Ensembles (`capsjax.ensemble`): arrays [K, B, ...] with a leading member axis.
+# ----------------------------------------------------------------------------------------
+def member_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """`P(None, 'data')`: an array [K, B, ...] whole along the members K, split along B."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
+def shard_member_batch(
+  batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
+  """Places a host batch [K, B, ...] of every member on the mesh, split along B.
+
+  Every process passes the same global batch (as for `shard_batch`).
+  """
+  for k, x in batch.items():
+    check_batch_size(x.shape[1], mesh, name=f"batch['{k}'] batch axis (axis 1) size")
+  if jax.process_count() == 1:
+    return jax.device_put(batch, member_batch_sharding(mesh))
+  return {k: to_mesh(x, mesh, P(None, DATA_AXIS)) for k, x in batch.items()}
+
+
+def put_member_batch_indices(indices: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+  """int [K, S, B] example indices of every member's epoch, split along B like the batches."""
+  return to_mesh(indices, mesh, P(None, None, DATA_AXIS))
+
+
+def constrain_member_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Inside `jit`: pins every [K, B, ...] array of `batch` to `P(None, 'data')`."""
+  return jax.lax.with_sharding_constraint(batch, member_batch_sharding(mesh))
