@@ -48,6 +48,9 @@ from capsjax.run import processes
 from capsjax.run import workdir as workdir_lib
 
 STOPPED_NAME = "stopped.json"
+# Curves are redrawn at most this often (and at the end): K plots an epoch would cost
+# more than a GPU epoch of a small CapsNet.
+PLOT_EVERY_S = 60.0
 
 
 def member_name(seed: int) -> str:
@@ -242,6 +245,7 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     active = set_active()
     pending: list[tuple[int, dict]] = []  # (step, metrics [K]) not yet split per member.
     bar = None
+    last_plot = time.time()
 
     # --------------------------------------------------------------------------------------
     # The loop: advance every training member, then whatever it is time for.
@@ -314,6 +318,8 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
               train.print_epoch(epoch, val_m, test_m)
             recorded.append((k, m))
           stopping = step < total_steps and stop.anywhere()
+          plot = time.time() - last_plot >= PLOT_EVERY_S or step == total_steps or stopping
+          last_plot = time.time() if plot else last_plot
           for k, m in recorded:
             stopped_early = m.history.early_stopped()
             if (
@@ -323,7 +329,7 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
               or stopped_early
             ):
               save(state, m, k, epoch, m.history.epochs[-1])
-            if is_main:
+            if is_main and (plot or stopped_early):
               metrics_lib.plot_curves(
                 m.writer.path,
                 os.path.join(m.workdir, "plots", "curves.png"),
@@ -477,13 +483,21 @@ def _preempted(members: list[_Member], step: int, steps_per_epoch: int, signum):
 def _check_memory(graphdef, config, state_single, info, num: int, mesh) -> None:
   """Refuses, in one line, an ensemble whose train step would not fit a device's memory.
 
-  Only where the device reports its memory (GPU, TPU): on a CPU the step uses host RAM,
-  and compiling the estimate would cost as much as the first step.
+  Only where the device reports its memory (GPU, TPU): on a CPU the step uses host RAM.
+  One compile, of a one-member step: K members are planned at K times its memory (the
+  parameters, optimizer state, batch and activations all grow with K), an upper bound.
   """
-  if not (jax.devices()[0].memory_stats() or {}).get("bytes_limit"):
+  total = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  if not total:
     return
-  fit = ensemble.memory_fit(
-    graphdef, config, state_single, (config.batch_size, *info.image_shape), mesh
+  one = ensemble.estimate_memory(
+    graphdef, config, state_single, (config.batch_size, *info.image_shape), 1, mesh
+  )
+  fit = ensemble.MemoryFit(
+    one,
+    one,
+    int(total * ensemble.MEMORY_FRACTION),
+    f"{ensemble.MEMORY_FRACTION:.0%} of {jax.devices()[0].device_kind} memory",
   )
   logging.info(
     "ensemble memory: %.2f GiB for K=1, %.2f GiB per further member, %.2f GiB available",
