@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from capsjax import ensemble
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax import steps as steps_lib
@@ -30,6 +31,8 @@ class LoopContext:
   """What the trainers read: the run's config, its training split, steps and mesh.
 
   images: uint8 [N, H, W, C]; labels: int [N] (the training split, validation held out).
+  members: an ensemble's member configs (`capsjax.ensemble`), () for a single run; the
+    state, batches and metrics then carry a leading member axis [K].
   """
 
   config: ml_collections.ConfigDict
@@ -37,6 +40,11 @@ class LoopContext:
   labels: np.ndarray
   steps_per_epoch: int
   mesh: jax.sharding.Mesh
+  members: tuple[ml_collections.ConfigDict, ...] = ()
+
+  @property
+  def seeds(self) -> tuple[int, ...]:
+    return tuple(c.seed for c in self.members)
 
 
 def batches_from(ctx: LoopContext, step: int):
@@ -44,14 +52,25 @@ def batches_from(ctx: LoopContext, step: int):
   config, spe = ctx.config, ctx.steps_per_epoch
   for epoch in range(step // spe, config.num_epochs):
     start = step - epoch * spe if epoch == step // spe else 0
-    yield from input_pipeline.train_batches(
-      ctx.images,
-      ctx.labels,
-      batch_size=config.batch_size,
-      seed=config.seed,
-      epoch=epoch,
-      start_step=start,
+    kwargs = dict(batch_size=config.batch_size, epoch=epoch, start_step=start)
+    if ctx.members:  # [K, B, ...]: member m's batch is its single run's.
+      yield from ensemble.train_batches(ctx.images, ctx.labels, seeds=ctx.seeds, **kwargs)
+    else:
+      yield from input_pipeline.train_batches(ctx.images, ctx.labels, seed=config.seed, **kwargs)
+
+
+def _epoch_indices(ctx: LoopContext, epoch: int) -> jax.Array:
+  """The epoch's example indices on the mesh: int32 [S, B], or [K, S, B] for an ensemble."""
+  config, n = ctx.config, len(ctx.labels)
+  if ctx.members:
+    indices = ensemble.epoch_batch_indices(
+      n, batch_size=config.batch_size, seeds=ctx.seeds, epoch=epoch
     )
+    return parallel.put_member_batch_indices(indices, ctx.mesh)
+  indices = input_pipeline.epoch_batch_indices(
+    n, batch_size=config.batch_size, seed=config.seed, epoch=epoch
+  )
+  return parallel.put_batch_indices(indices, ctx.mesh)
 
 
 class EpochBar:
@@ -134,19 +153,26 @@ class TrainMeans:
 
 
 class StepTrainer:
-  """The per-step loop: host batches (`batches_from`), one jitted step each."""
+  """The per-step loop: host batches (`batches_from`), one jitted step each.
+
+  `active` (an ensemble's bool [K] of members still training, set by the driver) is passed
+  to every step after the key.
+  """
 
   def __init__(self, ctx: LoopContext, train_fn: Callable, aug_key: jax.Array, step: int):
     self._train_fn, self._aug_key = train_fn, aug_key
-    self._batches = parallel.prefetch(batches_from(ctx, step), ctx.mesh)
+    shard = parallel.shard_member_batch if ctx.members else parallel.shard_batch
+    self._batches = parallel.prefetch(batches_from(ctx, step), ctx.mesh, shard=shard)
     # Under jax.distributed the processes compare stop flags (a collective) at steps they
     # all know of: logging steps. With one process: after every step.
     self.stop_check_every_advance = jax.process_count() == 1
+    self.active = None
 
   def advance(self, state, step: int):
-    """One step from `step`: (state, [its metrics, device scalars])."""
+    """One step from `step`: (state, [its metrics, device scalars or [K]])."""
     del step  # The batches follow on from the start step.
-    state, values = self._train_fn(state, next(self._batches), self._aug_key)
+    extra = () if self.active is None else (self.active,)
+    state, values = self._train_fn(state, next(self._batches), self._aug_key, *extra)
     return state, [values]
 
 
@@ -180,13 +206,19 @@ class ScanTrainer:
   `step` to the next log step or epoch end, capped by `config.scan_chunk_steps` and, in
   a one-process run, by `config.scan_chunk_seconds` at the last chunk's speed; so
   logging, NaN checks, evaluation, checkpoints and SIGTERM all fall on chunk ends.
+  An ensemble's members share the one device-resident set; `active` as for StepTrainer.
   """
 
   def __init__(self, ctx: LoopContext, graphdef, aug_key: jax.Array):
     config, spe = ctx.config, ctx.steps_per_epoch
     self._ctx, self._aug_key = ctx, aug_key
     self.max_steps = min(spe, config.log_every_steps, config.scan_chunk_steps or spe)
-    self._chunk = steps_lib.make_train_chunk(graphdef, config, spe, ctx.mesh, self.max_steps)
+    if ctx.members:
+      self._chunk = ensemble.make_ensemble_chunk(
+        graphdef, list(ctx.members), spe, ctx.mesh, self.max_steps
+      )
+    else:
+      self._chunk = steps_lib.make_train_chunk(graphdef, config, spe, ctx.mesh, self.max_steps)
     self._data = parallel.put_dataset(ctx.images, ctx.labels, ctx.mesh)
     self._epoch, self._indices = None, None
     # Processes must agree on chunk ends (they compare stop flags there), so a time bound,
@@ -195,19 +227,15 @@ class ScanTrainer:
     self._step_s = None  # seconds per step of the last timed chunk.
     self._compiled = False
     self.stop_check_every_advance = True
+    self.active = None
 
   def advance(self, state, step: int):
-    """One chunk from `step`: (state, [metrics of each step, host scalars])."""
+    """One chunk from `step`: (state, [metrics of each step, host scalars or [K]])."""
     config, spe = self._ctx.config, self._ctx.steps_per_epoch
     epoch, start = divmod(step, spe)
     if epoch != self._epoch:
       self._epoch = epoch
-      self._indices = parallel.put_batch_indices(
-        input_pipeline.epoch_batch_indices(
-          len(self._ctx.labels), batch_size=config.batch_size, seed=config.seed, epoch=epoch
-        ),
-        self._ctx.mesh,
-      )  # [S, B]
+      self._indices = _epoch_indices(self._ctx, epoch)  # [S, B] or [K, S, B]
     n = (
       chunk_end(
         step,
@@ -220,8 +248,9 @@ class ScanTrainer:
       - step
     )
     t0 = time.perf_counter()
+    extra = () if self.active is None else (self.active,)
     state, stacked = self._chunk(
-      state, self._data, self._indices, np.int32(start), np.int32(n), self._aug_key
+      state, self._data, self._indices, np.int32(start), np.int32(n), self._aug_key, *extra
     )
     stacked = jax.device_get(stacked)  # the chunk's one wait for the devices.
     # The first chunk's time is mostly compilation: the second one (also one step under
@@ -229,7 +258,10 @@ class ScanTrainer:
     if self._compiled:
       self._step_s = (time.perf_counter() - t0) / n
     self._compiled = True
-    return state, [{k: v[i] for k, v in stacked.items()} for i in range(n)]
+    # The step axis is the last: [max_steps], or [K, max_steps] for an ensemble.
+    return state, [
+      {k: v[i] if v.ndim == 1 else v[:, i] for k, v in stacked.items()} for i in range(n)
+    ]
 
 
 def make_trainer(ctx: LoopContext, graphdef, train_fn: Callable, aug_key: jax.Array, step: int):

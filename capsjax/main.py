@@ -2,7 +2,8 @@
 
   python -m capsjax.main --config=configs/fashion.py --workdir=/tmp/caps_fmnist
   python -m capsjax.main --config=configs/fashion.py:quick --workdir=/tmp/caps_quick
-  python -m capsjax.main --config=configs/fashion.py --workdir=... --config.model.routing_iterations=1
+  python -m capsjax.main --config=configs/fashion.py --workdir=... \
+      --config.model.routing_iterations=1
   python -m capsjax.main --config=configs/fashion.py --workdir=... --config.mode=eval
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
@@ -182,8 +183,17 @@ def run(config, workdir: str):
   from capsjax import evaluate  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
 
+  from capsjax import train_ensemble  # pylint: disable=g-import-not-at-top
+
+  if config.seeds and config.mode == "eval":  # each member's checkpoint, as a run's.
+    return [
+      evaluate.evaluate_checkpoint(c, os.path.join(workdir, train_ensemble.member_name(c.seed)))
+      for c in train_ensemble.member_configs(config)
+    ]
   if config.mode == "eval":
     return evaluate.evaluate_checkpoint(config, workdir)
+  if config.seeds:
+    return train_ensemble.train_seeds(config, workdir)
   return train.train_and_evaluate(config, workdir)
 
 

@@ -186,15 +186,16 @@ def jit_data_parallel(fn, mesh: jax.sharding.Mesh, *, donate_argnums=()):
   return jax.jit(fn, out_shardings=replicated(mesh), donate_argnums=donate_argnums)
 
 
-def prefetch(batches, mesh: jax.sharding.Mesh, size: int = 2):
+def prefetch(batches, mesh: jax.sharding.Mesh, size: int = 2, *, shard=None):
   """Yields device batches, keeping `size` transfers in flight (double buffering).
 
   `jax.device_put` is asynchronous, so the next batch is copied while the current
-  step runs.
+  step runs. `shard(batch, mesh)` places each batch (default `shard_batch`).
   """
+  shard = shard or shard_batch
   queue = collections.deque()
   for batch in batches:
-    queue.append(shard_batch(batch, mesh))
+    queue.append(shard(batch, mesh))
     if len(queue) >= size:
       yield queue.popleft()
   while queue:

@@ -188,11 +188,11 @@ def _train(config, workdir: str) -> dict[str, Any]:
           bar.close()
           bar = None
           epoch, epoch_s = step // spe, time.time() - means.epoch_t0
-          val_metrics, test_metrics = _evaluate_epoch(evaluate, state, data, step)
-          history.epochs.append(_history_entry(epoch, val_metrics, test_metrics))
-          _record_epoch(writer, history, epoch, step, epoch_s, means, val_metrics, test_metrics)
+          val_metrics, test_metrics = evaluate_epoch(evaluate, state, data, step)
+          history.epochs.append(history_entry(epoch, val_metrics, test_metrics))
+          record_epoch(writer, history, epoch, step, epoch_s, means, val_metrics, test_metrics)
           if is_main:
-            _print_epoch(epoch, val_metrics, test_metrics)
+            print_epoch(epoch, val_metrics, test_metrics)
           # A run that has just stopped early is finished: a signal now must not ask for
           # a requeue (exit 75).
           stopping = step < total_steps and not history.early_stopped() and stop.anywhere()
@@ -287,7 +287,7 @@ def preempted(
   )
 
 
-def _evaluate_epoch(evaluate, state, data: setup.Splits, step: int):
+def evaluate_epoch(evaluate, state, data: setup.Splits, step: int):
   """(validation metrics or None, test metrics); raises NonFiniteLossError on a NaN."""
   val_images, val_labels = data.val
   val_metrics = evaluate(state, val_images, val_labels) if len(val_labels) else None
@@ -301,14 +301,14 @@ def _evaluate_epoch(evaluate, state, data: setup.Splits, step: int):
   return val_metrics, test_metrics
 
 
-def _history_entry(epoch: int, val_metrics: dict | None, test_metrics: dict) -> dict:
+def history_entry(epoch: int, val_metrics: dict | None, test_metrics: dict) -> dict:
   entry = {"epoch": epoch, "test_accuracy": test_metrics["accuracy"]}
   if val_metrics is not None:
     entry["val_accuracy"] = val_metrics["accuracy"]
   return entry
 
 
-def _record_epoch(
+def record_epoch(
   writer: metrics_lib.MetricWriter,
   history: History,
   epoch: int,
@@ -343,7 +343,7 @@ def _record_epoch(
   )
 
 
-def _print_epoch(epoch: int, val_metrics: dict | None, test_metrics: dict) -> None:
+def print_epoch(epoch: int, val_metrics: dict | None, test_metrics: dict) -> None:
   val_text = (
     "" if val_metrics is None else f"validation accuracy {100 * val_metrics['accuracy']:.2f}%, "
   )

@@ -14,6 +14,10 @@ def get_base_config() -> config_dict.ConfigDict:
   """Paper-faithful CapsNet defaults (Sabour et al. 2017, Sec. 4)."""
   config = config_dict.ConfigDict()
   config.seed = 0
+  # Several seeds as one program: "0,1,2" trains one member per seed in one jitted step
+  # (capsjax.train_ensemble), each written to WORKDIR/seed-<s>/ as a single run with
+  # that seed would be. Empty: one run with `seed`.
+  config.seeds = ""
   # 'train' trains (resuming from --workdir); 'eval' evaluates the latest checkpoint
   # in --workdir (or `init_from`) on the whole test split without training.
   config.mode = "train"

@@ -32,6 +32,7 @@ EVAL_CHECKPOINTS = ("latest", "selected")
 # two experiments, so a workdir keeps its values unless `overwrite` is set.
 RUN_DEFINING_FIELDS = (
   "seed",
+  "seeds",
   "dataset",
   "train_examples",
   "val_examples",
@@ -47,6 +48,7 @@ RUN_DEFINING_FIELDS = (
 # initialised 'torch' biases to zero rather than PyTorch's uniform draw; a resumed run is
 # past initialisation, so that difference does not matter to the comparison.)
 LEGACY_DEFAULTS = {
+  "seeds": "",
   "val_examples": 0,
   "model.init": "torch",
   "model.length_eps": 1e-7,
@@ -157,6 +159,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
   # jax.random.key wraps seeds modulo 2**32 (and overflows from 2**63): two seeds would
   # share their initialisation and augmentation keys.
   _check(config.seed < 2**32, "seed", f"must be < 2**32, got {config.seed}")
+  seeds(config)
   _check(
     not config.early_stop_epochs or config.val_examples,
     "early_stop_epochs",
@@ -226,6 +229,26 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
       )
     )
   )
+
+
+def seeds(config) -> tuple[int, ...]:
+  """The member seeds of `config.seeds` ("0,1,2" -> (0, 1, 2)); () for a single run.
+
+  Raises ConfigError unless they are distinct integers in [0, 2**32).
+  """
+  text = str(config.get("seeds") or "").strip()
+  if not text:
+    return ()
+  try:
+    values = tuple(int(s) for s in text.replace(" ", "").split(","))
+  except ValueError:
+    raise errors.ConfigError(
+      f"config.seeds must be comma-separated integers such as 0,1,2, got {text!r}"
+    ) from None
+  bad = [s for s in values if not 0 <= s < 2**32]
+  _check(not bad, "seeds", f"must lie in [0, 2**32), got {bad[0] if bad else None}")
+  _check(len(set(values)) == len(values), "seeds", f"must be distinct, got {text!r}")
+  return values
 
 
 def with_legacy_defaults(saved: dict, prefix: str = "") -> dict:

@@ -65,11 +65,22 @@ def _read_saved_config(path: str) -> dict:
 
 
 def _has_checkpoints(workdir: str) -> bool:
-  """Whether `workdir/checkpoints/` holds a step (complete or being written)."""
+  """Whether `workdir/checkpoints/` holds a step (complete or being written), or the
+  `checkpoints/` of a run directly below it (an ensemble's members)."""
+
+  def has_steps(d: str) -> bool:
+    try:
+      return any(n[:1].isdigit() for n in os.listdir(os.path.join(d, ckpt_lib.CKPT_DIR)))
+    except OSError:
+      return False
+
+  if has_steps(workdir):
+    return True
   try:
-    return any(n[:1].isdigit() for n in os.listdir(os.path.join(workdir, ckpt_lib.CKPT_DIR)))
+    subdirs = [e.path for e in os.scandir(workdir) if e.is_dir() and e.name != ckpt_lib.CKPT_DIR]
   except OSError:
     return False
+  return any(has_steps(d) for d in subdirs if not os.path.basename(d).startswith("previous-"))
 
 
 def _move_aside(workdir: str) -> None:

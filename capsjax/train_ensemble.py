@@ -1,0 +1,552 @@
+"""Several seeds (or learning rates, loss weights) trained as one program.
+
+`train_seeds(config, workdir)` is what `--config.seeds=0,1,2` runs: one member per seed,
+each written to `WORKDIR/seed-<s>/` exactly as the single run with that seed writes its
+workdir (config.json, checkpoints, metrics.csv, epochs.csv, TensorBoard, plots,
+summary.json), so `mode=eval`, `capsjax.visualize` and `init_from` take a member's
+directory like any run's. `WORKDIR/summary.json` adds the members' mean and standard
+deviation. `train_ensemble(configs, dirs)` is the same for any configs that
+`ensemble.check_packable` accepts (`experiments.sweep --parallel`).
+
+The members move in lockstep through one jitted step (`capsjax.ensemble`); everything
+between steps follows `capsjax.train`, per member. A member whose loss turns non-finite,
+or that stops early, is reported and frozen (its state masked, its records closed) while
+the others go on; a non-finite member keeps its last good checkpoint and a `stopped.json`
+saying why. Rerunning the command resumes every member from the newest step all the
+training members have saved, so an ensemble killed at any point (even between two
+members' saves) ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax import ensemble
+from capsjax import errors
+from capsjax import loop as loop_lib
+from capsjax import metrics as metrics_lib
+from capsjax import models
+from capsjax import parallel
+from capsjax import setup
+from capsjax import train
+from capsjax.data import input_pipeline
+from capsjax.run import checkpoint as ckpt_lib
+from capsjax.run import config as run_config
+from capsjax.run import processes
+from capsjax.run import workdir as workdir_lib
+
+STOPPED_NAME = "stopped.json"
+# Curves are redrawn at most this often (and at the end): K plots an epoch would cost
+# more than a GPU epoch of a small CapsNet.
+PLOT_EVERY_S = 60.0
+
+
+def member_name(seed: int) -> str:
+  """The directory of seed `seed`'s member under an ensemble's workdir."""
+  return f"seed-{seed}"
+
+
+def member_configs(config) -> list:
+  """One single-run config per seed of `config.seeds` (`seed` set, `seeds` emptied)."""
+  out = []
+  for seed in run_config.seeds(config):
+    member = config.copy_and_resolve_references()
+    with member.unlocked():
+      member.seed = seed
+      member.seeds = ""
+    out.append(member)
+  return out
+
+
+def train_seeds(config, workdir: str) -> dict[str, Any]:
+  """Trains one member per seed of `config.seeds` under `workdir`; returns the summary.
+
+  `workdir/config.json` records the ensemble's config (a rerun with other seeds is
+  refused as for any run-defining change); each member's directory is a single run's.
+  """
+  run_config.validate_config(config, num_devices=jax.device_count())
+  configs = member_configs(config)
+  if not configs:
+    raise errors.ConfigError("config.seeds is empty: capsjax.train trains a single run")
+  workdir = workdir_lib.resolve(workdir)
+  with workdir_lib.lock(workdir):
+    workdir_lib.check_config(config, workdir)
+    dirs = [os.path.join(workdir, member_name(c.seed)) for c in configs]
+    summaries = train_ensemble(configs, dirs)
+    summary = aggregate(summaries, names=[member_name(c.seed) for c in configs])
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+      print(format_aggregate(summary), flush=True)
+    return summary
+
+
+def train_ensemble(configs: Sequence[Any], dirs: Sequence[str]) -> list[dict[str, Any]]:
+  """Trains `configs[m]` into `dirs[m]` for every m as one program; returns their summaries.
+
+  Each config is checked as a single run's, then together (`ensemble.check_packable`);
+  each directory is guarded as a single run's workdir (`workdir.check_config`).
+  """
+  if len(configs) != len(dirs) or len(set(map(os.path.abspath, dirs))) != len(dirs):
+    raise errors.ConfigError(
+      f"an ensemble needs one distinct directory per member: {len(configs)} configs, "
+      f"directories {list(dirs)}"
+    )
+  for config in configs:
+    run_config.validate_config(config, num_devices=jax.device_count())
+    if config.keep_checkpoints < 2:
+      # Members save one after another: a member's previous checkpoint is the common
+      # step to resume from when a kill lands between two members' saves.
+      raise errors.ConfigError(
+        f"config.keep_checkpoints={config.keep_checkpoints}: an ensemble keeps at least 2"
+      )
+  ensemble.check_packable(configs)
+  dirs = [workdir_lib.resolve(d) for d in dirs]
+  with contextlib.ExitStack() as stack:
+    for config, d in zip(configs, dirs, strict=True):
+      stack.enter_context(workdir_lib.lock(d))
+      workdir_lib.check_config(config, d)
+    return _train(list(configs), dirs)
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Member:
+  """One member's records: where it writes, what it has seen, whether it still trains."""
+
+  config: Any
+  workdir: str
+  ckpt: ckpt_lib.Checkpointer
+  history: train.History
+  step: int = 0  # the member's own step: the ensemble's, or where it was frozen.
+  stopped: str = ""  # why it was frozen ("" = training).
+  writer: metrics_lib.MetricWriter | None = None
+  means: loop_lib.TrainMeans | None = None
+  last_test: dict | None = None  # test metrics of its last evaluated epoch.
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(self.workdir)
+
+
+def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
+  t_start = time.time()
+  is_main = jax.process_index() == 0
+  config = configs[0]  # every field but the per-member ones is shared.
+
+  # ----------------------------------------------------------------------------------------
+  # Data: one copy for every member (the validation split does not depend on the seed).
+  # ----------------------------------------------------------------------------------------
+  data = setup.load_splits(config)
+  num_train = len(data.train[1])
+  spe = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+  total_steps = config.num_epochs * spe
+
+  # ----------------------------------------------------------------------------------------
+  # Models, optimizers, mesh; the memory the K-member step needs.
+  # ----------------------------------------------------------------------------------------
+  info = input_pipeline.dataset_info(config.dataset)
+  mesh = parallel.make_mesh()
+  graphdef, stacked, aug_keys = ensemble.init_members(configs, info, spe)
+  init_states = [ensemble.member_state(stacked, m) for m in range(len(configs))]
+  num_params = models.count_params(nnx.merge(graphdef, init_states[0])[0])
+  _check_memory(graphdef, config, init_states[0], info, len(configs), mesh)
+  if is_main:
+    print(
+      f"CapsNet ensemble: {len(configs)} members ({', '.join(map(os.path.basename, dirs))}), "
+      f"{num_params:,} parameters each; {info.name}: {num_train} train / "
+      f"{len(data.val[1])} validation / {len(data.test[1])} test examples; {spe} steps/epoch "
+      f"on {parallel.num_devices(mesh)} device(s) in {jax.process_count()} process(es)",
+      flush=True,
+    )
+
+  on = setup.selection_split(config)
+  members = [
+    _Member(
+      config=c,
+      workdir=d,
+      ckpt=ckpt_lib.Checkpointer(d, keep=c.keep_checkpoints, best_metric=f"{on}_accuracy"),
+      history=train.History(on, c.early_stop_epochs),
+    )
+    for c, d in zip(configs, dirs, strict=True)
+  ]
+  meta = {
+    "dataset": config.dataset,
+    "model": json.loads(config.model.to_json_best_effort()),
+    "image_shape": list(info.image_shape),
+    "num_classes": info.num_classes,
+    "steps_per_epoch": spe,
+  }
+
+  def save(state, m: _Member, k: int, epoch: float, metrics: dict | None = None) -> None:
+    m.ckpt.save(
+      m.step,
+      ensemble.member_state(state, k),
+      dict(meta, epoch=epoch, history=m.history.epochs),
+      metrics=metrics,
+    )
+
+  try:
+    # --------------------------------------------------------------------------------------
+    # Checkpoints: every member resumes from the newest step all training members have.
+    # --------------------------------------------------------------------------------------
+    states, step = _restore(members, init_states)
+    state = parallel.replicate(ensemble.stack_states(states), mesh)
+    for m in members:
+      m.writer = metrics_lib.MetricWriter(m.workdir, enabled=is_main, resume_step=m.step)
+      m.means = loop_lib.TrainMeans(config.batch_size)
+
+    # --------------------------------------------------------------------------------------
+    # The jitted steps and the loop that advances them.
+    # --------------------------------------------------------------------------------------
+    train_fn, eval_fn = ensemble.make_ensemble_steps(graphdef, configs, spe, mesh)
+    weights = [
+      ensemble.Members.from_configs(configs, spe).member_weights(k) for k in range(len(configs))
+    ]
+
+    def evaluate(state, images, labels) -> list[dict[str, float]]:
+      return ensemble.evaluate(
+        eval_fn,
+        state,
+        images,
+        labels,
+        batch_size=config.eval_batch_size,
+        mesh=mesh,
+        weights=weights,
+      )
+
+    ctx = loop_lib.LoopContext(
+      config=config,
+      images=data.train[0],
+      labels=data.train[1],
+      steps_per_epoch=spe,
+      mesh=mesh,
+      members=tuple(configs),
+    )
+    trainer = loop_lib.make_trainer(ctx, graphdef, train_fn, aug_keys, step)
+
+    def set_active() -> list[_Member]:
+      active = [m for m in members if not m.stopped]
+      mask = np.array([not m.stopped for m in members])
+      trainer.active = parallel.replicate(jnp.asarray(mask), mesh)
+      return active
+
+    active = set_active()
+    pending: list[tuple[int, dict]] = []  # (step, metrics [K]) not yet split per member.
+    bar = None
+    last_plot = time.time()
+
+    # --------------------------------------------------------------------------------------
+    # The loop: advance every training member, then whatever it is time for.
+    # --------------------------------------------------------------------------------------
+    try:
+      with processes.StopFlag() as stop:
+        while step < total_steps and active:
+          if bar is None:
+            bar = loop_lib.EpochBar(
+              config, *divmod(step, spe), spe, enabled=config.progress_bar and is_main
+            )
+            for m in members:
+              m.means.start_epoch()
+          state, values = trainer.advance(state, step)
+          for v in values:
+            step += 1
+            pending.append((step, v))
+          for m in active:
+            m.step = step
+          bar.tick(values[-1]["loss"], len(values))
+          epoch_end = step % spe == 0
+          log_now = epoch_end or step % config.log_every_steps == 0
+          check_stop = (log_now and not epoch_end) or (
+            not log_now and trainer.stop_check_every_advance
+          )
+          if log_now or check_stop:
+            _split_pending(pending, members)
+            _freeze_non_finite(members, spe, is_main)
+          if log_now:
+            logged = [m.means.take_interval() for m in members if not m.stopped]
+            for m, values_m in zip([m for m in members if not m.stopped], logged, strict=True):
+              m.writer.write(step, step / spe, "train", values_m)
+            if logged:
+              bar.show({k: float(np.mean([x[k] for x in logged])) for k in logged[0]})
+          if check_stop and stop.anywhere():
+            for k, m in enumerate(members):
+              if not m.stopped:
+                save(state, m, k, step / spe)
+            raise _preempted(members, step, spe, stop.signal)
+          active = set_active()
+          if not epoch_end:
+            continue
+
+          # End of an epoch: evaluate every member, record the training ones, checkpoint.
+          bar.close()
+          bar = None
+          epoch = step // spe
+          val_all = evaluate(state, *data.val) if len(data.val[1]) else None
+          test_all = evaluate(state, *data.test)
+          recorded = []
+          for k, m in enumerate(members):
+            if m.stopped:
+              continue
+            val_m, test_m = (None if val_all is None else val_all[k]), test_all[k]
+            bad = [
+              (name, b)
+              for name, r in (("validation", val_m), ("test", test_m))
+              if r is not None and (b := metrics_lib.first_non_finite(r)) is not None
+            ]
+            if bad:
+              (split, (name, value)), *_ = bad
+              _freeze(m, f"non-finite {split} {name}={value} after step {step}", is_main)
+              continue
+            epoch_s = time.time() - m.means.epoch_t0
+            m.history.epochs.append(train.history_entry(epoch, val_m, test_m))
+            train.record_epoch(m.writer, m.history, epoch, step, epoch_s, m.means, val_m, test_m)
+            m.last_test = test_m
+            if is_main:
+              print(f"{m.name} ", end="")
+              train.print_epoch(epoch, val_m, test_m)
+            recorded.append((k, m))
+          stopping = step < total_steps and stop.anywhere()
+          plot = time.time() - last_plot >= PLOT_EVERY_S or step == total_steps or stopping
+          last_plot = time.time() if plot else last_plot
+          for k, m in recorded:
+            stopped_early = m.history.early_stopped()
+            if (
+              epoch % config.checkpoint_every_epochs == 0
+              or step == total_steps
+              or stopping
+              or stopped_early
+            ):
+              save(state, m, k, epoch, m.history.epochs[-1])
+            if is_main and (plot or stopped_early):
+              metrics_lib.plot_curves(
+                m.writer.path,
+                os.path.join(m.workdir, "plots", "curves.png"),
+                title=f"CapsNet on {info.name} ({m.name})",
+              )
+            if stopped_early:
+              m.stopped = (
+                f"early stop: no better validation accuracy for {m.config.early_stop_epochs} "
+                f"epochs since epoch {m.history.selected()['epoch']}"
+              )
+              if is_main:
+                print(f"{m.name}: {m.stopped}", flush=True)
+          active = set_active()
+          if stopping and active:
+            raise _preempted(members, step, spe, stop.signal)
+    finally:
+      for m in members:
+        if m.writer is not None:
+          m.writer.close()
+  except BaseException:
+    # Let saves already in flight (the last good checkpoints) finish before leaving.
+    for m in members:
+      try:
+        m.ckpt.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("while stopping: %s", e)
+    raise
+  for m in members:
+    m.ckpt.close()
+
+  # ----------------------------------------------------------------------------------------
+  # Summaries: each member's as its single run's.
+  # ----------------------------------------------------------------------------------------
+  if any(m.last_test is None and not m.stopped.startswith("non-finite") for m in members):
+    finals = evaluate(state, *data.test)  # nothing trained in this invocation: once.
+    for k, m in enumerate(members):
+      if m.last_test is None and not m.stopped.startswith("non-finite"):
+        m.last_test = finals[k]
+  summaries = []
+  for m in members:
+    final = m.last_test or _final_from_history(m, len(data.test[1]))
+    summary = metrics_lib.summarize(
+      m.history.epochs, dict(final, step=m.step, epochs=m.step / spe), on=on
+    )
+    summary["early_stopped"] = m.history.early_stopped()
+    if m.stopped.startswith("non-finite"):
+      summary["stopped"] = m.stopped
+    summary["wall_s"] = time.time() - t_start
+    if is_main:
+      with open(os.path.join(m.workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    summaries.append(summary)
+  return summaries
+
+
+# ------------------------------------------------------------------------------------------
+# The loop's helpers.
+# ------------------------------------------------------------------------------------------
+def _restore(members: list[_Member], init_states: list) -> tuple[list, int]:
+  """Each member's state and step; returns (states, the ensemble's step).
+
+  A member frozen in an earlier invocation (early stop, `stopped.json`) resumes at its own
+  last checkpoint and stays frozen. The training members resume at the newest step they
+  all have, which a kill between two members' saves can leave older than some members'
+  latest: those restore that older checkpoint.
+  """
+  states = []
+  for m, init in zip(members, init_states, strict=True):
+    state, step, meta = setup.restore_or_init(m.config, m.ckpt, init)
+    m.history.epochs = [dict(h) for h in meta.get("history", [])]
+    m.step = step
+    stopped_path = os.path.join(m.workdir, STOPPED_NAME)
+    if m.history.early_stopped():
+      m.stopped = "early stop (before this invocation)"
+    elif os.path.exists(stopped_path):
+      with open(stopped_path) as f:
+        m.stopped = json.load(f).get("reason", "non-finite")
+    states.append(state)
+  training = [k for k, m in enumerate(members) if not m.stopped]
+  step = min((members[k].step for k in training), default=0)
+  for k in training:
+    m = members[k]
+    if m.step == step:
+      continue
+    if step == 0:  # a member that never saved: every training member starts afresh.
+      states[k], m.history.epochs = init_states[k], []
+    else:
+      states[k], meta = m.ckpt.restore(step, init_states[k])
+      m.history.epochs = [dict(h) for h in meta.get("history", [])]
+    logging.info("%s: resuming at the ensemble's step %d (its latest: %d)", m.name, step, m.step)
+    m.step = step
+  return states, step
+
+
+def _split_pending(pending: list[tuple[int, dict]], members: list[_Member]) -> None:
+  """Moves the steps' [K] metrics into each training member's running means."""
+  for at, values in jax.device_get(pending):
+    for k, m in enumerate(members):
+      if not m.stopped:
+        m.means.add(at, {name: v[k] for name, v in values.items()})
+  pending.clear()
+
+
+def _freeze_non_finite(members: list[_Member], steps_per_epoch: int, is_main: bool) -> None:
+  """Freezes every training member with a non-finite metric since the last check."""
+  for m in members:
+    if m.stopped:
+      continue
+    for at, values in m.means.take_recent():
+      bad = metrics_lib.first_non_finite(values)
+      if bad is not None:
+        last = m.ckpt.latest_step()
+        _freeze(
+          m,
+          f"non-finite {bad[0]}={bad[1]} at step {at} (epoch {at / steps_per_epoch:.2f}); "
+          + (
+            f"its last good checkpoint is {m.ckpt.directory}/{last}"
+            if last is not None
+            else "it wrote no checkpoint"
+          ),
+          is_main,
+        )
+        break
+
+
+def _freeze(m: _Member, reason: str, is_main: bool) -> None:
+  m.stopped = reason
+  if is_main:
+    print(f"capsjax: member {m.name} frozen: {reason}; the others go on", flush=True)
+    with open(os.path.join(m.workdir, STOPPED_NAME), "w") as f:
+      json.dump({"reason": reason}, f)
+
+
+def _final_from_history(m: _Member, count: int) -> dict[str, float]:
+  last = m.history.epochs[-1] if m.history.epochs else {}
+  return {"accuracy": last.get("test_accuracy", math.nan), "count": count}
+
+
+def _preempted(members: list[_Member], step: int, steps_per_epoch: int, signum):
+  for m in members:
+    m.ckpt.close()
+  by = f"signal {signum}" if signum else "a signal to another process"
+  where = os.path.dirname(members[0].workdir)
+  return processes.Preempted(
+    f"stopped by {by} at step {step} (epoch {step / steps_per_epoch:.2f}); every training "
+    f"member saved a checkpoint under {where}. Rerun the same command to resume (exit code "
+    f"{processes.PREEMPTED_EXIT_CODE})"
+  )
+
+
+def _check_memory(graphdef, config, state_single, info, num: int, mesh) -> None:
+  """Refuses, in one line, an ensemble whose train step would not fit a device's memory.
+
+  Only where the device reports its memory (GPU, TPU): on a CPU the step uses host RAM.
+  One compile, of a one-member step: K members are planned at K times its memory (the
+  parameters, optimizer state, batch and activations all grow with K), an upper bound.
+  """
+  total = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  if not total:
+    return
+  one = ensemble.estimate_memory(
+    graphdef, config, state_single, (config.batch_size, *info.image_shape), 1, mesh
+  )
+  fit = ensemble.MemoryFit(
+    one,
+    one,
+    int(total * ensemble.MEMORY_FRACTION),
+    f"{ensemble.MEMORY_FRACTION:.0%} of {jax.devices()[0].device_kind} memory",
+  )
+  logging.info(
+    "ensemble memory: %.2f GiB for K=1, %.2f GiB per further member, %.2f GiB available",
+    fit.first / 2**30,
+    fit.per_member / 2**30,
+    fit.available / 2**30,
+  )
+  ensemble.check_fits(fit, num)
+
+
+# ------------------------------------------------------------------------------------------
+# The ensemble's summary.
+# ------------------------------------------------------------------------------------------
+_AGGREGATED = ("final_test_accuracy", "selected_test_accuracy", "best_test_accuracy")
+
+
+def aggregate(summaries: Sequence[dict], *, names: Sequence[str]) -> dict[str, Any]:
+  """The members' summaries and, per accuracy, their mean and sample standard deviation."""
+  out: dict[str, Any] = {"members": dict(zip(names, summaries, strict=True))}
+  for key in _AGGREGATED:
+    values = [s[key] for s in summaries if key in s and not math.isnan(s[key])]
+    if values:
+      out[key] = {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+      }
+  out["wall_s"] = max((s.get("wall_s", 0.0) for s in summaries), default=0.0)
+  return out
+
+
+def format_aggregate(summary: dict) -> str:
+  """A table of the members' test accuracies, then mean ± std over members."""
+
+  def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+  def mean_std(a) -> str:
+    return "-" if a is None else f"{100 * a['mean']:.2f}±{100 * a['std']:.2f}"
+
+  lines = [f"{'member':<14} {'final':>8} {'selected':>9} {'best on test':>13}"]
+  for name, s in summary["members"].items():
+    note = f"  ({s['stopped']})" if "stopped" in s else ""
+    lines.append(
+      f"{name:<14} {pct(s.get('final_test_accuracy')):>8} "
+      f"{pct(s.get('selected_test_accuracy')):>9} {pct(s.get('best_test_accuracy')):>13}{note}"
+    )
+  final, selected, best = (mean_std(summary.get(k)) for k in _AGGREGATED)
+  lines.append(f"{'mean ± std':<14} {final:>8} {selected:>9} {best:>13}")
+  m, s = divmod(summary["wall_s"], 60)
+  lines.append(f"wall time {int(m)} min {s:.0f} s")
+  return "\n".join(lines)
