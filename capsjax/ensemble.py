@@ -430,7 +430,7 @@ def evaluate(
   mesh,
   weights: Sequence[losses.LossWeights],
 ) -> list[dict[str, float]]:
-  """`steps.evaluate` of every member over (images [N,H,W,C], labels [N]): K metric dicts.
+  """`steps.evaluate_split` of every member over (images [N,H,W,C], labels [N]): K dicts.
 
   weights: each member's `LossWeights` (`Members.member_weights`), for the total loss.
   """
@@ -440,20 +440,7 @@ def evaluate(
     for k, v in jax.device_get(eval_fn(state, batch)).items():
       for m, t in enumerate(totals):
         t[k] = t.get(k, 0.0) + float(v[m])
-  out = []
-  for t, w in zip(totals, weights, strict=True):
-    n = t["count"]
-    margin, recon = t["margin_loss"] / n, t["recon_loss"] / n
-    out.append(
-      {
-        "accuracy": t["correct"] / n,
-        "margin_loss": margin,
-        "recon_loss": recon,
-        "loss": margin + w.recon_weight * recon,
-        "count": n,
-      }
-    )
-  return out
+  return [steps_lib.metrics_from_sums(t, w) for t, w in zip(totals, weights, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------

@@ -305,12 +305,18 @@ def evaluate_split(
   for batch in parallel.prefetch(batches, mesh):
     for k, v in jax.device_get(eval_fn(state, batch)).items():
       totals[k] = totals.get(k, 0.0) + float(v)
+  return metrics_from_sums(totals, weights)
+
+
+def metrics_from_sums(totals: dict[str, float], weights: LossWeights) -> dict[str, float]:
+  """`eval_step`'s sums over a split -> {'accuracy', 'class_loss', 'recon_loss', 'loss',
+  'count'}, the losses averaged over the examples."""
   n = totals["count"]
-  margin, recon = totals["class_loss"] / n, totals["recon_loss"] / n
+  class_loss, recon = totals["class_loss"] / n, totals["recon_loss"] / n
   return {
     "accuracy": totals["correct"] / n,
-    "class_loss": margin,
+    "class_loss": class_loss,
     "recon_loss": recon,
-    "loss": margin + weights.recon_weight * recon,
+    "loss": class_loss + weights.recon_weight * recon,
     "count": n,
   }

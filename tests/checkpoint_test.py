@@ -27,7 +27,6 @@ from capsjax import train
 from tests import helpers
 
 
-
 mock = helpers.mock_mnist_fixture()
 src = helpers.finished_run_fixture()
 _config = helpers.mnist_smoke_config

@@ -220,7 +220,7 @@ def test_evaluation_equals_single_run_evaluation(seeds_run, mesh):
   # The eval step reads only the loss weights, which A and B share: one program serves both.
   _, single_eval = steps_lib.make_steps(graphdef, configs[0], SPE, mesh)
   for m, config in enumerate(configs):
-    want = steps_lib.evaluate(
+    want = steps_lib.evaluate_split(
       single_eval,
       parallel.replicate(ensemble.member_state(run.states[-1], m), mesh),
       images,
