@@ -55,12 +55,20 @@ failed=0
 left() { echo $((budget - SECONDS)); }
 
 quote() {  # a command as one line to paste; the helpers' temporary paths shown as $TMP
-  local a q=()
+  local a q=() plain='^[-A-Za-z0-9_./=:,@%+$]+$'
   for a in "$@"; do
     a=${a//$state/\$TMP}
-    if [[ $a =~ ^[A-Za-z0-9_./=:,@%+$-]+$ ]]; then q+=("$a"); else q+=("$(printf '%q' "$a")"); fi
+    if [[ $a =~ $plain ]]; then q+=("$a"); else q+=("$(printf '%q' "$a")"); fi
   done
   echo "${q[*]}"
+}
+
+last_error() {  # LOG: its last error line (capsjax's one-line error, else the last line)
+  local line
+  line=$(grep -E '^capsjax: error|Error|error:' "$1" | tail -n 1) || true
+  line=${line:-$(grep -v '^\s*$' "$1" | tail -n 1)}
+  line=${line//|//}
+  echo "${line//$'\t'/ }" | cut -c 1-200
 }
 
 note_phase() {  # NAME RC SECONDS LIMIT NOTE
@@ -103,7 +111,7 @@ bench_phase() {  # NAME LOG CAP CMD...: a benchmark, skipped if it would eat the
   if ((rc == 124 || rc == 137 || rc == 143)); then
     note="timed out at its ${limit} s limit"
   elif ((rc != 0)); then
-    note="failed (exit $rc)"
+    note="failed (exit $rc): $(last_error "$log")"
     failed=1
   fi
   note_phase "$name" "$rc" $((SECONDS - t0)) "$limit" "$note"
@@ -363,6 +371,8 @@ elif train_rc in ("", "-"):
   lines.append(f"**Not run**: {env['GC_TRAIN_NOTE'] or 'this script stopped before it'}.")
 elif train_rc == "running":
   lines.append(f"**Running**: {reached} of {target or '?'} epochs so far.")
+elif reached == 0:
+  lines.append(f"**FAILED** (capsjax exit {train_rc}): {env['GC_TRAIN_NOTE']}")
 else:
   lines.append(
     f"**PARTIAL: {reached} of {target or '?'} epochs reached** "
@@ -650,7 +660,7 @@ else
     train_note=${train_note:-"killed at the ${limit} s limit before it could save"}
   else
     note="failed (exit $train_rc)"
-    train_note=${train_note:-"failed: see train.log"}
+    train_note=${train_note:-"$(last_error "$out/train.log")"}
     failed=1
   fi
   note_phase "ensemble training" "$train_rc" $((SECONDS - t0)) "$limit" "$note"
