@@ -1,4 +1,4 @@
-"""Times every `capsjax.conv` lowering on the CapsNet conv shapes (issue 6).
+"""Times every `capsjax.conv` lowering on the CapsNet conv shapes.
 
 For PrimaryCaps (9x9 stride 2, 256 -> 256 channels on [B, 20, 20, 256]) and Conv1
 (9x9 stride 1, 1 -> 256 channels on [B, 28, 28, 1]) it times, for each lowering, four

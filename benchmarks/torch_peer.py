@@ -1,4 +1,4 @@
-"""An independent PyTorch CapsNet, timed as a side-by-side peer for capsjax (issue 6).
+"""An independent PyTorch CapsNet, timed as a side-by-side peer for capsjax.
 
 Not part of capsjax and never imported by it; needs `pip install torch==2.13.0`
 (the `peer` extra). The model is the same as capsjax's CapsNet:
@@ -164,7 +164,7 @@ class CapsNet(nn.Module):
     u = squash(u)  # [B, 1152, 8]
     u_hat = torch.einsum("nmoi,bni->bnmo", self.w, u)  # [B, 1152, 10, 16]
     u_stop = u_hat.detach() if self.stop_gradient else u_hat  # [B, 1152, 10, 16]
-    logits = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)  # [B, 1152, 10]
+    logits = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)  # [B, 1152, 10]
     for it in range(self.routing_iterations):
       last = it == self.routing_iterations - 1
       # Only the last iteration's output carries gradient to u_hat in the stopped

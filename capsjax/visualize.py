@@ -25,9 +25,6 @@ Loads the latest checkpoint of `--workdir` (or `--checkpoint`, anything
 The numbers come from `capsjax.analysis`; this module only draws and runs the command
 line. A user mistake (no checkpoint, a bad flag value) ends the command with one
 `capsjax: error: ...` line and exit code 2.
-
-Why this long: five figure kinds with their layout code, and the CLI; the numbers they
-draw are computed in `capsjax.analysis`.
 """
 
 from __future__ import annotations

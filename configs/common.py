@@ -63,7 +63,7 @@ def get_base_config() -> config_dict.ConfigDict:
   # training set is copied to every device once, and a chunk of steps (gather, cast,
   # augmentation, update, metrics) runs as one jitted loop: the host touches the devices
   # once per chunk. 'auto': 'scan' on GPU/TPU; 'step' on CPU, where benchmarks/epoch_loop.py
-  # measured the two equal within noise (RESULTS.md), so the default there stays as it was.
+  # measured the two equal within noise (RESULTS.md) and 'step' is the simpler program.
   config.loop = "auto"
   # A scanned chunk ends at the next log step or epoch end, after at most scan_chunk_steps
   # steps (0 = no limit) and, in a one-process run, after about scan_chunk_seconds: the

@@ -43,10 +43,10 @@ RUN_DEFINING_FIELDS = (
   "augment",
 )
 
-# Run-defining fields added after runs were already saved, with the values those runs
-# trained with: a config.json without them compares as if it had these. (Such runs
-# initialised 'torch' biases to zero rather than PyTorch's uniform draw; a resumed run is
-# past initialisation, so that difference does not matter to the comparison.)
+# Run-defining fields a saved config.json may lack (one written by an earlier capsjax), with
+# the values such runs trained with: the file compares as if it had these, so the run still
+# resumes. (Those runs initialised 'torch' biases to zero rather than PyTorch's uniform draw;
+# a resumed run is past initialisation, so the comparison can ignore it.)
 LEGACY_DEFAULTS = {
   "seeds": "",
   "val_examples": 0,
@@ -64,7 +64,7 @@ LEGACY_DEFAULTS = {
   "loss.spread_ramp_fraction": 1.0,
 }
 
-# As LEGACY_DEFAULTS, for model fields one architecture added later: a saved
+# As LEGACY_DEFAULTS, for the model fields of one architecture: a saved
 # `model.architecture` picks the entries (JSON values: tuples are lists).
 LEGACY_MODEL_DEFAULTS = {
   "matrix_capsnet": {
