@@ -155,17 +155,17 @@ class Members:
   """What the members' steps close over: shared settings, per-member values, the loop.
 
   schedules: each member's learning-rate schedule (static; evaluated per member).
+  weights: each member's `LossWeights` (Python floats: `evaluate`'s host-side loss).
   loss: {field: float32 [K]} for each of LOSS_FIELDS whose value differs between members:
     traced per member. Fields all members share stay Python floats, as in the single
     run's program (XLA folds such constants, so tracing them could change roundings).
-  weights: member 0's `LossWeights`, for every field not in `loss`.
   aug: the shared augmentation settings.
   vmap_size: members per vectorised pass (`resolve_vmap_size`).
   """
 
   schedules: tuple[optax.Schedule, ...]
+  weights: tuple[losses.LossWeights, ...]
   loss: dict[str, np.ndarray]
-  weights: losses.LossWeights
   aug: steps_lib.AugmentSpec
   vmap_size: int
 
@@ -179,8 +179,8 @@ class Members:
     loss = {f: np.array(v, np.float32) for f, v in values.items() if len(set(v)) > 1}
     return cls(
       schedules=tuple(s for _, _, s in hyper),
+      weights=tuple(w for w, _, _ in hyper),
       loss=loss,
-      weights=hyper[0][0],
       aug=hyper[0][1],
       vmap_size=resolve_vmap_size(vmap_size, len(configs)),
     )
@@ -189,13 +189,9 @@ class Members:
   def size(self) -> int:
     return len(self.schedules)
 
-  def member_weights(self, m: int) -> losses.LossWeights:
-    """Member m's `LossWeights` as host floats (for `evaluate`'s total loss)."""
-    return dataclasses.replace(self.weights, **{f: float(v[m]) for f, v in self.loss.items()})
-
   def with_loss(self, loss: dict[str, jax.Array]) -> losses.LossWeights:
-    """Inside the member loop: `weights` with one member's traced `loss` values."""
-    return dataclasses.replace(self.weights, **loss)
+    """Inside the member loop: the shared `LossWeights` with one member's traced `loss`."""
+    return dataclasses.replace(self.weights[0], **loss)
 
   def map(self, fn: Callable, *xs):
     """fn(*x) for the row x of every member of `xs` (leaves [K, ...]), stacked: [K, ...].
@@ -436,7 +432,7 @@ def evaluate(
 ) -> list[dict[str, float]]:
   """`steps.evaluate` of every member over (images [N,H,W,C], labels [N]): K metric dicts.
 
-  weights: each member's `LossWeights` (`Members.member_weights`), for the total loss.
+  weights: each member's `LossWeights` (`Members.weights`), for the total loss.
   """
   totals: list[dict[str, float]] = [{} for _ in weights]
   batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)
