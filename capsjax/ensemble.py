@@ -236,7 +236,7 @@ def _member_train_step(graphdef, state, batch, key, active, step_size, logged_lr
     aug=members.aug,
     schedule=lambda step: logged_lr,
   )
-  # Selected per member, inside the loop: XLA fuses the choice into the update.
+  # Selected per member inside the loop, where XLA can fuse the choice into the update.
   return _keep_if_frozen(active, new_state, old), aux
 
 
