@@ -10,9 +10,11 @@ device, on synthetic data (a fixed random batch per member, placed once). The fi
 train step with K members, `--vmap_size` of them per vectorised pass (by default one after
 another on CPU, all at once on accelerators: `ensemble.resolve_vmap_size`). Per row:
 aggregate images/s (K x B per step), images/s per member, the aggregate's ratio to the
-single run's, and the first call's seconds (mostly compilation). The goal the ensemble is built for: K members train faster together than one
-after another, i.e. a ratio above 1 on an accelerator, and near 1 on CPU (at least 0.85 at
-K=2). The last line is JSON.
+single run's, and the first call's seconds (mostly compilation). The rows are timed in
+rounds, one row after another, each keeping its fastest round, so that load from other
+processes on a shared machine hits every row alike. The goal the ensemble is built for: K
+members train faster together than one after another, i.e. a ratio above 1 on an
+accelerator, and near 1 on CPU (at least 0.85 at K=2). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -30,39 +32,37 @@ config_flags.DEFINE_config_file(
   "config", "configs/capsnet_fashion_mnist.py", "The recipe whose model and batch size to time."
 )
 _MEMBERS = flags.DEFINE_list("members", ["1", "2", "4", "8"], "Ensemble sizes K to time.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row (after the first, compiling one).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row and round (after a compiling one).")
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 2, "Rounds over all rows; each row keeps its fastest round's median step."
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "Batch size per member; 0 = the config's.")
 _VMAP_SIZE = flags.DEFINE_integer(
   "vmap_size", 0, "Members per vectorised pass; 0 = the backend's default (resolve_vmap_size)."
 )
 
 
-def _median_step_s(step, steps: int) -> float:
-  """Median seconds of `steps` calls of `step` (compiled already), each waited for."""
-  import jax  # pylint: disable=g-import-not-at-top
+class _Row:
+  """One timed program: `train_fn(state, *args)` with the state threaded through."""
 
-  times = []
-  for _ in range(steps):
+  def __init__(self, name: str, members: int, vmap_size: int, train_fn, state, args):
+    self.name, self.members, self.vmap_size = name, members, vmap_size
+    self._train_fn, self._state, self._args = train_fn, state, args
+    self.compile_s = self._timed_call()  # the first call compiles.
+    self.step_s = float("inf")
+
+  def _timed_call(self) -> float:
+    import jax  # pylint: disable=g-import-not-at-top
+
     t = time.perf_counter()
-    jax.block_until_ready(step())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    self._state, aux = self._train_fn(self._state, *self._args)
+    jax.block_until_ready(aux)
+    return time.perf_counter() - t
 
-
-def _time(train_fn, state, args, steps: int) -> tuple[float, float]:
-  """(compile s, median step s) of `train_fn(state, *args)`, the state threaded through."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  holder = {"state": state}
-
-  def step():
-    holder["state"], aux = train_fn(holder["state"], *args)
-    return aux
-
-  t = time.perf_counter()
-  jax.block_until_ready(step())
-  compile_s = time.perf_counter() - t
-  return compile_s, _median_step_s(step, steps)
+  def measure(self, steps: int) -> None:
+    """Keeps the lowest median over `steps` calls seen so far."""
+    median = statistics.median(self._timed_call() for _ in range(steps))
+    self.step_s = min(self.step_s, median)
 
 
 def _cpu_model() -> str:
@@ -107,16 +107,19 @@ def main(argv):
   device = jax.devices()[0]
   print(
     f"backend {jax.default_backend()}, device {device.device_kind}, CPU {_cpu_model()}; "
-    f"batch {batch} per member, {_STEPS.value} timed steps"
+    f"batch {batch} per member; {_ROUNDS.value} rounds of {_STEPS.value} timed steps"
   )
   train_fn, _ = steps_lib.make_steps(graphdef, config, spe, mesh)
-  single = _time(
-    train_fn,
-    parallel.replicate(jax.tree.map(jnp.copy, state), mesh),  # the step donates it.
-    (parallel.shard_batch(host_batch(), mesh), jax.random.key(1)),
-    _STEPS.value,
-  )
-  rows = [("single", 1, 1, *single)]
+  rows = [
+    _Row(
+      "single",
+      1,
+      1,
+      train_fn,
+      parallel.replicate(jax.tree.map(jnp.copy, state), mesh),  # the step donates it.
+      (parallel.shard_batch(host_batch(), mesh), jax.random.key(1)),
+    )
+  ]
   for k in (int(m) for m in _MEMBERS.value):
     configs = []
     for m in range(k):
@@ -126,34 +129,38 @@ def main(argv):
     train_fn, _ = ensemble.make_ensemble_steps(
       graphdef, configs, spe, mesh, vmap_size=_VMAP_SIZE.value or None
     )
-    stacked = parallel.replicate(ensemble.stack_states([state] * k), mesh)
     args = (
       parallel.shard_member_batch(host_batch(k), mesh),
       jax.random.split(jax.random.key(1), k),
       jnp.ones((k,), bool),
     )
     vmap_size = ensemble.resolve_vmap_size(_VMAP_SIZE.value or None, k)
-    rows.append((f"K={k}", k, vmap_size, *_time(train_fn, stacked, args, _STEPS.value)))
-  base = batch / rows[0][4]
+    stacked = parallel.replicate(ensemble.stack_states([state] * k), mesh)
+    rows.append(_Row(f"K={k}", k, vmap_size, train_fn, stacked, args))
+  # Rounds over every row, so that load from other processes hits all rows alike.
+  for _ in range(_ROUNDS.value):
+    for row in rows:
+      row.measure(_STEPS.value)
+  base = batch / rows[0].step_s
   print(
     f"\n{'run':>7} {'vmap':>5} {'aggregate img/s':>16} {'per-member img/s':>17} "
     f"{'vs single':>10} {'compile s':>10}"
   )
   results = []
-  for name, k, vmap_size, compile_s, step_s in rows:
-    agg = k * batch / step_s
+  for row in rows:
+    agg = row.members * batch / row.step_s
     print(
-      f"{name:>7} {vmap_size:>5} {agg:>16.1f} {agg / k:>17.1f} {agg / base:>10.2f} "
-      f"{compile_s:>10.1f}"
+      f"{row.name:>7} {row.vmap_size:>5} {agg:>16.1f} {agg / row.members:>17.1f} "
+      f"{agg / base:>10.2f} {row.compile_s:>10.1f}"
     )
     results.append(
       {
-        "run": name,
-        "members": k,
-        "vmap_size": vmap_size,
+        "run": row.name,
+        "members": row.members,
+        "vmap_size": row.vmap_size,
         "aggregate_img_s": agg,
-        "step_s": step_s,
-        "compile_s": compile_s,
+        "step_s": row.step_s,
+        "compile_s": row.compile_s,
       }
     )
   print(

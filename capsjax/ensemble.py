@@ -155,17 +155,17 @@ class Members:
   """What the members' steps close over: shared settings, per-member values, the loop.
 
   schedules: each member's learning-rate schedule (static; evaluated per member).
+  weights: each member's `LossWeights` (Python floats: `evaluate`'s host-side loss).
   loss: {field: float32 [K]} for each of LOSS_FIELDS whose value differs between members:
     traced per member. Fields all members share stay Python floats, as in the single
     run's program (XLA folds such constants, so tracing them could change roundings).
-  weights: member 0's `LossWeights`, for every field not in `loss`.
   aug: the shared augmentation settings.
   vmap_size: members per vectorised pass (`resolve_vmap_size`).
   """
 
   schedules: tuple[optax.Schedule, ...]
+  weights: tuple[losses.LossWeights, ...]
   loss: dict[str, np.ndarray]
-  weights: losses.LossWeights
   aug: steps_lib.AugmentSpec
   vmap_size: int
 
@@ -179,8 +179,8 @@ class Members:
     loss = {f: np.array(v, np.float32) for f, v in values.items() if len(set(v)) > 1}
     return cls(
       schedules=tuple(s for _, _, s in hyper),
+      weights=tuple(w for w, _, _ in hyper),
       loss=loss,
-      weights=hyper[0][0],
       aug=hyper[0][1],
       vmap_size=resolve_vmap_size(vmap_size, len(configs)),
     )
@@ -189,55 +189,55 @@ class Members:
   def size(self) -> int:
     return len(self.schedules)
 
-  def member_weights(self, m: int) -> losses.LossWeights:
-    """Member m's `LossWeights` as host floats (for `evaluate`'s total loss)."""
-    return dataclasses.replace(self.weights, **{f: float(v[m]) for f, v in self.loss.items()})
-
   def with_loss(self, loss: dict[str, jax.Array]) -> losses.LossWeights:
-    """Inside the member loop: `weights` with one member's traced `loss` values."""
-    return dataclasses.replace(self.weights, **loss)
+    """Inside the member loop: the shared `LossWeights` with one member's traced `loss`."""
+    return dataclasses.replace(self.weights[0], **loss)
 
   def map(self, fn: Callable, *xs):
     """fn(*x) for the row x of every member of `xs` (leaves [K, ...]), stacked: [K, ...].
 
-    `vmap_size` members at a time: a `jax.vmap` of all of them, or a loop of vmaps.
+    `vmap_size` members at a time: a loop over members running `fn` itself (1), a
+    `jax.vmap` of all of them (K), or a loop of vmaps.
     """
+    if self.vmap_size == 1:
+      return jax.lax.map(lambda x: fn(*x), xs)
     if self.vmap_size >= self.size:
       return jax.vmap(fn)(*xs)
-    return jax.lax.map(
-      lambda x: fn(*x), xs, batch_size=None if self.vmap_size == 1 else self.vmap_size
-    )
+    return jax.lax.map(lambda x: fn(*x), xs, batch_size=self.vmap_size)
 
 
-def _member_train_step(graphdef, state, batch, key, step_size, logged_lr, loss, *, members):
+def _keep_if_frozen(active: jax.Array, new, old):
+  """`new` if the member is active (bool []), else `old`, leaf by leaf."""
+
+  def pick(n, o):
+    if jax.dtypes.issubdtype(o.dtype, jax.dtypes.prng_key):  # jnp.where takes no keys.
+      data = jnp.where(active, jax.random.key_data(n), jax.random.key_data(o))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(o))
+    return jnp.where(active, n, o)
+
+  return jax.tree.map(pick, new, old)
+
+
+def _member_train_step(graphdef, state, batch, key, active, step_size, logged_lr, loss, *, members):
   """One member's `steps.train_step`, its update scaled by the traced `step_size` []."""
+  # nnx.merge adopts the state's Variables and the update writes into them: keep the arrays.
+  old = jax.tree.map(lambda x: x, state)
   model, optimizer = nnx.merge(graphdef, state)
   # optax.adam(schedule) is chain(scale_by_adam(), scale_by_learning_rate(schedule)): with a
   # schedule returning the member's own rate, the update is the single run's arithmetic.
   optimizer.tx = optax.adam(lambda count: step_size)
-  member_graphdef, state = nnx.split((model, optimizer))
-  return steps_lib.train_step(
+  member_graphdef, member = nnx.split((model, optimizer))
+  new_state, aux = steps_lib.train_step(
     member_graphdef,
-    state,
+    member,
     batch,
     key,
     weights=members.with_loss(loss),
     aug=members.aug,
     schedule=lambda step: logged_lr,
   )
-
-
-def _where_active(active: jax.Array, new, old):
-  """Leaf-wise `new` for active members, `old` for frozen ones; active bool [K]."""
-
-  def pick(n, o):
-    mask = active.reshape(active.shape + (1,) * (o.ndim - 1))  # [K, 1, ...]
-    if jax.dtypes.issubdtype(o.dtype, jax.dtypes.prng_key):  # jnp.where takes no keys.
-      data = jnp.where(mask[..., None], jax.random.key_data(n), jax.random.key_data(o))
-      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(o))
-    return jnp.where(mask, n, o)
-
-  return jax.tree.map(pick, new, old)
+  # Selected per member inside the loop, where XLA can fuse the choice into the update.
+  return _keep_if_frozen(active, new_state, old), aux
 
 
 def train_step(graphdef, state, batch, keys, active, *, members: Members):
@@ -260,16 +260,16 @@ def train_step(graphdef, state, batch, keys, active, *, members: Members):
   counts, step = optimizer.opt_state[1].count[...], optimizer.step[...]  # [K], [K]
   step_size = jnp.stack([s(counts[m]) for m, s in enumerate(members.schedules)])  # [K]
   logged_lr = jnp.stack([s(step[m]) for m, s in enumerate(members.schedules)])  # [K]
-  new_state, aux = members.map(
+  return members.map(
     lambda *args: _member_train_step(graphdef, *args, members=members),
     state,
     batch,
     keys,
+    active,
     step_size,
     logged_lr,
     members.loss,
   )
-  return _where_active(active, new_state, state), aux
 
 
 def train_chunk(
@@ -432,7 +432,7 @@ def evaluate(
 ) -> list[dict[str, float]]:
   """`steps.evaluate_split` of every member over (images [N,H,W,C], labels [N]): K dicts.
 
-  weights: each member's `LossWeights` (`Members.member_weights`), for the total loss.
+  weights: each member's `LossWeights` (`Members.weights`), for the total loss.
   """
   totals: list[dict[str, float]] = [{} for _ in weights]
   batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)

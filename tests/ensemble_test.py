@@ -215,7 +215,7 @@ def test_evaluation_equals_single_run_evaluation(seeds_run, mesh):
     labels,
     batch_size=16,
     mesh=mesh,
-    weights=[members.member_weights(m) for m in range(2)],
+    weights=members.weights,
   )
   # The eval step reads only the loss weights, which A and B share: one program serves both.
   _, single_eval = steps_lib.make_steps(graphdef, configs[0], SPE, mesh)
@@ -253,6 +253,16 @@ def test_check_packable():
     ensemble.check_packable(_configs({}, {"batch_size": 16, "num_epochs": 3}))
   with pytest.raises(errors.ConfigError, match="at least one"):
     ensemble.check_packable([])
+
+
+def test_members_trace_only_the_loss_weights_that_differ():
+  members = ensemble.Members.from_configs([_config("C"), _config("A")], SPE, vmap_size=1)
+  assert list(members.loss) == ["recon_weight"]
+  np.testing.assert_array_equal(members.loss["recon_weight"], np.float32([0.1, 0.392]))
+  # Host-side weights keep the configs' Python floats, as the single runs' do.
+  assert [w.recon_weight for w in members.weights] == [0.1, 0.392]
+  assert [float(s(0)) for s in members.schedules] == pytest.approx([3e-3, 1e-3], rel=1e-7)
+  assert ensemble.Members.from_configs([_config("A"), _config("B")], SPE).loss == {}
 
 
 def test_vmap_size():
