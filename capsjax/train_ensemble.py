@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capsjax import ensemble
+from capsjax import ensemble_memory
 from capsjax import errors
 from capsjax import loop as loop_lib
 from capsjax import metrics as metrics_lib
@@ -490,14 +491,14 @@ def _check_memory(graphdef, config, state_single, info, num: int, mesh) -> None:
   total = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
   if not total:
     return
-  one = ensemble.estimate_memory(
+  one = ensemble_memory.estimate_memory(
     graphdef, config, state_single, (config.batch_size, *info.image_shape), 1, mesh
   )
-  fit = ensemble.MemoryFit(
+  fit = ensemble_memory.MemoryFit(
     one,
     one,
-    int(total * ensemble.MEMORY_FRACTION),
-    f"{ensemble.MEMORY_FRACTION:.0%} of {jax.devices()[0].device_kind} memory",
+    int(total * ensemble_memory.MEMORY_FRACTION),
+    f"{ensemble_memory.MEMORY_FRACTION:.0%} of {jax.devices()[0].device_kind} memory",
   )
   logging.info(
     "ensemble memory: %.2f GiB for K=1, %.2f GiB per further member, %.2f GiB available",
@@ -505,7 +506,7 @@ def _check_memory(graphdef, config, state_single, info, num: int, mesh) -> None:
     fit.per_member / 2**30,
     fit.available / 2**30,
   )
-  ensemble.check_fits(fit, num)
+  ensemble_memory.check_fits(fit, num)
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from capsjax import ensemble
+from capsjax import ensemble_memory
 from capsjax import errors
 from capsjax import losses
 from capsjax import parallel
@@ -276,16 +277,18 @@ def test_memory_estimate_grows_with_members_and_check_fits(mesh):
   config = helpers.smoke_config()
   graphdef, state = steps_lib.create_model_and_optimizer(config, INFO, SPE, jax.random.key(0))
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  fit = ensemble.memory_fit(graphdef, config, state, (BATCH, 28, 28, 1), mesh, available=10**12)
+  fit = ensemble_memory.memory_fit(
+    graphdef, config, state, (BATCH, 28, 28, 1), mesh, available=10**12
+  )
   # Each member adds at least its state: input and (donated, aliased) output.
   assert fit.per_member >= state_bytes
   assert fit.first >= state_bytes
   fit = dataclasses.replace(fit, available=fit.bytes_for(2) + fit.per_member // 2)
   assert fit.max_members == 2
-  ensemble.check_fits(fit, 2)
+  ensemble_memory.check_fits(fit, 2)
   with pytest.raises(
     errors.ConfigError, match=r"3 ensemble members need .*at most 2 members fit"
   ) as e:
-    ensemble.check_fits(fit, 3)
+    ensemble_memory.check_fits(fit, 3)
   assert "\n" not in str(e.value)
   assert dataclasses.replace(fit, available=fit.first - 1).max_members == 0
