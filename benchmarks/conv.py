@@ -62,7 +62,9 @@ def _conv_fns(impl: str, stride: int):
     y, vjp = jax.vjp(f, x, w)
     return y, vjp(g)
 
-  return dict(zip(MODES, (jax.jit(fwd), jax.jit(fwd_dw), jax.jit(fwd_dx), jax.jit(fwd_both))))
+  return dict(
+    zip(MODES, (jax.jit(fwd), jax.jit(fwd_dw), jax.jit(fwd_dx), jax.jit(fwd_both)), strict=False)
+  )
 
 
 def _time(fn, *args) -> float:

@@ -104,7 +104,7 @@ def time_run(loop: str, root: str, name: str, data_dir: str | None) -> dict:
     "run": name,
     "steps_per_epoch": int(epochs[0]["train_steps"]),
     "train_s": train_s,
-    "epoch_s": [b - a for a, b in zip(walls, walls[1:])],
+    "epoch_s": [b - a for a, b in zip(walls, walls[1:], strict=False)],
     "first_epoch_s": walls[0] if walls else None,
     "run_wall_s": wall,
     "test_accuracy": summary["accuracy"],

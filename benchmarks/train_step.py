@@ -117,7 +117,7 @@ def forward_flops(model_cfg, image_shape=(28, 28, 1), num_classes=10) -> dict[st
     # u_hat, then per iteration s (weighted sum) and, but for the last, the agreement.
     "routing": 2 * n_in * num_classes * d_in * d_out
     + (2 * it - 1) * 2 * n_in * num_classes * d_out,
-    "decoder": sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:])),
+    "decoder": sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False)),
   }
 
 
@@ -168,7 +168,12 @@ def _layer_breakdown(model, batch_size: int, steps: int) -> list[tuple[str, floa
 
     f, g = jax.jit(fwd), jax.jit(fwd_bwd)
     rows.append(
-      (name, _timeit(lambda: f(params, inp), steps), _timeit(lambda: g(params, inp), steps))
+      # Each lambda is timed within this iteration: the loop variables are current.
+      (
+        name,
+        _timeit(lambda: f(params, inp), steps),  # noqa: B023
+        _timeit(lambda: g(params, inp), steps),  # noqa: B023
+      )
     )
   return rows
 
@@ -308,7 +313,7 @@ def main(argv):
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+      cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
   except (OSError, StopIteration):
     pass
   print(
@@ -344,8 +349,10 @@ def main(argv):
     if "layers" in r:
       print(f"\nper layer, batch {r['batch']} (seconds per batch):")
       print(f"{'layer':>14} {'fwd':>8} {'bwd':>8} {'fwd GFLOP/s':>12}")
-      for l in r["layers"]:
-        print(f"{l['layer']:>14} {l['fwd_s']:>8.4f} {l['bwd_s']:>8.4f} {l['fwd_gflops']:>12.1f}")
+      for row in r["layers"]:
+        print(
+          f"{row['layer']:>14} {row['fwd_s']:>8.4f} {row['bwd_s']:>8.4f} {row['fwd_gflops']:>12.1f}"
+        )
   summary = {
     "train_img_s": results[0]["train_img_s"],
     "eval_img_s": results[0]["eval_img_s"],

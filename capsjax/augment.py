@@ -201,13 +201,16 @@ def augment_batch(
   if max_shift == 0 and not shift_fraction and not flip and cutout_size == 0:
     return images
   keys = jax.random.split(key, images.shape[0])  # [B] keys
-  fn = lambda k, x: augment_example(
-    k,
-    x,
-    max_shift=max_shift,
-    flip=flip,
-    cutout_size=cutout_size,
-    shift_fraction=shift_fraction,
-    fill=fill,
-  )
+
+  def fn(k, x):
+    return augment_example(
+      k,
+      x,
+      max_shift=max_shift,
+      flip=flip,
+      cutout_size=cutout_size,
+      shift_fraction=shift_fraction,
+      fill=fill,
+    )
+
   return jax.vmap(fn)(keys, images)  # [B, H, W, C]

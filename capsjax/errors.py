@@ -156,7 +156,7 @@ def add_config_root(config_path: str) -> None:
 
 def _flag_error_text(e: Exception) -> str:
   """One line from absl's/ml_collections' error text (which may hold a whole traceback)."""
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
   if not lines:
     return type(e).__name__
   required = re.search(r"Flag --(\S+) must have a value other than None", lines[0])
@@ -181,7 +181,7 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   given = {}
-  for arg, following in zip(argv[1:], [*argv[2:], None]):
+  for arg, following in zip(argv[1:], [*argv[2:], None], strict=False):
     name, sep, value = arg.lstrip("-").partition("=")
     if name in config_flags and arg.startswith("-") and (sep or following is not None):
       given[name] = value if sep else following  # --config=FILE or --config FILE.
@@ -189,14 +189,16 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
 
   def load_error(name, e):
     # ml_collections words a missing file over several lines; the last names the cause.
-    last = [l.strip() for l in str(e).splitlines() if l.strip()][-1:] or [type(e).__name__]
+    last = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
     return ConfigError(f"--{name}={given[name]}: cannot load the config file ({last[0]})")
 
   try:
     try:
       rest = flags.FLAGS(argv)
     except OSError as e:  # a --config. override applied to a file that failed to load.
-      raise load_error(next(iter(given)), e) if given else e
+      if given:
+        raise load_error(next(iter(given)), e) from e
+      raise
     for name in given:
       try:
         getattr(flags.FLAGS, name).keys()  # a file that failed to load raises only when used.

@@ -352,7 +352,7 @@ class Decoder(nnx.Module):
     self.image_shape = tuple(int(d) for d in image_shape)
     sizes = [num_caps * caps_dim, *hidden, math.prod(self.image_shape)]
     layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
       kernel_init, bias_init = initializers(init, "decoder", a)
       layers.append(
         nnx.Linear(

@@ -303,7 +303,10 @@ def summarize(history: list[dict], final: dict[str, float], *, on: str) -> dict:
 
 def format_summary(summary: dict, dataset: str) -> str:
   """The lines printed at the end of a run: final, selected and best-on-test accuracy."""
-  pct = lambda x: f"{100 * x:.2f}%"
+
+  def pct(x):
+    return f"{100 * x:.2f}%"
+
   lines = [
     f"{dataset} test accuracy (all {int(summary['count'])} test images):",
     f"  {pct(summary['final_test_accuracy'])}  final checkpoint (epoch {summary['epochs']:g})",

@@ -130,14 +130,16 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[s
   return out
 
 
-def to_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, spec: P = P()) -> jax.Array:
-  """A host array that every process holds whole, placed on `mesh` as `spec` says.
+def to_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, spec: P | None = None) -> jax.Array:
+  """A host array that every process holds whole, placed on `mesh` as `spec` says
+  (default `P()`: replicated).
 
   Each process copies only the slices its own devices hold, so this also serves
   `jax.distributed` runs (where `jax.device_put` of a host array to other processes'
   devices is not possible).
   """
   x = np.asarray(x)
+  spec = P() if spec is None else spec
   return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 

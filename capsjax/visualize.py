@@ -1,7 +1,8 @@
 r"""Figures of a trained CapsNet: reconstructions, capsule perturbations, routing, errors.
 
   python -m capsjax.visualize --workdir=/tmp/caps_fmnist
-  python -m capsjax.visualize --workdir=/tmp/caps_fmnist --checkpoint=/tmp/caps_fmnist/checkpoints/4680
+  python -m capsjax.visualize --workdir=/tmp/caps_fmnist \
+      --checkpoint=/tmp/caps_fmnist/checkpoints/4680
   python -m capsjax.visualize --workdir=RUN --num_examples=16 --eval_examples=0   # whole test set
 
 Loads the latest checkpoint of `--workdir` (or `--checkpoint`, anything

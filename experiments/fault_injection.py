@@ -441,7 +441,7 @@ def corrupt_trials(
         ref_state, ref_meta = saved[step]
         same = step_meta == ref_meta and all(
           np.array_equal(np.asarray(a), np.asarray(b))
-          for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state))
+          for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=False)
         )
         outcome = "silent" if not same else "fell_back" if step != steps[-1] else "unaffected"
         detail = f"restored step {step}"

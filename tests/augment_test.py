@@ -73,7 +73,7 @@ def test_cutout_zeroes_exactly_the_clipped_square(size):
   ys = np.asarray(jax.jit(jax.vmap(lambda k: augment.cutout(k, x, size=size)))(keys))
   centers = np.asarray(jax.vmap(lambda k: augment.sample_cutout_center(k, height=H, width=W))(keys))
   saw_border = False
-  for y, (cy, cx) in zip(ys, centers):
+  for y, (cy, cx) in zip(ys, centers, strict=False):
     y0, x0 = cy - size // 2, cx - size // 2
     r0, r1 = max(y0, 0), min(y0 + size, H)
     c0, c1 = max(x0, 0), min(x0 + size, W)
@@ -199,7 +199,7 @@ def test_fraction_shift_in_the_batch_path_matches_the_sampled_offsets():
       keys, images
     )
   )
-  for k, y in zip(keys, out):
+  for k, y in zip(keys, out, strict=False):
     off = augment.sample_fraction_shift(k, fraction=0.1, height=H, width=W)
     np.testing.assert_array_equal(y, augment.shift(x, off, max_shift=3, fill="nearest"))
 

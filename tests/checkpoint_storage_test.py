@@ -85,7 +85,7 @@ def _run(workdir, cache, *overrides, mount: str = ""):
 
 
 def _assert_one_line_error(rc, out, *parts):
-  lines = [l for l in out.splitlines() if l.startswith("capsjax: error:")]
+  lines = [ln for ln in out.splitlines() if ln.startswith("capsjax: error:")]
   assert rc == 2, out[-3000:]
   assert len(lines) == 1, out[-3000:]
   assert "Traceback" not in out, out[-5000:]

@@ -157,7 +157,10 @@ def _trained_state(tx):
   model = _smoke_model(jax.random.key(0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   batch = helpers.synthetic_batch(4)
-  loss = lambda m: jnp.sum(m(batch["image"], batch["label"])["class_scores"])
+
+  def loss(m):
+    return jnp.sum(m(batch["image"], batch["label"])["class_scores"])
+
   optimizer.update(model, nnx.grad(loss)(model))
   return nnx.split((model, optimizer))[1]
 

@@ -12,7 +12,7 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 # The tests run XLA:CPU the way `capsjax.main` does (convs off YNNPACK), so 'auto' resolves
 # to the same conv lowering users get. Importing jax does not start its backends.
-from capsjax.run import cpu_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from capsjax.run import cpu_runtime  # noqa: E402 (after XLA_FLAGS: jax reads them at import)
 
 cpu_runtime.use_xla_cpu_convs()
 # Keep tests from touching the user's TFDS directory or the network.

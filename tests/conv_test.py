@@ -88,7 +88,7 @@ def test_matches_reference_values_and_grads(impl, x_shape, w_shape, stride):
     lambda x, w, g: value_and_grads(lambda x, w: reference(x, w, stride), x, w, g)
   )(x, w, g)
   actual = jax.jit(lambda x, w, g: value_and_grads(conv_fn(impl, stride), x, w, g))(x, w, g)
-  for name, a, e in zip(("y", "dx", "dw"), actual, expected):
+  for name, a, e in zip(("y", "dx", "dw"), actual, expected, strict=False):
     assert a.shape == e.shape and a.dtype == e.dtype, name
     np.testing.assert_allclose(a, e, err_msg=name, **tolerance(impl, e))
 
@@ -103,7 +103,7 @@ def test_bfloat16(impl):
   # rounding to bfloat16 differs, since accumulation is in float32.
   xf, wf, gf = (a.astype(jnp.float32) for a in (xb, wb, gb))
   expected = value_and_grads(lambda x, w: reference(x, w, 2), xf, wf, gf)
-  for name, a, e in zip(("y", "dx", "dw"), (y, dx, dw), expected):
+  for name, a, e in zip(("y", "dx", "dw"), (y, dx, dw), expected, strict=False):
     np.testing.assert_allclose(
       np.asarray(a, np.float32), e, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(e))), err_msg=name
     )
@@ -142,11 +142,11 @@ def test_batch_sharded_on_the_trainers_mesh(impl):
   (l_ref, y_ref), (gw_ref, gx_ref) = step(w, x)
   xs = parallel.shard_batch({"x": np.asarray(x)}, mesh)["x"]
   wr = parallel.replicate(w, mesh)
-  (l, y), (gw, gx) = step(wr, xs)
+  (loss, y), (gw, gx) = step(wr, xs)
   assert y.sharding.spec[0] == "data" and gx.sharding.spec[0] == "data"
   assert all(a is None for a in (*y.sharding.spec[1:], *gx.sharding.spec[1:]))
   assert gw.sharding.is_fully_replicated
-  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw, gw_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)

@@ -66,7 +66,7 @@ def small_counts(monkeypatch, name):
 def as_set(images, labels):
   """Order-free view of a split: TFDS stores examples in hashed-key order."""
   images = np.asarray(images).reshape(len(images), -1)
-  return sorted((x.tobytes(), int(y)) for x, y in zip(images, labels))
+  return sorted((x.tobytes(), int(y)) for x, y in zip(images, labels, strict=False))
 
 
 def isolate(monkeypatch):

@@ -315,9 +315,12 @@ def test_steps_per_epoch_drops_remainder():
 
 def test_train_batches_are_deterministic_per_seed_and_epoch():
   images, labels = _arrays(103)
-  order = lambda **kw: np.concatenate(
-    [b["label"] for b in ip.train_batches(images, labels, batch_size=10, **kw)]
-  )
+
+  def order(**kw):
+    return np.concatenate(
+      [b["label"] for b in ip.train_batches(images, labels, batch_size=10, **kw)]
+    )
+
   a = order(seed=1, epoch=0)
   assert a.shape == (100,) and len(set(a)) == 100  # 10 batches, remainder dropped
   np.testing.assert_array_equal(a, order(seed=1, epoch=0))
@@ -336,7 +339,7 @@ def test_train_batches_dtype_values_and_resumption():
   np.testing.assert_allclose(b["image"][:, 0, 0, 0], b["label"] / 255.0, rtol=1e-6)
   resumed = list(ip.train_batches(images, labels, batch_size=8, seed=3, epoch=2, start_step=4))
   assert len(resumed) == 2
-  for x, y in zip(resumed, full[4:]):
+  for x, y in zip(resumed, full[4:], strict=False):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
   assert list(ip.train_batches(images, labels, batch_size=8, seed=3, epoch=2, start_step=6)) == []

@@ -89,7 +89,9 @@ def test_keras_glorot_bounds_of_the_capsule_w(keras_model):
 
 
 def test_keras_dense_layers(keras_model):
-  for layer, shape in zip(keras_model.decoder.layers, [(160, 512), (512, 1024), (1024, 784)]):
+  for layer, shape in zip(
+    keras_model.decoder.layers, [(160, 512), (512, 1024), (1024, 784)], strict=False
+  ):
     _check_uniform(layer.kernel[...], keras_glorot_limit(shape))
     np.testing.assert_array_equal(layer.bias[...], 0.0)
 

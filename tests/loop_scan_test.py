@@ -86,7 +86,7 @@ def test_chunks_equal_steps(n):
 
   jax.tree.map(np.testing.assert_array_equal, got, ref)
   assert len(metrics) == len(ref_metrics) == 10
-  for a, b in zip(metrics, ref_metrics):
+  for a, b in zip(metrics, ref_metrics, strict=False):
     assert a == b
   # Ten Adam steps moved the parameters: the comparison is not of two initial states.
   assert np.abs(got[0]["digit_caps"]["w"][...] - state0[0]["digit_caps"]["w"][...]).max() > 0
@@ -119,7 +119,7 @@ def test_epoch_batch_indices_are_train_batches():
   indices = input_pipeline.epoch_batch_indices(44, batch_size=8, seed=5, epoch=2)
   assert indices.shape == (5, 8) and indices.dtype == np.int32
   batches = list(input_pipeline.train_batches(images, labels, batch_size=8, seed=5, epoch=2))
-  for idx, batch in zip(indices, batches):
+  for idx, batch in zip(indices, batches, strict=False):
     np.testing.assert_array_equal(batch["label"], labels[idx])
     np.testing.assert_array_equal(batch["image"], input_pipeline.to_float(images[idx]))
 
@@ -218,9 +218,12 @@ def test_resume_in_the_middle_of_a_chunk_is_bit_identical(tmp_path, mock, step_r
   (params, step), (ref_params, _) = _params(workdir), _params(step_run)
   assert step == 12
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
   # Evaluations match row for row. (Train rows after the resume average from step 6, not
   # 5, as after any mid-interval resume.)
-  evals = lambda w: [r for r in _rows(w, "metrics.csv") if r["split"] != "train"]
+  def evals(w):
+    return [r for r in _rows(w, "metrics.csv") if r["split"] != "train"]
+
   assert evals(workdir) == evals(step_run)
   with open(os.path.join(step_run, "summary.json")) as f:
     assert summary["accuracy"] == json.load(f)["accuracy"]

@@ -39,7 +39,10 @@ def _cli(capsys, *argv):
   config = _config(
     **{k[len("config.") :]: _parse(v) for k, v in values.items() if k.startswith("config.")}
   )
-  holder = lambda v: types.SimpleNamespace(value=v)
+
+  def holder(v):
+    return types.SimpleNamespace(value=v)
+
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(
       main_lib,
@@ -58,7 +61,7 @@ def _cli(capsys, *argv):
     finally:
       handler.filters[:] = filters
   err = capsys.readouterr().err
-  return e.value.code, [l for l in err.splitlines() if l.startswith("capsjax")], err
+  return e.value.code, [ln for ln in err.splitlines() if ln.startswith("capsjax")], err
 
 
 def _parse(v):
@@ -106,7 +109,7 @@ def _cli_process_error(tmp_path, override: str) -> str:
 
 def test_cli_user_error_in_a_real_process_has_no_traceback(tmp_path):
   err = _cli_process_error(tmp_path, "--config.model.routing_iterations=0")
-  errors = [l for l in err.splitlines() if l.startswith("capsjax: error: ")]
+  errors = [ln for ln in err.splitlines() if ln.startswith("capsjax: error: ")]
   assert errors == [
     "capsjax: error: config.model.routing_iterations: num_iterations must be >= 1, got 0"
   ], err
@@ -211,7 +214,7 @@ def _main_process(argv, cwd=REPO, env=None):
 def _only_error_line(r) -> str:
   assert r.returncode == 2, r.stderr
   assert "Traceback" not in r.stderr and "FATAL" not in r.stderr, r.stderr
-  lines = [l for l in r.stderr.split("\n") if l.strip()]
+  lines = [ln for ln in r.stderr.split("\n") if ln.strip()]
   assert len(lines) == 1 and lines[0].startswith("capsjax: error: "), r.stderr
   return lines[0]
 
@@ -268,7 +271,7 @@ def test_a_config_file_loads_from_any_cwd(tmp_path):
   )
   # The config loaded: the error is about the value, found by capsjax's own checks.
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-  assert [l for l in r.stderr.split("\n") if l.startswith("capsjax")] == [
+  assert [ln for ln in r.stderr.split("\n") if ln.startswith("capsjax")] == [
     "capsjax: error: config.seed must be >= 0, got -1"
   ], r.stderr
 
@@ -286,7 +289,7 @@ def test_user_error_starts_on_a_fresh_line_after_a_progress_bar(capsys, tmp_path
   monkeypatch.setattr(train, "train_and_evaluate", fails_mid_bar)
   code, _, err = _cli(capsys, f"--workdir={tmp_path}")
   assert code == 2
-  grep = [l for l in err.split("\n") if l.startswith("capsjax: error")]
+  grep = [ln for ln in err.split("\n") if ln.startswith("capsjax: error")]
   assert grep == ["capsjax: error: train-images-idx3-ubyte.gz: corrupt"], repr(err)
 
 
@@ -297,7 +300,7 @@ def test_print_user_error_in_a_log_file_and_on_a_terminal(tmp_path):
   with open(log, "w") as f:
     f.write("epoch 1/2:  50%|#####     | 2/4\r")
     errors.print_user_error("bad", stream=f)
-  assert [l for l in log.read_text().split("\n") if l.startswith("capsjax: error")] == [
+  assert [ln for ln in log.read_text().split("\n") if ln.startswith("capsjax: error")] == [
     "capsjax: error: bad"
   ]
 

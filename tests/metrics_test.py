@@ -119,8 +119,8 @@ OLD_CSV_FIELDS = tuple("margin_loss" if k == "class_loss" else k for k in metric
 def test_an_old_metrics_csv_gets_the_current_header_before_rows_are_appended(tmp_path, resume_step):
   # metrics.csv with the class loss under 'margin_loss', as a run resumed from it has.
   path = tmp_path / metrics.CSV_NAME
-  old = [dict(zip(OLD_CSV_FIELDS, [""] * len(OLD_CSV_FIELDS))) for _ in range(2)]
-  for row, step in zip(old, (10, 20)):
+  old = [dict(zip(OLD_CSV_FIELDS, [""] * len(OLD_CSV_FIELDS), strict=False)) for _ in range(2)]
+  for row, step in zip(old, (10, 20), strict=False):
     row.update(step=step, epoch=step / 10, split="train", loss=0.5, margin_loss=0.25, wall_s=3)
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, OLD_CSV_FIELDS)

@@ -218,11 +218,14 @@ def test_capsnet_keywords_are_the_config_model_fields():
 def test_auto_is_resolved_by_the_caller_not_by_model_code(module):
   config = module.get_config("smoke")
   assert config.model.conv_impl == "auto"
-  build = lambda **kw: nnx.eval_shape(
-    lambda: models.create_model(
-      config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), **kw
+
+  def build(**kw):
+    return nnx.eval_shape(
+      lambda: models.create_model(
+        config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), **kw
+      )
     )
-  )
+
   unresolved = r"^config.model.conv_impl: 'auto' must be resolved .*resolve_conv_impl"
   with pytest.raises(errors.ConfigError, match=unresolved):
     build()
@@ -324,7 +327,7 @@ def test_every_conv_path_gives_the_same_model():
     for k in ("class_scores", "v", "reconstruction"):
       np.testing.assert_allclose(out[k], ref_out[k], rtol=1e-4, atol=1e-5, err_msg=f"{impl} {k}")
     jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=impl),
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=impl),  # noqa: B023
       grads,
       ref_grads,
     )

@@ -216,13 +216,13 @@ def test_swapped_train_and_test_files_are_named_as_such(tmp_path, monkeypatch):
   fixture = fx.write_idx_dataset(tmp_path / "orig")
   payload = {}
   for split in ("train", "test"):
-    for name, magic, array in zip(od._IDX_NAMES[split], (2051, 2049), fixture[split]):
+    for name, magic, array in zip(od._IDX_NAMES[split], (2051, 2049), fixture[split], strict=False):
       header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
       payload[name] = hashlib.sha256(header + array.tobytes()).hexdigest()
   monkeypatch.setattr(od, "_PAYLOAD_SHA256", {"fashion_mnist": payload})
   swapped = tmp_path / "swapped"
   swapped.mkdir()
-  for a, b in zip(od._IDX_NAMES["train"], od._IDX_NAMES["test"]):
+  for a, b in zip(od._IDX_NAMES["train"], od._IDX_NAMES["test"], strict=False):
     (swapped / f"{a}.gz").write_bytes((tmp_path / "orig" / f"{b}.gz").read_bytes())
     (swapped / f"{b}.gz").write_bytes((tmp_path / "orig" / f"{a}.gz").read_bytes())
   _read(tmp_path / "orig", split="train", count=N_TRAIN, dataset="fashion_mnist")  # OK
@@ -243,7 +243,7 @@ def test_swapped_train_and_test_files_are_named_as_such(tmp_path, monkeypatch):
 )
 def test_swapped_debian_fashion_mnist_files(tmp_path):
   src = "/usr/share/datasets/fashion-mnist"
-  for a, b in zip(od._IDX_NAMES["train"], od._IDX_NAMES["test"]):
+  for a, b in zip(od._IDX_NAMES["train"], od._IDX_NAMES["test"], strict=False):
     os.symlink(os.path.join(src, f"{b}.gz"), tmp_path / f"{a}.gz")
   paths = od.find_original_files("fashion_mnist", "train", manual_dir=tmp_path)
   with pytest.raises(

@@ -96,7 +96,7 @@ def _start(tmp_path, point):
 def _finish(proc):
   _, err = proc.communicate(timeout=TIMEOUT)
   assert "Traceback" not in err, err[-3000:]
-  return proc.returncode, [l for l in err.split("\n") if l.startswith("capsjax")], err
+  return proc.returncode, [ln for ln in err.split("\n") if ln.startswith("capsjax")], err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -93,7 +93,7 @@ def test_smoke_run_logs_checkpoints_resumes_and_evaluates(tmp_path, mock_fashion
   epochs = _rows(workdir, "epochs.csv")
   assert [(r["epoch"], r["step"]) for r in epochs] == [("1", "4"), ("2", "8")]
   test_rows = [r for r in rows if r["split"] == "test"]
-  for e, t in zip(epochs, test_rows):
+  for e, t in zip(epochs, test_rows, strict=False):
     assert e["test_accuracy"] == t["accuracy"] and e["test_loss"] == t["loss"]
     assert float(e["seconds"]) > 0 and float(e["images_per_s"]) > 0
     assert 0 <= float(e["train_accuracy"]) <= 1 and float(e["learning_rate"]) > 0
@@ -167,7 +167,8 @@ def test_workdir_guards(tmp_path, mock_fashion):
 
 
 def test_cifar10_smoke_run_on_mock_data(tmp_path):
-  # 32x32x3 inputs (a TODO in the Fashion and K-MNIST seed projects): an 8x8 PrimaryCaps grid, a 3072-pixel decoder.
+  # 32x32x3 inputs (a TODO in the Fashion and K-MNIST seed projects): an 8x8 PrimaryCaps
+  # grid, a 3072-pixel decoder.
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
     summary = _run(str(tmp_path / "cifar"), dataset="cifar10", num_epochs=1)
   assert summary["step"] == 4 and summary["count"] == 24

@@ -192,7 +192,7 @@ def test_cli_user_error_is_one_line_and_exit_code_2(tmp_path, what, expected):
   assert r.returncode == 2, r.stderr
   assert "Traceback" not in r.stderr, r.stderr
   lines = r.stderr.strip().splitlines()
-  assert [l for l in lines if l.startswith("capsjax")] == [lines[-1]], r.stderr
+  assert [ln for ln in lines if ln.startswith("capsjax")] == [lines[-1]], r.stderr
   assert lines[-1].startswith("capsjax: error: ") and expected in lines[-1], r.stderr
   assert str(workdir) in lines[-1]
 

@@ -223,7 +223,7 @@ def _read_data_source(ds, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
       records = ds.__getitems__(idx)
     except Exception:  # pylint: disable=broad-except  # mock_data: integer indexing only.
       records = [ds[i] for i in idx]
-    for i, r in zip(idx, records):
+    for i, r in zip(idx, records, strict=False):
       images[i] = np.asarray(r["image"]).reshape(info.image_shape)
       labels[i] = int(r["label"])
   return images, labels

@@ -473,7 +473,7 @@ class _OfflineMixin:
       urls = {
         f"{s}_{k}": self.URL + n + ".gz"
         for s in SPLITS
-        for k, n in zip(("images", "labels"), _IDX_NAMES[s])
+        for k, n in zip(("images", "labels"), _IDX_NAMES[s], strict=False)
       }
       paths = {k: os.fspath(v) for k, v in dl_manager.download(urls).items()}
       arrays = {
@@ -483,7 +483,7 @@ class _OfflineMixin:
     return {split: self._generate_examples(*arrays[split]) for split in arrays}
 
   def _generate_examples(self, images, labels):
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels, strict=False)):
       yield index, {"image": _png_file(image), "label": int(label)}
 
 

@@ -178,7 +178,7 @@ def check_image_shape(image_shape: Sequence[int], num_classes: int) -> tuple[int
 def grid_after(size: tuple[int, int], kernels: Sequence[int], strides: Sequence[int]):
   """(H', W') after VALID convs of the given kernels and strides; < 1 where they do not fit."""
   h, w = size
-  for k, s in zip(kernels, strides):
+  for k, s in zip(kernels, strides, strict=False):
     h, w = conv_lib.out_size(h, k, s), conv_lib.out_size(w, k, s)
   return h, w
 

@@ -107,7 +107,7 @@ class EfficientCapsNet(common.CapsuleModel):
     self.primary_grid = (1, 1, self.num_primary) if gh * gw == 1 else (gh, gw, channels[-1] // dim)
     he = nnx.initializers.he_normal()
     convs, norms, c_in = [], [], c
-    for ch, k, st in zip(channels, kernels, strides):
+    for ch, k, st in zip(channels, kernels, strides, strict=False):
       convs.append(
         layers.Conv2D(
           c_in,
@@ -146,7 +146,7 @@ class EfficientCapsNet(common.CapsuleModel):
     (poses [B, N_out, D_out], activations [B, N_out], assignments [B, N_in, N_out])."""
     self.check_images(images)
     x = images
-    for conv, norm in zip(self.convs, self.norms):
+    for conv, norm in zip(self.convs, self.norms, strict=False):
       x = norm(jax.nn.relu(conv(x)))  # [B, H', W', ch]
     y = self.primary_caps(x)  # [B, h, w, C_last]
     u = y.reshape(y.shape[0], -1, self.primary_dim)  # [B, N_in, D_in]

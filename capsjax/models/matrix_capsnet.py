@@ -99,7 +99,7 @@ class MatrixCapsNet(common.CapsuleModel):
         f"config.model.conv1_kernel={k1}, conv1_stride={s1}: the "
         f"image shape {(h, w, c)} is too small for them"
       )
-    for i, (k, st) in enumerate(zip(cc_kernels, cc_strides)):
+    for i, (k, st) in enumerate(zip(cc_kernels, cc_strides, strict=False)):
       grid = common.grid_after(grid, (k,), (st,))
       if min(grid) < 1:
         raise errors.ConfigError(
@@ -127,7 +127,9 @@ class MatrixCapsNet(common.CapsuleModel):
         matrix_layers.MatrixConvCaps(
           t_in, t_out, kernel=k, stride=st, per_cell=per_cell, rngs=rngs, **em
         )
-        for t_in, t_out, k, st in zip((types, *cc_types), cc_types, cc_kernels, cc_strides)
+        for t_in, t_out, k, st in zip(
+          (types, *cc_types), cc_types, cc_kernels, cc_strides, strict=False
+        )
       ]
     )
     self.digit_caps = matrix_layers.MatrixClassCaps(

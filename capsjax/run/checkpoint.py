@@ -132,11 +132,14 @@ class Checkpointer:
         # checkpoints (a bad init_from) then dies with that thread's traceback at exit.
         shutil.rmtree(path, ignore_errors=True)
     policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
+
     # The metric that picks the kept "best" checkpoint: 'val_accuracy' when the run holds
     # out a validation split. Steps saved without it (mid-epoch stops) are never best.
     # Ties go to the earliest epoch, as `metrics.select` picks them (accuracies differ by
     # at least 1/num_examples, far more than 1e-9 x epoch).
-    best = lambda m: m.get(best_metric, float("-inf")) - 1e-9 * m.get("epoch", 0)
+    def best(m):
+      return m.get(best_metric, float("-inf")) - 1e-9 * m.get("epoch", 0)
+
     if keep_best:
       policies.append(
         ocp.checkpoint_managers.BestN(

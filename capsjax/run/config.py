@@ -3,7 +3,8 @@
 Every check that needs no data runs here, before anything touches the workdir, so such a
 rejected config leaves no trace there. (Checks against the data, e.g. `train_examples`
 beyond the dataset, come later; a workdir without checkpoints then takes the corrected
-config, see `workdir.check_config`.) The model is built abstractly (`nnx.eval_shape`) to let `CapsNet` reject
+config, see `workdir.check_config`.) The model is built abstractly (`nnx.eval_shape`) to
+let `CapsNet` reject
 impossible sizes with its own message, without paying for the parameters.
 """
 
