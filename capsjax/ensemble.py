@@ -296,7 +296,7 @@ def train_chunk(
     keys, active: [K], as for `train_step`.
 
   Returns:
-    (state, aux): aux holds each metric per member and step, float32 [K, max_steps];
+    (state, aux): aux holds each metric per step and member, float32 [max_steps, K];
     entries from num_steps on are 0.
   """
 
@@ -307,17 +307,7 @@ def train_chunk(
     )  # [K, B, H, W, C]
     return train_step(graphdef, state, batch, keys, active, members=members)
 
-  aux_shapes = jax.eval_shape(one_step, state, 0)[1]
-  stacked = {
-    k: jnp.zeros((v.shape[0], max_steps, *v.shape[1:]), v.dtype) for k, v in aux_shapes.items()
-  }
-
-  def body(i, carry):
-    state, stacked = carry
-    state, aux = one_step(state, i)
-    return state, {k: stacked[k].at[:, i].set(aux[k]) for k in stacked}
-
-  return jax.lax.fori_loop(0, num_steps, body, (state, stacked))
+  return steps_lib.run_steps(one_step, state, num_steps, max_steps)
 
 
 def eval_step(graphdef, state, batch, *, members: Members):

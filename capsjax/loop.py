@@ -258,10 +258,7 @@ class ScanTrainer:
     if self._compiled:
       self._step_s = (time.perf_counter() - t0) / n
     self._compiled = True
-    # The step axis is the last: [max_steps], or [K, max_steps] for an ensemble.
-    return state, [
-      {k: v[i] if v.ndim == 1 else v[:, i] for k, v in stacked.items()} for i in range(n)
-    ]
+    return state, [{k: v[i] for k, v in stacked.items()} for i in range(n)]
 
 
 def make_trainer(ctx: LoopContext, graphdef, train_fn: Callable, aug_key: jax.Array, step: int):

@@ -201,6 +201,16 @@ def train_chunk(
     )  # [B, H, W, C]
     return train_step(graphdef, state, batch, key, weights=weights, aug=aug, schedule=schedule)
 
+  return run_steps(one_step, state, num_steps, max_steps)
+
+
+def run_steps(one_step, state, num_steps, max_steps: int):
+  """`one_step(state, i) -> (state, aux)` for i = 0 .. num_steps - 1 as one `fori_loop`.
+
+  `num_steps` may be traced (one program for every chunk length). Returns (state, aux):
+  each metric of every step stacked, {name: [max_steps, ...]}; entries from num_steps on
+  are 0.
+  """
   aux_shapes = jax.eval_shape(one_step, state, 0)[1]
   stacked = {k: jnp.zeros((max_steps, *v.shape), v.dtype) for k, v in aux_shapes.items()}
 

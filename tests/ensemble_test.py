@@ -198,8 +198,8 @@ def test_scanned_chunk_equals_per_step_training(seeds_run, mesh):
   )
   aux = jax.device_get(aux)
   for k in run.aux[0]:
-    assert aux[k].shape == (2, STEPS)
-    np.testing.assert_array_equal(aux[k], np.stack([a[k] for a in run.aux], axis=1), err_msg=k)
+    assert aux[k].shape == (STEPS, 2)
+    np.testing.assert_array_equal(aux[k], np.stack([a[k] for a in run.aux]), err_msg=k)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), run.states[-1])
 
 
