@@ -12,12 +12,13 @@ works for every name. `predict_and_route` is dynamic routing fused with the full
 layer's votes u W, with a hand-written gradient.
 
 Keywords every algorithm shares:
-  stop_gradient: the routing weights are computed from stop-gradiented votes, so the gradient
-    reaches u_hat only through the last pass (the weighted sum of the votes and what follows
-    it), never through how the weights were found. Values are unchanged. Where the weights do
-    not depend on the votes (one iteration of dynamic, EM or inverted dot-product routing
-    from zero parents: uniform weights) it has no effect; self-attention computes its one
-    pass's weights from the votes, so it detaches them.
+  stop_gradient: the votes are stop-gradiented wherever they feed the routing weights, so
+    the gradient reaches u_hat only through the last pass (the weighted sum of the votes and
+    what follows it), never through how the weights were found; values are unchanged. Where
+    the weights do not depend on the votes (one iteration of dynamic, EM or inverted
+    dot-product routing from zero parents: uniform weights) it has no effect; self-attention
+    computes its one pass's weights from the votes, so it detaches them. Each function says
+    what happens to its other inputs' gradients.
   eps: the algorithm's one numerical epsilon: under the square root of the squash and of the
     capsule lengths (dynamic, self-attention), in the LayerNorm (inverted dot-product), the
     variance floor and empty-parent guard of the M-step (EM).
@@ -138,9 +139,9 @@ def _agreement(ut, v):
   return jnp.einsum("...mno,...mo->...mn", ut, v, precision=_HI)
 
 
-def _weight_votes(ut, stop_gradient: bool):
-  """The votes the routing weights are computed from (see `stop_gradient` above)."""
-  return jax.lax.stop_gradient(ut) if stop_gradient else ut
+def _stopper(stop_gradient: bool) -> Callable[[jax.Array], jax.Array]:
+  """What the routing weights' inputs go through: `lax.stop_gradient` or nothing."""
+  return jax.lax.stop_gradient if stop_gradient else lambda x: x
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,7 +171,8 @@ def dynamic(
     num_iterations: static integer >= 1.
     stop_gradient: False (the default, as in the authors' code, Sarasra/models research/
       capsules): gradients flow through every iteration. True: the logits are computed
-      from stop-gradiented votes, the variant most re-implementations use.
+      from stop-gradiented votes (`bias` keeps its gradient through them), the variant
+      most re-implementations use.
     bias: optional [N_out, D] (or anything broadcastable to [..., N_out, D]) added to s_j
       before the squash in every iteration, as the authors' code
       (`layers._update_routing`) does. None: the paper's formula.
@@ -197,7 +199,7 @@ def dynamic(
     v = squash(add_bias(jnp.sum(u, axis=-3) / n_out))  # [..., N_out, D]
   else:
     ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
-    ut_w = _weight_votes(ut, stop_gradient)
+    ut_w = _stopper(stop_gradient)(ut)  # the votes the logits are computed from
 
     def route(b, votes):
       c = jax.nn.softmax(b, axis=-2)  # [..., N_out, N_in]
@@ -488,7 +490,8 @@ def em(
       activations are unchanged). False: the R the last M-step used, which for one
       iteration is the uniform starting R.
     stop_gradient: compute every E-step (and the M-steps before the last) from
-      stop-gradiented votes (see the module docstring).
+      stop-gradiented votes (see the module docstring); a_in, beta_u and beta_a keep
+      their gradients through them.
     eps: see above.
 
   Returns:
@@ -525,7 +528,7 @@ def em(
         f"{arg} must be a scalar or have shape [N_out] = ({n_out},), got shape {x.shape}"
       )
   ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
-  ut_w = _weight_votes(ut, stop_gradient)
+  ut_w = _stopper(stop_gradient)(ut)  # the votes the E-steps are computed from
   a_t = a[..., None, :]  # [..., 1, N_in]
   bu = beta_u[..., None] if beta_u.ndim else beta_u  # [N_out, 1] or []
 
@@ -650,8 +653,10 @@ def inverted_dot_product(
       first pass then computes its routing weights from their agreement with u_hat, so
       `inverted_dot_product(u, r + 1)` equals
       `inverted_dot_product(u, 1, parent_poses=inverted_dot_product(u, r).poses)`.
-    stop_gradient: compute the routing weights from stop-gradiented votes (see the
-      module docstring; no effect for one pass from zero parents).
+    stop_gradient: compute the agreements that set the routing weights from
+      stop-gradiented votes and poses (see the module docstring), so the weights are
+      constants: ln_scale, ln_bias and parent_poses then get gradients only through the
+      last pass. No effect for one pass from zero parents.
     eps: the LayerNorm's epsilon (PyTorch's default).
 
   Returns:
@@ -678,25 +683,24 @@ def inverted_dot_product(
   else:
     norm = lambda s: s
   ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
-  ut_w = _weight_votes(ut, stop_gradient)
-  weights = lambda v: jax.nn.softmax(scale * _agreement(ut_w, v), axis=-2)  # [..., N_out, N_in]
+  # With stop_gradient both inputs of the agreement are stopped, so the weights are
+  # constants and every pose's gradient flows only through its own weighted sum.
+  stop = _stopper(stop_gradient)
+  weights = lambda v: jax.nn.softmax(scale * _agreement(stop(ut), stop(v)), axis=-2)
 
-  def body(_, v):
-    return norm(_weighted_sum(weights(v), ut_w))  # [..., N_out, D]
+  def body(_, carry):
+    v, _ = carry
+    r = weights(v)  # [..., N_out, N_in]
+    return norm(_weighted_sum(r, ut)), r
 
   if parent_poses is None:
-    r = jnp.full_like(ut[..., 0], 1.0 / u.shape[-2])  # [..., N_out, N_in]
+    r0 = jnp.full_like(ut[..., 0], 1.0 / u.shape[-2])  # [..., N_out, N_in]
   else:
     p = jnp.asarray(parent_poses).astype(dt)
     _check_broadcast("parent_poses", p, u.shape[:-3] + u.shape[-2:], "[..., N_out, D]")
-    r = weights(p)  # [..., N_out, N_in]
-  if num_iterations > 1:
-    # Every pass but the last only finds the weights, from ut_w; the last is peeled off
-    # the loop because it alone weighs the votes themselves (see `stop_gradient`).
-    v = norm(_weighted_sum(r, ut_w))  # [..., N_out, D]
-    v = jax.lax.fori_loop(0, num_iterations - 2, body, v)
-    r = weights(v)
-  v = norm(_weighted_sum(r, ut))  # [..., N_out, D]
+    r0 = weights(p)  # [..., N_out, N_in]
+  v0 = norm(_weighted_sum(r0, ut))  # [..., N_out, D]
+  v, r = jax.lax.fori_loop(0, num_iterations - 1, body, (v0, r0))
   return Routed(
     poses=v.astype(out_dtype),
     activations=jnp.mean(r, axis=-1).astype(out_dtype),
@@ -760,7 +764,8 @@ def self_attention(
     u_hat: [..., N_in, N_out, D] votes.
     num_iterations: static integer >= 1, ignored (see above).
     log_prior: optional B, broadcastable to [..., N_in, N_out]; None: zeros.
-    stop_gradient: compute C from stop-gradiented votes (see the module docstring).
+    stop_gradient: compute C from stop-gradiented votes (see the module docstring);
+      log_prior, added after, keeps its gradient.
     eps: under the square root of the squash and of the lengths.
 
   Returns:
@@ -771,7 +776,7 @@ def self_attention(
   check_iterations(num_iterations)
   u, out_dtype = _prepare(u_hat, "self-attention routing")  # [..., N_in, N_out, D]
   ut = jnp.swapaxes(u, -3, -2)  # [..., N_out, N_in, D]
-  ut_w = _weight_votes(ut, stop_gradient)
+  ut_w = _stopper(stop_gradient)(ut)  # the votes C is computed from
   logits = _agreement(ut_w, jnp.sum(ut_w, axis=-2)) / math.sqrt(u.shape[-1])  # [..., N_out, N_in]
   c = jax.nn.softmax(logits, axis=-2)  # [..., N_out, N_in]
   w = c
