@@ -76,8 +76,9 @@ class Routed(NamedTuple):
     EM: the sigmoid activation a_j; inverted dot-product, whose paper defines none: the
     share of the inputs' routing mass the parent receives, Σ_i r_ij / N_in.
   assignments: [..., N_in, N_out] the routing weights the poses were computed with (the
-    last iteration's), dtype of the votes; they sum to 1 over the parents (last axis) for
-    every algorithm with its default normalisation.
+    last iteration's; EM's `final_e_step` gives the posterior one E-step later), dtype of
+    the votes; they sum to 1 over the parents (last axis) for every algorithm with its
+    default normalisation.
   """
 
   poses: jax.Array

@@ -10,12 +10,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
-from capsjax import caps_ops, routing
+from capsjax import caps_ops
+from capsjax import routing
 from capsjax.caps_ops import RoutingResult, capsule_lengths, dynamic_routing, squash
+
 
 # ---------------------------------------------------------------------------------------
 # Independent NumPy references.
@@ -221,7 +223,7 @@ ROUTING_SHAPES = [
 ROUTING_ITERATIONS = (1, 2, 3, 4, 5)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def jit_routing(num_iterations, stop_gradient=False, return_couplings=False):
   """One jitted routing per static setting, shared by all tests (compiles are slow)."""
   return jax.jit(
@@ -498,7 +500,7 @@ class TestPredictAndRoute:
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
-      kw = {"stop_gradient": stop_gradient, "return_couplings": True}
+      kw = dict(stop_gradient=stop_gradient, return_couplings=True)
       expected = objective(
         lambda u, w: caps_ops.dynamic_routing(
           jnp.einsum("bni,nmio->bnmo", u, w), num_iterations, **kw

@@ -11,11 +11,12 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
-from capsjax import caps_ops, routing
+from capsjax import caps_ops
+from capsjax import routing
 from capsjax.routing import Routed
 
 ALGORITHMS = ("dynamic", "em", "inverted_dot_product", "self_attention")
@@ -251,14 +252,14 @@ def make_inputs(shape, seed=0, dtype=np.float32):
 
 def kwargs_for(algo, inputs):
   if algo == "em":
-    return {
-      "a_in": inputs["a_in"],
-      "beta_u": inputs["beta_u"],
-      "beta_a": inputs["beta_a"],
-      "final_lambda": EM_FINAL_LAMBDA,
-    }
+    return dict(
+      a_in=inputs["a_in"],
+      beta_u=inputs["beta_u"],
+      beta_a=inputs["beta_a"],
+      final_lambda=EM_FINAL_LAMBDA,
+    )
   if algo == "self_attention":
-    return {"log_prior": inputs["log_prior"]}
+    return dict(log_prior=inputs["log_prior"])
   return {}
 
 
@@ -655,7 +656,7 @@ class TestPredictAndRoute:
         f = lambda u, w: sum(jnp.sum(x * g) for x, g in zip(fn(u, w), cot))
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
-      kw = {"stop_gradient": stop_gradient, "eps": eps}
+      kw = dict(stop_gradient=stop_gradient, eps=eps)
       votes = lambda u, w: jnp.einsum("bni,nmio->bnmo", u, w)
       fused = lambda u, w: routing.predict_and_route(u, w, 3, **kw)
       expected = objective(lambda u, w: routing.dynamic(votes(u, w), 3, **kw))(u, w)
