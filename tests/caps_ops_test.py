@@ -1,4 +1,5 @@
-"""Tests for capsjax.caps_ops: squash, capsule_lengths, dynamic_routing.
+"""Tests for capsjax.caps_ops: squash, capsule_lengths, and the public dynamic routing API
+(`dynamic_routing`, `predict_and_route`, `check_iterations`, wrappers over capsjax.routing).
 
 Expected values come from an independent NumPy implementation of Procedure 1 of
 Sabour et al. (2017), written below with explicit Python loops, and from
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from capsjax import caps_ops
+from capsjax import routing
 from capsjax.caps_ops import RoutingResult, capsule_lengths, dynamic_routing, squash
 
 
@@ -371,6 +373,9 @@ class TestDynamicRouting:
       (1.5, TypeError),
       (True, TypeError),
       (3.0, TypeError),
+      (np.float32(2.0), TypeError),
+      (np.bool_(True), TypeError),
+      (np.int64(0), ValueError),
       (None, TypeError),
     ],
   )
@@ -382,8 +387,35 @@ class TestDynamicRouting:
       jax.jit(dynamic_routing, static_argnums=1)(u_hat, bad)
 
   def test_traced_num_iterations_raises(self):
-    with pytest.raises(TypeError, match="static Python int"):
+    with pytest.raises(TypeError, match="static integer"):
       jax.jit(dynamic_routing)(random_u_hat((4, 3, 2)), 3)
+
+  def test_numpy_integer_iterations(self):
+    """Counts from np.arange (int64) or any NumPy int route as the Python int does."""
+    u_hat = random_u_hat((2, 6, 4, 3), seed=20)
+    counts = np.arange(1, 4)  # int64
+    for r in counts:
+      res = jax.jit(dynamic_routing, static_argnums=1, static_argnames="return_couplings")(
+        u_hat, r, return_couplings=True
+      )
+      v_ref, c_ref, _ = np_routing(u_hat, int(r))
+      np.testing.assert_allclose(np.asarray(res.v), v_ref, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(res.c), c_ref, rtol=1e-4, atol=1e-6)
+    assert caps_ops.check_iterations(np.uint8(2)) == 2
+    assert type(caps_ops.check_iterations(np.int32(2))) is int
+
+  @pytest.mark.parametrize("num_iterations", [1, 3])
+  def test_is_routing_dynamic(self, num_iterations):
+    """The wrapper runs `routing.dynamic`'s program: the same bits, bias included."""
+    u_hat = random_u_hat((2, 6, 4, 3), seed=21)
+    bias = random_u_hat((4, 3), seed=22, scale=0.3)
+    for b in (None, bias):
+      res = jax.jit(
+        lambda u, b=b: dynamic_routing(u, num_iterations, bias=b, return_couplings=True)
+      )(u_hat)
+      want = jax.jit(lambda u, b=b: routing.dynamic(u, num_iterations, bias=b))(u_hat)
+      np.testing.assert_array_equal(np.asarray(res.v), np.asarray(want.poses))
+      np.testing.assert_array_equal(np.asarray(res.c), np.asarray(want.assignments))
 
   def test_bad_u_hat(self):
     with pytest.raises(ValueError, match="N_in, N_out, D"):
@@ -495,6 +527,22 @@ class TestPredictAndRoute:
   def test_bad_shapes_raise(self):
     with pytest.raises(ValueError, match="N_in"):
       caps_ops.predict_and_route(jnp.ones((2, 6, 4)), jnp.ones((5, 3, 4, 5)), 2)
+
+  def test_is_routing_predict_and_route(self):
+    """The wrapper runs `routing.predict_and_route`'s program: the same bits, forward and
+    backward."""
+    rng = np.random.default_rng(9)
+    u = jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 3, 4, 5)) * 0.1, jnp.float32)
+
+    def value_and_grads(fn):
+      f = lambda u, w: jnp.sum(jnp.sin(fn(u, w)[0])) + jnp.sum(jnp.cos(fn(u, w)[1]))
+      return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(u, w)
+
+    got = value_and_grads(lambda u, w: caps_ops.predict_and_route(u, w, 3, return_couplings=True))
+    r = lambda u, w: routing.predict_and_route(u, w, 3)
+    want = value_and_grads(lambda u, w: (r(u, w).poses, r(u, w).assignments))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 class TestRoutingBias:

@@ -7,6 +7,7 @@ programs, because XLA compiles dominate the runtime.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,12 @@ SHAPES = [
 ]
 ITERATIONS = (1, 2, 3)
 EM_FINAL_LAMBDA = 0.1  # larger than the default 0.01, so activations vary visibly
+# float32 results against the float64 references. Unit roundoff u = 2^-24 ≈ 6e-8; each
+# contraction (N_in <= 8 or D <= 16 terms) has a relative error <= 16 u ≈ 1e-6, and a
+# softmax turns an absolute logit error δ into a relative weight error ≈ δ; with logits
+# |b| <~ 10 here, δ ≈ 1e-5 per iteration, ≈ 3e-5 after three: rtol = 1e-4. atol covers
+# outputs that cancel to near 0 (LayerNorm'd poses, EM means) at unit scale.
+F32_RTOL, F32_ATOL = 1e-4, 2e-5
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,48 +64,77 @@ def per_example(fn, u_hat, *extra):
   )
 
 
-def np_squash(s):
-  n = np.sqrt(np.sum(s * s))
-  return s * n / (1.0 + n * n)
+def np_squash(s, eps=1e-7):
+  """|s|^2/(1+|s|^2) s/|s| with |s| = sqrt(|s|^2 + eps), as `caps_ops.squash` defines it."""
+  n2 = np.sum(s * s)
+  return s * n2 / ((1.0 + n2) * np.sqrt(n2 + eps))
 
 
-def np_dynamic_one(u, num_iterations):
+def np_lengths(v, eps=1e-7):
+  return np.sqrt(np.sum(v * v, axis=-1) + eps)
+
+
+def np_dynamic_last_pass(u, c, eps=1e-7):
+  """v_j = squash(sum_i c_ij u_j|i) for given couplings c [N_in, N_out]; (v, lengths)."""
+  v = np.stack(
+    [np_squash(sum(c[i, j] * u[i, j] for i in range(u.shape[0])), eps) for j in range(u.shape[1])]
+  )  # [N_out, D]
+  return v, np_lengths(v, eps)
+
+
+def np_dynamic_one(u, num_iterations, eps=1e-7):
   """Sabour et al. (2017), Procedure 1."""
-  n_in, n_out, d = u.shape
+  n_in, n_out = u.shape[:2]
   b = np.zeros((n_in, n_out))
   for r in range(num_iterations):
     c = np.stack([np_softmax(b[i]) for i in range(n_in)])  # [N_in, N_out]
-    v = np.stack(
-      [np_squash(sum(c[i, j] * u[i, j] for i in range(n_in))) for j in range(n_out)]
-    )  # [N_out, D]
+    v, lengths = np_dynamic_last_pass(u, c, eps)
     if r < num_iterations - 1:
       for i in range(n_in):
         for j in range(n_out):
           b[i, j] += np.dot(u[i, j], v[j])
-  return v, np.sqrt(np.sum(v * v, axis=-1) + 1e-7), c
+  return v, lengths, c
 
 
-def np_em_one(u, a_in, beta_u, beta_a, lambdas, eps=1e-8, normalise_over="parents", cost_scale=1.0):
-  """Hinton, Sabour & Frosst (2018), Procedure 1, with densities (not log densities).
-
-  normalise_over='inputs' is a deliberately wrong E-step, to show the tests can fail.
-  """
+def np_em_m_step(u, r, a_in, beta_u, beta_a, lam, eps=1e-8, cost_scale=1.0):
+  """One M-step for assignments r [N_in, N_out]: (mu [N_out, D], var, a_out [N_out])."""
   n_in, n_out, d = u.shape
   beta_u = np.broadcast_to(beta_u, (n_out,))
   beta_a = np.broadcast_to(beta_a, (n_out,))
+  mu = np.zeros((n_out, d))
+  var = np.zeros((n_out, d))
+  a_out = np.zeros(n_out)
+  for j in range(n_out):
+    rp = r[:, j] * a_in  # [N_in]
+    total = rp.sum()
+    mu[j] = sum(rp[i] * u[i, j] for i in range(n_in)) / (total + eps)
+    var[j] = sum(rp[i] * (u[i, j] - mu[j]) ** 2 for i in range(n_in)) / (total + eps) + eps
+    cost = cost_scale * (beta_u[j] + np.log(np.sqrt(var[j]))) * total  # [D]
+    a_out[j] = np_sigmoid(lam * (beta_a[j] - cost.sum()))
+  return mu, var, a_out
+
+
+def np_em_one(
+  u,
+  a_in,
+  beta_u,
+  beta_a,
+  lambdas,
+  eps=1e-8,
+  normalise_over="parents",
+  cost_scale=1.0,
+  final_e_step=False,
+):
+  """Hinton, Sabour & Frosst (2018), Procedure 1, with densities (not log densities).
+
+  normalise_over='inputs' is a deliberately wrong E-step, to show the tests can fail.
+  final_e_step: also run the E-step after the last M-step and return its R.
+  """
+  n_in, n_out = u.shape[:2]
   r = np.full((n_in, n_out), 1.0 / n_out)
   for t, lam in enumerate(lambdas):
-    mu = np.zeros((n_out, d))
-    var = np.zeros((n_out, d))
-    a_out = np.zeros(n_out)
-    for j in range(n_out):  # M-step
-      rp = r[:, j] * a_in  # [N_in]
-      total = rp.sum()
-      mu[j] = sum(rp[i] * u[i, j] for i in range(n_in)) / (total + eps)
-      var[j] = sum(rp[i] * (u[i, j] - mu[j]) ** 2 for i in range(n_in)) / (total + eps) + eps
-      cost = cost_scale * (beta_u[j] + np.log(np.sqrt(var[j]))) * total  # [D]
-      a_out[j] = np_sigmoid(lam * (beta_a[j] - cost.sum()))
-    if t == len(lambdas) - 1:
+    mu, var, a_out = np_em_m_step(u, r, a_in, beta_u, beta_a, lam, eps, cost_scale)
+    if t == len(lambdas) - 1 and not final_e_step:
       break
     p = np.zeros((n_in, n_out))  # E-step
     for i in range(n_in):
@@ -113,6 +149,7 @@ def np_em_one(u, a_in, beta_u, beta_a, lambdas, eps=1e-8, normalise_over="parent
 
 
 def np_layer_norm(x, scale=None, bias=None, eps=1e-5):
+  """(x - mean) / sqrt(var + eps) * scale + bias, over one pose [D]."""
   y = (x - x.mean()) / np.sqrt(x.var() + eps)
   if scale is not None:
     y = y * scale
@@ -121,19 +158,32 @@ def np_layer_norm(x, scale=None, bias=None, eps=1e-5):
   return y
 
 
+def np_inverted_last_pass(u, r, ln_scale=None, ln_bias=None, layer_norm=True, eps=1e-5):
+  """v_j = LayerNorm(sum_i r_ij u_j|i) for given weights r [N_in, N_out]; (v, mean r)."""
+  n_in, n_out, _ = u.shape
+  s = [sum(r[i, j] * u[i, j] for i in range(n_in)) for j in range(n_out)]
+  v = np.stack([np_layer_norm(x, ln_scale, ln_bias, eps) if layer_norm else x for x in s])
+  return v, r.mean(axis=0)
+
+
 def np_inverted_one(
-  u, num_iterations, scale=None, ln_scale=None, ln_bias=None, normalise_over="parents"
+  u,
+  num_iterations,
+  scale=None,
+  ln_scale=None,
+  ln_bias=None,
+  normalise_over="parents",
+  layer_norm=True,
+  eps=1e-5,
 ):
-  """Tsai et al. (2020), Procedure 1: zero-initialised parents, then attention."""
+  """Tsai et al. (2020), Procedure 1: zero-initialised parents, then attention.
+
+  layer_norm=False: the paper's ablation, v_j = sum_i r_ij u_j|i.
+  """
   n_in, n_out, d = u.shape
   scale = 1.0 / np.sqrt(d) if scale is None else scale
   r = np.full((n_in, n_out), 1.0 / n_out)
-  v = np.stack(
-    [
-      np_layer_norm(sum(r[i, j] * u[i, j] for i in range(n_in)), ln_scale, ln_bias)
-      for j in range(n_out)
-    ]
-  )  # [N_out, D]
+  v, _ = np_inverted_last_pass(u, r, ln_scale, ln_bias, layer_norm, eps)  # [N_out, D]
   for _ in range(num_iterations - 1):
     agree = np.array(
       [[scale * np.dot(v[j], u[i, j]) for j in range(n_out)] for i in range(n_in)]
@@ -142,21 +192,30 @@ def np_inverted_one(
       r = np.stack([np_softmax(agree[i]) for i in range(n_in)])
     else:
       r = np.stack([np_softmax(agree[:, j]) for j in range(n_out)], axis=1)
-    v = np.stack(
-      [
-        np_layer_norm(sum(r[i, j] * u[i, j] for i in range(n_in)), ln_scale, ln_bias)
-        for j in range(n_out)
-      ]
-    )
+    v, _ = np_inverted_last_pass(u, r, ln_scale, ln_bias, layer_norm, eps)
   return v, r.mean(axis=0), r
 
 
-def np_efficient_squash(s):
-  n = np.sqrt(np.sum(s * s))
+def np_efficient_squash(s, eps=1e-7):
+  """(1 - 1/exp(|s|)) s/|s| with |s| = sqrt(|s|^2 + eps)."""
+  n = np.sqrt(np.sum(s * s) + eps)
   return (1.0 - 1.0 / np.exp(n)) * s / n
 
 
-def np_self_attention_one(u, log_prior=None, normalise_over="parents"):
+def np_self_attention_last_pass(u, c, log_prior=None, eps=1e-7):
+  """v_j = squash(sum_i u_j|i (c_ij + B_ij)) for given c [N_in, N_out]; (v, lengths)."""
+  n_in, n_out, _ = u.shape
+  b = np.zeros((n_in, n_out)) if log_prior is None else log_prior
+  v = np.stack(
+    [
+      np_efficient_squash(sum(u[i, j] * (c[i, j] + b[i, j]) for i in range(n_in)), eps)
+      for j in range(n_out)
+    ]
+  )
+  return v, np_lengths(v, eps)
+
+
+def np_self_attention_one(u, log_prior=None, normalise_over="parents", eps=1e-7):
   """Mazzia et al. (2021): A_j = U_j U_j^T / sqrt(d), C = softmax_j(row sums of A_j)."""
   n_in, n_out, d = u.shape
   logits = np.zeros((n_in, n_out))
@@ -168,14 +227,8 @@ def np_self_attention_one(u, log_prior=None, normalise_over="parents"):
     c = np.stack([np_softmax(logits[i]) for i in range(n_in)])
   else:
     c = np.stack([np_softmax(logits[:, j]) for j in range(n_out)], axis=1)
-  b = np.zeros((n_in, n_out)) if log_prior is None else log_prior
-  v = np.stack(
-    [
-      np_efficient_squash(sum(u[i, j] * (c[i, j] + b[i, j]) for i in range(n_in)))
-      for j in range(n_out)
-    ]
-  )
-  return v, np.sqrt(np.sum(v * v, axis=-1) + 1e-7), c
+  v, lengths = np_self_attention_last_pass(u, c, log_prior, eps)
+  return v, lengths, c
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,7 +266,7 @@ def kwargs_for(algo, inputs):
 def reference(algo, inputs, num_iterations, **overrides):
   u = inputs["u"]
   if algo == "dynamic":
-    return per_example(lambda x: np_dynamic_one(x, num_iterations), u)
+    return per_example(lambda x: np_dynamic_one(x, num_iterations, **overrides), u)
   if algo == "em":
     lambdas = [EM_FINAL_LAMBDA * (1 - 0.95 ** (t + 1)) for t in range(num_iterations)]
     beta_u = np.asarray(inputs["beta_u"], np.float64)
@@ -268,7 +321,7 @@ class TestAgainstNumPy:
     inputs, res = outputs[(algo, shape, r)]
     assert isinstance(res, Routed)
     poses, acts, assign = reference(algo, inputs, r)
-    np.testing.assert_allclose(np.asarray(res.poses), poses, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(res.poses), poses, rtol=F32_RTOL, atol=F32_ATOL)
     np.testing.assert_allclose(np.asarray(res.activations), acts, rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(np.asarray(res.assignments), assign, rtol=1e-4, atol=2e-6)
     if r > 1:
@@ -306,16 +359,15 @@ class TestAgainstNumPy:
     inputs, res = outputs[(algo, shape, r)]
     wrong = reference(algo, inputs, r, normalise_over="inputs")
     for got, bad in zip((res.poses, res.assignments), (wrong[0], wrong[2])):
-      assert not np.allclose(np.asarray(got), bad, rtol=1e-4, atol=2e-5)
+      assert not np.allclose(np.asarray(got), bad, rtol=F32_RTOL, atol=F32_ATOL)
 
   def test_dynamic_is_caps_ops_dynamic_routing(self):
     u = make_inputs((2, 6, 4, 3))["u"]
-    res, (v, c) = jax.jit(
-      lambda x: (routing.dynamic(x, 3), caps_ops.dynamic_routing(x, 3, return_couplings=True))
-    )(u)
-    # Equal up to the last bit XLA's fusion choices may move.
-    np.testing.assert_allclose(np.asarray(res.poses), np.asarray(v), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(res.assignments), np.asarray(c), rtol=1e-6)
+    res = jax.jit(lambda x: routing.dynamic(x, 3))(u)
+    v, c = jax.jit(lambda x: caps_ops.dynamic_routing(x, 3, return_couplings=True))(u)
+    # The public function is a wrapper: the same program, so the same bits.
+    np.testing.assert_array_equal(np.asarray(res.poses), np.asarray(v))
+    np.testing.assert_array_equal(np.asarray(res.assignments), np.asarray(c))
     np.testing.assert_allclose(
       np.asarray(res.activations), np.asarray(caps_ops.capsule_lengths(v)), rtol=1e-6
     )
@@ -383,8 +435,7 @@ class TestTransformsAndDtypes:
     res = res_64[algo]
     assert all(x.dtype == np.float64 for x in res)
     ref = reference(algo, f64, 3)
-    # Only the squash's eps = 1e-7 under the square root separates them (dynamic,
-    # self-attention); the other two share the reference's epsilons.
+    # The references share every epsilon: only float64 rounding separates them.
     for got, want in zip(res, ref):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
 
@@ -468,7 +519,7 @@ class TestEM:
         inputs["a_in"].astype(np.float64),
       )
       for got, want in zip(res, ref):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=F32_RTOL, atol=F32_ATOL)
 
   def test_inactive_inputs_do_not_move_the_poses(self):
     inputs = make_inputs((2, 6, 4, 3), seed=4)
@@ -496,6 +547,24 @@ class TestEM:
     with pytest.raises(ValueError, match="cost_scale must be a real number > 0, got 0.0"):
       routing.em(u, 3, cost_scale=0.0)
 
+  @pytest.mark.parametrize("r", [1, 3])
+  def test_final_e_step_matches_reference(self, r):
+    """final_e_step=True: the assignments are the posterior of an E-step after the last
+    M-step; poses and activations are unchanged."""
+    inputs = make_inputs((2, 6, 4, 3), seed=16)
+    posterior, default = jax.jit(
+      lambda inp: (call("em", inp, r, final_e_step=True), call("em", inp, r))
+    )(inputs)
+    want = reference("em", inputs, r, final_e_step=True)
+    for got, w in zip(posterior, want):
+      np.testing.assert_allclose(np.asarray(got), w, rtol=F32_RTOL, atol=F32_ATOL)
+    for field in ("poses", "activations"):
+      np.testing.assert_array_equal(getattr(posterior, field), getattr(default, field))
+    np.testing.assert_allclose(np.asarray(posterior.assignments).sum(-1), 1.0, rtol=1e-5)
+    if r == 1:  # without it, one iteration's assignments are the uniform start
+      np.testing.assert_allclose(default.assignments, 0.25, rtol=1e-6)
+      assert np.max(np.abs(np.asarray(posterior.assignments) - 0.25)) > 1e-2
+
   def test_initial_assignments_broadcast_and_default(self):
     """R0 given as [N_out] (or a full [..., N_in, N_out]) broadcasts; 1/N_out is the
     default, so passing it changes nothing; another R0 changes the result."""
@@ -522,7 +591,7 @@ class TestInvertedDotProduct:
       lambda x: np_inverted_one(x, 3, scale=1.0, ln_scale=g, ln_bias=b), inputs["u"]
     )
     for got, want in zip(res, ref):
-      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
+      np.testing.assert_allclose(np.asarray(got), want, rtol=F32_RTOL, atol=F32_ATOL)
     # The scale matters: the default 1/sqrt(D) result differs.
     default = routing.inverted_dot_product(inputs["u"], 3, ln_scale=g, ln_bias=b)
     assert not np.allclose(np.asarray(default.assignments), ref[2], atol=1e-3)
@@ -546,13 +615,57 @@ class TestInvertedDotProduct:
     )
     ref4 = per_example(lambda x: np_inverted_one(x, 4), u)
     for got, want in zip(resumed2, ref4):
-      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
+      np.testing.assert_allclose(np.asarray(got), want, rtol=F32_RTOL, atol=F32_ATOL)
     with pytest.raises(ValueError, match=r"parent_poses of shape \(4, 4\)"):
       routing.inverted_dot_product(u, 1, parent_poses=np.zeros((4, 4), np.float32))
 
   def test_bad_layer_norm_params(self):
+    u = make_inputs((6, 4, 3))["u"]
     with pytest.raises(ValueError, match=r"ln_scale of shape \(4,\)"):
-      routing.inverted_dot_product(make_inputs((6, 4, 3))["u"], 2, ln_scale=np.ones(4))
+      routing.inverted_dot_product(u, 2, ln_scale=np.ones(4))
+    with pytest.raises(ValueError, match="ln_bias .* needs layer_norm=True"):
+      routing.inverted_dot_product(u, 2, layer_norm=False, ln_bias=np.zeros(3))
+
+  def test_without_layer_norm_matches_reference(self):
+    """The paper's ablation: v_j = sum_i r_ij u_j|i, no normalisation."""
+    u = make_inputs((2, 6, 4, 3), seed=15)["u"]
+    res = jax.jit(
+      lambda x: [routing.inverted_dot_product(x, r, layer_norm=False) for r in ITERATIONS]
+    )(u)
+    for r, got in zip(ITERATIONS, res):
+      want = per_example(lambda x, r=r: np_inverted_one(x, r, layer_norm=False), u)
+      for x, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(x), w, rtol=F32_RTOL, atol=F32_ATOL)
+      # Not normalised: LayerNorm'd poses would have mean 0 over D.
+      assert np.max(np.abs(np.asarray(got.poses).mean(axis=-1))) > 1e-2
+
+
+class TestPredictAndRoute:
+  """`routing.predict_and_route(u, w)` is `routing.dynamic(einsum(u, w))` fused."""
+
+  @pytest.mark.parametrize("stop_gradient", [False, True])
+  @pytest.mark.parametrize("eps", [1e-7, 0.3])
+  def test_equals_dynamic_on_the_votes(self, stop_gradient, eps):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(17)
+      u = jnp.asarray(rng.standard_normal((2, 5, 3)) * 0.5)  # [B, N_in, D_in]
+      w = jnp.asarray(rng.standard_normal((5, 4, 3, 2)) * 0.5)  # [N_in, N_out, D_in, D_out]
+      cot = [jnp.asarray(rng.standard_normal(s)) for s in ((2, 4, 2), (2, 4), (2, 5, 4))]
+
+      def objective(fn):
+        f = lambda u, w: sum(jnp.sum(x * g) for x, g in zip(fn(u, w), cot))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+      kw = dict(stop_gradient=stop_gradient, eps=eps)
+      votes = lambda u, w: jnp.einsum("bni,nmio->bnmo", u, w)
+      fused = lambda u, w: routing.predict_and_route(u, w, 3, **kw)
+      expected = objective(lambda u, w: routing.dynamic(votes(u, w), 3, **kw))(u, w)
+      actual = objective(fused)(u, w)
+      # float64, the same sums in another order: rounding ~1e-15, far below 1e-10.
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), actual, expected
+      )
+      assert isinstance(fused(u, w), Routed)
 
 
 class TestSelfAttention:
@@ -617,7 +730,17 @@ class TestRegistryAndErrors:
   @pytest.mark.parametrize("algo", ALGORITHMS)
   @pytest.mark.parametrize(
     "bad, error",
-    [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError), (None, TypeError)],
+    [
+      (0, ValueError),
+      (-2, ValueError),
+      (np.int64(0), ValueError),
+      (1.5, TypeError),
+      (np.float64(2.0), TypeError),
+      (True, TypeError),
+      (np.bool_(True), TypeError),
+      (np.array(2), TypeError),
+      (None, TypeError),
+    ],
   )
   def test_bad_num_iterations(self, algo, bad, error):
     u = make_inputs((4, 3, 2))["u"]
@@ -626,7 +749,7 @@ class TestRegistryAndErrors:
 
   @pytest.mark.parametrize("algo", ALGORITHMS)
   def test_traced_num_iterations_raises(self, algo):
-    with pytest.raises(TypeError, match="static Python int"):
+    with pytest.raises(TypeError, match="static integer"):
       jax.jit(routing.get(algo))(make_inputs((4, 3, 2))["u"], 3)
 
   @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -635,3 +758,142 @@ class TestRegistryAndErrors:
       routing.get(algo)(jnp.ones((3, 4)), 2)
     with pytest.raises(TypeError, match="floating"):
       routing.get(algo)(jnp.ones((4, 3, 2), jnp.int32), 2)
+
+
+# ---------------------------------------------------------------------------------------
+# The keywords every algorithm shares: num_iterations, stop_gradient, eps.
+# ---------------------------------------------------------------------------------------
+
+
+def np_last_pass(algo, inputs, u, weights):
+  """(poses, activations) of one example's last pass from given routing weights [N_in,
+  N_out]: what `stop_gradient=True` differentiates."""
+  if algo == "dynamic":
+    return np_dynamic_last_pass(u, weights)
+  if algo == "em":
+    lam = EM_FINAL_LAMBDA * (1 - 0.95**3)  # λ of the third (last) iteration
+    mu, _, a_out = np_em_m_step(u, weights, inputs["a_in"], inputs["beta_u"], inputs["beta_a"], lam)
+    return mu, a_out
+  if algo == "inverted_dot_product":
+    return np_inverted_last_pass(u, weights)
+  return np_self_attention_last_pass(u, weights, inputs["log_prior"])
+
+
+@pytest.fixture(scope="module")
+def stop_gradient_grads():
+  """(inputs, gp, ga, {(algo, stop): (Routed, d/du of sum(poses gp) + sum(activations
+  ga))}) for one example of 3 iterations in float64, one jit compile."""
+  with jax.enable_x64(True):
+    inputs = make_inputs((4, 3, 4), seed=12, dtype=np.float64)
+    rng = np.random.default_rng(13)
+    gp, ga = rng.standard_normal((3, 4)), rng.standard_normal(3)
+
+    @jax.jit
+    def grads(inp):
+      out = {}
+      for algo in ALGORITHMS:
+        for stop in (False, True):
+
+          def f(u, algo=algo, stop=stop):
+            res = call(algo, {**inp, "u": u}, 3, stop_gradient=stop)
+            return jnp.sum(res.poses * gp) + jnp.sum(res.activations * ga), res
+
+          (_, res), g = jax.value_and_grad(f, has_aux=True)(inp["u"])
+          out[(algo, stop)] = (res, g)
+      return out
+
+    res = jax.tree.map(np.asarray, grads(inputs))
+  return inputs, gp, ga, res
+
+
+class TestSharedKeywords:
+  @pytest.mark.parametrize("algo", ALGORITHMS)
+  def test_signature(self, algo):
+    params = inspect.signature(routing.get(algo)).parameters
+    assert list(params)[:2] == ["u_hat", "num_iterations"]
+    for name in ("stop_gradient", "eps"):
+      assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+    assert params["stop_gradient"].default is False
+
+  @pytest.mark.parametrize("algo", ALGORITHMS)
+  def test_numpy_integer_iterations(self, algo):
+    """A NumPy int (np.arange's int64, np.int32, np.uint8) traces the same program as the
+    Python int, and gives the reference's values."""
+    inputs = make_inputs((2, 6, 4, 3), seed=11)
+    program = lambda r: str(jax.make_jaxpr(lambda inp: call(algo, inp, r))(inputs))
+    expected = program(3)
+    for r in (np.arange(4)[3], np.int32(3), np.uint8(3)):
+      assert program(r) == expected, type(r)
+    got = jax.jit(lambda inp: call(algo, inp, np.arange(4)[3]))(inputs)
+    for x, want in zip(got, reference(algo, inputs, 3)):
+      np.testing.assert_allclose(np.asarray(x), want, rtol=F32_RTOL, atol=F32_ATOL)
+    assert routing.check_iterations(np.int64(3)) == 3
+    assert type(routing.check_iterations(np.int64(3))) is int
+
+  def test_self_attention_ignores_num_iterations(self):
+    """One pass: every valid count is the same program."""
+    u = make_inputs((2, 6, 4, 3), seed=12)["u"]
+    program = lambda r: str(jax.make_jaxpr(lambda x: routing.self_attention(x, r))(u))
+    assert program(1) == program(5) == program(np.int64(2))
+    assert inspect.signature(routing.self_attention).parameters["num_iterations"].default == 1
+
+  @pytest.mark.parametrize("algo", ALGORITHMS)
+  @pytest.mark.parametrize("stop", [False, True], ids=["full", "stopped"])
+  def test_gradient_matches_numpy_finite_differences(self, stop_gradient_grads, algo, stop):
+    """Full: central differences of the NumPy routing. Stopped: the routing weights are
+    frozen at their NumPy values and only the last pass is differentiated."""
+    inputs, gp, ga, res = stop_gradient_grads
+    u0 = inputs["u"]
+    frozen = reference(algo, inputs, 3)[2]  # [N_in, N_out], the last pass's weights
+
+    def objective(u):
+      if stop:
+        poses, acts = np_last_pass(algo, inputs, u, frozen)
+      else:
+        poses, acts, _ = reference(algo, {**inputs, "u": u}, 3)
+      return np.sum(poses * gp) + np.sum(acts * ga)
+
+    h = 1e-6
+    fd = np.zeros_like(u0)
+    for idx in np.ndindex(u0.shape):
+      e = np.zeros_like(u0)
+      e[idx] = h
+      fd[idx] = (objective(u0 + e) - objective(u0 - e)) / (2 * h)
+    # float64 central differences: truncation ~h^2 |f'''| ≈ 1e-12, rounding
+    # ~2^-53 |f| / h ≈ 1e-9 for |f| <~ 10; atol = 1e-7 bounds both with margin.
+    np.testing.assert_allclose(res[(algo, stop)][1], fd, rtol=1e-6, atol=1e-7)
+
+  @pytest.mark.parametrize("algo", ALGORITHMS)
+  def test_stop_gradient_changes_grads_not_values(self, stop_gradient_grads, algo):
+    _, _, _, res = stop_gradient_grads
+    (full, g_full), (stopped, g_stop) = res[(algo, False)], res[(algo, True)]
+    # Same forward values, up to rounding: XLA schedules the two grad programs apart.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13), full, stopped)
+    # Far above the 1e-7 finite-difference tolerance: the test above tells them apart.
+    assert np.max(np.abs(g_full - g_stop)) > 1e-3
+
+  @pytest.mark.parametrize("algo", ["dynamic", "em", "inverted_dot_product"])
+  def test_stop_gradient_is_a_no_op_for_uniform_weights(self, algo):
+    """One iteration from zero parents: the weights are 1/N_out, whatever the votes."""
+    inputs = make_inputs((2, 6, 4, 3), seed=13)
+
+    def grad(stop):
+      res = lambda u: call(algo, {**inputs, "u": u}, 1, stop_gradient=stop)
+      return jax.grad(lambda u: sum(jnp.sum(jnp.sin(t)) for t in res(u)))(inputs["u"])
+
+    g_full, g_stop = jax.jit(lambda: (grad(False), grad(True)))()
+    np.testing.assert_array_equal(g_full, g_stop)
+
+  @pytest.mark.parametrize(
+    "algo,eps",
+    [("dynamic", 0.3), ("em", 0.05), ("inverted_dot_product", 0.3), ("self_attention", 0.3)],
+  )
+  def test_eps_matches_reference(self, algo, eps):
+    """Each algorithm's epsilon (squash and lengths, EM's variance floor, LayerNorm) is the
+    keyword `eps`; a large one moves the result where the reference says."""
+    inputs = make_inputs((2, 6, 4, 3), seed=14)
+    res = jax.jit(lambda inp: call(algo, inp, 3, eps=eps))(inputs)
+    want = reference(algo, inputs, 3, eps=eps)
+    for got, w in zip(res, want):
+      np.testing.assert_allclose(np.asarray(got), w, rtol=F32_RTOL, atol=F32_ATOL)
+    assert not np.allclose(want[0], reference(algo, inputs, 3)[0], atol=1e-3)
