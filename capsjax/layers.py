@@ -2,7 +2,7 @@
 and Efficient-CapsNet's BatchNorm and DepthwiseConv2D. (Matrix capsules: `capsjax.matrix_layers`.)
 
 `RoutedCaps` routes with any algorithm of `capsjax.routing` (`routing=` a name in
-`routing.ROUTINGS`); 'dynamic' takes the fast `caps_ops.predict_and_route` path.
+`routing.ROUTINGS`); 'dynamic' takes the fast `routing.predict_and_route` path.
 
 Why NNX: it is the API Flax points new users to, and its modules are plain Python
 objects researchers can subclass and poke at (`model.digit_caps.w[...]`). The training
@@ -211,7 +211,7 @@ class RoutedCaps(nnx.Module):
 
   `routing` names the algorithm (`routing.ROUTINGS`), and the layer holds its learned
   parameters:
-    'dynamic': none (the fast `caps_ops.predict_and_route` path);
+    'dynamic': none (the fast `routing.predict_and_route` path);
     'em': beta_u, beta_a [N_out] (zeros), and `em_final_lambda` (the λ schedule's limit);
     'inverted_dot_product': ln_scale [D_out] (ones), ln_bias [D_out] (zeros), the
       affine LayerNorm of the routing;
@@ -234,7 +234,7 @@ class RoutedCaps(nnx.Module):
     w_init=None,
     rngs: nnx.Rngs,
   ):
-    caps_ops.check_iterations(routing_iterations)  # fail at construction, not in jit.
+    routing_lib.check_iterations(routing_iterations)  # fail at construction, not in jit.
     routing_lib.get(routing)  # ValueError naming the valid ones.
     self.routing_iterations = routing_iterations
     self.stop_gradient = stop_gradient
@@ -280,32 +280,28 @@ class RoutedCaps(nnx.Module):
       assignments [B, N_in, N_out]).
     """
     fn = routing_lib.get(self.routing)
-    n = self.routing_iterations
+    n, sg = self.routing_iterations, self.stop_gradient
     if self.routing == "dynamic":
-      return fn(
-        u_hat,
-        n,
-        stop_gradient=self.stop_gradient,
-        bias=None if self.bias is None else self.bias[...],
-      )
+      return fn(u_hat, n, stop_gradient=sg, bias=None if self.bias is None else self.bias[...])
     if self.routing == "em":
       return fn(
         u_hat,
         n,
+        stop_gradient=sg,
         a_in=a_in,
         beta_u=self.beta_u[...],
         beta_a=self.beta_a[...],
         final_lambda=self.em_final_lambda,
       )
     if self.routing == "inverted_dot_product":
-      return fn(u_hat, n, ln_scale=self.ln_scale[...], ln_bias=self.ln_bias[...])
-    return fn(u_hat, n, log_prior=self.log_prior[...])
+      return fn(u_hat, n, stop_gradient=sg, ln_scale=self.ln_scale[...], ln_bias=self.ln_bias[...])
+    return fn(u_hat, n, stop_gradient=sg, log_prior=self.log_prior[...])
 
   def route(self, u: jax.Array, *, a_in: jax.Array | None = None) -> routing_lib.Routed:
     """u: [B, N_in, D_in] (a_in: [B, N_in] for EM) -> the routing's `routing.Routed`.
 
     The values of `route_votes(predictions(u), a_in=a_in)`. Dynamic routing without a
-    bias computes them with `caps_ops.predict_and_route`, which never builds u_hat in the
+    bias computes them with `routing.predict_and_route`, which never builds u_hat in the
     [B, N_in, N_out, D_out] layout (much faster forward and backward on CPU); with a
     bfloat16 dtype, u and W are rounded to bfloat16 and their products accumulated in
     float32, as in `predictions`. With a bias it takes the autodiff path: the
@@ -318,16 +314,12 @@ class RoutedCaps(nnx.Module):
     if self.routing != "dynamic" or self.bias is not None:
       return self.route_votes(self.predictions(u), a_in=a_in)
     f32 = jnp.float32
-    res = caps_ops.predict_and_route(
+    return routing_lib.predict_and_route(
       u.astype(self.dtype).astype(f32),
       self.w[...].astype(self.dtype).astype(f32),
       self.routing_iterations,
       stop_gradient=self.stop_gradient,
-      return_couplings=True,
     )
-    # The activations `routing.dynamic` gives: the capsule lengths.
-    lengths = caps_ops.capsule_lengths(res.v).astype(res.v.dtype)  # [B, N_out]
-    return routing_lib.Routed(poses=res.v, activations=lengths, assignments=res.c)
 
   def __call__(self, u: jax.Array, *, a_in: jax.Array | None = None) -> jax.Array:
     """u: [B, N_in, D_in] (a_in: [B, N_in] for EM) -> v: [B, N_out, D_out], the poses

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from capsjax import caps_ops
 from capsjax import conv as conv_lib
 from capsjax import routing as routing_lib
 
@@ -71,7 +70,7 @@ class _EMCaps(nnx.Module):
     dtype,
     rngs: nnx.Rngs,
   ):
-    caps_ops.check_iterations(routing_iterations)
+    routing_lib.check_iterations(routing_iterations)
     self.routing_iterations = routing_iterations
     self.final_lambda = float(final_lambda)
     self.dtype = jnp.dtype(dtype)

@@ -252,8 +252,8 @@ def routing_outputs():
   results = route_all(u_hats)
   return {
     (shape, r): (u, res_r)
-    for shape, u, res in zip(ROUTING_SHAPES, u_hats, results)
-    for r, res_r in zip(ROUTING_ITERATIONS, res)
+    for shape, u, res in zip(ROUTING_SHAPES, u_hats, results, strict=False)
+    for r, res_r in zip(ROUTING_ITERATIONS, res, strict=False)
   }
 
 
@@ -536,11 +536,16 @@ class TestPredictAndRoute:
     w = jnp.asarray(rng.standard_normal((6, 3, 4, 5)) * 0.1, jnp.float32)
 
     def value_and_grads(fn):
-      f = lambda u, w: jnp.sum(jnp.sin(fn(u, w)[0])) + jnp.sum(jnp.cos(fn(u, w)[1]))
+      def f(u, w):
+        return jnp.sum(jnp.sin(fn(u, w)[0])) + jnp.sum(jnp.cos(fn(u, w)[1]))
+
       return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(u, w)
 
     got = value_and_grads(lambda u, w: caps_ops.predict_and_route(u, w, 3, return_couplings=True))
-    r = lambda u, w: routing.predict_and_route(u, w, 3)
+
+    def r(u, w):
+      return routing.predict_and_route(u, w, 3)
+
     want = value_and_grads(lambda u, w: (r(u, w).poses, r(u, w).assignments))
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
@@ -577,7 +582,10 @@ class TestRoutingBias:
     with jax.enable_x64(True):
       u_hat = jnp.asarray(random_u_hat((2, 4, 3, 2), seed=5, dtype=np.float64))
       bias = jnp.asarray(random_u_hat((3, 2), seed=6, scale=0.3, dtype=np.float64))
-      f = lambda u, b: jnp.sum(jnp.sin(dynamic_routing(u, 3, bias=b)))
+
+      def f(u, b):
+        return jnp.sum(jnp.sin(dynamic_routing(u, 3, bias=b)))
+
       check_grads(f, (u_hat, bias), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
       # The bias gradient through the 3 iterations equals central differences of NumPy.
       g = jax.grad(f, argnums=1)(u_hat, bias)

@@ -300,9 +300,9 @@ def outputs():
   results = route_all(inputs)
   return {
     (algo, shape, r): (inp, res_r)
-    for algo, res_a in zip(ALGORITHMS, results)
-    for shape, inp, res_s in zip(SHAPES, inputs, res_a)
-    for r, res_r in zip(ITERATIONS, res_s)
+    for algo, res_a in zip(ALGORITHMS, results, strict=False)
+    for shape, inp, res_s in zip(SHAPES, inputs, res_a, strict=False)
+    for r, res_r in zip(ITERATIONS, res_s, strict=False)
   }
 
 
@@ -358,7 +358,7 @@ class TestAgainstNumPy:
     shape, r = (2, 3, 6, 4, 3), 3
     inputs, res = outputs[(algo, shape, r)]
     wrong = reference(algo, inputs, r, normalise_over="inputs")
-    for got, bad in zip((res.poses, res.assignments), (wrong[0], wrong[2])):
+    for got, bad in zip((res.poses, res.assignments), (wrong[0], wrong[2]), strict=False):
       assert not np.allclose(np.asarray(got), bad, rtol=F32_RTOL, atol=F32_ATOL)
 
   def test_dynamic_is_caps_ops_dynamic_routing(self):
@@ -426,7 +426,7 @@ class TestTransformsAndDtypes:
     # digits) and float32 arithmetic separate them.
     rounded = {k: np.asarray(v, np.float64) for k, v in bf.items()}
     ref = reference(algo, rounded, 3)
-    for got, want in zip(res, ref):
+    for got, want in zip(res, ref, strict=False):
       np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=1e-2)
 
   @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -436,7 +436,7 @@ class TestTransformsAndDtypes:
     assert all(x.dtype == np.float64 for x in res)
     ref = reference(algo, f64, 3)
     # The references share every epsilon: only float64 rounding separates them.
-    for got, want in zip(res, ref):
+    for got, want in zip(res, ref, strict=False):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
 
 
@@ -451,17 +451,29 @@ class TestGradients:
     with jax.enable_x64(True):
       inputs = make_inputs((2, 4, 3, 4), seed=7, dtype=np.float64)
       if algo == "em":
-        f = lambda u, a, bu, ba: routing.em(u, 3, a_in=a, beta_u=bu, beta_a=ba, final_lambda=1.0)
+
+        def f(u, a, bu, ba):
+          return routing.em(u, 3, a_in=a, beta_u=bu, beta_a=ba, final_lambda=1.0)
+
         args = (inputs["u"], inputs["a_in"], inputs["beta_u"], inputs["beta_a"])
       elif algo == "inverted_dot_product":
         d = inputs["u"].shape[-1]
-        f = lambda u, g, b: routing.inverted_dot_product(u, 3, ln_scale=g, ln_bias=b)
+
+        def f(u, g, b):
+          return routing.inverted_dot_product(u, 3, ln_scale=g, ln_bias=b)
+
         args = (inputs["u"], 1.0 + 0.1 * np.arange(d), 0.05 * np.arange(d))
       elif algo == "self_attention":
-        f = lambda u, b: routing.self_attention(u, 1, log_prior=b)
+
+        def f(u, b):
+          return routing.self_attention(u, 1, log_prior=b)
+
         args = (inputs["u"], inputs["log_prior"])
       else:
-        f = lambda u: routing.dynamic(u, 3)
+
+        def f(u):
+          return routing.dynamic(u, 3)
+
         args = (inputs["u"],)
       args = tuple(jnp.asarray(a) for a in args)
       check_grads(jax.jit(f), args, order=1, modes=["rev"])
@@ -518,7 +530,7 @@ class TestEM:
         inputs["u"],
         inputs["a_in"].astype(np.float64),
       )
-      for got, want in zip(res, ref):
+      for got, want in zip(res, ref, strict=False):
         np.testing.assert_allclose(np.asarray(got), want, rtol=F32_RTOL, atol=F32_ATOL)
 
   def test_inactive_inputs_do_not_move_the_poses(self):
@@ -556,7 +568,7 @@ class TestEM:
       lambda inp: (call("em", inp, r, final_e_step=True), call("em", inp, r))
     )(inputs)
     want = reference("em", inputs, r, final_e_step=True)
-    for got, w in zip(posterior, want):
+    for got, w in zip(posterior, want, strict=False):
       np.testing.assert_allclose(np.asarray(got), w, rtol=F32_RTOL, atol=F32_ATOL)
     for field in ("poses", "activations"):
       np.testing.assert_array_equal(getattr(posterior, field), getattr(default, field))
@@ -590,7 +602,7 @@ class TestInvertedDotProduct:
     ref = per_example(
       lambda x: np_inverted_one(x, 3, scale=1.0, ln_scale=g, ln_bias=b), inputs["u"]
     )
-    for got, want in zip(res, ref):
+    for got, want in zip(res, ref, strict=False):
       np.testing.assert_allclose(np.asarray(got), want, rtol=F32_RTOL, atol=F32_ATOL)
     # The scale matters: the default 1/sqrt(D) result differs.
     default = routing.inverted_dot_product(inputs["u"], 3, ln_scale=g, ln_bias=b)
@@ -614,7 +626,7 @@ class TestInvertedDotProduct:
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, three
     )
     ref4 = per_example(lambda x: np_inverted_one(x, 4), u)
-    for got, want in zip(resumed2, ref4):
+    for got, want in zip(resumed2, ref4, strict=False):
       np.testing.assert_allclose(np.asarray(got), want, rtol=F32_RTOL, atol=F32_ATOL)
     with pytest.raises(ValueError, match=r"parent_poses of shape \(4, 4\)"):
       routing.inverted_dot_product(u, 1, parent_poses=np.zeros((4, 4), np.float32))
@@ -632,9 +644,9 @@ class TestInvertedDotProduct:
     res = jax.jit(
       lambda x: [routing.inverted_dot_product(x, r, layer_norm=False) for r in ITERATIONS]
     )(u)
-    for r, got in zip(ITERATIONS, res):
+    for r, got in zip(ITERATIONS, res, strict=False):
       want = per_example(lambda x, r=r: np_inverted_one(x, r, layer_norm=False), u)
-      for x, w in zip(got, want):
+      for x, w in zip(got, want, strict=False):
         np.testing.assert_allclose(np.asarray(x), w, rtol=F32_RTOL, atol=F32_ATOL)
       # Not normalised: LayerNorm'd poses would have mean 0 over D.
       assert np.max(np.abs(np.asarray(got.poses).mean(axis=-1))) > 1e-2
@@ -653,12 +665,19 @@ class TestPredictAndRoute:
       cot = [jnp.asarray(rng.standard_normal(s)) for s in ((2, 4, 2), (2, 4), (2, 5, 4))]
 
       def objective(fn):
-        f = lambda u, w: sum(jnp.sum(x * g) for x, g in zip(fn(u, w), cot))
+        def f(u, w):
+          return sum(jnp.sum(x * g) for x, g in zip(fn(u, w), cot, strict=False))
+
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
       kw = dict(stop_gradient=stop_gradient, eps=eps)
-      votes = lambda u, w: jnp.einsum("bni,nmio->bnmo", u, w)
-      fused = lambda u, w: routing.predict_and_route(u, w, 3, **kw)
+
+      def votes(u, w):
+        return jnp.einsum("bni,nmio->bnmo", u, w)
+
+      def fused(u, w):
+        return routing.predict_and_route(u, w, 3, **kw)
+
       expected = objective(lambda u, w: routing.dynamic(votes(u, w), 3, **kw))(u, w)
       actual = objective(fused)(u, w)
       # float64, the same sums in another order: rounding ~1e-15, far below 1e-10.
@@ -698,7 +717,7 @@ class TestSelfAttention:
     u = make_inputs((2, 6, 4, 3), seed=10)["u"]
     res = jax.jit(lambda x: routing.self_attention(x, 1))(u)
     ref = per_example(np_self_attention_one, u)
-    for got, want in zip(res, ref):
+    for got, want in zip(res, ref, strict=False):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-6)
 
   def test_bad_log_prior(self):
@@ -820,12 +839,15 @@ class TestSharedKeywords:
     """A NumPy int (np.arange's int64, np.int32, np.uint8) traces the same program as the
     Python int, and gives the reference's values."""
     inputs = make_inputs((2, 6, 4, 3), seed=11)
-    program = lambda r: str(jax.make_jaxpr(lambda inp: call(algo, inp, r))(inputs))
+
+    def program(r):
+      return str(jax.make_jaxpr(lambda inp: call(algo, inp, r))(inputs))
+
     expected = program(3)
     for r in (np.arange(4)[3], np.int32(3), np.uint8(3)):
       assert program(r) == expected, type(r)
     got = jax.jit(lambda inp: call(algo, inp, np.arange(4)[3]))(inputs)
-    for x, want in zip(got, reference(algo, inputs, 3)):
+    for x, want in zip(got, reference(algo, inputs, 3), strict=False):
       np.testing.assert_allclose(np.asarray(x), want, rtol=F32_RTOL, atol=F32_ATOL)
     assert routing.check_iterations(np.int64(3)) == 3
     assert type(routing.check_iterations(np.int64(3))) is int
@@ -833,7 +855,10 @@ class TestSharedKeywords:
   def test_self_attention_ignores_num_iterations(self):
     """One pass: every valid count is the same program."""
     u = make_inputs((2, 6, 4, 3), seed=12)["u"]
-    program = lambda r: str(jax.make_jaxpr(lambda x: routing.self_attention(x, r))(u))
+
+    def program(r):
+      return str(jax.make_jaxpr(lambda x: routing.self_attention(x, r))(u))
+
     assert program(1) == program(5) == program(np.int64(2))
     assert inspect.signature(routing.self_attention).parameters["num_iterations"].default == 1
 
@@ -878,7 +903,9 @@ class TestSharedKeywords:
     inputs = make_inputs((2, 6, 4, 3), seed=13)
 
     def grad(stop):
-      res = lambda u: call(algo, {**inputs, "u": u}, 1, stop_gradient=stop)
+      def res(u):
+        return call(algo, {**inputs, "u": u}, 1, stop_gradient=stop)
+
       return jax.grad(lambda u: sum(jnp.sum(jnp.sin(t)) for t in res(u)))(inputs["u"])
 
     g_full, g_stop = jax.jit(lambda: (grad(False), grad(True)))()
@@ -894,6 +921,6 @@ class TestSharedKeywords:
     inputs = make_inputs((2, 6, 4, 3), seed=14)
     res = jax.jit(lambda inp: call(algo, inp, 3, eps=eps))(inputs)
     want = reference(algo, inputs, 3, eps=eps)
-    for got, w in zip(res, want):
+    for got, w in zip(res, want, strict=False):
       np.testing.assert_allclose(np.asarray(got), w, rtol=F32_RTOL, atol=F32_ATOL)
     assert not np.allclose(want[0], reference(algo, inputs, 3)[0], atol=1e-3)

@@ -37,7 +37,7 @@ class CapsNet(common.CapsuleModel):
   primary-capsule nonlinearity its authors use (`layers.PRIMARY_NONLINEARITY`), EM's
   sigmoid activation head and the routing's learned parameters (`layers.RoutedCaps`);
   `class_scores` says what the class scores are for each. `stop_gradient` applies to
-  dynamic routing only; `em_final_lambda` to EM only.
+  every routing (`capsjax.routing`); `em_final_lambda` to EM only.
   """
 
   def __init__(

@@ -142,7 +142,7 @@ def check_shared(
     )
   routing = check_routing(routing, allowed)
   with errors.config_field("model.routing_iterations"):
-    caps_ops.check_iterations(routing_iterations)  # fail at construction, not in jit.
+    routing_lib.check_iterations(routing_iterations)  # fail at construction, not in jit.
   if init not in layers.INITS:
     raise errors.ConfigError(f"config.model.init: must be one of {layers.INITS}, got {init!r}")
   if (
