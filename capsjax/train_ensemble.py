@@ -212,9 +212,7 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     # The jitted steps and the loop that advances them.
     # --------------------------------------------------------------------------------------
     train_fn, eval_fn = ensemble.make_ensemble_steps(graphdef, configs, spe, mesh)
-    weights = [
-      ensemble.Members.from_configs(configs, spe).member_weights(k) for k in range(len(configs))
-    ]
+    weights = ensemble.Members.from_configs(configs, spe).weights
 
     def evaluate(state, images, labels) -> list[dict[str, float]]:
       return ensemble.evaluate(
