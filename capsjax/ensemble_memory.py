@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -137,3 +138,28 @@ def check_fits(fit: MemoryFit, num: int) -> None:
     f"more than {fit.available / gib:.2f} GiB ({fit.where}); at most {fit.max_members} "
     f"members fit: train fewer seeds per run (config.seeds) or a smaller batch_size"
   )
+
+
+def check_members_fit(graphdef, config, state_single, image_shape, num: int, mesh) -> None:
+  """Refuses, in one line, `num` members whose train step would not fit a device's memory.
+
+  Only where the device reports its memory (GPU, TPU): on a CPU the step uses host RAM.
+  One compile, of a one-member step: K members are planned at K times its memory (the
+  parameters, optimizer state, batch and activations all grow with K), an upper bound
+  that costs one compile where `memory_fit` costs two.
+
+  Args:
+    state_single: one member's state; image_shape: (H, W, C).
+  """
+  device = jax.devices()[0]
+  total = (device.memory_stats() or {}).get("bytes_limit")
+  if not total:
+    return
+  one = estimate_memory(graphdef, config, state_single, (config.batch_size, *image_shape), 1, mesh)
+  fit = MemoryFit(
+    one, one, int(total * MEMORY_FRACTION), f"{MEMORY_FRACTION:.0%} of {device.device_kind} memory"
+  )
+  logging.info(
+    "ensemble memory: %.2f GiB per member, %.2f GiB available", one / 2**30, fit.available / 2**30
+  )
+  check_fits(fit, num)

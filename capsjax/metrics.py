@@ -24,7 +24,7 @@ import errno
 import math
 import os
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -390,3 +390,44 @@ def first_non_finite(values: Mapping[str, float]) -> tuple[str, float] | None:
     if k in values and not math.isfinite(values[k]):
       return k, float(values[k])
   return None
+
+
+_AGGREGATED = ("final_test_accuracy", "selected_test_accuracy", "best_test_accuracy")
+
+
+def aggregate_summaries(summaries: Sequence[dict], *, names: Sequence[str]) -> dict[str, Any]:
+  """The members' summaries and, per accuracy, their mean and sample standard deviation."""
+  out: dict[str, Any] = {"members": dict(zip(names, summaries, strict=True))}
+  for key in _AGGREGATED:
+    values = [s[key] for s in summaries if key in s and not math.isnan(s[key])]
+    if values:
+      out[key] = {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+      }
+  out["wall_s"] = max((s.get("wall_s", 0.0) for s in summaries), default=0.0)
+  return out
+
+
+def format_aggregate(summary: dict) -> str:
+  """A table of the members' test accuracies, then mean ± std over members."""
+
+  def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+  def mean_std(a) -> str:
+    return "-" if a is None else f"{100 * a['mean']:.2f}±{100 * a['std']:.2f}"
+
+  lines = [f"{'member':<14} {'final':>8} {'selected':>9} {'best on test':>13}"]
+  for name, s in summary["members"].items():
+    note = f"  ({s['stopped']})" if "stopped" in s else ""
+    lines.append(
+      f"{name:<14} {pct(s.get('final_test_accuracy')):>8} "
+      f"{pct(s.get('selected_test_accuracy')):>9} {pct(s.get('best_test_accuracy')):>13}{note}"
+    )
+  final, selected, best = (mean_std(summary.get(k)) for k in _AGGREGATED)
+  lines.append(f"{'mean ± std':<14} {final:>8} {selected:>9} {best:>13}")
+  m, s = divmod(summary["wall_s"], 60)
+  lines.append(f"wall time {int(m)} min {s:.0f} s")
+  return "\n".join(lines)

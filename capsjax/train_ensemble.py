@@ -86,11 +86,13 @@ def train_seeds(config, workdir: str) -> dict[str, Any]:
     workdir_lib.check_config(config, workdir)
     dirs = [os.path.join(workdir, member_name(c.seed)) for c in configs]
     summaries = train_ensemble(configs, dirs)
-    summary = aggregate(summaries, names=[member_name(c.seed) for c in configs])
+    summary = metrics_lib.aggregate_summaries(
+      summaries, names=[member_name(c.seed) for c in configs]
+    )
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-      print(format_aggregate(summary), flush=True)
+      print(metrics_lib.format_aggregate(summary), flush=True)
     return summary
 
 
@@ -162,7 +164,9 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
   graphdef, stacked, aug_keys = ensemble.init_members(configs, info, spe)
   init_states = [ensemble.member_state(stacked, m) for m in range(len(configs))]
   num_params = models.count_params(nnx.merge(graphdef, init_states[0])[0])
-  _check_memory(graphdef, config, init_states[0], info, len(configs), mesh)
+  ensemble_memory.check_members_fit(
+    graphdef, config, init_states[0], info.image_shape, len(configs), mesh
+  )
   if is_main:
     print(
       f"CapsNet ensemble: {len(configs)} members ({', '.join(map(os.path.basename, dirs))}), "
@@ -477,75 +481,3 @@ def _preempted(members: list[_Member], step: int, steps_per_epoch: int, signum):
     f"member saved a checkpoint under {where}. Rerun the same command to resume (exit code "
     f"{processes.PREEMPTED_EXIT_CODE})"
   )
-
-
-def _check_memory(graphdef, config, state_single, info, num: int, mesh) -> None:
-  """Refuses, in one line, an ensemble whose train step would not fit a device's memory.
-
-  Only where the device reports its memory (GPU, TPU): on a CPU the step uses host RAM.
-  One compile, of a one-member step: K members are planned at K times its memory (the
-  parameters, optimizer state, batch and activations all grow with K), an upper bound.
-  """
-  total = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-  if not total:
-    return
-  one = ensemble_memory.estimate_memory(
-    graphdef, config, state_single, (config.batch_size, *info.image_shape), 1, mesh
-  )
-  fit = ensemble_memory.MemoryFit(
-    one,
-    one,
-    int(total * ensemble_memory.MEMORY_FRACTION),
-    f"{ensemble_memory.MEMORY_FRACTION:.0%} of {jax.devices()[0].device_kind} memory",
-  )
-  logging.info(
-    "ensemble memory: %.2f GiB for K=1, %.2f GiB per further member, %.2f GiB available",
-    fit.first / 2**30,
-    fit.per_member / 2**30,
-    fit.available / 2**30,
-  )
-  ensemble_memory.check_fits(fit, num)
-
-
-# ------------------------------------------------------------------------------------------
-# The ensemble's summary.
-# ------------------------------------------------------------------------------------------
-_AGGREGATED = ("final_test_accuracy", "selected_test_accuracy", "best_test_accuracy")
-
-
-def aggregate(summaries: Sequence[dict], *, names: Sequence[str]) -> dict[str, Any]:
-  """The members' summaries and, per accuracy, their mean and sample standard deviation."""
-  out: dict[str, Any] = {"members": dict(zip(names, summaries, strict=True))}
-  for key in _AGGREGATED:
-    values = [s[key] for s in summaries if key in s and not math.isnan(s[key])]
-    if values:
-      out[key] = {
-        "mean": float(np.mean(values)),
-        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-        "n": len(values),
-      }
-  out["wall_s"] = max((s.get("wall_s", 0.0) for s in summaries), default=0.0)
-  return out
-
-
-def format_aggregate(summary: dict) -> str:
-  """A table of the members' test accuracies, then mean ± std over members."""
-
-  def pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-  def mean_std(a) -> str:
-    return "-" if a is None else f"{100 * a['mean']:.2f}±{100 * a['std']:.2f}"
-
-  lines = [f"{'member':<14} {'final':>8} {'selected':>9} {'best on test':>13}"]
-  for name, s in summary["members"].items():
-    note = f"  ({s['stopped']})" if "stopped" in s else ""
-    lines.append(
-      f"{name:<14} {pct(s.get('final_test_accuracy')):>8} "
-      f"{pct(s.get('selected_test_accuracy')):>9} {pct(s.get('best_test_accuracy')):>13}{note}"
-    )
-  final, selected, best = (mean_std(summary.get(k)) for k in _AGGREGATED)
-  lines.append(f"{'mean ± std':<14} {final:>8} {selected:>9} {best:>13}")
-  m, s = divmod(summary["wall_s"], 60)
-  lines.append(f"wall time {int(m)} min {s:.0f} s")
-  return "\n".join(lines)

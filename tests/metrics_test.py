@@ -182,3 +182,12 @@ def test_select_prefers_the_earliest_best():
   ]
   assert metrics.select(history, "val")["epoch"] == 2
   assert metrics.select(history, "test") is None
+
+
+def test_aggregate_mean_and_sample_std():
+  summaries = [{"final_test_accuracy": a, "wall_s": w} for a, w in ((0.9, 3), (0.8, 5), (0.7, 4))]
+  out = metrics.aggregate_summaries(summaries, names=["a", "b", "c"])
+  assert out["final_test_accuracy"]["mean"] == pytest.approx(0.8)
+  assert out["final_test_accuracy"]["std"] == pytest.approx(0.1)  # sqrt(0.02 / 2)
+  assert out["wall_s"] == 5
+  assert "mean ± std" in metrics.format_aggregate(out)

@@ -583,9 +583,12 @@ def test_shared_children_routing_check_grads_float64():
   with jax.enable_x64(True):
     votes = jnp.asarray(rng.normal(0, 0.5, (2, 2, 2, 8, 3, 4)))  # [B, H', W', N, T_out, D]
     a_in = jnp.asarray(rng.uniform(0.1, 0.9, (2, 2, 2, 8)))
-    f = lambda v, a, bu: routing.em(
-      v, 3, a_in=a, beta_u=bu, final_lambda=1.0, normalise=normalise, initial_assignments=r0
-    )
+
+    def f(v, a, bu):
+      return routing.em(
+        v, 3, a_in=a, beta_u=bu, final_lambda=1.0, normalise=normalise, initial_assignments=r0
+      )
+
     check_grads(jax.jit(f), (votes, a_in, jnp.asarray([0.1, -0.2, 0.3])), order=1, modes=["rev"])
     # Each child's assignments, over all cells and parents that see it, sum to 1.
     r = np.asarray(f(votes, a_in, jnp.zeros(3)).assignments)  # [B, 2, 2, 8, 3]

@@ -167,12 +167,3 @@ def test_bad_seeds_are_one_line_errors(tmp_path, seeds, message):
 def test_keep_checkpoints_below_two_is_refused(tmp_path):
   with pytest.raises(errors.ConfigError, match="keep_checkpoints=1"):
     main.run(_config(seeds="0,1", keep_checkpoints=1), str(tmp_path / "w"))
-
-
-def test_aggregate_mean_and_sample_std():
-  summaries = [{"final_test_accuracy": a, "wall_s": w} for a, w in ((0.9, 3), (0.8, 5), (0.7, 4))]
-  out = train_ensemble.aggregate(summaries, names=["a", "b", "c"])
-  assert out["final_test_accuracy"]["mean"] == pytest.approx(0.8)
-  assert out["final_test_accuracy"]["std"] == pytest.approx(0.1)  # sqrt(0.02 / 2)
-  assert out["wall_s"] == 5
-  assert "mean ± std" in train_ensemble.format_aggregate(out)

@@ -8,6 +8,7 @@ steps, analysis and checkpoints rely on.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import numbers
 from typing import Sequence
@@ -206,7 +207,7 @@ def make_decoder(
   )
 
 
-class CapsuleModel(nnx.Module):
+class CapsuleModel(nnx.Module, metaclass=abc.ABCMeta):
   """Base of every architecture. Call as `model(images, labels=None)`.
 
   A subclass sets `image_shape` (H, W, C), `routing`, `decoder` (a `layers.Decoder` or
@@ -221,10 +222,10 @@ class CapsuleModel(nnx.Module):
         f"model, got {tuple(images.shape)}"
       )
 
+  @abc.abstractmethod
   def routed(self, images: jax.Array) -> routing_lib.Routed:
     """images [B, H, W, C] -> the class capsules' `routing.Routed`: poses
     [B, N_out, D_out], activations [B, N_out], assignments [B, N_in, N_out]."""
-    raise NotImplementedError
 
   def class_scores(self, routed: routing_lib.Routed) -> jax.Array:
     """The [B, N_out] float32 class scores in (0, 1) the class loss reads.
