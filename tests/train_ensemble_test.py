@@ -167,3 +167,22 @@ def test_bad_seeds_are_one_line_errors(tmp_path, seeds, message):
 def test_keep_checkpoints_below_two_is_refused(tmp_path):
   with pytest.raises(errors.ConfigError, match="keep_checkpoints=1"):
     main.run(_config(seeds="0,1", keep_checkpoints=1), str(tmp_path / "w"))
+
+
+def test_a_member_that_stops_early_stops_where_its_single_run_does(mock, tmp_path):
+  del mock
+  overrides = dict(num_epochs=4, early_stop_epochs=1)
+  summary = _ensemble(str(tmp_path / "ens"), **overrides)
+  for seed in (0, 1):
+    single = str(tmp_path / f"single{seed}")
+    s = train.train_and_evaluate(_config(seed=seed, **overrides), single)
+    m = summary["members"][f"seed-{seed}"]
+    assert m["early_stopped"] == s["early_stopped"]
+    assert m["step"] == s["step"]
+    member = str(tmp_path / "ens" / f"seed-{seed}")
+    assert [r["epoch"] for r in _rows(os.path.join(member, "epochs.csv"))] == [
+      r["epoch"] for r in _rows(os.path.join(single, "epochs.csv"))
+    ]
+  assert any(summary["members"][f"seed-{s}"]["early_stopped"] for s in (0, 1)), (
+    "the test needs a member that stops early: change the overrides"
+  )
