@@ -24,7 +24,8 @@ One run per (recipe, combination of --sweep values, seed), trained by
 runs and resumes unfinished ones from their latest checkpoint. With --parallel, the runs
 whose configs differ only in `capsjax.ensemble.packable_fields()` (seed, optim rates,
 loss weights) train together through `capsjax.train_ensemble.train_ensemble`
-(--max_members caps a pack), into the same directories with the same contents.
+(--max_members caps a pack), each into its run's directory, written as the single run
+writes it.
 `experiments.routing_sweep` is the routing-iteration shortcut with coupling entropies.
 
 Written into WORKDIR:
@@ -50,7 +51,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -58,6 +59,7 @@ from absl import logging
 from capsjax import ensemble
 from capsjax import errors
 from capsjax import metrics as metrics_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax.run import config as run_config
 from capsjax import train
 from capsjax import train_ensemble as train_ensemble_lib
@@ -298,18 +300,30 @@ def run_row(run: Run, summary: dict, skipped: bool, record: dict) -> dict:
   return row
 
 
-def run_one(config, workdir: str, recipe: str, values: dict, seed: int) -> dict:
-  """Trains (or skips/resumes) one run and returns its RUN_FIELDS row."""
-  run = make_run(config, workdir, recipe, values, seed)
+def train_run(run: Run) -> dict:
+  """Trains (or skips/resumes) `run` alone and returns its RUN_FIELDS row."""
   record = _read_record(run.workdir)
   summary, skipped = train_or_skip(run.config, run.workdir, record)
   write_json(os.path.join(run.workdir, RUN_JSON), record)
   return run_row(run, summary, skipped, record)
 
 
+def run_one(config, workdir: str, recipe: str, values: dict, seed: int) -> dict:
+  """Trains (or skips/resumes) one run and returns its RUN_FIELDS row."""
+  return train_run(make_run(config, workdir, recipe, values, seed))
+
+
 # ----------------------------------------------------------------------------------------
 # --parallel: runs that differ only in per-member fields train as one ensemble.
 # ----------------------------------------------------------------------------------------
+def saved_steps(rdir: str) -> frozenset[int]:
+  """The steps of the checkpoints in `rdir`; {0} for none (a run starts at step 0)."""
+  if not os.path.isdir(os.path.join(rdir, ckpt_lib.CKPT_DIR)):
+    return frozenset({0})
+  with ckpt_lib.Checkpointer(rdir, read_only=True) as c:
+    return frozenset(c.all_steps()) or frozenset({0})
+
+
 def _packable(a, b) -> bool:
   try:
     ensemble.check_packable([a, b])
@@ -318,16 +332,32 @@ def _packable(a, b) -> bool:
   return True
 
 
-def pack(runs: Sequence[Run], max_members: int | None = None) -> list[list[Run]]:
+def pack(
+  runs: Sequence[Run],
+  max_members: int | None = None,
+  saved: Mapping[str, frozenset[int]] | None = None,
+) -> list[list[Run]]:
   """Splits `runs` into packs that `ensemble.check_packable` accepts, in first-seen order.
 
   "Differs only in `ensemble.packable_fields()`" is an equivalence, so a run joins the
-  first pack whose first run it packs with (and that holds fewer than `max_members`).
+  first pack whose first run it packs with, that holds fewer than `max_members`, and
+  whose members can all resume from one step: `train_ensemble` resumes a pack at the
+  oldest of its members' latest steps, which each must have saved ({0}: never started).
+  `saved`: {run directory: its `saved_steps`}; None: every run starts afresh.
   """
+
+  def steps(run: Run) -> frozenset[int]:
+    return saved[run.workdir] if saved else frozenset({0})
+
   packs: list[list[Run]] = []
   for run in runs:
     for p in packs:
-      if (max_members is None or len(p) < max_members) and _packable(p[0].config, run.config):
+      common = min(max(steps(r)) for r in (*p, run))
+      if (
+        (max_members is None or len(p) < max_members)
+        and _packable(p[0].config, run.config)
+        and all(common in steps(r) for r in (*p, run))
+      ):
         p.append(run)
         break
     else:
@@ -373,10 +403,11 @@ def train_packs(packs: Sequence[Sequence[Run]]) -> dict[str, tuple[dict, bool, d
 def run_parallel(runs: Sequence[Run], *, max_members: int | None = None) -> list[dict]:
   """The RUN_FIELDS rows of `runs` (in their order), the unfinished ones trained in packs.
 
-  Finished runs are skipped as in `run_one`, and only the unfinished ones are packed: a
+  Finished runs are skipped as in `train_run`, and only the unfinished ones are packed: a
   finished member would otherwise go back to the pack's common resume step and retrain.
-  Unfinished members resume as `train_ensemble` resumes (the newest step all have saved:
-  from scratch if one never saved), which is exact but may redo a killed run's epochs.
+  Unfinished runs pack only with runs that can resume from the same step (`pack`): the
+  members of a killed --parallel sweep saved together and pack again, exactly; a run
+  killed in a sequential sweep resumes alone rather than restart beside fresh runs.
   """
   done, todo = {}, []
   for run in runs:
@@ -385,7 +416,7 @@ def run_parallel(runs: Sequence[Run], *, max_members: int | None = None) -> list
       todo.append(run)
     else:
       done[run.workdir] = (summary, True, _read_record(run.workdir))
-  packs = pack(todo, max_members)
+  packs = pack(todo, max_members, {r.workdir: saved_steps(r.workdir) for r in todo})
   for p in packs:
     if len(p) > 1 and p[0].config.keep_checkpoints < 2:
       raise errors.ConfigError(
@@ -648,7 +679,7 @@ def run_sweep(
   else:
     rows = []
     for run in runs:
-      rows.append(run_one(run.config, workdir, run.recipe, run.values, run.seed))
+      rows.append(train_run(run))
       _log_row(rows[-1])
   results = summarize(rows, published)
   write_csv(os.path.join(workdir, "runs.csv"), RUN_FIELDS, rows)
