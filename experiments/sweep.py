@@ -375,7 +375,7 @@ def train_packs(packs: Sequence[Sequence[Run]]) -> dict[str, tuple[dict, bool, d
   out = {}
   for p in packs:
     records = [_read_record(r.workdir) for r in p]
-    if len(p) == 1:
+    if len(p) == 1:  # nothing to share a program with: the single run's own program.
       summaries = [train_or_skip(p[0].config, p[0].workdir, records[0])[0]]
     else:
       logging.info("training %d runs as one ensemble: %s", len(p), [r.workdir for r in p])
