@@ -12,15 +12,25 @@ r"""Sweep any config fields x seeds over one or more recipes, then a results tab
   python -m experiments.sweep \
       --recipes=configs/fashion.py:smoke,configs/capsnet_fashion_mnist.py:smoke \
       --set=num_epochs=1 --seeds=0,1 --workdir=/tmp/sweep_smoke
+  # 3 seeds x 2 learning rates x 2 iteration counts as 2 ensembles of 6 runs (one per
+  # iteration count: it changes the program), each trained as one jitted program:
+  python -m experiments.sweep --recipes=configs/fashion.py:quick --parallel \
+      --sweep=optim.learning_rate=0.001,0.003 --sweep=model.routing_iterations=1,3 \
+      --seeds=0,1,2 --workdir=runs/packed
 
 One run per (recipe, combination of --sweep values, seed), trained by
 `capsjax.train.train_and_evaluate` (the code behind `capsjax.main`) in
 `WORKDIR/<recipe>__<field>=<value>...__seed<S>/`. Rerunning the command skips finished
-runs and resumes unfinished ones from their latest checkpoint.
+runs and resumes unfinished ones from their latest checkpoint. With --parallel, the runs
+whose configs differ only in `capsjax.ensemble.packable_fields()` (seed, optim rates,
+loss weights) train together through `capsjax.train_ensemble.train_ensemble`
+(--max_members caps a pack), each into its run's directory, written as the single run
+writes it.
 `experiments.routing_sweep` is the routing-iteration shortcut with coupling entropies.
 
 Written into WORKDIR:
-  runs.csv          one row per run (RUN_FIELDS)
+  runs.csv          one row per run (RUN_FIELDS); a packed run's wall_s is its share of
+                    its ensemble's wall time
   results.csv/.md   one row per (recipe, sweep values): mean and std over seeds of the
                     final, validation-selected and best-on-test test accuracies, with the
                     recipe's published figure beside it
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -40,15 +51,18 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
 
+from capsjax import ensemble
 from capsjax import errors
 from capsjax import metrics as metrics_lib
+from capsjax.run import checkpoint as ckpt_lib
 from capsjax.run import config as run_config
 from capsjax import train
+from capsjax import train_ensemble as train_ensemble_lib
 
 RUN_FIELDS = (
   "recipe",
@@ -206,14 +220,22 @@ def images_per_second(rdir: str) -> float:
   return statistics.median(vals) if vals else float("nan")
 
 
+def finished_summary(cfg, rdir: str) -> dict | None:
+  """The summary.json of `rdir` (current column names) if it holds a finished run of `cfg`."""
+  if not is_finished(cfg, rdir):
+    return None
+  logging.info("finished run in %s, skipped", rdir)
+  return metrics_lib.current_names(read_json(os.path.join(rdir, "summary.json")))
+
+
 def train_or_skip(cfg, rdir: str, record: dict) -> tuple[dict, bool]:
   """Trains `cfg` in `rdir` unless finished there; adds the call's wall time to `record`.
 
   Returns (summary, skipped).
   """
-  if is_finished(cfg, rdir):
-    logging.info("finished run in %s, skipped", rdir)
-    return metrics_lib.current_names(read_json(os.path.join(rdir, "summary.json"))), True
+  summary = finished_summary(cfg, rdir)
+  if summary is not None:
+    return summary, True
   logging.info("training in %s", rdir)
   t0 = time.time()
   summary = train.train_and_evaluate(cfg, rdir)
@@ -239,27 +261,172 @@ def run_dir(workdir: str, recipe: str, values: dict, seed: int) -> str:
   return os.path.join(workdir, re.sub(r"[^\w.=+-]", "_", "__".join(parts)))
 
 
-def run_one(config, workdir: str, recipe: str, values: dict, seed: int) -> dict:
-  """Trains (or skips/resumes) one run and returns its RUN_FIELDS row."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a sweep: its config (fields and seed set), directory and table labels."""
+
+  config: Any
+  workdir: str
+  recipe: str
+  values: dict
+  seed: int
+
+
+def make_run(config, workdir: str, recipe: str, values: dict, seed: int) -> Run:
+  """The run of `config` with the sweep `values` and `seed`, in its `run_dir`."""
   cfg = config.copy_and_resolve_references()
   for field, value in values.items():
     run_config.set_field(cfg, field, value)
   cfg.seed = int(seed)
-  rdir = run_dir(workdir, recipe, values, seed)
-  record = read_json(os.path.join(rdir, RUN_JSON)) or {"wall_s": 0.0, "calls": []}
-  summary, skipped = train_or_skip(cfg, rdir, record)
-  write_json(os.path.join(rdir, RUN_JSON), record)
+  return Run(cfg, run_dir(workdir, recipe, values, seed), recipe, values, seed)
+
+
+def _read_record(rdir: str) -> dict:
+  return read_json(os.path.join(rdir, RUN_JSON)) or {"wall_s": 0.0, "calls": []}
+
+
+def run_row(run: Run, summary: dict, skipped: bool, record: dict) -> dict:
+  """The RUN_FIELDS row of `run` from its summary and its sweep_run.json record."""
   row = {k: summary.get(k) for k in RUN_FIELDS if k in summary}
   row.update(
-    recipe=recipe,
-    values=_label(values),
-    seed=seed,
-    images_per_s=images_per_second(rdir),
+    recipe=run.recipe,
+    values=_label(run.values),
+    seed=run.seed,
+    images_per_s=images_per_second(run.workdir),
     wall_s=record["wall_s"],
     skipped=skipped,
-    workdir=rdir,
+    workdir=run.workdir,
   )
   return row
+
+
+def train_run(run: Run) -> dict:
+  """Trains (or skips/resumes) `run` alone and returns its RUN_FIELDS row."""
+  record = _read_record(run.workdir)
+  summary, skipped = train_or_skip(run.config, run.workdir, record)
+  write_json(os.path.join(run.workdir, RUN_JSON), record)
+  return run_row(run, summary, skipped, record)
+
+
+def run_one(config, workdir: str, recipe: str, values: dict, seed: int) -> dict:
+  """Trains (or skips/resumes) one run and returns its RUN_FIELDS row."""
+  return train_run(make_run(config, workdir, recipe, values, seed))
+
+
+# ----------------------------------------------------------------------------------------
+# --parallel: runs that differ only in per-member fields train as one ensemble.
+# ----------------------------------------------------------------------------------------
+def saved_steps(rdir: str) -> frozenset[int]:
+  """The steps of the checkpoints in `rdir`; {0} for none (a run starts at step 0)."""
+  if not os.path.isdir(os.path.join(rdir, ckpt_lib.CKPT_DIR)):
+    return frozenset({0})
+  with ckpt_lib.Checkpointer(rdir, read_only=True) as c:
+    return frozenset(c.all_steps()) or frozenset({0})
+
+
+def _packable(a, b) -> bool:
+  try:
+    ensemble.check_packable([a, b])
+  except errors.ConfigError:
+    return False
+  return True
+
+
+def pack(
+  runs: Sequence[Run],
+  max_members: int | None = None,
+  saved: Mapping[str, frozenset[int]] | None = None,
+) -> list[list[Run]]:
+  """Splits `runs` into packs that `ensemble.check_packable` accepts, in first-seen order.
+
+  "Differs only in `ensemble.packable_fields()`" is an equivalence, so a run joins the
+  first pack whose first run it packs with, that holds fewer than `max_members`, and
+  whose members can all resume from one step: `train_ensemble` resumes a pack at the
+  oldest of its members' latest steps, which each must have saved ({0}: never started).
+  `saved`: {run directory: its `saved_steps`}; None: every run starts afresh.
+  """
+
+  def steps(run: Run) -> frozenset[int]:
+    return saved[run.workdir] if saved else frozenset({0})
+
+  packs: list[list[Run]] = []
+  for run in runs:
+    for p in packs:
+      common = min(max(steps(r)) for r in (*p, run))
+      if (
+        (max_members is None or len(p) < max_members)
+        and _packable(p[0].config, run.config)
+        and all(common in steps(r) for r in (*p, run))
+      ):
+        p.append(run)
+        break
+    else:
+      packs.append([run])
+  return packs
+
+
+def train_packs(packs: Sequence[Sequence[Run]]) -> dict[str, tuple[dict, bool, dict]]:
+  """Trains each pack as one `train_ensemble` call (one run alone: `train_or_skip`).
+
+  Returns {run directory: (summary, skipped, sweep_run.json record)}. A member's wall time
+  is its share of the ensemble's (wall / members), so 'wall / run' stays the cost of a run
+  and the runs' times add up to the sweep's.
+  """
+  out = {}
+  for p in packs:
+    records = [_read_record(r.workdir) for r in p]
+    if len(p) == 1:  # nothing to share a program with: the single run's own program.
+      summaries = [train_or_skip(p[0].config, p[0].workdir, records[0])[0]]
+    else:
+      logging.info("training %d runs as one ensemble: %s", len(p), [r.workdir for r in p])
+      t0 = time.time()
+      summaries = train_ensemble_lib.train_ensemble([r.config for r in p], [r.workdir for r in p])
+      wall = time.time() - t0
+      for record, summary in zip(records, summaries, strict=True):
+        record["wall_s"] = float(record.get("wall_s", 0.0)) + wall / len(p)
+        record.setdefault("calls", []).append(
+          {
+            "wall_s": wall / len(p),
+            "ensemble_wall_s": wall,
+            "members": len(p),
+            "end_step": int(summary["step"]),
+            "host": platform.node(),
+            "finished": time.strftime("%F %T"),
+          }
+        )
+    for run, summary, record in zip(p, summaries, records, strict=True):
+      write_json(os.path.join(run.workdir, RUN_JSON), record)
+      out[run.workdir] = (summary, False, record)
+  return out
+
+
+def run_parallel(runs: Sequence[Run], *, max_members: int | None = None) -> list[dict]:
+  """The RUN_FIELDS rows of `runs` (in their order), the unfinished ones trained in packs.
+
+  Finished runs are skipped as in `train_run`, and only the unfinished ones are packed: a
+  finished member would otherwise go back to the pack's common resume step and retrain.
+  Unfinished runs pack only with runs that can resume from the same step (`pack`): the
+  members of a killed --parallel sweep saved together and pack again, exactly; a run
+  killed in a sequential sweep resumes alone rather than restart beside fresh runs.
+  """
+  done, todo = {}, []
+  for run in runs:
+    summary = finished_summary(run.config, run.workdir)
+    if summary is None:
+      todo.append(run)
+    else:
+      done[run.workdir] = (summary, True, _read_record(run.workdir))
+  packs = pack(todo, max_members, {r.workdir: saved_steps(r.workdir) for r in todo})
+  for p in packs:
+    if len(p) > 1 and p[0].config.keep_checkpoints < 2:
+      raise errors.ConfigError(
+        f"--parallel packs {len(p)} runs of recipe {p[0].recipe!r} with "
+        f"keep_checkpoints={p[0].config.keep_checkpoints}; an ensemble keeps at least 2 "
+        "(e.g. --set=keep_checkpoints=2)"
+      )
+  logging.info("%d runs to train in %d packs of %s", len(todo), len(packs), [len(p) for p in packs])
+  done.update(train_packs(packs))
+  return [run_row(r, *done[r.workdir]) for r in runs]
 
 
 # ----------------------------------------------------------------------------------------
@@ -437,6 +604,16 @@ def join_recipe_specs(tokens: Sequence[str]) -> list[str]:
   return specs
 
 
+def _log_row(row: dict) -> None:
+  logging.info(
+    "%s %s seed=%d: final test accuracy %.4f",
+    row["recipe"],
+    row["values"],
+    row["seed"],
+    row["final_test_accuracy"],
+  )
+
+
 def run_sweep(
   recipes: Sequence[str],
   workdir: str,
@@ -445,6 +622,8 @@ def run_sweep(
   seeds: Sequence[int] = (0,),
   overrides: Sequence[str] = (),
   command: str = "",
+  parallel: bool = False,
+  max_members: int | None = None,
 ) -> list[dict]:
   """Trains every (recipe, sweep values, seed) run and writes the tables and the plot.
 
@@ -455,6 +634,9 @@ def run_sweep(
     seeds: seeds (config.seed of each run).
     overrides: 'FIELD=VALUE' applied to every recipe before the axes.
     command: the command line, recorded in results.md.
+    parallel: train the runs that differ only in `ensemble.packable_fields()` as one
+      ensemble each (`run_parallel`); False: one `train_and_evaluate` call per run.
+    max_members: with `parallel`, at most this many runs per ensemble (None: no cap).
 
   Returns:
     The per-run rows (RUN_FIELDS), in (recipe, values, seed) order.
@@ -464,6 +646,8 @@ def run_sweep(
     raise errors.ConfigError(
       f"need at least one recipe and distinct seeds, got {list(recipes)} and {seeds}"
     )
+  if max_members is not None and (isinstance(max_members, bool) or max_members < 1):
+    raise errors.ConfigError(f"--max_members expects an integer >= 1, got {max_members!r}")
   names = [recipe_name(r) for r in recipes]
   if len(set(names)) != len(names):
     raise errors.ConfigError(f"recipes must differ: {list(recipes)}")
@@ -481,21 +665,22 @@ def run_sweep(
     run_config.validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  rows = []
+  runs = []
   published = {}
   for name, config in zip(names, configs):
     published[name] = (float(config.published.test_accuracy), config.published.source)
     for combo in itertools.product(*(vals for _, vals in axes)):
       values = dict(zip((f for f, _ in axes), combo))
-      for seed in seeds:
-        rows.append(run_one(config, workdir, name, values, seed))
-        logging.info(
-          "%s %s seed=%d: final test accuracy %.4f",
-          name,
-          _label(values),
-          seed,
-          rows[-1]["final_test_accuracy"],
-        )
+      runs += [make_run(config, workdir, name, values, seed) for seed in seeds]
+  if parallel:
+    rows = run_parallel(runs, max_members=max_members)
+    for row in rows:
+      _log_row(row)
+  else:
+    rows = []
+    for run in runs:
+      rows.append(train_run(run))
+      _log_row(rows[-1])
   results = summarize(rows, published)
   write_csv(os.path.join(workdir, "runs.csv"), RUN_FIELDS, rows)
   write_csv(os.path.join(workdir, "results.csv"), RESULT_FIELDS, results)
@@ -558,6 +743,8 @@ def _main(f) -> None:
     sweep=f.sweep or (),
     seeds=f.seeds,
     overrides=f.set or (),
+    parallel=f.parallel,
+    max_members=f.max_members,
     command=" ".join(["python -m experiments.sweep", *sys.argv[1:]]),
   )
   with open(os.path.join(os.path.abspath(f.workdir), "results.md")) as fh:
@@ -582,6 +769,16 @@ def _define_flags(flag_values=None) -> None:
   flags.DEFINE_list("seeds", ["0"], "Seeds.", flag_values=fv)
   flags.DEFINE_string(
     "workdir", None, "Sweep directory (one sub-directory per run).", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "parallel",
+    False,
+    "Train the runs that differ only in seed, optim.* rates or loss.* weights as one "
+    "ensemble (capsjax.train_ensemble) each.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "max_members", None, "With --parallel: at most this many runs per ensemble.", flag_values=fv
   )
   flags.mark_flags_as_required(["recipes", "workdir"], flag_values=fv)
 

@@ -1,4 +1,5 @@
-"""experiments.sweep: field parsing, and 2 recipes x 2 seeds on `:smoke` mock data."""
+"""experiments.sweep: field parsing, 2 recipes x 2 seeds on `:smoke` mock data, and
+--parallel (runs packed into ensembles) against the sequential sweep."""
 
 import csv
 import os
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from capsjax import errors
 from capsjax import metrics as metrics_lib
 from capsjax import train
+from capsjax import train_ensemble
 from configs import common
 from experiments import sweep
 
@@ -111,6 +114,175 @@ def test_two_recipes_two_seeds_write_mean_and_std(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# --parallel: runs that differ only in per-member fields train as one ensemble.
+# ---------------------------------------------------------------------------------------
+def _mock_overrides(tmp_path):
+  # MNIST, not Fashion-MNIST: with fashion_mnist the loader finds the real Debian files.
+  return ["dataset=mnist", f"data_dir={tmp_path / 'tfds'}", "num_epochs=1"]
+
+
+def _count(monkeypatch, module, name):
+  """Replaces module.name with a wrapper recording each call's directory names."""
+  calls = []
+  real = getattr(module, name)
+
+  def counting(configs, dirs):
+    many = isinstance(dirs, (list, tuple))
+    calls.append([os.path.basename(d) for d in dirs] if many else os.path.basename(dirs))
+    return real(configs, dirs)
+
+  monkeypatch.setattr(module, name, counting)
+  return calls
+
+
+def test_pack_splits_on_program_fields_and_caps_members():
+  config = common.get_base_config()
+  runs = [
+    sweep.make_run(
+      config, "/w", "r", {"model.routing_iterations": it, "optim.learning_rate": lr}, s
+    )
+    for it in (1, 2)
+    for lr in (1e-3, 3e-3)
+    for s in (0, 1)
+  ]
+  packs = sweep.pack(runs)
+  assert [[r.workdir for r in p] for p in packs] == [
+    [r.workdir for r in runs[:4]],
+    [r.workdir for r in runs[4:]],
+  ]
+  assert [len(p) for p in sweep.pack(runs, max_members=3)] == [3, 1, 3, 1]
+  # Members resume from one step they all saved: a kill between two members' saves
+  # (0 and 1) packs again; a fresh run (2) and a run saved elsewhere (3) do not join.
+  saved = {r.workdir: frozenset(s) for r, s in zip(runs, [{4, 8}, {4, 8, 12}, {0}, {20}])}
+  assert [[runs.index(r) for r in p] for p in sweep.pack(runs[:4], saved=saved)] == [
+    [0, 1],
+    [2],
+    [3],
+  ]
+  # A loss weight packs; the batch size (a shape) does not.
+  other = runs[0].config.copy_and_resolve_references()
+  other.loss.recon_weight = 0.1
+  assert len(sweep.pack([runs[0], sweep.make_run(other, "/w", "o", {}, 5)])) == 1
+  other.batch_size = 7
+  assert len(sweep.pack([runs[0], sweep.make_run(other, "/w", "o", {}, 5)])) == 2
+
+
+def test_parallel_sweep_over_routing_iterations_trains_two_ensembles(tmp_path, monkeypatch):
+  calls = []
+
+  def fake(configs, dirs):
+    # Stands in for the training (tested in train_ensemble_test.py): records the packs.
+    calls.append(
+      [(c.model.routing_iterations, c.seed, os.path.basename(d)) for c, d in zip(configs, dirs)]
+    )
+    for d in dirs:
+      os.makedirs(d, exist_ok=True)
+    return [{"final_test_accuracy": 0.5, "step": 8, "epochs": 2.0} for _ in configs]
+
+  monkeypatch.setattr(train_ensemble, "train_ensemble", fake)
+  monkeypatch.setattr(train, "train_and_evaluate", None)  # no run may train alone.
+  workdir = str(tmp_path / "sweep")
+  kw = {"sweep": ["model.routing_iterations=1,2"], "seeds": [0, 1], "parallel": True}
+  rows = sweep.run_sweep(RECIPES[:1], workdir, overrides=_mock_overrides(tmp_path), **kw)
+  assert calls == [
+    [(it, s, f"fashion-smoke__model.routing_iterations={it}__seed{s}") for s in (0, 1)]
+    for it in (1, 2)
+  ]
+  assert [(r["values"], r["seed"]) for r in rows] == [
+    (f"model.routing_iterations={it}", s) for it in (1, 2) for s in (0, 1)
+  ]
+  record = sweep.read_json(os.path.join(rows[0]["workdir"], sweep.RUN_JSON))
+  assert record["calls"][0]["members"] == 2
+  assert record["wall_s"] == pytest.approx(record["calls"][0]["ensemble_wall_s"] / 2)
+  # An ensemble keeps >= 2 checkpoints: refused before anything trains.
+  with pytest.raises(errors.ConfigError, match="keep_checkpoints=1; an ensemble keeps at least"):
+    sweep.run_sweep(
+      RECIPES[:1],
+      str(tmp_path / "other"),
+      overrides=[*_mock_overrides(tmp_path), "keep_checkpoints=1"],
+      **kw,
+    )
+  assert len(calls) == 2
+
+
+def _table(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _listing(rdir):
+  """A run directory's entries (event files are named by their creation time)."""
+  names = sorted(os.listdir(rdir))
+  ckpts = sorted(os.listdir(os.path.join(rdir, "checkpoints")))
+  events = [n.startswith("events.out") for n in os.listdir(os.path.join(rdir, "tensorboard"))]
+  return names, ckpts, events
+
+
+@pytest.mark.slow  # 4 smoke runs, an ensemble of 4, 2 resumed ones: ~50 s on 2 busy cores.
+def test_parallel_sweep_equals_sequential_one(tmp_path, monkeypatch):
+  singles = _count(monkeypatch, train, "train_and_evaluate")
+  ensembles = _count(monkeypatch, train_ensemble, "train_ensemble")
+  seq, par = str(tmp_path / "seq"), str(tmp_path / "par")
+  kw = {
+    "sweep": ["optim.learning_rate=0.001,0.003"],
+    "seeds": [0, 1],
+    "overrides": _mock_overrides(tmp_path),
+  }
+  names = [
+    f"fashion-smoke__optim.learning_rate={lr}__seed{s}" for lr in (0.001, 0.003) for s in (0, 1)
+  ]
+  with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+    sweep.run_sweep(RECIPES[:1], seq, **kw)
+    assert singles == names and not ensembles
+    sweep.run_sweep(RECIPES[:1], par, parallel=True, **kw)
+    assert ensembles == [names] and len(singles) == 4
+
+    # Same tables: every row and column but the timings and the sweep's own directory.
+    timing = {"images_per_s", "wall_s"}
+    for table in ("runs.csv", "results.csv"):
+      a, b = _table(os.path.join(seq, table)), _table(os.path.join(par, table))
+      assert len(a) == len(b) == (4 if table == "runs.csv" else 2) and list(a[0]) == list(b[0])
+      for ra, rb in zip(a, b, strict=True):
+        for k in ra:
+          if k.endswith(("accuracy", "_mean", "_std")):
+            # Accuracies count test images (24): on CPU each member runs its single run's
+            # program (ensemble.resolve_vmap_size), so its weights match to float32
+            # rounding and the counts are equal; half an image bounds the difference.
+            np.testing.assert_allclose(float(ra[k]), float(rb[k]), atol=0.5 / 24, err_msg=k)
+          elif k == "workdir":
+            assert os.path.relpath(ra[k], seq) == os.path.relpath(rb[k], par)
+          elif k not in timing:
+            assert ra[k] == rb[k], k
+    assert sorted(os.listdir(seq)) == sorted(os.listdir(par))
+    for name in names:
+      a, b = os.path.join(seq, name), os.path.join(par, name)
+      assert _listing(a) == _listing(b)
+      assert sweep.read_json(os.path.join(a, "config.json")) == sweep.read_json(
+        os.path.join(b, "config.json")
+      )
+      # The members are those runs: their logged losses, gradient norms and learning rates,
+      # printed with 6 significant digits (5e-6 relative), plus a few float32 ulps where
+      # reordered sums compound over the 4 steps.
+      for csv_name in ("metrics.csv", "epochs.csv"):
+        ra, rb = _table(os.path.join(a, csv_name)), _table(os.path.join(b, csv_name))
+        assert len(ra) == len(rb) > 0
+        for x, y in zip(ra, rb, strict=True):
+          assert x.get("split") == y.get("split")
+          for k in set(x) - timing - {"split", "seconds"}:
+            np.testing.assert_allclose(float(x[k] or 0), float(y[k] or 0), rtol=2e-5, err_msg=k)
+
+    # A rerun packs only the unfinished runs (here: killed after their last checkpoint).
+    first = _table(os.path.join(par, "runs.csv"))
+    for name in names[2:]:
+      os.remove(os.path.join(par, name, "summary.json"))
+    again = sweep.run_sweep(RECIPES[:1], par, parallel=True, **kw)
+  assert ensembles == [names, names[2:]] and len(singles) == 4
+  assert [r["skipped"] for r in again] == [True, True, False, False]
+  for r, f in zip(again, first, strict=True):
+    assert f"{r['final_test_accuracy']:.6g}" == f["final_test_accuracy"]
+
+
+# ---------------------------------------------------------------------------------------
 # The command line: a user mistake is one `capsjax: error:` line and exit code 2.
 # ---------------------------------------------------------------------------------------
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +333,10 @@ def _cli_error(module, *argv) -> str:
     (
       ("--recipes=configs/fashion.py:smoke", "stray"),
       "unexpected arguments: ['stray']; only flags are taken",
+    ),
+    (
+      ("--recipes=configs/fashion.py:smoke", "--parallel", "--max_members=0"),
+      "--max_members expects an integer >= 1, got 0",
     ),
     ((), "missing required flag --recipes"),
   ],
