@@ -562,9 +562,13 @@ def plot_curves(path: str, rows: Sequence[dict], *, title: str = "") -> str:
       ax.plot(
         xs, [100 * float(e["test_accuracy"]) for e in epochs], "o-", ms=3, color=color, label=label
       )
-      val = [(x, float(e["val_accuracy"])) for x, e in zip(xs, epochs) if e.get("val_accuracy")]
+      val = [
+        (x, float(e["val_accuracy"]))
+        for x, e in zip(xs, epochs, strict=False)
+        if e.get("val_accuracy")
+      ]
       if val:
-        ax.plot(*zip(*[(x, 100 * v) for x, v in val]), "--", color=color, alpha=0.6)
+        ax.plot(*zip(*[(x, 100 * v) for x, v in val], strict=False), "--", color=color, alpha=0.6)
   ax.set(
     xlabel="epoch",
     ylabel="accuracy (%)",
@@ -667,10 +671,10 @@ def run_sweep(
   os.makedirs(workdir, exist_ok=True)
   runs = []
   published = {}
-  for name, config in zip(names, configs):
+  for name, config in zip(names, configs, strict=False):
     published[name] = (float(config.published.test_accuracy), config.published.source)
     for combo in itertools.product(*(vals for _, vals in axes)):
-      values = dict(zip((f for f, _ in axes), combo))
+      values = dict(zip((f for f, _ in axes), combo, strict=False))
       runs += [make_run(config, workdir, name, values, seed) for seed in seeds]
   if parallel:
     rows = run_parallel(runs, max_members=max_members)

@@ -153,7 +153,9 @@ def test_pack_splits_on_program_fields_and_caps_members():
   assert [len(p) for p in sweep.pack(runs, max_members=3)] == [3, 1, 3, 1]
   # Members resume from one step they all saved: a kill between two members' saves
   # (0 and 1) packs again; a fresh run (2) and a run saved elsewhere (3) do not join.
-  saved = {r.workdir: frozenset(s) for r, s in zip(runs, [{4, 8}, {4, 8, 12}, {0}, {20}])}
+  saved = {
+    r.workdir: frozenset(s) for r, s in zip(runs, [{4, 8}, {4, 8, 12}, {0}, {20}], strict=False)
+  }
   assert [[runs.index(r) for r in p] for p in sweep.pack(runs[:4], saved=saved)] == [
     [0, 1],
     [2],
@@ -173,7 +175,10 @@ def test_parallel_sweep_over_routing_iterations_trains_two_ensembles(tmp_path, m
   def fake(configs, dirs):
     # Stands in for the training (tested in train_ensemble_test.py): records the packs.
     calls.append(
-      [(c.model.routing_iterations, c.seed, os.path.basename(d)) for c, d in zip(configs, dirs)]
+      [
+        (c.model.routing_iterations, c.seed, os.path.basename(d))
+        for c, d in zip(configs, dirs, strict=False)
+      ]
     )
     for d in dirs:
       os.makedirs(d, exist_ok=True)
@@ -297,7 +302,7 @@ def _cli_error(module, *argv) -> str:
   )
   assert r.returncode == 2, r.stderr
   assert "Traceback" not in r.stderr and "FATAL" not in r.stderr, r.stderr
-  lines = [l for l in r.stderr.split("\n") if l.strip()]
+  lines = [ln for ln in r.stderr.split("\n") if ln.strip()]
   assert len(lines) == 1 and lines[0].startswith("capsjax: error: "), r.stderr
   return lines[0][len("capsjax: error: ") :]
 
