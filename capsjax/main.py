@@ -5,6 +5,8 @@
   python -m capsjax.main --config=configs/fashion.py --workdir=... \
       --config.model.routing_iterations=1
   python -m capsjax.main --config=configs/fashion.py --workdir=... --config.mode=eval
+  python -m capsjax.main --config=configs/capsnet_fashion_mnist.py --workdir=... \
+      --config.seeds=0,1,2
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 
@@ -177,15 +179,21 @@ def _run():
 
 
 def run(config, workdir: str):
-  """Trains (`config.mode='train'`) or evaluates a checkpoint ('eval'); returns the summary
-  or the test metrics. Each validates the whole config before touching `workdir`."""
+  """Trains (`config.mode='train'`; with `config.seeds`, one member per seed) or evaluates
+  checkpoints ('eval'); returns the summary or the test metrics. Each validates the whole
+  config before touching `workdir`."""
   # Imported here: a flag error is reported before JAX backends start.
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
   from capsjax import evaluate  # pylint: disable=g-import-not-at-top
   from capsjax import train  # pylint: disable=g-import-not-at-top
-
   from capsjax import train_ensemble  # pylint: disable=g-import-not-at-top
 
   if config.seeds and config.mode == "eval":  # each member's checkpoint, as a run's.
+    if config.init_from:
+      raise errors.ConfigError(
+        "config.init_from names one checkpoint; with config.seeds, mode=eval evaluates each "
+        "member's own: leave init_from empty, or drop seeds to evaluate init_from"
+      )
     return [
       evaluate.evaluate_checkpoint(c, os.path.join(workdir, train_ensemble.member_name(c.seed)))
       for c in train_ensemble.member_configs(config)

@@ -396,10 +396,15 @@ _AGGREGATED = ("final_test_accuracy", "selected_test_accuracy", "best_test_accur
 
 
 def aggregate_summaries(summaries: Sequence[dict], *, names: Sequence[str]) -> dict[str, Any]:
-  """The members' summaries and, per accuracy, their mean and sample standard deviation."""
+  """The members' summaries and, per accuracy, their mean and sample standard deviation.
+
+  Members that stopped with a non-finite loss (a 'stopped' entry) are listed but left out
+  of the statistics: their last accuracy is from an unfinished run.
+  """
   out: dict[str, Any] = {"members": dict(zip(names, summaries, strict=True))}
+  finished = [s for s in summaries if "stopped" not in s]
   for key in _AGGREGATED:
-    values = [s[key] for s in summaries if key in s and not math.isnan(s[key])]
+    values = [s[key] for s in finished if key in s and not math.isnan(s[key])]
     if values:
       out[key] = {
         "mean": float(np.mean(values)),

@@ -13,6 +13,7 @@ references, which used the test set as their validation data, and every report s
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from absl import logging
 from flax import nnx
@@ -129,11 +130,27 @@ def restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state):
     state, meta, step = restored
     logging.info("resumed from %s at step %d", ckpt.directory, step)
     return state, step, meta
-  if config.init_from:
-    src_dir, src_step = ckpt_lib.find_checkpoint(config.init_from)
-    with ckpt_lib.Checkpointer(src_dir, read_only=True) as src:
-      restored, _ = src.restore(src_step, state)
-    # Only the weights: the optimizer (step count, moments) starts fresh.
-    state = nnx.State({0: restored[0], 1: state[1]})
-    logging.info("initialised weights from %s step %d", src.directory, src_step)
-  return state, 0, {}
+  return initial_state(config, state), 0, {}
+
+
+def initial_state(config, state):
+  """The state a run starts from: `state` with the weights of `config.init_from`, if set."""
+  if not config.init_from:
+    return state
+  src_dir, src_step = ckpt_lib.find_checkpoint(config.init_from)
+  with ckpt_lib.Checkpointer(src_dir, read_only=True) as src:
+    restored, _ = src.restore(src_step, state)
+  logging.info("initialised weights from %s step %d", src.directory, src_step)
+  # Only the weights: the optimizer (step count, moments) starts fresh.
+  return nnx.State({0: restored[0], 1: state[1]})
+
+
+def checkpoint_meta(config, info: input_pipeline.DatasetInfo, steps_per_epoch: int) -> dict:
+  """What every checkpoint of a run records besides its arrays (mode=eval reads it)."""
+  return {
+    "dataset": config.dataset,
+    "model": json.loads(config.model.to_json_best_effort()),
+    "image_shape": list(info.image_shape),
+    "num_classes": info.num_classes,
+    "steps_per_epoch": steps_per_epoch,
+  }

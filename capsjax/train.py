@@ -48,6 +48,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       f"train_and_evaluate trains; config.mode={config.mode!r} is for "
       "capsjax.evaluate.evaluate_checkpoint (capsjax.main.run chooses by mode)"
     )
+  if config.seeds:
+    raise errors.ConfigError(
+      f"train_and_evaluate trains one run; config.seeds={config.seeds!r} is for "
+      "capsjax.train_ensemble.train_seeds (capsjax.main.run chooses)"
+    )
   workdir = workdir_lib.resolve(workdir)
   with workdir_lib.lock(workdir):
     workdir_lib.check_config(config, workdir)
@@ -115,13 +120,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
     history = History(
       on, config.early_stop_epochs, [dict(h) for h in restored_meta.get("history", [])]
     )
-    meta = {
-      "dataset": config.dataset,
-      "model": json.loads(config.model.to_json_best_effort()),
-      "image_shape": list(start.info.image_shape),
-      "num_classes": start.info.num_classes,
-      "steps_per_epoch": spe,
-    }
+    meta = setup.checkpoint_meta(config, start.info, spe)
 
     def save(state, step: int, epoch: float, metrics: dict | None = None) -> None:
       ckpt.save(step, state, dict(meta, epoch=epoch, history=history.epochs), metrics=metrics)
@@ -196,12 +195,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
           # A run that has just stopped early is finished: a signal now must not ask for
           # a requeue (exit 75).
           stopping = step < total_steps and not history.early_stopped() and stop.anywhere()
-          if (
-            epoch % config.checkpoint_every_epochs == 0
-            or step == total_steps
-            or stopping
-            or history.early_stopped()
-          ):
+          if checkpoint_due(config, epoch, step, total_steps, stopping, history.early_stopped()):
             save(state, step, epoch, history.epochs[-1])
           if is_main:
             metrics_lib.plot_curves(
@@ -287,17 +281,35 @@ def preempted(
   )
 
 
+def checkpoint_due(
+  config, epoch: int, step: int, total_steps: int, stopping: bool, stopped_early: bool
+) -> bool:
+  """Whether the end of `epoch` saves a checkpoint: every `checkpoint_every_epochs`, at the
+  end of training, before stopping for a signal, and when the run has just stopped early."""
+  return (
+    epoch % config.checkpoint_every_epochs == 0 or step == total_steps or stopping or stopped_early
+  )
+
+
+def non_finite_evaluation(val_metrics: dict | None, test_metrics: dict) -> str | None:
+  """'validation class_loss=nan' for the first non-finite metric of an epoch's evaluation."""
+  for name, result in (("validation", val_metrics), ("test", test_metrics)):
+    bad = None if result is None else metrics_lib.first_non_finite(result)
+    if bad is not None:
+      return f"{name} {bad[0]}={bad[1]}"
+  return None
+
+
 def evaluate_epoch(evaluate, state, data: setup.Splits, step: int):
   """(validation metrics or None, test metrics); raises NonFiniteLossError on a NaN."""
   val_images, val_labels = data.val
   val_metrics = evaluate(state, val_images, val_labels) if len(val_labels) else None
   test_metrics = evaluate(state, *data.test)
-  for name, result in (("validation", val_metrics), ("test", test_metrics)):
-    bad = None if result is None else metrics_lib.first_non_finite(result)
-    if bad is not None:
-      raise errors.NonFiniteLossError(
-        f"non-finite {name} {bad[0]}={bad[1]} after step {step}; training stopped without saving"
-      )
+  bad = non_finite_evaluation(val_metrics, test_metrics)
+  if bad is not None:
+    raise errors.NonFiniteLossError(
+      f"non-finite {bad} after step {step}; training stopped without saving"
+    )
   return val_metrics, test_metrics
 
 

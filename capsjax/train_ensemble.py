@@ -81,11 +81,16 @@ def train_seeds(config, workdir: str) -> dict[str, Any]:
   configs = member_configs(config)
   if not configs:
     raise errors.ConfigError("config.seeds is empty: capsjax.train trains a single run")
+  _check_ensemble(configs)
   workdir = workdir_lib.resolve(workdir)
-  with workdir_lib.lock(workdir):
+  dirs = [os.path.join(workdir, member_name(c.seed)) for c in configs]
+  with contextlib.ExitStack() as stack:
+    # Every lock before any check: a run already training in a member's directory is
+    # refused before the ensemble's config check could move that directory aside.
+    for d in [workdir, *dirs]:
+      stack.enter_context(workdir_lib.lock(d))
     workdir_lib.check_config(config, workdir)
-    dirs = [os.path.join(workdir, member_name(c.seed)) for c in configs]
-    summaries = train_ensemble(configs, dirs)
+    summaries = _check_and_train(configs, dirs)
     summary = metrics_lib.aggregate_summaries(
       summaries, names=[member_name(c.seed) for c in configs]
     )
@@ -109,6 +114,17 @@ def train_ensemble(configs: Sequence[Any], dirs: Sequence[str]) -> list[dict[str
     )
   for config in configs:
     run_config.validate_config(config, num_devices=jax.device_count())
+  _check_ensemble(configs)
+  dirs = [workdir_lib.resolve(d) for d in dirs]
+  with contextlib.ExitStack() as stack:
+    for d in dirs:
+      stack.enter_context(workdir_lib.lock(d))
+    return _check_and_train(list(configs), dirs)
+
+
+def _check_ensemble(configs: Sequence[Any]) -> None:
+  """Raises ConfigError unless the (each valid) configs can train as one ensemble."""
+  for config in configs:
     if config.keep_checkpoints < 2:
       # Members save one after another: a member's previous checkpoint is the common
       # step to resume from when a kill lands between two members' saves.
@@ -116,12 +132,13 @@ def train_ensemble(configs: Sequence[Any], dirs: Sequence[str]) -> list[dict[str
         f"config.keep_checkpoints={config.keep_checkpoints}: an ensemble keeps at least 2"
       )
   ensemble.check_packable(configs)
-  dirs = [workdir_lib.resolve(d) for d in dirs]
-  with contextlib.ExitStack() as stack:
-    for config, d in zip(configs, dirs, strict=True):
-      stack.enter_context(workdir_lib.lock(d))
-      workdir_lib.check_config(config, d)
-    return _train(list(configs), dirs)
+
+
+def _check_and_train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
+  """Guards each member's (locked) directory as a single run's workdir, then trains."""
+  for config, d in zip(configs, dirs, strict=True):
+    workdir_lib.check_config(config, d)
+  return _train(configs, dirs)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -186,13 +203,7 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     )
     for c, d in zip(configs, dirs, strict=True)
   ]
-  meta = {
-    "dataset": config.dataset,
-    "model": json.loads(config.model.to_json_best_effort()),
-    "image_shape": list(info.image_shape),
-    "num_classes": info.num_classes,
-    "steps_per_epoch": spe,
-  }
+  meta = setup.checkpoint_meta(config, info, spe)
 
   def save(state, m: _Member, k: int, epoch: float, metrics: dict | None = None) -> None:
     m.ckpt.save(
@@ -209,7 +220,9 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     states, step = _restore(members, init_states)
     state = parallel.replicate(ensemble.stack_states(states), mesh)
     for m in members:
-      m.writer = metrics_lib.MetricWriter(m.workdir, enabled=is_main, resume_step=m.step)
+      # A member frozen as non-finite keeps every row it wrote, the divergence included.
+      resume_step = None if m.stopped.startswith("non-finite") else m.step
+      m.writer = metrics_lib.MetricWriter(m.workdir, enabled=is_main, resume_step=resume_step)
       m.means = loop_lib.TrainMeans(config.batch_size)
 
     # --------------------------------------------------------------------------------------
@@ -270,24 +283,21 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
             m.step = step
           bar.tick(values[-1]["loss"], len(values))
           epoch_end = step % spe == 0
-          log_now = epoch_end or step % config.log_every_steps == 0
-          check_stop = (log_now and not epoch_end) or (
-            not log_now and trainer.stop_check_every_advance
-          )
-          if log_now or check_stop:
+          if epoch_end or step % config.log_every_steps == 0:
             _split_pending(pending, members)
             _freeze_non_finite(members, spe, is_main)
-          if log_now:
-            logged = [m.means.take_interval() for m in members if not m.stopped]
-            for m, values_m in zip([m for m in members if not m.stopped], logged, strict=True):
+            training = [m for m in members if not m.stopped]
+            logged = [m.means.take_interval() for m in training]
+            for m, values_m in zip(training, logged, strict=True):
               m.writer.write(step, step / spe, "train", values_m)
             if logged:
               bar.show({k: float(np.mean([x[k] for x in logged])) for k in logged[0]})
-          if check_stop and stop.anywhere():
-            for k, m in enumerate(members):
-              if not m.stopped:
-                save(state, m, k, step / spe)
-            raise _preempted(members, step, spe, stop.signal)
+            if not epoch_end and stop.anywhere():
+              raise _save_and_stop(save, state, members, step, spe, stop.signal)
+          elif trainer.stop_check_every_advance and stop.anywhere():
+            _split_pending(pending, members)
+            _freeze_non_finite(members, spe, is_main)  # never save a non-finite state.
+            raise _save_and_stop(save, state, members, step, spe, stop.signal)
           active = set_active()
           if not epoch_end:
             continue
@@ -295,7 +305,7 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
           # End of an epoch: evaluate every member, record the training ones, checkpoint.
           bar.close()
           bar = None
-          epoch = step // spe
+          epoch, epoch_end_t = step // spe, time.time()
           val_all = evaluate(state, *data.val) if len(data.val[1]) else None
           test_all = evaluate(state, *data.test)
           recorded = []
@@ -303,16 +313,11 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
             if m.stopped:
               continue
             val_m, test_m = (None if val_all is None else val_all[k]), test_all[k]
-            bad = [
-              (name, b)
-              for name, r in (("validation", val_m), ("test", test_m))
-              if r is not None and (b := metrics_lib.first_non_finite(r)) is not None
-            ]
-            if bad:
-              (split, (name, value)), *_ = bad
-              _freeze(m, f"non-finite {split} {name}={value} after step {step}", is_main)
+            bad = train.non_finite_evaluation(val_m, test_m)
+            if bad is not None:
+              _freeze(m, f"non-finite {bad} after step {step}", is_main)
               continue
-            epoch_s = time.time() - m.means.epoch_t0
+            epoch_s = epoch_end_t - m.means.epoch_t0
             m.history.epochs.append(train.history_entry(epoch, val_m, test_m))
             train.record_epoch(m.writer, m.history, epoch, step, epoch_s, m.means, val_m, test_m)
             m.last_test = test_m
@@ -325,12 +330,7 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
           last_plot = time.time() if plot else last_plot
           for k, m in recorded:
             stopped_early = m.history.early_stopped()
-            if (
-              epoch % config.checkpoint_every_epochs == 0
-              or step == total_steps
-              or stopping
-              or stopped_early
-            ):
+            if train.checkpoint_due(config, epoch, step, total_steps, stopping, stopped_early):
               save(state, m, k, epoch, m.history.epochs[-1])
             if is_main and (plot or stopped_early):
               metrics_lib.plot_curves(
@@ -362,6 +362,12 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     raise
   for m in members:
     m.ckpt.close()
+    if is_main:  # the curves as they end (redrawn at most once a minute while training).
+      metrics_lib.plot_curves(
+        m.writer.path,
+        os.path.join(m.workdir, "plots", "curves.png"),
+        title=f"CapsNet on {info.name} ({m.name})",
+      )
 
   # ----------------------------------------------------------------------------------------
   # Summaries: each member's as its single run's.
@@ -385,6 +391,11 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
       with open(os.path.join(m.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     summaries.append(summary)
+  if all(m.stopped.startswith("non-finite") for m in members):
+    raise errors.NonFiniteLossError(
+      "every ensemble member stopped with a non-finite loss: "
+      + "; ".join(f"{m.name}: {m.stopped}" for m in members)
+    )
   return summaries
 
 
@@ -409,7 +420,11 @@ def _restore(members: list[_Member], init_states: list) -> tuple[list, int]:
       m.stopped = "early stop (before this invocation)"
     elif os.path.exists(stopped_path):
       with open(stopped_path) as f:
-        m.stopped = json.load(f).get("reason", "non-finite")
+        stopped = json.load(f)
+      # Where it stood when it was frozen: its records go on past its last checkpoint.
+      m.stopped = stopped["reason"]
+      m.step, m.last_test = stopped["step"], stopped.get("last_test")
+      m.history.epochs = stopped["history"]
     states.append(state)
   training = [k for k, m in enumerate(members) if not m.stopped]
   step = min((members[k].step for k in training), default=0)
@@ -418,11 +433,13 @@ def _restore(members: list[_Member], init_states: list) -> tuple[list, int]:
     if m.step == step:
       continue
     if step == 0:  # a member that never saved: every training member starts afresh.
-      states[k], m.history.epochs = init_states[k], []
+      states[k], m.history.epochs = setup.initial_state(m.config, init_states[k]), []
     else:
       states[k], meta = m.ckpt.restore(step, init_states[k])
       m.history.epochs = [dict(h) for h in meta.get("history", [])]
-    logging.info("%s: resuming at the ensemble's step %d (its latest: %d)", m.name, step, m.step)
+    # It will save those steps again, and Orbax refuses a step at or below its latest.
+    later = m.ckpt.set_aside_after(step)
+    logging.info("%s: resuming at the ensemble's step %d (set aside: %s)", m.name, step, later)
     m.step = step
   return states, step
 
@@ -459,11 +476,21 @@ def _freeze_non_finite(members: list[_Member], steps_per_epoch: int, is_main: bo
 
 
 def _freeze(m: _Member, reason: str, is_main: bool) -> None:
+  """Freezes a member for a non-finite value; `stopped.json` keeps it frozen on reruns."""
   m.stopped = reason
   if is_main:
-    print(f"capsjax: member {m.name} frozen: {reason}; the others go on", flush=True)
-    with open(os.path.join(m.workdir, STOPPED_NAME), "w") as f:
-      json.dump({"reason": reason}, f)
+    path = os.path.join(m.workdir, STOPPED_NAME)
+    print(
+      f"capsjax: member {m.name} frozen: {reason}; the others go on. To train it again "
+      f"(e.g. with a lower learning rate), delete {path} and rerun that directory as a "
+      "single run",
+      flush=True,
+    )
+    with open(path, "w") as f:
+      json.dump(
+        {"reason": reason, "step": m.step, "last_test": m.last_test, "history": m.history.epochs},
+        f,
+      )
 
 
 def _final_from_history(m: _Member, count: int) -> dict[str, float]:
@@ -471,13 +498,22 @@ def _final_from_history(m: _Member, count: int) -> dict[str, float]:
   return {"accuracy": last.get("test_accuracy", math.nan), "count": count}
 
 
+def _save_and_stop(save, state, members: list[_Member], step: int, steps_per_epoch: int, signum):
+  """Saves every training member at `step` and closes the checkpointers; returns the
+  exception that exits with 75."""
+  for k, m in enumerate(members):
+    if not m.stopped:
+      save(state, m, k, step / steps_per_epoch)
+  return _preempted(members, step, steps_per_epoch, signum)
+
+
 def _preempted(members: list[_Member], step: int, steps_per_epoch: int, signum):
   for m in members:
     m.ckpt.close()
   by = f"signal {signum}" if signum else "a signal to another process"
-  where = os.path.dirname(members[0].workdir)
+  where = ", ".join(sorted({os.path.dirname(m.workdir) for m in members}))
   return processes.Preempted(
     f"stopped by {by} at step {step} (epoch {step / steps_per_epoch:.2f}); every training "
-    f"member saved a checkpoint under {where}. Rerun the same command to resume (exit code "
-    f"{processes.PREEMPTED_EXIT_CODE})"
+    f"member saved a checkpoint (under {where}). Rerun the same command to resume (exit "
+    f"code {processes.PREEMPTED_EXIT_CODE})"
   )

@@ -16,6 +16,7 @@ import pytest
 
 from capsjax import errors
 from capsjax import main
+from capsjax import metrics as metrics_lib
 from capsjax import steps as steps_lib
 from capsjax import train
 from capsjax import train_ensemble
@@ -96,6 +97,9 @@ def test_resume_is_exact_even_between_members_saves(mock, tmp_path, loop):
   # A kill between the members' saves of step 8: seed-1 saved it, seed-0 did not.
   shutil.rmtree(os.path.join(cut, "seed-0", "checkpoints", "8"))
   _ensemble(cut, num_epochs=3, loop=loop)
+  # seed-1 went back to step 4 with seed-0; its step 8 was set aside (kept) so that it
+  # could save step 8 again.
+  assert os.listdir(os.path.join(cut, "seed-1", "checkpoints-superseded")) == ["8"]
   for seed in (0, 1):
     a, b = os.path.join(full, f"seed-{seed}"), os.path.join(cut, f"seed-{seed}")
     assert _rows(os.path.join(a, "epochs.csv")) == _rows(os.path.join(b, "epochs.csv"))
@@ -121,10 +125,22 @@ def test_non_finite_member_is_frozen_and_the_other_trains_on(mock, tmp_path):
     json.load(open(os.path.join(single, "summary.json")))["final_test_accuracy"]
   )
   assert len(_rows(os.path.join(dirs[0], "epochs.csv"))) == 2
-  # Rerun: the frozen member stays frozen, the finished one is not retrained.
+  bad_rows = _rows(os.path.join(dirs[1], "metrics.csv"))
+  # Rerun: the frozen member stays frozen with its records, the finished one is not
+  # retrained.
   again = train_ensemble.train_ensemble([good, bad], dirs)
-  assert "non-finite" in again[1]["stopped"]
+  assert again[1]["stopped"] == summaries[1]["stopped"]
+  assert again[1]["step"] == summaries[1]["step"]
+  assert _rows(os.path.join(dirs[1], "metrics.csv")) == bad_rows
   assert again[0]["final_test_accuracy"] == summaries[0]["final_test_accuracy"]
+  # The ensemble's statistics leave the unfinished member out.
+  agg = metrics_lib.aggregate_summaries(again, names=["good", "bad"])
+  assert agg["final_test_accuracy"]["n"] == 1
+  # Every member non-finite: the run fails as a single run would.
+  worse = _config(seed=2, num_epochs=2)
+  worse.optim.learning_rate = 1e30
+  with pytest.raises(errors.NonFiniteLossError, match="every ensemble member"):
+    train_ensemble.train_ensemble([bad, worse], [str(tmp_path / "b1"), str(tmp_path / "b2")])
 
 
 def test_eval_and_init_from_take_a_member(mock, tmp_path):

@@ -405,12 +405,24 @@ class Checkpointer:
       )
     return None
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Moves unreadable checkpoints to `checkpoints-unreadable/` (kept, never deleted).
+  def set_aside_after(self, step: int) -> list[int]:
+    """Moves the checkpoints after `step` to `checkpoints-superseded/` (kept, never deleted).
+
+    For a run resumed from an older step than its latest (an ensemble member rolled back
+    to the step its peers have): it will reach those steps again and must be able to save
+    them, and Orbax refuses a step at or below its latest. Returns the steps moved.
+    """
+    later = [s for s in self.all_steps() if s > step]
+    if later:
+      self._set_aside(later, kind="superseded")
+    return later
+
+  def _set_aside(self, steps: list[int], kind: str = "unreadable") -> None:
+    """Moves checkpoints to `checkpoints-<kind>/` (kept, never deleted).
 
     The resumed run will reach those steps again and must be able to save them.
     """
-    aside = self.directory + "-unreadable"
+    aside = f"{self.directory}-{kind}"
     if jax.process_index() == 0:
       os.makedirs(aside, exist_ok=True)
       for step in steps:
@@ -418,7 +430,7 @@ class Checkpointer:
         if os.path.exists(dst):
           dst += time.strftime("-%Y%m%d-%H%M%S")
         shutil.move(os.path.join(self.directory, str(step)), dst)
-        logging.warning("moved unreadable checkpoint %s/%d to %s", self.directory, step, dst)
+        logging.warning("moved %s checkpoint %s/%d to %s", kind, self.directory, step, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 
@@ -65,8 +66,8 @@ def _read_saved_config(path: str) -> dict:
 
 
 def _has_checkpoints(workdir: str) -> bool:
-  """Whether `workdir/checkpoints/` holds a step (complete or being written), or the
-  `checkpoints/` of a run directly below it (an ensemble's members)."""
+  """Whether `workdir/checkpoints/` holds a step (complete or being written), or an
+  ensemble member's `seed-<s>/checkpoints/` below it."""
 
   def has_steps(d: str) -> bool:
     try:
@@ -77,10 +78,10 @@ def _has_checkpoints(workdir: str) -> bool:
   if has_steps(workdir):
     return True
   try:
-    subdirs = [e.path for e in os.scandir(workdir) if e.is_dir() and e.name != ckpt_lib.CKPT_DIR]
+    members = [e.path for e in os.scandir(workdir) if re.fullmatch(r"seed-\d+", e.name)]
   except OSError:
     return False
-  return any(has_steps(d) for d in subdirs if not os.path.basename(d).startswith("previous-"))
+  return any(has_steps(d) for d in members)
 
 
 def _move_aside(workdir: str) -> None:
