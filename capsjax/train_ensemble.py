@@ -252,11 +252,14 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     )
     trainer = loop_lib.make_trainer(ctx, graphdef, train_fn, aug_keys, step)
 
+    masks = {}  # one device copy per mask the run has had.
+
     def set_active() -> list[_Member]:
-      active = [m for m in members if not m.stopped]
-      mask = np.array([not m.stopped for m in members])
-      trainer.active = parallel.replicate(jnp.asarray(mask), mesh)
-      return active
+      mask = tuple(not m.stopped for m in members)
+      if mask not in masks:
+        masks[mask] = parallel.replicate(jnp.asarray(mask), mesh)
+      trainer.active = masks[mask]
+      return [m for m in members if not m.stopped]
 
     active = set_active()
     pending: list[tuple[int, dict]] = []  # (step, metrics [K]) not yet split per member.
