@@ -98,7 +98,11 @@ def test_a_checkpoint_without_batchnorm_running_stats_is_named_as_such():
   target = nnx.split(
     nnx.eval_shape(
       lambda: models.create_model(
-        config.model, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0)
+        config.model,
+        image_shape=(28, 28, 1),
+        num_classes=10,
+        rngs=nnx.Rngs(0),
+        conv_impl="xla",
       )
     )
   )[1]
