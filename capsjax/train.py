@@ -55,8 +55,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
   workdir = workdir_lib.resolve(workdir)
   with workdir_lib.lock(workdir):
-    workdir_lib.check_config(config, workdir)
-    return _train(config, workdir)
+    record = workdir_lib.check_config(config, workdir)
+    return _train(config, workdir, record)
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ class History:
     )
 
 
-def _train(config, workdir: str) -> dict[str, Any]:
+def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, Any]:
   t_start = time.time()
   is_main = jax.process_index() == 0
 
@@ -123,7 +123,14 @@ def _train(config, workdir: str) -> dict[str, Any]:
     meta = setup.checkpoint_meta(config, start.info, spe)
 
     def save(state, step: int, epoch: float, metrics: dict | None = None) -> None:
-      ckpt.save(step, state, dict(meta, epoch=epoch, history=history.epochs), metrics=metrics)
+      saved = ckpt.save(
+        step, state, dict(meta, epoch=epoch, history=history.epochs), metrics=metrics
+      )
+      if (
+        saved and record.pending
+      ):  # a resume's changes hold once a checkpoint under them has landed.
+        ckpt.wait()
+        record.commit()
 
     # --------------------------------------------------------------------------------------
     # The jitted steps, the loop that advances them, the logs.
@@ -215,6 +222,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
       logging.warning("while stopping: %s", e)
     raise
   ckpt.close()
+  record.commit()
 
   # ----------------------------------------------------------------------------------------
   # Summary.

@@ -89,8 +89,8 @@ def train_seeds(config, workdir: str) -> dict[str, Any]:
     # refused before the ensemble's config check could move that directory aside.
     for d in [workdir, *dirs]:
       stack.enter_context(workdir_lib.lock(d))
-    workdir_lib.check_config(config, workdir)
-    summaries = _check_and_train(configs, dirs)
+    record = workdir_lib.check_config(config, workdir)
+    summaries = _check_and_train(configs, dirs, record)
     summary = metrics_lib.aggregate_summaries(
       summaries, names=[member_name(c.seed) for c in configs]
     )
@@ -134,11 +134,15 @@ def _check_ensemble(configs: Sequence[Any]) -> None:
   ensemble.check_packable(configs)
 
 
-def _check_and_train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
-  """Guards each member's (locked) directory as a single run's workdir, then trains."""
-  for config, d in zip(configs, dirs, strict=True):
-    workdir_lib.check_config(config, d)
-  return _train(configs, dirs)
+def _check_and_train(
+  configs: list, dirs: list[str], root: workdir_lib.ConfigRecord | None = None
+) -> list[dict[str, Any]]:
+  """Guards each member's (locked) directory as a single run's workdir, then trains.
+
+  `root`: the ensemble directory's config record, committed with the first member's.
+  """
+  records = [workdir_lib.check_config(c, d) for c, d in zip(configs, dirs, strict=True)]
+  return _train(configs, dirs, records, root)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -147,6 +151,7 @@ class _Member:
 
   config: Any
   workdir: str
+  record: workdir_lib.ConfigRecord  # its config.json, while a resume's changes are pending.
   ckpt: ckpt_lib.Checkpointer
   history: train.History
   step: int = 0  # the member's own step: the ensemble's, or where it was frozen.
@@ -160,7 +165,12 @@ class _Member:
     return os.path.basename(self.workdir)
 
 
-def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
+def _train(
+  configs: list,
+  dirs: list[str],
+  records: list[workdir_lib.ConfigRecord],
+  root: workdir_lib.ConfigRecord | None,
+) -> list[dict[str, Any]]:
   t_start = time.time()
   is_main = jax.process_index() == 0
   config = configs[0]  # every field but the per-member ones is shared.
@@ -198,20 +208,27 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     _Member(
       config=c,
       workdir=d,
+      record=r,
       ckpt=ckpt_lib.Checkpointer(d, keep=c.keep_checkpoints, best_metric=f"{on}_accuracy"),
       history=train.History(on, c.early_stop_epochs),
     )
-    for c, d in zip(configs, dirs, strict=True)
+    for c, d, r in zip(configs, dirs, records, strict=True)
   ]
   meta = setup.checkpoint_meta(config, info, spe)
 
   def save(state, m: _Member, k: int, epoch: float, metrics: dict | None = None) -> None:
-    m.ckpt.save(
+    saved = m.ckpt.save(
       m.step,
       ensemble.member_state(state, k),
       dict(meta, epoch=epoch, history=m.history.epochs),
       metrics=metrics,
     )
+    # A resume's changes hold once a checkpoint trained under them has landed.
+    if saved and any(r.pending for r in (m.record, root) if r is not None):
+      m.ckpt.wait()
+      m.record.commit()
+      if root is not None:
+        root.commit()
 
   try:
     # --------------------------------------------------------------------------------------
@@ -365,6 +382,9 @@ def _train(configs: list, dirs: list[str]) -> list[dict[str, Any]]:
     raise
   for m in members:
     m.ckpt.close()
+    m.record.commit()
+    if root is not None:
+      root.commit()
     if is_main:  # the curves as they end (redrawn at most once a minute while training).
       metrics_lib.plot_curves(
         m.writer.path,

@@ -399,8 +399,16 @@ def test_resume_with_changes_after_nan_advice(capsys, tmp_path, src, caplog):
   )
 
 
+def _saved_config(workdir) -> tuple[bytes, list[str]]:
+  """config.json's bytes and the names of the config.json.previous-* files beside it."""
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    data = f.read()
+  return data, sorted(n for n in os.listdir(workdir) if n.startswith("config.json.previous-"))
+
+
 def test_resume_with_changes_still_refuses_another_model_shape(capsys, tmp_path, src):
   workdir = _copy(src, tmp_path)
+  before = _saved_config(workdir)
   _one_line_error(
     capsys,
     ("has shape (80, 32) in the checkpoint but (40, 32) in the model",),
@@ -409,6 +417,28 @@ def test_resume_with_changes_still_refuses_another_model_shape(capsys, tmp_path,
     "--config.resume_with_changes=model",
     "--config.num_epochs=3",
   )
+  # The refused change left the workdir as it was: the original command still resumes it.
+  assert _saved_config(workdir) == before
+  assert _train(workdir, num_epochs=3)["step"] == 12
+
+
+def test_a_resume_with_changes_that_fails_before_its_first_save_changes_nothing(tmp_path, src):
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+
+  workdir = _copy(src, tmp_path)
+  before = _saved_config(workdir)
+  # Diverges at once: no checkpoint under the new learning rate ever lands.
+  with pytest.raises(errors.NonFiniteLossError):
+    _train(
+      workdir,
+      num_epochs=3,
+      resume_with_changes="optim.learning_rate",
+      **{"optim.learning_rate": 1e30},
+    )
+  assert _saved_config(workdir) == before
+  assert _train(workdir, num_epochs=3)["step"] == 12
+  with open(os.path.join(workdir, "epochs.csv")) as f:
+    assert [row.split(",")[0] for row in f.read().splitlines()[1:]] == ["1", "2", "3"]
 
 
 @pytest.mark.parametrize(

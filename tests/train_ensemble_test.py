@@ -166,6 +166,37 @@ def test_other_seeds_in_a_used_workdir_are_refused(mock, tmp_path):
     _ensemble(workdir, seeds="0,2", num_epochs=1)
 
 
+def test_a_refused_change_leaves_every_config_json_as_it_was(mock, tmp_path):
+  del mock
+  workdir = str(tmp_path / "ens")
+  _ensemble(workdir, num_epochs=1)
+  paths = [os.path.join(workdir, d, "config.json") for d in ("", "seed-0", "seed-1")]
+
+  def saved():
+    return [open(p, "rb").read() for p in paths] + [
+      sorted(n for n in os.listdir(os.path.dirname(p)) if n.startswith("config.json.prev"))
+      for p in paths
+    ]
+
+  before = saved()
+  with pytest.raises(errors.CheckpointMismatchError):
+    _ensemble(workdir, num_epochs=2, resume_with_changes="model", **{"model.digit_dim": 4})
+  assert saved() == before
+  # A change that holds is written to every config.json once the members have saved.
+  summary = _ensemble(
+    workdir,
+    num_epochs=2,
+    resume_with_changes="optim.learning_rate",
+    **{"optim.learning_rate": 5e-4},
+  )
+  assert summary["members"]["seed-0"]["step"] == 8
+  for p in paths:
+    with open(p) as f:
+      assert json.load(f)["optim"]["learning_rate"] == 5e-4
+    kept = [n for n in os.listdir(os.path.dirname(p)) if n.startswith("config.json.previous-")]
+    assert len(kept) == 1, p
+
+
 @pytest.mark.parametrize(
   "seeds, message",
   [

@@ -15,12 +15,14 @@ Workdir layout (everything a run writes; only process 0 writes files):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import re
 import shutil
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -93,10 +95,7 @@ def _move_aside(workdir: str) -> None:
   logging.warning("config differs from the earlier run; moved its files to %s", backup)
 
 
-def _accept_changes(config, workdir: str, path: str, changed) -> None:
-  """Logs each accepted change old -> new and keeps the old config.json beside the new."""
-  if not changed:
-    return
+def _log_changes(config, workdir: str, changed) -> None:
   for field, old, new in changed:
     logging.warning(
       "resuming %s with config.%s changed: %r -> %r (config.resume_with_changes=%r)",
@@ -106,27 +105,71 @@ def _accept_changes(config, workdir: str, path: str, changed) -> None:
       new,
       config.resume_with_changes,
     )
-  if jax.process_index() == 0 and os.path.lexists(path):
-    # Never overwritten: each resume with changes keeps the config it replaced.
-    backup = f"{path}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
-    while os.path.lexists(backup):
-      backup = f"{path}.previous-{time.strftime('%Y%m%d-%H%M%S')}.{n}"
-      n += 1
-    shutil.copy2(path, backup)
-    logging.warning("the earlier config.json is kept as %s", backup)
 
 
-def check_config(config, workdir: str) -> None:
+def _keep_previous(path: str) -> None:
+  """Copies config.json to config.json.previous-<time>; never overwrites a kept one."""
+  if not os.path.lexists(path):
+    return
+  backup = f"{path}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+  n = 1
+  while os.path.lexists(backup):
+    backup = f"{path}.previous-{time.strftime('%Y%m%d-%H%M%S')}.{n}"
+    n += 1
+  shutil.copy2(path, backup)
+  logging.warning("the earlier config.json is kept as %s", backup)
+
+
+def _write_config(config, path: str) -> None:
+  """The whole resolved config (only the run-defining fields are compared on reruns).
+
+  Written whole or not at all: a run stopped mid-write must not leave half a file.
+  """
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class ConfigRecord:
+  """What `check_config` left to write: a resume's accepted changes, until they hold.
+
+  A resume with changes (`config.resume_with_changes`) rewrites config.json only through
+  `commit()`, which the trainer calls once a checkpoint trained under the new config is
+  saved, or when the run ends well. Until then config.json keeps describing the
+  checkpoints beside it, so a changed run that fails first (a model the checkpoints do not
+  fit, missing data, a loss that diverges) or is killed leaves the workdir as it was: the
+  original command still resumes it, and the changed one can be retried.
+  """
+
+  config: Any
+  path: str
+  pending: bool = False
+
+  def commit(self) -> None:
+    """Writes the pending config.json (keeping the one it replaces); then a no-op."""
+    if not self.pending:
+      return
+    self.pending = False
+    if jax.process_index() == 0:
+      _keep_previous(self.path)
+      _write_config(self.config, self.path)
+
+
+def check_config(config, workdir: str) -> ConfigRecord:
   """Refuses to reuse a workdir trained with a different run-defining config.
 
   With `config.overwrite`, the earlier run's files are moved to
   `WORKDIR/previous-<time>/` (never deleted) and training starts fresh. With
   `config.resume_with_changes`, changes to the fields it names are accepted: each is
-  logged old -> new, and the old config.json is kept as `config.json.previous-<time>`.
-  Checkpoints without a config.json beside them are refused unless `overwrite` is set or
-  `resume_with_changes` is '*', since nothing tells which config trained them. Then writes
-  the whole resolved config to `WORKDIR/config.json`.
+  logged old -> new, and once they hold (`ConfigRecord.commit`) the old config.json is
+  kept as `config.json.previous-<time>`. Checkpoints without a config.json beside them are
+  refused unless `overwrite` is set or `resume_with_changes` is '*', since nothing tells
+  which config trained them. Otherwise writes the whole resolved config to
+  `WORKDIR/config.json` now.
+
+  Returns the record whose `commit()` the trainer calls after its first save.
   """
   path = os.path.join(workdir, CONFIG_NAME)
   now = run_config.run_defining_view(config)
@@ -157,7 +200,12 @@ def check_config(config, workdir: str) -> None:
     if changed and config.overwrite and jax.process_index() == 0:
       _move_aside(workdir)
     elif changed:
-      _accept_changes(config, workdir, path, changed)
+      _log_changes(config, workdir, changed)
+      if _has_checkpoints(workdir):
+        processes.sync("capsjax_config_checked")
+        return ConfigRecord(config, path, pending=True)
+      if jax.process_index() == 0:
+        _keep_previous(path)
   elif _has_checkpoints(workdir):
     if config.overwrite:
       if jax.process_index() == 0:
@@ -181,13 +229,9 @@ def check_config(config, workdir: str) -> None:
   processes.sync("capsjax_config_checked")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    # The whole resolved config; only the run-defining fields are compared on reruns.
-    # Written whole or not at all: a run stopped mid-write must not leave half a file.
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    _write_config(config, path)
   processes.sync("capsjax_config_written")
+  return ConfigRecord(config, path)
 
 
 @contextlib.contextmanager
