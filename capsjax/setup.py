@@ -26,6 +26,7 @@ from capsjax import parallel
 from capsjax import steps as steps_lib
 from capsjax.data import input_pipeline
 from capsjax.run import checkpoint as ckpt_lib
+from capsjax.run import config as run_config
 
 
 def _subset(images, labels, n: int):
@@ -128,9 +129,45 @@ def restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state):
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, meta, step = restored
+    check_same_run(config, meta, f"{ckpt.directory}/{step}")
     logging.info("resumed from %s at step %d", ckpt.directory, step)
     return state, step, meta
   return initial_state(config, state), 0, {}
+
+
+def check_same_run(config, meta: dict, source: str) -> None:
+  """Refuses to resume a checkpoint trained with other run-defining values than `config`.
+
+  The workdir's config.json guards a rerun's config; this guards the checkpoints beside it,
+  which may have been copied in from another run of the same shapes (another number of
+  routing iterations, another seed), where the parameter-shape check sees nothing. Fields
+  that `config.resume_with_changes` names are allowed to differ. Checkpoints saved before
+  the run-defining fields were recorded carry only the model and dataset, and only those
+  are compared.
+  """
+  if "run" in meta:
+    saved = run_config.with_legacy_defaults(meta["run"])
+  else:
+    saved = {"dataset": meta.get("dataset")}
+    if isinstance(meta.get("model"), dict):
+      saved["model"] = run_config.with_legacy_defaults(meta["model"], "model.")
+  saved = {k: v for k, v in saved.items() if k in run_config.RUN_DEFINING_FIELDS and v is not None}
+  now = run_config.run_defining_view(config)
+  allowed = run_config.resume_changes(config)
+  refused = [
+    c
+    for c in run_config.changes(saved, {k: now.get(k) for k in saved})
+    if not run_config.change_allowed(c[0], allowed)
+  ]
+  if refused:
+    raise errors.CheckpointMismatchError(
+      f"checkpoint {source} was trained with a different config ("
+      + "; ".join(f"{f}: {a!r} (checkpoint) vs {b!r} (now)" for f, a, b in refused[:5])
+      + "): it belongs to another run. Move it aside or use its own workdir; or pass "
+      "--config.resume_with_changes="
+      + ",".join(f for f, _, _ in refused[:5])
+      + " to continue it with the new values"
+    )
 
 
 def initial_state(config, state):
@@ -148,6 +185,7 @@ def initial_state(config, state):
 def checkpoint_meta(config, info: input_pipeline.DatasetInfo, steps_per_epoch: int) -> dict:
   """What every checkpoint of a run records besides its arrays (mode=eval reads it)."""
   return {
+    "run": run_config.run_defining_view(config),
     "dataset": config.dataset,
     "model": json.loads(config.model.to_json_best_effort()),
     "image_shape": list(info.image_shape),

@@ -214,13 +214,13 @@ def _train(
     )
     for c, d, r in zip(configs, dirs, records, strict=True)
   ]
-  meta = setup.checkpoint_meta(config, info, spe)
+  metas = [setup.checkpoint_meta(m.config, info, spe) for m in members]
 
   def save(state, m: _Member, k: int, epoch: float, metrics: dict | None = None) -> None:
     saved = m.ckpt.save(
       m.step,
       ensemble.member_state(state, k),
-      dict(meta, epoch=epoch, history=m.history.epochs),
+      dict(metas[k], epoch=epoch, history=m.history.epochs),
       metrics=metrics,
     )
     # A resume's changes hold once a checkpoint trained under them has landed.
@@ -459,6 +459,7 @@ def _restore(members: list[_Member], init_states: list) -> tuple[list, int]:
       states[k], m.history.epochs = setup.initial_state(m.config, init_states[k]), []
     else:
       states[k], meta = m.ckpt.restore(step, init_states[k])
+      setup.check_same_run(m.config, meta, f"{m.ckpt.directory}/{step}")
       m.history.epochs = [dict(h) for h in meta.get("history", [])]
     # It will save those steps again, and Orbax refuses a step at or below its latest.
     later = m.ckpt.set_aside_after(step)

@@ -422,6 +422,37 @@ def test_resume_with_changes_still_refuses_another_model_shape(capsys, tmp_path,
   assert _train(workdir, num_epochs=3)["step"] == 12
 
 
+def test_checkpoints_of_another_run_with_the_same_shapes_are_refused(capsys, tmp_path, src):
+  """Another run's checkpoints beside this config.json: the same shapes, other values."""
+  workdir = _copy(src, tmp_path)
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path) as f:
+    saved = json.load(f)
+  iterations = saved["model"]["routing_iterations"]
+  saved["model"]["routing_iterations"] = iterations + 1
+  with open(config_path, "w") as f:
+    json.dump(saved, f)
+  _one_line_error(
+    capsys,
+    (
+      f"checkpoint {workdir}/checkpoints/8 was trained with a different config",
+      f"model.routing_iterations: {iterations} (checkpoint) vs {iterations + 1} (now)",
+      "--config.resume_with_changes=model.routing_iterations",
+    ),
+    f"--workdir={workdir}",
+    f"--config.model.routing_iterations={iterations + 1}",
+    "--config.num_epochs=3",
+  )
+  # Named, the change is accepted.
+  summary = _train(
+    workdir,
+    num_epochs=3,
+    resume_with_changes="model.routing_iterations",
+    **{"model.routing_iterations": iterations + 1},
+  )
+  assert summary["step"] == 12
+
+
 def test_a_resume_with_changes_that_fails_before_its_first_save_changes_nothing(tmp_path, src):
   from capsjax import errors  # pylint: disable=g-import-not-at-top
 
