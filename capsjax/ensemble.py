@@ -424,7 +424,9 @@ def evaluate(
   weights: each member's `LossWeights` (`Members.weights`), for the total loss.
   """
   totals: list[dict[str, float]] = [{} for _ in weights]
-  batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)
+  batches = input_pipeline.eval_batches(
+    images, labels, batch_size=batch_size, multiple_of=parallel.num_devices(mesh)
+  )
   for batch in parallel.prefetch(batches, mesh):
     for k, v in jax.device_get(eval_fn(state, batch)).items():
       for m, t in enumerate(totals):

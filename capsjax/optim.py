@@ -11,6 +11,8 @@ One schedule covers the references' recipes:
 
 from __future__ import annotations
 
+import math
+
 import optax
 
 from capsjax import errors
@@ -30,9 +32,9 @@ def decay_steps(optim_cfg, steps_per_epoch: int) -> int:
 
 def validate(optim_cfg) -> None:
   """Raises `errors.ConfigError` naming the first invalid optimizer field."""
-  if not optim_cfg.learning_rate > 0:
+  if not 0 < optim_cfg.learning_rate < math.inf:
     raise errors.ConfigError(
-      f"config.optim.learning_rate must be > 0, got {optim_cfg.learning_rate}"
+      f"config.optim.learning_rate must be a finite number > 0, got {optim_cfg.learning_rate}"
     )
   if not 0 < optim_cfg.decay_rate <= 1:
     raise errors.ConfigError(
@@ -42,9 +44,9 @@ def validate(optim_cfg) -> None:
     raise errors.ConfigError(
       f"config.optim.decay_steps must be >= 0 (0 = use decay_epochs), got {optim_cfg.decay_steps}"
     )
-  if optim_cfg.decay_steps == 0 and not optim_cfg.decay_epochs > 0:
+  if optim_cfg.decay_steps == 0 and not 0 < optim_cfg.decay_epochs < math.inf:
     raise errors.ConfigError(
-      f"config.optim.decay_epochs must be > 0 when optim.decay_steps is 0, got "
+      f"config.optim.decay_epochs must be a finite number > 0 when optim.decay_steps is 0, got "
       f"{optim_cfg.decay_epochs}"
     )
   floor = _floor(optim_cfg)

@@ -311,7 +311,9 @@ def evaluate_split(
   'count'}.
   """
   totals: dict[str, float] = {}
-  batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size)
+  batches = input_pipeline.eval_batches(
+    images, labels, batch_size=batch_size, multiple_of=parallel.num_devices(mesh)
+  )
   for batch in parallel.prefetch(batches, mesh):
     for k, v in jax.device_get(eval_fn(state, batch)).items():
       totals[k] = totals.get(k, 0.0) + float(v)

@@ -355,10 +355,22 @@ def test_eval_batches_cover_every_example_once(n, batch_size):
   seen = np.concatenate([b["label"][b["mask"]] for b in batches])
   np.testing.assert_array_equal(seen, np.arange(n))  # each once, in order
   for b in batches:
-    assert b["image"].shape == (batch_size, 4, 4, 1) and b["image"].dtype == np.float32
+    assert b["image"].shape == (min(batch_size, n), 4, 4, 1) and b["image"].dtype == np.float32
     assert b["label"].dtype == np.int32 and b["mask"].dtype == bool
     assert np.all(b["image"][~b["mask"]] == 0)
   assert int(sum(b["mask"].sum() for b in batches)) == n
+
+
+def test_an_eval_batch_larger_than_the_split_shrinks_to_the_split():
+  """A mistyped eval_batch_size pads to the split rounded up to the device count, never to
+  itself (10**9 rows of zeros would be terabytes)."""
+  images, labels = _arrays(10)
+  (batch,) = ip.eval_batches(images, labels, batch_size=10**9, multiple_of=4)
+  assert batch["image"].shape == (12, 4, 4, 1)
+  np.testing.assert_array_equal(batch["label"][batch["mask"]], np.arange(10))
+  assert not batch["mask"][10:].any()
+  # A batch that fits is kept, so the compiled eval step is the one training used.
+  assert [len(b["label"]) for b in ip.eval_batches(images, labels, batch_size=4)] == [4, 4, 4]
 
 
 # ---------------------------------------------------------------------------------------

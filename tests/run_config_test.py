@@ -21,7 +21,18 @@ mock = helpers.mock_mnist_fixture()
 @pytest.mark.parametrize(
   "override,expected",
   [
-    ("--config.optim.learning_rate=-1", "config.optim.learning_rate must be > 0, got -1"),
+    (
+      "--config.optim.learning_rate=-1",
+      "config.optim.learning_rate must be a finite number > 0, got -1",
+    ),
+    (
+      "--config.optim.learning_rate=inf",
+      "config.optim.learning_rate must be a finite number > 0, got inf",
+    ),
+    (
+      "--config.model.routing_iterations=1000000000",
+      "config.model.routing_iterations must be <= 100, got 1000000000",
+    ),
     ("--config.model.primary_stride=0", "config.model.primary_stride"),
     ("--config.model.conv1_kernel=0", "config.model.conv1_kernel"),
     ("--config.model.digit_dim=0", "config.model.digit_dim"),

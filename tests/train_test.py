@@ -379,7 +379,9 @@ def test_training_sees_no_validation_example_and_the_recipe_shift(
 
 def test_invalid_optimizer_config_is_refused_before_the_workdir_is_touched(tmp_path, mock_fashion):
   workdir = tmp_path / "w"
-  with pytest.raises(ValueError, match=r"optim.learning_rate must be > 0, got -1.0"):
+  with pytest.raises(
+    ValueError, match=r"optim.learning_rate must be a finite number > 0, got -1.0"
+  ):
     _run(str(workdir), **{"optim.learning_rate": -1.0})
   assert not (workdir / "config.json").exists()
   assert _run(str(workdir), num_epochs=1)["step"] == 4  # the workdir is still usable.

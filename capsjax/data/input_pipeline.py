@@ -503,8 +503,13 @@ def eval_batches(
   labels: np.ndarray,
   *,
   batch_size: int,
+  multiple_of: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example exactly once, in order; the last batch is padded.
+
+  A `batch_size` larger than the split shrinks to the split's size rounded up to
+  `multiple_of` (the device count, which every batch must divide into): padding beyond
+  that would only allocate zeros, terabytes of them for a mistyped size.
 
   Yields:
     {'image': float32 [B, H, W, C], 'label': int32 [B], 'mask': bool [B]}; padding rows
@@ -515,6 +520,7 @@ def eval_batches(
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   n = len(images)
+  batch_size = min(batch_size, -(-n // multiple_of) * multiple_of)
   for start in range(0, n, batch_size):
     count = min(batch_size, n - start)
     image = np.zeros((batch_size, *images.shape[1:]), np.float32)  # [B, H, W, C]

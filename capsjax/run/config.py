@@ -97,6 +97,11 @@ def set_field(config, field: str, value: Any) -> None:
   node[leaf] = value
 
 
+# Each iteration is a pass over every vote of every example: the papers use 1 to 3, sweeps go
+# to ~10, and a mistyped count (10**9) would hang the first step rather than fail.
+MAX_ROUTING_ITERATIONS = 100
+
+
 def _check(ok: bool, field: str, message: str) -> None:
   if not ok:
     sep = "" if message.startswith("=") else " "
@@ -121,6 +126,11 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     info = input_pipeline.dataset_info(config.dataset)
   with errors.config_field("model.routing_iterations"):
     caps_ops.check_iterations(config.model.routing_iterations)
+  _check(
+    config.model.routing_iterations <= MAX_ROUTING_ITERATIONS,
+    "model.routing_iterations",
+    f"must be <= {MAX_ROUTING_ITERATIONS}, got {config.model.routing_iterations}",
+  )
   for name in (
     "seed",
     "batch_size",
