@@ -28,6 +28,7 @@ from capsjax import errors
 from capsjax import metrics as metrics_lib
 from capsjax import parallel
 from capsjax.run import config as run_config
+from capsjax.run import workdir as workdir_lib
 from capsjax import setup
 from capsjax import steps as steps_lib
 
@@ -112,7 +113,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
     CheckpointReadError: the checkpoint (every candidate) cannot be read or is corrupt.
   """
   run_config.validate_config(config, num_devices=jax.device_count())
-  source = config.init_from or workdir
+  # An empty --workdir is refused (`workdir.resolve`), not read as the current directory.
+  source = config.init_from or workdir_lib.resolve(workdir)
   src_dir, src_step = ckpt_lib.find_checkpoint(source)
   # Closed on every path: an open Orbax manager can leave a thread that prints a
   # traceback at interpreter exit, after the one-line error.

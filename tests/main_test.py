@@ -453,6 +453,19 @@ def test_checkpoints_of_another_run_with_the_same_shapes_are_refused(capsys, tmp
   assert summary["step"] == 12
 
 
+def test_a_hand_edited_config_json_of_any_json_type_is_named(capsys, tmp_path, src):
+  workdir = _copy(src, tmp_path)
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path) as f:
+    saved = json.load(f)
+  saved["model"]["architecture"] = ["x"]
+  with open(config_path, "w") as f:
+    json.dump(saved, f)
+  _one_line_error(
+    capsys, ("model.architecture: ['x'] (saved) vs 'capsnet' (now)",), f"--workdir={workdir}"
+  )
+
+
 def test_a_resume_with_changes_that_fails_before_its_first_save_changes_nothing(tmp_path, src):
   from capsjax import errors  # pylint: disable=g-import-not-at-top
 

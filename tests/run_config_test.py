@@ -57,6 +57,8 @@ def test_an_empty_workdir_is_not_the_current_directory(capsys, tmp_path, mock, m
   (tmp_path / "mine.txt").write_text("a user's file")
   # (`--config.overwrite=True` would move the cwd's files aside if it were taken as one.)
   _one_line_error(capsys, ("--workdir=''",), "--workdir=", "--config.keep_checkpoints=1")
+  # Evaluation too: a checkpoint in the cwd is not what an unset workdir means.
+  _one_line_error(capsys, ("--workdir=''",), "--workdir=", "--config.mode=eval")
   assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
 
 

@@ -275,7 +275,9 @@ def with_legacy_defaults(saved: dict, prefix: str = "") -> dict:
     if isinstance(node, dict):
       node.setdefault(leaf, value)
   model = saved if prefix == "model." else saved.get("model") if not prefix else None
-  if isinstance(model, dict):
+  # A hand-edited file may hold any JSON there (a list is unhashable): such a value has no
+  # legacy defaults, and the comparison with the config then names it.
+  if isinstance(model, dict) and isinstance(model.get("architecture"), (str, type(None))):
     for leaf, value in LEGACY_MODEL_DEFAULTS.get(model.get("architecture"), {}).items():
       model.setdefault(leaf, value)
   return saved
