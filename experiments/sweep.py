@@ -53,8 +53,9 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 from absl import logging
+import jax
+import numpy as np
 
 from capsjax import ensemble
 from capsjax import errors
@@ -668,7 +669,6 @@ def run_sweep(
   for config in configs:
     run_config.validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
   runs = []
   published = {}
   for name, config in zip(names, configs, strict=False):
@@ -676,6 +676,16 @@ def run_sweep(
     for combo in itertools.product(*(vals for _, vals in axes)):
       values = dict(zip((f for f, _ in axes), combo, strict=False))
       runs += [make_run(config, workdir, name, values, seed) for seed in seeds]
+  # Every combination before the first run: a bad value must not wait behind hours of
+  # training of the good ones.
+  for run in runs:
+    try:
+      run_config.validate_config(run.config, num_devices=jax.device_count())
+    except errors.ConfigError as e:
+      raise errors.ConfigError(
+        f"run {run.recipe} {_label(run.values) or '(no sweep values)'} seed {run.seed}: {e}"
+      ) from e
+  os.makedirs(workdir, exist_ok=True)
   if parallel:
     rows = run_parallel(runs, max_members=max_members)
     for row in rows:

@@ -343,6 +343,12 @@ def _cli_error(module, *argv) -> str:
       ("--recipes=configs/fashion.py:smoke", "--parallel", "--max_members=0"),
       "--max_members expects an integer >= 1, got 0",
     ),
+    (
+      # Every combination is checked before the first run trains.
+      ("--recipes=configs/fashion.py:smoke", "--sweep=model.routing=dynamic,bogus"),
+      "run fashion-smoke model.routing=bogus seed 0: config.model.routing: unknown routing "
+      "'bogus'; valid routings: 'dynamic', 'em', 'inverted_dot_product', 'self_attention'",
+    ),
     ((), "missing required flag --recipes"),
   ],
 )
