@@ -18,6 +18,7 @@ calling code's bug. Code that passes a user's value to them converts with `confi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -116,6 +117,33 @@ def print_user_error(message: str, *, stream=None) -> None:
   print_fresh_line(f"capsjax: error: {message}", stream=stream)
 
 
+# A file operation on a named path that failed for one of these reasons is the machine's
+# storage, not a bug: (what happened, what to do).
+_STORAGE_ERRNOS = {
+  errno.ENOSPC: ("the disk is full", "free space"),
+  errno.EDQUOT: ("the disk quota is exceeded", "free space"),
+  errno.EROFS: ("the file system is read-only", "use a writable directory"),
+  errno.EACCES: ("permission denied", "give this user write permission, or use another directory"),
+  errno.EPERM: ("permission denied", "give this user write permission, or use another directory"),
+  errno.ENOTDIR: ("a part of the path is a file, not a directory", "use a path of directories"),
+}
+
+
+def storage_message(e: BaseException, path: str | None = None) -> str | None:
+  """One line for an OSError of the storage (disk full, read-only, ...) on a named path.
+
+  `path`: the file the failed operation was on, for errors that do not carry it (a
+  write or flush of an open file). None for anything else, which keeps its traceback: an
+  OSError without a path, or of another kind (a missing file is a missing file: the code
+  that opens it says which).
+  """
+  path = path or (getattr(e, "filename", None) if isinstance(e, OSError) else None)
+  if not isinstance(e, OSError) or e.errno not in _STORAGE_ERRNOS or not path:
+    return None
+  what, advice = _STORAGE_ERRNOS[e.errno]
+  return f"{path}: {what}; {advice} (runs write under --workdir, datasets under --config.data_dir)"
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
   """Ends the process on a `CapsjaxError`: one `capsjax: error:` line, exit code 2.
@@ -123,15 +151,18 @@ def exit_on_user_error():
   with errors.exit_on_user_error():
     run(flags)
 
-  Anything else (a bug in capsjax, JAX or NumPy) propagates with its traceback, and so
-  does a `CapsjaxError` when $CAPSJAX_TRACEBACK is set.
+  A storage failure (`storage_message`: a full disk, a read-only or unwritable workdir or
+  data_dir, a path through a file) ends the same way. Anything else (a bug in capsjax,
+  JAX or NumPy) propagates with its traceback, and so does a `CapsjaxError` when
+  $CAPSJAX_TRACEBACK is set.
   """
   try:
     yield
-  except CapsjaxError as e:
-    if os.environ.get("CAPSJAX_TRACEBACK"):
+  except (CapsjaxError, OSError) as e:
+    message = str(e) if isinstance(e, CapsjaxError) else storage_message(e)
+    if message is None or os.environ.get("CAPSJAX_TRACEBACK"):
       raise
-    print_user_error(str(e))
+    print_user_error(message)
     from absl import logging  # pylint: disable=g-import-not-at-top
 
     # The traceback only with --verbosity=1: user mistakes get the one line above.

@@ -144,6 +144,32 @@ def test_full_disk_in_checkpoints_says_the_disk_is_full(tmp_path, jax_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+  "kind, mount, expected",
+  [
+    (
+      "read-only",
+      "mount --bind {w} {w} && mount -o remount,ro,bind {w}",
+      "the file system is read-only",
+    ),
+    # A one-page tmpfs filled up before the run starts.
+    ("full", "mount -t tmpfs -o size=4k tmpfs {w} && head -c 4096 /dev/zero > {w}/fill", "full"),
+  ],
+)
+def test_a_read_only_or_full_workdir_is_one_line_at_start(
+  tmp_path, jax_cache, kind, mount, expected
+):
+  if _mount_problem():
+    pytest.skip(f"needs a mount ({_mount_problem()})")
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  rc, out = _run(workdir, jax_cache, "--config.num_epochs=1", mount=mount.format(w=workdir))
+  line = _assert_one_line_error(
+    rc, out, "cannot use the workdir: ", os.path.join(workdir, ".lock.0"), expected
+  )
+  assert "epoch 1" not in out, (kind, line)
+
+
 def test_init_from_errors_end_with_one_line_and_no_orbax_traceback(tmp_path, jax_cache):
   # An Orbax thread left running can print a traceback ("cannot schedule new futures
   # after interpreter shutdown") after the error, in some runs only: run each twice.

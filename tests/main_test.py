@@ -293,6 +293,27 @@ def test_user_error_starts_on_a_fresh_line_after_a_progress_bar(capsys, tmp_path
   assert grep == ["capsjax: error: train-images-idx3-ubyte.gz: corrupt"], repr(err)
 
 
+def test_a_storage_failure_on_a_named_path_is_one_line_and_other_os_errors_are_not(capsys):
+  import errno  # pylint: disable=g-import-not-at-top
+
+  from capsjax import errors  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(SystemExit) as e:
+    with errors.exit_on_user_error():
+      raise OSError(errno.EROFS, "Read-only file system", "/data/fashion/cache.npz")
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert [ln for ln in err.splitlines() if ln] == [
+    "capsjax: error: /data/fashion/cache.npz: the file system is read-only; use a writable "
+    "directory (runs write under --workdir, datasets under --config.data_dir)"
+  ]
+  # A missing file, or an OSError without a path, may be a bug: it keeps its traceback.
+  for other in (OSError(errno.ENOENT, "No such file", "/x"), OSError(errno.ENOSPC, "full")):
+    with pytest.raises(OSError):
+      with errors.exit_on_user_error():
+        raise other
+
+
 def test_print_user_error_in_a_log_file_and_on_a_terminal(tmp_path):
   from capsjax import errors  # pylint: disable=g-import-not-at-top
 

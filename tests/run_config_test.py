@@ -66,6 +66,8 @@ def test_a_workdir_that_is_a_file_or_a_dangling_link(capsys, tmp_path, mock):
   path = tmp_path / "file"
   path.write_text("x")
   _one_line_error(capsys, ("is a file, expected a directory",), f"--workdir={path}")
+  # Under a file, too: the file is named, not a NotADirectoryError later.
+  _one_line_error(capsys, (f"{path} is a file, expected a directory",), f"--workdir={path}/sub")
   link = tmp_path / "link"
   os.symlink(tmp_path / "missing", link)
   _one_line_error(capsys, ("is a dangling symlink",), f"--workdir={link}")

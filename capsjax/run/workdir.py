@@ -46,9 +46,14 @@ def resolve(workdir: str | None) -> str:
       f"--workdir={workdir!r}: expected the path of a directory (existing or to be made)"
     )
   path = os.path.abspath(os.path.expanduser(str(workdir)))
-  if os.path.lexists(path) and not os.path.isdir(path):
-    what = "a dangling symlink" if os.path.islink(path) else "a file"
-    raise errors.WorkdirError(f"--workdir={workdir}: {path} is {what}, expected a directory")
+  # The path itself, or the nearest part of it that exists (a workdir made later under a
+  # file would fail there with NotADirectoryError).
+  existing = path
+  while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if os.path.lexists(existing) and not os.path.isdir(existing):
+    what = "a dangling symlink" if os.path.islink(existing) else "a file"
+    raise errors.WorkdirError(f"--workdir={workdir}: {existing} is {what}, expected a directory")
   return path
 
 
@@ -126,9 +131,14 @@ def _write_config(config, path: str) -> None:
   Written whole or not at all: a run stopped mid-write must not leave half a file.
   """
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise _storage_error(e, path) from e
 
 
 @dataclasses.dataclass
@@ -237,10 +247,13 @@ def check_config(config, workdir: str) -> ConfigRecord:
 @contextlib.contextmanager
 def lock(workdir: str):
   """An exclusive lock: a second process training in the same workdir fails at once."""
-  os.makedirs(workdir, exist_ok=True)
   # Every process of a multi-process run shares the workdir: lock per process index.
   path = os.path.join(workdir, f".lock.{jax.process_index()}")
-  f = open(path, "w")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(path, "w")
+  except OSError as e:
+    raise _storage_error(e, path) from e
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -250,9 +263,21 @@ def lock(workdir: str):
       "to finish or use another --workdir"
     ) from None
   try:
-    f.write(str(os.getpid()))
-    f.flush()
+    try:
+      f.write(str(os.getpid()))
+      f.flush()
+    except OSError as e:  # a full disk: the run could not write anything else either.
+      raise _storage_error(e, path) from e
     yield
   finally:
     fcntl.flock(f, fcntl.LOCK_UN)
-    f.close()
+    try:
+      f.close()
+    except OSError:  # the pid that could not be flushed: the error above says why.
+      pass
+
+
+def _storage_error(e: OSError, path: str) -> Exception:
+  """The one-line WorkdirError for a workdir the storage refuses; `e` itself otherwise."""
+  message = errors.storage_message(e, path)
+  return errors.WorkdirError(f"cannot use the workdir: {message}") if message else e
