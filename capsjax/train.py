@@ -54,6 +54,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "capsjax.train_ensemble.train_seeds (capsjax.main.run chooses)"
     )
   workdir = workdir_lib.resolve(workdir)
+  workdir_lib.check_init_from(config, workdir)
   with workdir_lib.lock(workdir):
     record = workdir_lib.check_config(config, workdir)
     return _train(config, workdir, record)

@@ -84,6 +84,8 @@ def train_seeds(config, workdir: str) -> dict[str, Any]:
   _check_ensemble(configs)
   workdir = workdir_lib.resolve(workdir)
   dirs = [os.path.join(workdir, member_name(c.seed)) for c in configs]
+  for c, d in zip(configs, dirs, strict=True):
+    workdir_lib.check_init_from(c, d)
   with contextlib.ExitStack() as stack:
     # Every lock before any check: a run already training in a member's directory is
     # refused before the ensemble's config check could move that directory aside.
@@ -116,6 +118,8 @@ def train_ensemble(configs: Sequence[Any], dirs: Sequence[str]) -> list[dict[str
     run_config.validate_config(config, num_devices=jax.device_count())
   _check_ensemble(configs)
   dirs = [workdir_lib.resolve(d) for d in dirs]
+  for c, d in zip(configs, dirs, strict=True):
+    workdir_lib.check_init_from(c, d)
   with contextlib.ExitStack() as stack:
     for d in dirs:
       stack.enter_context(workdir_lib.lock(d))

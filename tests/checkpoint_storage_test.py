@@ -189,6 +189,10 @@ def test_init_from_errors_end_with_one_line_and_no_orbax_traceback(tmp_path, jax
         workdir, jax_cache, "--config.num_epochs=1", f"--config.init_from={tmp_path / name}"
       )
       _assert_one_line_error(rc, out, expected)
+      # Refused before the workdir was made: nothing to clean up, nothing to mistake
+      # for a run.
+      assert not os.path.exists(workdir), os.listdir(workdir)
+      assert "epoch 1" not in out
 
 
 # ----------------------------------------------------------------------------------------

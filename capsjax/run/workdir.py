@@ -72,7 +72,7 @@ def _read_saved_config(path: str) -> dict:
   return run_config.with_legacy_defaults(saved)
 
 
-def _has_checkpoints(workdir: str) -> bool:
+def has_checkpoints(workdir: str) -> bool:
   """Whether `workdir/checkpoints/` holds a step (complete or being written), or an
   ensemble member's `seed-<s>/checkpoints/` below it."""
 
@@ -191,7 +191,7 @@ def check_config(config, workdir: str) -> ConfigRecord:
       {k: saved[k] for k in run_config.RUN_DEFINING_FIELDS if k in saved}, now
     )
     refused = [c for c in changed if not run_config.change_allowed(c[0], allowed)]
-    if refused and not config.overwrite and not _has_checkpoints(workdir):
+    if refused and not config.overwrite and not has_checkpoints(workdir):
       # Nothing was trained with the saved config (e.g. it failed a check that needs the
       # data, such as train_examples > the dataset): replacing it loses nothing, and the
       # user can fix the value. The old file is kept and each change logged.
@@ -211,12 +211,12 @@ def check_config(config, workdir: str) -> ConfigRecord:
       _move_aside(workdir)
     elif changed:
       _log_changes(config, workdir, changed)
-      if _has_checkpoints(workdir):
+      if has_checkpoints(workdir):
         processes.sync("capsjax_config_checked")
         return ConfigRecord(config, path, pending=True)
       if jax.process_index() == 0:
         _keep_previous(path)
-  elif _has_checkpoints(workdir):
+  elif has_checkpoints(workdir):
     if config.overwrite:
       if jax.process_index() == 0:
         _move_aside(workdir)
@@ -242,6 +242,16 @@ def check_config(config, workdir: str) -> ConfigRecord:
     _write_config(config, path)
   processes.sync("capsjax_config_written")
   return ConfigRecord(config, path)
+
+
+def check_init_from(config, workdir: str) -> None:
+  """Refuses a `config.init_from` without a checkpoint before the workdir is touched.
+
+  Only for a run that will start from it: a workdir with checkpoints resumes them, and
+  the run it was initialised from may since have been deleted.
+  """
+  if config.init_from and not has_checkpoints(workdir):
+    ckpt_lib.find_checkpoint(config.init_from)
 
 
 @contextlib.contextmanager
