@@ -266,10 +266,9 @@ def test_not_found_message_for_a_dataset_without_offline_build():
     manual_dir=None,
     looked_in=["TFDS array_record dataset: /d/cifar10/3.0.2"],
   )
-  assert msg.splitlines() == [
-    "Dataset 'cifar10' split 'test' not found. Looked in:",
-    "  - TFDS array_record dataset: /d/cifar10/3.0.2",
-    "  (no offline build for 'cifar10': it is available through plain TFDS only)",
-    "To fix, with internet: --config.download=True (load_split(..., download=True)), or "
-    "prepare it with `tfds build cifar10 --file_format=array_record --data_dir=/d`.",
-  ]
+  assert msg == (
+    "Dataset 'cifar10' split 'test' not found (looked in: TFDS array_record dataset: "
+    "/d/cifar10/3.0.2; no offline build for 'cifar10': it is available through plain TFDS "
+    "only). To fix: with internet, --config.download=True (load_split(..., download=True)), "
+    "or prepare it with `tfds build cifar10 --file_format=array_record --data_dir=/d`."
+  )

@@ -209,44 +209,44 @@ def not_found_message(
 ) -> str:
   """Text of a `DatasetNotFoundError`: every place looked in, and how to fix it.
 
-  `looked_in` holds the caller's places (cache, TFDS dir), one per line; the original-file
-  directories follow. `data_dir` goes into the `tfds build` hint.
+  One line (the command line prints every user error as one `capsjax: error:` line):
+  `looked_in` holds the caller's places (cache, TFDS dir); the original-file directories
+  follow. `data_dir` goes into the `tfds build` hint.
   """
-  lines = [f"Dataset {dataset!r} split {split!r} not found. Looked in:"]
-  lines += [f"  - {place}" for place in looked_in]
+  places = list(looked_in)
   if dataset in OFFLINE_DATASETS:
     wanted = " + ".join(f"{a} & {b}" for a, b in _split_file_options(dataset, split))
-    lines.append(f"  - original files ({wanted}) in:")
-    lines += [
-      f"      {d}{'' if os.path.isdir(d) else '  (does not exist)'}"
+    dirs = [
+      f"{d}{'' if os.path.isdir(d) else ' (does not exist)'}"
       for d in _candidate_dirs(dataset, manual_dir)
     ]
     if manual_dir is None and not os.environ.get(MANUAL_DIR_ENV):
-      lines.append(f"      (no manual_dir given and ${MANUAL_DIR_ENV} is not set)")
-    lines.append("To fix, either:")
-    lines.append(
-      f"  * copy the original files of every split ({', '.join(SPLITS)}) into a "
-      f"directory and pass manual_dir=<dir> or set {MANUAL_DIR_ENV}=<dir>;"
-    )
+      dirs.append(f"no manual_dir given and ${MANUAL_DIR_ENV} is not set")
+    places.append(f"original files ({wanted}) in: {', '.join(dirs)}")
+    fixes = [
+      f"copy the original files of every split ({', '.join(SPLITS)}) into a directory and "
+      f"pass --config.manual_dir=<dir> (manual_dir=<dir>) or set {MANUAL_DIR_ENV}=<dir>"
+    ]
     if dataset == "fashion_mnist":
-      lines.append(
-        "  * or install them: sudo apt-get install dataset-fashion-mnist "
-        "(puts them in /usr/share/datasets/fashion-mnist/);"
+      fixes.append(
+        "or install them: sudo apt-get install dataset-fashion-mnist "
+        "(puts them in /usr/share/datasets/fashion-mnist/)"
       )
-    lines.append(
-      f"  * or, with internet: load_split({dataset!r}, {split!r}, download=True) "
-      "(command line: --config.download=True)."
+    fixes.append(
+      "or, with internet, --config.download=True "
+      f"(load_split({dataset!r}, {split!r}, download=True))"
     )
   else:
-    lines.append(f"  (no offline build for {dataset!r}: it is available through plain TFDS only)")
-    lines.append(
-      "To fix, with internet: --config.download=True (load_split(..., download=True)), "
-      "or prepare it with "
-      f"`tfds build {dataset} --file_format=array_record --data_dir={data_dir}`."
-    )
-  if extra:
-    lines.append(extra)
-  return "\n".join(lines)
+    places.append(f"no offline build for {dataset!r}: it is available through plain TFDS only")
+    fixes = [
+      "with internet, --config.download=True (load_split(..., download=True)), or prepare it "
+      f"with `tfds build {dataset} --file_format=array_record --data_dir={data_dir}`"
+    ]
+  text = (
+    f"Dataset {dataset!r} split {split!r} not found (looked in: {'; '.join(places)}). "
+    f"To fix: {'; '.join(fixes)}."
+  )
+  return f"{text} {extra}" if extra else text
 
 
 # ----------------------------------------------------------------------------------------
