@@ -74,6 +74,28 @@ def test_download_failing_on_the_network_later_is_one_line_too(tmp_path, monkeyp
   assert "\n" not in str(e.value) and "offline, either copy" in str(e.value)
 
 
+def test_a_server_answering_404_is_one_line(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(dl, "_unreachable", lambda url: None)
+
+  def not_there(self, *args, **kwargs):  # what TFDS raises for an HTTP error status.
+    raise tfds.download.DownloadError(
+      "Failed to get url http://example.org/train-images-idx3-ubyte.gz. HTTP code: 404."
+    )
+
+  for cls in od._OFFLINE_BUILDERS.values():
+    monkeypatch.setattr(cls, "download_and_prepare", not_there)
+  with pytest.raises(errors.DatasetNotFoundError) as e:
+    ip.load_split("fashion_mnist", "train", data_dir=tmp_path, download=True)
+  assert str(e.value).startswith(
+    "--config.download=True: downloading 'fashion_mnist' failed on the network "
+    "(DownloadError: Failed to get url http://example.org/train-images-idx3-ubyte.gz. "
+    "HTTP code: 404.); "
+  )
+  assert "\n" not in str(e.value)
+
+
 def test_download_check_follows_a_proxy(monkeypatch):
   seen = []
 

@@ -52,6 +52,33 @@ def test_offline_build_from_idx_is_read_by_plain_tfds(tmp_path):
     )
 
 
+def test_a_damaged_array_record_file_is_named_with_how_to_rebuild(tmp_path, monkeypatch):
+  from capsjax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+
+  manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+  fx.write_idx_dataset(manual / "mnist")
+  prepared = od.prepare_offline(
+    "mnist", data_dir=data_dir, manual_dir=manual, expected_counts=COUNTS
+  )
+  (name,) = [n for n in os.listdir(prepared) if "-train.array_record" in n]
+  path = os.path.join(prepared, name)
+  data = bytearray(open(path, "rb").read())
+  for i in range(64, len(data) - 64, 7):  # flip bytes all through the file.
+    data[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  with pytest.raises(errors.DatasetValidationError) as e:
+    ip.load_split("mnist", "train", data_dir=data_dir)
+  msg = str(e.value)
+  assert msg.startswith(f"{prepared}: the 'train' split's files ({name}) cannot be read (")
+  assert f"Move {prepared} aside and rerun" in msg and "\n" not in msg
+  # The advice holds: with the damaged build moved aside, the split is rebuilt offline.
+  os.rename(prepared, f"{prepared}.damaged")
+  fx.small_counts(monkeypatch, "mnist")
+  images, labels = ip.load_split("mnist", "train", data_dir=data_dir, manual_dir=manual)
+  assert len(labels) == N_TRAIN
+
+
 def test_kmnist_npz_full_build(tmp_path):
   manual, data_dir = tmp_path / "km", tmp_path / "tfds"
   fixture = fx.write_kmnist_npz(manual)

@@ -117,6 +117,8 @@ def download(dataset: str, *, data_dir: str | os.PathLike) -> None:
     requests.exceptions.ConnectionError,
     requests.exceptions.Timeout,
     urllib.error.URLError,
+    # A server that answers, but not with the file (HTTP 404, 403, 5xx).
+    tfds.download.DownloadError,
   ) as e:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise errors.DatasetNotFoundError(

@@ -278,7 +278,27 @@ def _load_from_tfds(
         ],
       )
     ) from e
-  return (*_read_data_source(ds, info), prepared)
+  try:
+    images, labels = _read_data_source(ds, info)
+  except (RuntimeError, OSError) as e:
+    if prepared is None or not _damaged_file(e):
+      raise
+    files = sorted(n for n in os.listdir(prepared) if f"-{split}." in n)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise errors.DatasetValidationError(
+      f"{prepared}: the {split!r} split's files ({', '.join(files)}) cannot be read "
+      f"({first[:200]}). Move {prepared} aside and rerun: capsjax rebuilds it from the "
+      "original files (--config.manual_dir) or, with --config.download=True, downloads it"
+    ) from e
+  return images, labels, prepared
+
+
+def _damaged_file(e: BaseException) -> bool:
+  """Whether an array_record read failed on the file's bytes (not on the code's use)."""
+  text = str(e)
+  return isinstance(e, OSError) or any(
+    s in text for s in ("Riegeli", "Corrupted", "DATA_LOSS", "hash mismatch")
+  )
 
 
 def _original_files(dataset: str, manual_dir) -> dict[str, tuple[str, str] | None]:
