@@ -23,7 +23,8 @@ Exit codes:
       loss, disk full, workdir in use): one line `capsjax: error: ...` on stderr, on a
       line of its own (`grep '^capsjax: error'` finds it in a log)
   75  preempted: SIGTERM/SIGINT received, a checkpoint was saved at the next step
-      boundary; rerun the same command to resume (EX_TEMPFAIL; see experiments/slurm/)
+      boundary (or, for a step still running 120 s later, nothing was saved); rerun the
+      same command to resume (EX_TEMPFAIL; see experiments/slurm/)
   130 SIGINT (Ctrl-C) outside the training loop (start-up, data, model set-up,
       evaluation), or a second Ctrl-C during training: stopped at once without saving
   143 SIGTERM outside the training loop: stopped at once, nothing new to save

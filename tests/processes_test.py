@@ -135,6 +135,31 @@ def test_sigterm_during_the_first_compile_saves_after_the_first_step(tmp_path):
   assert steps, err[-3000:]
 
 
+def test_a_step_that_never_ends_after_sigterm_exits_75_after_the_grace_period():
+  """A step stuck in XLA (here: a sleep in the loop) is not waited for forever."""
+  code = (
+    "import os, signal, time\n"
+    "from capsjax.run import processes\n"
+    "processes.STOP_GRACE_S = 1.0\n"
+    "processes.handle_signals()\n"
+    "with processes.StopFlag():\n"
+    "  os.kill(os.getpid(), signal.SIGTERM)\n"
+    "  time.sleep(60)  # the step in progress, never reaching its boundary.\n"
+  )
+  t0 = time.time()
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
+  )
+  assert proc.returncode == processes.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+  assert time.time() - t0 < 30  # a hang guard: the sleep alone would take 60 s.
+  lines = [ln for ln in proc.stderr.split("\n") if ln.startswith("capsjax")]
+  assert lines == [
+    "capsjax: stopped by signal 15 during a training step that had not ended 1 s later: "
+    "stopped without saving; the last complete checkpoint is kept, rerun the same command "
+    "to resume from it (exit code 75)"
+  ], proc.stderr[-3000:]
+
+
 def test_exit_codes_are_documented():
   from capsjax import main as main_lib  # pylint: disable=g-import-not-at-top
 

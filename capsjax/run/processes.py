@@ -3,7 +3,8 @@
 A SIGTERM (a SLURM preemption) or a first Ctrl-C during training only sets a flag; the
 training loop checks it at step boundaries, saves a checkpoint and raises `Preempted`,
 which the entry point turns into exit code 75 so a job script can tell preemption from
-failure. Under `jax.distributed` the processes must agree on when to stop, so the flag is
+failure. A step that has not ended `STOP_GRACE_S` after the signal is not waited for: the
+process exits 75 without saving, and the last complete checkpoint is resumed. Under `jax.distributed` the processes must agree on when to stop, so the flag is
 combined across them (`any_process`) and barriers (`sync`) order file writes.
 
 Outside the training loop (imports, data loading, model initialisation, evaluation) there
@@ -74,6 +75,7 @@ class StopFlag:
 
   def __init__(self):
     self.signal = None
+    self.done = threading.Event()  # set when the loop leaves (saved, or failed).
     self._old = {}
 
   def __enter__(self):
@@ -94,6 +96,7 @@ class StopFlag:
     logging.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
 
   def __exit__(self, *exc):
+    self.done.set()
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
@@ -107,8 +110,16 @@ def _ignore(signum, frame):
   del signum, frame
 
 
-def _exit_now(signum: int, why: str) -> None:
-  code = interrupted_exit_code(signum)
+# How long the training loop has, after a first SIGTERM/Ctrl-C, to reach a step boundary
+# and save: a step (or scanned chunk) that has not ended by then is not waited for (the
+# process exits 75 without saving, keeping the last complete checkpoint). Long enough for
+# a scanned chunk (`config.scan_chunk_seconds`) and a save; SLURM's own grace before
+# SIGKILL is usually shorter and then decides first.
+STOP_GRACE_S = 120.0
+
+
+def _exit_now(signum: int, why: str, code: int | None = None) -> None:
+  code = interrupted_exit_code(signum) if code is None else code
   try:
     sys.stdout.flush()
     errors.print_fresh_line(f"capsjax: stopped by signal {signum} {why} (exit code {code})")
@@ -135,6 +146,12 @@ def _watch(read_fd: int) -> None:
         # The loop's StopFlag handles the first signal at the next step boundary.
         if stop is not training:
           training, count = stop, 0
+          threading.Thread(
+            target=_stop_within_grace,
+            args=(stop, signum),
+            name="capsjax-stop-grace",
+            daemon=True,
+          ).start()
         count += 1
         if signum == signal.SIGINT and count >= 2:
           _exit_now(
@@ -149,6 +166,19 @@ def _watch(read_fd: int) -> None:
         "evaluation): nothing new to save; rerun the same command to resume from "
         "the last checkpoint, if any",
       )
+
+
+def _stop_within_grace(stop: StopFlag, signum: int) -> None:
+  """Ends the process (exit 75, nothing saved) if the loop has not stopped in time."""
+  if stop.done.wait(STOP_GRACE_S):
+    return
+  _exit_now(
+    signum,
+    f"during a training step that had not ended {STOP_GRACE_S:.0f} s later: stopped "
+    "without saving; the last complete checkpoint is kept, rerun the same command to "
+    "resume from it",
+    code=PREEMPTED_EXIT_CODE,
+  )
 
 
 def handle_signals() -> bool:
