@@ -121,15 +121,18 @@ def build(config, steps_per_epoch: int) -> Start:
   )
 
 
-def restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state):
+def restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state, *, steps_per_epoch: int):
   """Restores the latest checkpoint of `ckpt`, or `init_from` weights, or keeps `state`.
 
-  Returns (state, step, meta of the restored checkpoint or {}).
+  A checkpoint is resumed only by the run that wrote it (`check_same_run`), at the same
+  number of steps per epoch (`check_steps_per_epoch`). Returns (state, step, meta of the
+  restored checkpoint or {}).
   """
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, meta, step = restored
     check_same_run(config, meta, f"{ckpt.directory}/{step}")
+    check_steps_per_epoch(meta, steps_per_epoch, f"{ckpt.directory}/{step}")
     logging.info("resumed from %s at step %d", ckpt.directory, step)
     return state, step, meta
   return initial_state(config, state), 0, {}
@@ -167,6 +170,23 @@ def check_same_run(config, meta: dict, source: str) -> None:
       "--config.resume_with_changes="
       + ",".join(f for f, _, _ in refused[:5])
       + " to continue it with the new values"
+    )
+
+
+def check_steps_per_epoch(meta: dict, steps_per_epoch: int, source: str) -> None:
+  """Refuses a checkpoint whose run made another number of steps per epoch.
+
+  A run's progress is its step count: with another batch size or training-set size
+  (`resume_with_changes` may allow either) the same step would be another epoch, and
+  epochs would be skipped or counted twice.
+  """
+  saved = meta.get("steps_per_epoch")
+  if saved is not None and saved != steps_per_epoch:
+    raise errors.CheckpointMismatchError(
+      f"checkpoint {source} was trained at {saved} steps per epoch, this config makes "
+      f"{steps_per_epoch} (config.batch_size, train_examples or val_examples changed): "
+      "its step would be another epoch here. Resume with the values it was trained with; "
+      "or start a new --workdir with --config.init_from=<this checkpoint> (weights only)"
     )
 
 

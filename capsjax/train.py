@@ -116,7 +116,9 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
   on = setup.selection_split(config)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, best_metric=f"{on}_accuracy")
   try:
-    state, step, restored_meta = setup.restore_or_init(config, ckpt, start.state)
+    state, step, restored_meta = setup.restore_or_init(
+      config, ckpt, start.state, steps_per_epoch=spe
+    )
     state = parallel.replicate(state, mesh)
     history = History(
       on, config.early_stop_epochs, [dict(h) for h in restored_meta.get("history", [])]

@@ -238,7 +238,7 @@ def _train(
     # --------------------------------------------------------------------------------------
     # Checkpoints: every member resumes from the newest step all training members have.
     # --------------------------------------------------------------------------------------
-    states, step = _restore(members, init_states)
+    states, step = _restore(members, init_states, spe)
     state = parallel.replicate(ensemble.stack_states(states), mesh)
     for m in members:
       # A member frozen as non-finite keeps every row it wrote, the divergence included.
@@ -429,7 +429,7 @@ def _train(
 # ------------------------------------------------------------------------------------------
 # The loop's helpers.
 # ------------------------------------------------------------------------------------------
-def _restore(members: list[_Member], init_states: list) -> tuple[list, int]:
+def _restore(members: list[_Member], init_states: list, steps_per_epoch: int) -> tuple[list, int]:
   """Each member's state and step; returns (states, the ensemble's step).
 
   A member frozen in an earlier invocation (early stop, `stopped.json`) resumes at its own
@@ -439,7 +439,9 @@ def _restore(members: list[_Member], init_states: list) -> tuple[list, int]:
   """
   states = []
   for m, init in zip(members, init_states, strict=True):
-    state, step, meta = setup.restore_or_init(m.config, m.ckpt, init)
+    state, step, meta = setup.restore_or_init(
+      m.config, m.ckpt, init, steps_per_epoch=steps_per_epoch
+    )
     m.history.epochs = [dict(h) for h in meta.get("history", [])]
     m.step = step
     stopped_path = os.path.join(m.workdir, STOPPED_NAME)
@@ -464,6 +466,7 @@ def _restore(members: list[_Member], init_states: list) -> tuple[list, int]:
     else:
       states[k], meta = m.ckpt.restore(step, init_states[k])
       setup.check_same_run(m.config, meta, f"{m.ckpt.directory}/{step}")
+      setup.check_steps_per_epoch(meta, steps_per_epoch, f"{m.ckpt.directory}/{step}")
       m.history.epochs = [dict(h) for h in meta.get("history", [])]
     # It will save those steps again, and Orbax refuses a step at or below its latest.
     later = m.ckpt.set_aside_after(step)

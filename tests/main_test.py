@@ -474,6 +474,30 @@ def test_checkpoints_of_another_run_with_the_same_shapes_are_refused(capsys, tmp
   assert summary["step"] == 12
 
 
+@pytest.mark.parametrize("batch_size", [16, 4])
+def test_a_resume_at_another_batch_size_is_refused_not_miscounted(
+  capsys, tmp_path, src, batch_size
+):
+  """Progress is counted in steps: at another batch size, step 8 would be another epoch."""
+  workdir = _copy(src, tmp_path)
+  before = _saved_config(workdir)
+  _one_line_error(
+    capsys,
+    (
+      f"checkpoint {workdir}/checkpoints/8 was trained at 4 steps per epoch, this config "
+      f"makes {32 // batch_size}",
+      "--config.init_from=<this checkpoint>",
+    ),
+    f"--workdir={workdir}",
+    f"--config.batch_size={batch_size}",
+    "--config.num_epochs=3",
+    "--config.resume_with_changes=batch_size",
+  )
+  assert _saved_config(workdir) == before
+  with open(os.path.join(workdir, "epochs.csv")) as f:
+    assert [row.split(",")[0] for row in f.read().splitlines()[1:]] == ["1", "2"]
+
+
 def test_a_hand_edited_config_json_of_any_json_type_is_named(capsys, tmp_path, src):
   workdir = _copy(src, tmp_path)
   config_path = os.path.join(workdir, "config.json")

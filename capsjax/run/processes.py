@@ -4,8 +4,9 @@ A SIGTERM (a SLURM preemption) or a first Ctrl-C during training only sets a fla
 training loop checks it at step boundaries, saves a checkpoint and raises `Preempted`,
 which the entry point turns into exit code 75 so a job script can tell preemption from
 failure. A step that has not ended `STOP_GRACE_S` after the signal is not waited for: the
-process exits 75 without saving, and the last complete checkpoint is resumed. Under `jax.distributed` the processes must agree on when to stop, so the flag is
-combined across them (`any_process`) and barriers (`sync`) order file writes.
+process exits 75 without saving, and the last complete checkpoint is resumed. Under
+`jax.distributed` the processes must agree on when to stop, so the flag is combined
+across them (`any_process`) and barriers (`sync`) order file writes.
 
 Outside the training loop (imports, data loading, model initialisation, evaluation) there
 is no step boundary to stop at: from process start (`handle_signals`) a signal there ends
