@@ -151,6 +151,31 @@ class TrainMeans:
     self.interval, self.interval_t0 = metrics_lib.Averager(), time.time()
     return values
 
+  def state(self) -> dict:
+    """The means so far, as JSON for a checkpoint saved mid-epoch (a preemption's).
+
+    A run resumed from it (`resume`) writes the same epoch row, and the same next train
+    row, as if it had not stopped; only the timing columns differ.
+    """
+    now = time.time()
+    return {
+      "epoch": self.epoch.state(),
+      "interval": self.interval.state(),
+      "epoch_seconds": now - self.epoch_t0,
+      "interval_seconds": now - self.interval_t0,
+    }
+
+  def resume(self, saved: dict | None) -> None:
+    """Continues the epoch a mid-epoch checkpoint's `state()` recorded (None: afresh)."""
+    self.start_epoch()
+    if not saved:
+      return
+    self.epoch.load(saved["epoch"])
+    self.interval.load(saved["interval"])
+    now = time.time()
+    self.epoch_t0 = now - float(saved["epoch_seconds"])
+    self.interval_t0 = now - float(saved["interval_seconds"])
+
 
 class StepTrainer:
   """The per-step loop: host batches (`batches_from`), one jitted step each.

@@ -127,6 +127,16 @@ class Averager:
     self._pending = []
     return {k: v / max(self.count, 1) for k, v in self._sums.items()}
 
+  def state(self) -> dict:
+    """{'sums', 'count'} as JSON: what `load` continues from, to the same float sums."""
+    self.result()
+    return {"sums": dict(self._sums), "count": self.count}
+
+  def load(self, state: dict) -> None:
+    """Continues from a `state()`: later values add to the same sums in the same order."""
+    self._sums = {k: float(v) for k, v in state["sums"].items()}
+    self._pending, self.count = [], int(state["count"])
+
 
 class MetricWriter:
   """Appends metric rows to metrics.csv and TensorBoard; a no-op on processes != 0."""

@@ -126,8 +126,10 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
     meta = setup.checkpoint_meta(config, start.info, spe)
 
     def save(state, step: int, epoch: float, metrics: dict | None = None) -> None:
+      # Mid-epoch (a preemption's save), the epoch's running means go with it.
+      extra = {"train_means": means.state()} if step % spe else {}
       saved = ckpt.save(
-        step, state, dict(meta, epoch=epoch, history=history.epochs), metrics=metrics
+        step, state, dict(meta, epoch=epoch, history=history.epochs, **extra), metrics=metrics
       )
       if (
         saved and record.pending
@@ -158,6 +160,7 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
     trainer = loop_lib.make_trainer(ctx, start.graphdef, train_fn, start.aug_key, step)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
     means = loop_lib.TrainMeans(config.batch_size)
+    means.resume(restored_meta.get("train_means") if step % spe else None)
     bar = None
     test_metrics: dict[str, float] = {}
 
@@ -171,7 +174,6 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
             bar = loop_lib.EpochBar(
               config, *divmod(step, spe), spe, enabled=config.progress_bar and is_main
             )
-            means.start_epoch()
           state, values = trainer.advance(state, step)
           for v in values:
             step += 1
@@ -200,6 +202,7 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
           val_metrics, test_metrics = evaluate_epoch(evaluate, state, data, step)
           history.epochs.append(history_entry(epoch, val_metrics, test_metrics))
           record_epoch(writer, history, epoch, step, epoch_s, means, val_metrics, test_metrics)
+          means.start_epoch()
           if is_main:
             print_epoch(epoch, val_metrics, test_metrics)
           # A run that has just stopped early is finished: a signal now must not ask for

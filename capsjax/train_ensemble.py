@@ -162,6 +162,7 @@ class _Member:
   stopped: str = ""  # why it was frozen ("" = training).
   writer: metrics_lib.MetricWriter | None = None
   means: loop_lib.TrainMeans | None = None
+  resume_means: dict | None = None  # the running means a mid-epoch checkpoint kept.
   last_test: dict | None = None  # test metrics of its last evaluated epoch.
 
   @property
@@ -221,10 +222,12 @@ def _train(
   metas = [setup.checkpoint_meta(m.config, info, spe) for m in members]
 
   def save(state, m: _Member, k: int, epoch: float, metrics: dict | None = None) -> None:
+    # Mid-epoch (a preemption's save), the epoch's running means go with it.
+    extra = {"train_means": m.means.state()} if m.step % spe else {}
     saved = m.ckpt.save(
       m.step,
       ensemble.member_state(state, k),
-      dict(metas[k], epoch=epoch, history=m.history.epochs),
+      dict(metas[k], epoch=epoch, history=m.history.epochs, **extra),
       metrics=metrics,
     )
     # A resume's changes hold once a checkpoint trained under them has landed.
@@ -245,6 +248,7 @@ def _train(
       resume_step = None if m.stopped.startswith("non-finite") else m.step
       m.writer = metrics_lib.MetricWriter(m.workdir, enabled=is_main, resume_step=resume_step)
       m.means = loop_lib.TrainMeans(config.batch_size)
+      m.means.resume(m.resume_means if step % spe else None)
 
     # --------------------------------------------------------------------------------------
     # The jitted steps and the loop that advances them.
@@ -297,8 +301,6 @@ def _train(
             bar = loop_lib.EpochBar(
               config, *divmod(step, spe), spe, enabled=config.progress_bar and is_main
             )
-            for m in members:
-              m.means.start_epoch()
           state, values = trainer.advance(state, step)
           for v in values:
             step += 1
@@ -344,6 +346,7 @@ def _train(
             epoch_s = epoch_end_t - m.means.epoch_t0
             m.history.epochs.append(train.history_entry(epoch, val_m, test_m))
             train.record_epoch(m.writer, m.history, epoch, step, epoch_s, m.means, val_m, test_m)
+            m.means.start_epoch()
             m.last_test = test_m
             if is_main:
               print(f"{m.name} ", end="")
@@ -443,7 +446,7 @@ def _restore(members: list[_Member], init_states: list, steps_per_epoch: int) ->
       m.config, m.ckpt, init, steps_per_epoch=steps_per_epoch
     )
     m.history.epochs = [dict(h) for h in meta.get("history", [])]
-    m.step = step
+    m.step, m.resume_means = step, meta.get("train_means")
     stopped_path = os.path.join(m.workdir, STOPPED_NAME)
     if m.history.early_stopped():
       m.stopped = "early stop (before this invocation)"
@@ -463,11 +466,13 @@ def _restore(members: list[_Member], init_states: list, steps_per_epoch: int) ->
       continue
     if step == 0:  # a member that never saved: every training member starts afresh.
       states[k], m.history.epochs = setup.initial_state(m.config, init_states[k]), []
+      m.resume_means = None
     else:
       states[k], meta = m.ckpt.restore(step, init_states[k])
       setup.check_same_run(m.config, meta, f"{m.ckpt.directory}/{step}")
       setup.check_steps_per_epoch(meta, steps_per_epoch, f"{m.ckpt.directory}/{step}")
       m.history.epochs = [dict(h) for h in meta.get("history", [])]
+      m.resume_means = meta.get("train_means")
     # It will save those steps again, and Orbax refuses a step at or below its latest.
     later = m.ckpt.set_aside_after(step)
     logging.info("%s: resuming at the ensemble's step %d (set aside: %s)", m.name, step, later)

@@ -22,6 +22,7 @@ from capsjax import train
 from capsjax import train_ensemble
 from capsjax.data import input_pipeline
 from capsjax.run import checkpoint as ckpt_lib
+from capsjax.run import processes
 from tests import helpers
 
 mock = helpers.mock_mnist_fixture()
@@ -108,6 +109,33 @@ def test_resume_is_exact_even_between_members_saves(mock, tmp_path, loop):
     assert step_a == step_b == 12
     for x, y in zip(leaves_a, leaves_b, strict=True):
       np.testing.assert_array_equal(x, y)
+
+
+def test_a_preemption_mid_epoch_resumes_to_the_same_rows(mock, tmp_path, monkeypatch):
+  """A stop in the middle of epoch 2: each member's checkpoint keeps its running means,
+  so the resumed ensemble writes the rows of an uninterrupted one."""
+  del mock
+  full = str(tmp_path / "full")
+  _ensemble(full, num_epochs=3)
+  cut = str(tmp_path / "cut")
+  # The per-step loop asks once per step whether to stop: the 6th answer is step 6.
+  calls = []
+
+  def stop_at_step_6(self):
+    calls.append(1)
+    return len(calls) == 6
+
+  monkeypatch.setattr(processes.StopFlag, "anywhere", stop_at_step_6)
+  with pytest.raises(processes.Preempted, match=r"at step 6 \(epoch 1.50\)"):
+    _ensemble(cut, num_epochs=3)
+  monkeypatch.undo()
+  for seed in (0, 1):
+    assert "6" in os.listdir(os.path.join(cut, f"seed-{seed}", "checkpoints"))
+  _ensemble(cut, num_epochs=3)
+  for seed in (0, 1):
+    a, b = os.path.join(full, f"seed-{seed}"), os.path.join(cut, f"seed-{seed}")
+    assert _rows(os.path.join(a, "epochs.csv")) == _rows(os.path.join(b, "epochs.csv"))
+    assert _params(a)[0] == _params(b)[0] == 12
 
 
 def test_non_finite_member_is_frozen_and_the_other_trains_on(mock, tmp_path):

@@ -8,6 +8,7 @@ TFDS mock MNIST data with the `:smoke` config: 32 examples / batch 8 = 4 steps p
 bit-identical to an uninterrupted run. Child processes share a JAX compilation cache.
 """
 
+import csv
 import os
 import signal
 
@@ -65,17 +66,28 @@ def _final_params(workdir):
   return jax.device_get(restored), step
 
 
+# epochs.csv columns that time the run; every other column must match.
+_TIMING = {"images_per_s", "wall_s", "seconds"}
+
+
+def _epoch_rows(workdir):
+  with open(os.path.join(workdir, "epochs.csv")) as f:
+    return [{k: v for k, v in r.items() if k not in _TIMING} for r in csv.DictReader(f)]
+
+
 def _assert_identical(workdir, reference):
-  (ref_state, ref_step), (state, step) = reference, _final_params(workdir)
+  """The final parameters bit for bit, and every epochs.csv row but its timings."""
+  (ref_state, ref_step, ref_dir), (state, step) = reference, _final_params(workdir)
   assert step == ref_step == 12
   jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+  assert _epoch_rows(workdir) == _epoch_rows(ref_dir)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, jax_cache):
   workdir = str(tmp_path_factory.mktemp("ref") / "run")
   _finish(workdir, jax_cache)
-  return _final_params(workdir)
+  return (*_final_params(workdir), workdir)
 
 
 def _checkpoints(workdir):
