@@ -182,6 +182,11 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
           epoch_end = step % spe == 0
           if epoch_end or step % config.log_every_steps == 0:
             check_finite(means.take_recent(), ckpt=ckpt, steps_per_epoch=spe, config=config)
+            # A failed background save is reported now, not at the next save; at an epoch
+            # end, before the epoch is recorded. Between epochs only with one process: a
+            # save that finished on one process but not yet on another would split them.
+            if epoch_end or jax.process_count() == 1:
+              ckpt.check_saves(block=epoch_end)
             logged = means.take_interval()
             writer.write(step, step / spe, "train", logged)
             bar.show(logged)

@@ -312,6 +312,9 @@ def _train(
           if epoch_end or step % config.log_every_steps == 0:
             _split_pending(pending, members)
             _freeze_non_finite(members, spe, is_main)
+            if epoch_end or jax.process_count() == 1:  # failed saves, as a single run.
+              for m in members:
+                m.ckpt.check_saves(block=epoch_end)
             training = [m for m in members if not m.stopped]
             logged = [m.means.take_interval() for m in training]
             for m, values_m in zip(training, logged, strict=True):

@@ -73,6 +73,25 @@ def test_disk_full_while_saving_keeps_previous_checkpoints(tmp_path, src, monkey
   assert summary["step"] == 12
 
 
+def test_a_failed_background_save_stops_the_run_before_the_next_epoch(tmp_path, src, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
+  workdir = _copy(src, tmp_path)
+  orig = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    if self._final_path.name == "12":  # pylint: disable=protected-access
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return await orig(self)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"\(step 12\) .*the disk is full"):
+    train.train_and_evaluate(_config(num_epochs=5), workdir)
+  # Reported within epoch 4, not at the next save (step 16): epoch 4 was never recorded.
+  rows = metrics_lib.read_csv(os.path.join(workdir, "epochs.csv"))
+  assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
 def test_incomplete_checkpoint_ignored_and_best_never_deleted(tmp_path, src, caplog):
   workdir = _copy(src, tmp_path)
   tmp_dir = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-123")

@@ -469,6 +469,20 @@ class Checkpointer:
     with self._save_errors(self._in_flight):
       self._wait_bounded()
 
+  def check_saves(self, *, block: bool = False) -> None:
+    """Raises CheckpointSaveError now for a background save that has failed since.
+
+    Without `block`, only a save that has already finished is looked at: the training
+    loop calls this at log steps, so a full disk stops the run within steps of the
+    failed save instead of at the next save. With `block` (epoch ends, where every
+    process calls it alike), waits for the save in flight.
+    """
+    if self._in_flight is None or self._closed or self._failed:
+      return
+    if not block and self._mngr.is_saving_in_progress():
+      return
+    self.wait()
+
   def close(self) -> None:
     """Waits (bounded) for saves in flight, then releases the manager (idempotent).
 
