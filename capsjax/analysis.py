@@ -77,11 +77,14 @@ def load_run(path: str, *, step: int | None = None) -> Run:
     CheckpointMismatchError: the saved weights do not fit the model the metadata describe.
   """
   workdir, found = ckpt_lib.find_checkpoint(path)
+  # The latest checkpoint falls back, with a warning, to the newest readable one before it,
+  # as training and mode=eval do; a step that is named is restored or refused as it is.
+  fallback = step is None and not ckpt_lib.names_a_step(path)
   step = found if step is None else int(step)
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  try:
+  saved = _read_json(os.path.join(workdir, "config.json")) or {}
+
+  def restore(step: int):
     meta = ckpt.read_meta(step)
-    saved = _read_json(os.path.join(workdir, "config.json")) or {}
     model_cfg = meta.get("model") or saved.get("model")
     dataset = meta.get("dataset") or saved.get("dataset")
     if not model_cfg or not dataset:
@@ -108,6 +111,14 @@ def load_run(path: str, *, step: int | None = None) -> Run:
     graphdef, target = nnx.split(abstract)
     model = nnx.merge(graphdef, ckpt.restore_params(step, target))
     model.eval()  # evaluation behaviour: BatchNorm reads its running statistics.
+    return meta, model_cfg, dataset, info, model
+
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    candidates = [s for s in ckpt.all_steps() if s <= step] if fallback else [step]
+    step, (meta, model_cfg, dataset, info, model) = ckpt.first_readable(
+      candidates, restore, advice=""
+    )
   finally:
     ckpt.close()
   logging.info(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 
 import jax
@@ -90,15 +89,6 @@ def selected_step(ckpt: ckpt_lib.Checkpointer, step: int) -> int:
   return chosen
 
 
-def _names_a_step(path: str) -> bool:
-  """Whether `path` is one `checkpoints/<step>` directory (not a workdir)."""
-  path = os.path.abspath(os.path.expanduser(path)).rstrip("/")
-  return (
-    os.path.basename(path).isdigit()
-    and os.path.basename(os.path.dirname(path)) == ckpt_lib.CKPT_DIR
-  )
-
-
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   """`mode=eval`: evaluates a checkpoint of `workdir` (or `init_from`) on test.
 
@@ -121,7 +111,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   with ckpt_lib.Checkpointer(src_dir, read_only=True) as src:
     if config.eval_checkpoint == "selected":
       candidates = [selected_step(src, src_step)]
-    elif _names_a_step(source):
+    elif ckpt_lib.names_a_step(source):
       candidates = [src_step]
     else:
       candidates = [s for s in src.all_steps() if s <= src_step]

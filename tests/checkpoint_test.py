@@ -280,6 +280,30 @@ def _latest(workdir):
   return jax.device_get(state), step
 
 
+def test_load_run_falls_back_from_a_corrupt_latest_checkpoint(tmp_path, src, caplog):
+  """`capsjax.visualize` reads runs through `analysis.load_run`: a damaged latest step
+  falls back to the newest readable one, as training and mode=eval do."""
+  from capsjax import analysis  # pylint: disable=g-import-not-at-top
+
+  corrupt = _copy(src, tmp_path / "corrupt")
+  for root, _, files in os.walk(os.path.join(corrupt, "checkpoints", "8", "state")):
+    for name in files:
+      os.remove(os.path.join(root, name))  # its arrays lost (e.g. by a full disk in a copy).
+  with caplog.at_level("WARNING"):
+    run = analysis.load_run(corrupt)
+  assert run.step == 4
+  assert re.search(r"checkpoints/8.*trying the previous checkpoint", caplog.text), caplog.text
+  clean = analysis.load_run(_copy(src, tmp_path / "clean"), step=4)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(run.model), nnx.state(clean.model))
+  # A step asked for by name is read as it is, or refused.
+  with pytest.raises(errors.CheckpointReadError, match=r"checkpoints/8"):
+    analysis.load_run(corrupt, step=8)
+  with pytest.raises(errors.CheckpointReadError, match=r"checkpoints/8"):
+    analysis.load_run(os.path.join(corrupt, "checkpoints", "8"))
+  # Read-only: the damaged step is left where it is.
+  assert os.path.isdir(os.path.join(corrupt, "checkpoints", "8"))
+
+
 def test_flipped_bytes_are_detected_and_training_resumes_from_the_previous_step(
   tmp_path, src, caplog
 ):

@@ -545,6 +545,12 @@ def restore_params(path: str, step: int | None, target_params: Any) -> tuple[Any
     return ckpt.restore_params(step, target_params), step
 
 
+def names_a_step(path: str) -> bool:
+  """Whether `path` is one `checkpoints/<step>` directory (not a workdir)."""
+  path = os.path.abspath(os.path.expanduser(path)).rstrip("/")
+  return os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == CKPT_DIR
+
+
 def find_checkpoint(path: str) -> tuple[str, int]:
   """Resolves `path` to (run workdir, step) for `init_from` and `visualize --checkpoint`.
 
