@@ -172,6 +172,20 @@ def test_cache_is_invalidated_when_the_tfds_dataset_changes(tmp_path):
   assert len(images3) == N_TEST
 
 
+def test_the_cache_is_reused_through_another_path_to_the_same_data_dir(tmp_path, monkeypatch):
+  data_dir, _, cache = _prepared_mnist(tmp_path)
+  images, labels = ip.load_split("mnist", "test", data_dir=data_dir)
+  built = os.stat(cache).st_mtime_ns
+  link = tmp_path / "link"
+  os.symlink(data_dir, link)
+  monkeypatch.chdir(tmp_path)
+  for other in (str(link), "tfds", "./link/"):
+    images2, labels2 = ip.load_split("mnist", "test", data_dir=other)
+    np.testing.assert_array_equal(images2, images)
+    np.testing.assert_array_equal(labels2, labels)
+  assert os.stat(cache).st_mtime_ns == built  # read, never rewritten.
+
+
 @pytest.mark.parametrize("tamper", ["zeros", "one_label", "no_digest"])
 def test_cache_whose_arrays_changed_is_rebuilt_with_one_warning(tmp_path, caplog, tamper):
   data_dir, _, cache = _prepared_mnist(tmp_path)

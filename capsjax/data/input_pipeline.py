@@ -120,10 +120,15 @@ def _cache_path(data_dir: str, dataset: str, split: str) -> str:
 
 
 def _stat_fingerprint(paths: Sequence[str]) -> list[list[Any]]:
+  """[name, size, mtime] of each file: any rewrite changes them.
+
+  Not the full path: the same data_dir reached another way (a symlink, a relative path, a
+  mount point on another machine) is the same source, and must not rebuild the cache.
+  """
   out = []
   for p in paths:
     st = os.stat(p)
-    out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    out.append([os.path.basename(p), st.st_size, st.st_mtime_ns])
   return out
 
 
