@@ -4,13 +4,15 @@ damage its checkpoint files and check that no resume uses the damaged data (--co
   python -m experiments.fault_injection --n=5
   python -m experiments.fault_injection --n=3 --mock_examples=96   # TFDS mock data, no files
   python -m experiments.fault_injection --corrupt --trials=50
+  python -m experiments.fault_injection --guards --n=9
   python -m experiments.fault_injection --corrupt --trials=50 --mock_examples=48 \
       --override=--config.dataset=mnist --override=--config.train_examples=32
 
 Runs one uninterrupted reference run, then N runs that are each killed with SIGKILL at
 a random moment of their training phase (mid-step, mid-epoch, mid-save, or after the
 end) and rerun with the same command until they finish. The final parameters of every
-resumed run must be bit-identical (CPU) to the reference. Prints
+resumed run must be bit-identical (CPU) to the reference, and its epochs.csv rows equal
+but for their timings. Prints
 "N resumes, 0 divergences"; exits 1 on any divergence.
 
 --corrupt trains one reference run of the config (or takes a finished one,
@@ -21,6 +23,14 @@ silent resumes from corrupt data" with the count of each outcome (unaffected, de
 and fell back to an earlier step, refused, other errors); it exits 1 on a silent resume
 (restored arrays or meta that differ from those saved at that step, without a warning)
 or a deleted step.
+
+--guards runs N trials against one reference run, cycling through three kinds: a SIGTERM
+after a random mid-epoch step (the resumed run must end with the reference's parameters
+and epochs.csv rows), a change that cannot go on (another model shape or batch size, a
+diverging learning rate: refused, the workdir unchanged, the original command resuming
+it), and the reference's checkpoints beside another run's config.json of the same shapes
+(refused in one line naming the field). It prints "N trials: ... as expected" and exits 1
+on any failure.
 
 The module is also the test harness's child process:
   python -m experiments.fault_injection child <capsjax.main flags>
@@ -304,7 +314,11 @@ def run(
     rc = launch(name, dump).wait()
     if rc != 0:
       raise RuntimeError(f"resumed run {i} exited with {rc}; see {root}/{name}.log")
-    problem = diverges(final_params(dump), reference)
+    problem = diverges(final_params(dump), reference) or (
+      "epochs.csv rows differ"
+      if epoch_rows(os.path.join(root, name)) != epoch_rows(os.path.join(root, "ref"))
+      else None
+    )
     divergences += problem is not None
     say(
       f"run {i}: {what}; on disk then: {ckpts}; resumed -> "
@@ -312,6 +326,163 @@ def run(
     )
   print(f"{n} resumes, {divergences} divergences", flush=True)
   return divergences
+
+
+# ----------------------------------------------------------------------------------------
+# Workdir guards (--guards): a SIGTERM mid-epoch, a refused change, another run's checkpoints.
+# ----------------------------------------------------------------------------------------
+# epochs.csv columns that time the run; every other column of a resumed run must match.
+TIMING_COLUMNS = ("seconds", "images_per_s", "wall_s")
+
+
+def epoch_rows(workdir: str) -> list[dict]:
+  """The rows of `workdir/epochs.csv` without their timing columns."""
+  import csv  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(workdir, "epochs.csv"), newline="") as f:
+    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
+
+
+def _snapshot(workdir: str) -> tuple[bytes, list[str], list[str]]:
+  """config.json's bytes, the config.json.previous-* names and the checkpoint steps."""
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    config_bytes = f.read()
+  kept = sorted(n for n in os.listdir(workdir) if n.startswith("config.json.previous-"))
+  return config_bytes, kept, sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def guard_trials(
+  n: int,
+  *,
+  seed: int = 0,
+  config: str = "configs/fashion.py:smoke",
+  overrides: tuple[str, ...] = (),
+  mock_examples: int = 0,
+  root: str | None = None,
+  verbose: bool = True,
+) -> dict[str, list[int]]:
+  """`--guards`: `n` trials, cycling through three kinds, against one reference run.
+
+  sigterm  SIGTERM after a random mid-epoch step, rerun: the final parameters and every
+           epochs.csv row but its timings must equal the reference's.
+  refused  a copy of the reference rerun with a change that cannot go on (another model
+           shape, another batch size, a learning rate that diverges): the run must fail
+           and leave config.json and the checkpoints as they were, and the original
+           command must then resume it.
+  foreign  the reference's checkpoints beside a config.json that differs in a field of
+           the same shapes (routing iterations, seed, learning rate): the run must be
+           refused with one line naming the field, and change nothing.
+
+  Returns {kind: [passed, trials]}.
+  """
+  rng = random.Random(seed)
+  root = root or tempfile.mkdtemp(prefix="capsjax_guards_")
+  os.makedirs(root, exist_ok=True)
+  hooks = {"mock_examples": mock_examples} if mock_examples else {}
+  say = print if verbose else (lambda *a, **k: None)
+
+  def launch(name, *extra, **more_hooks):
+    env = child_env(devices=1, cache_dir=os.path.join(root, "jax_cache"), **hooks, **more_hooks)
+    log = os.path.join(root, f"{name}.log")
+    return start(child_cmd(config, os.path.join(root, name), *overrides, *extra), env, log)
+
+  def log_tail(name) -> str:
+    with open(os.path.join(root, f"{name}.log"), errors="replace") as f:
+      return f.read()[-2000:]
+
+  ref_dump = os.path.join(root, "ref_params")
+  if launch("ref", dump_dir=ref_dump).wait() != 0:
+    raise RuntimeError(f"reference run failed; see {root}/ref.log")
+  ref_dir = os.path.join(root, "ref")
+  reference, ref_rows = final_params(ref_dump), epoch_rows(ref_dir)
+  with open(os.path.join(ref_dir, "config.json")) as f:
+    saved = json.load(f)
+  spe, epochs = int(ref_rows[0]["train_steps"]), int(saved["num_epochs"])
+  total = spe * epochs
+  results = {"sigterm": [0, 0], "refused": [0, 0], "foreign": [0, 0]}
+  for i in range(n):
+    kind, name = ("sigterm", "refused", "foreign")[i % 3], f"trial{i}"
+    wdir = os.path.join(root, name)
+    if kind == "sigterm":
+      step = rng.choice([s for s in range(1, total) if s % spe])
+      marker, dump = os.path.join(root, f"{name}.marker"), os.path.join(root, f"{name}_params")
+      proc = launch(name, dump_dir=dump, hold_at_step=step, marker=marker)
+      if not wait_for(marker, proc):
+        raise RuntimeError(f"trial {i} ended before step {step}:\n{log_tail(name)}")
+      proc.send_signal(signal.SIGTERM)
+      rc = proc.wait()
+      rc2 = launch(name, dump_dir=dump).wait()
+      problem = (
+        f"exit codes {rc}, {rc2} (expected 75, 0)"
+        if (rc, rc2) != (75, 0)
+        else diverges(final_params(dump), reference)
+        or ("epochs.csv rows differ" if epoch_rows(wdir) != ref_rows else None)
+      )
+      what = f"SIGTERM after step {step} (epoch {step / spe:.2f}), resumed"
+    elif kind == "refused":
+      shutil.copytree(ref_dir, wdir)
+      field, value = rng.choice(
+        [
+          ("model.conv1_channels", int(saved["model"]["conv1_channels"]) * 2),
+          ("batch_size", int(saved["batch_size"]) * 2),
+          ("optim.learning_rate", 1e30),
+        ]
+      )
+      before = _snapshot(wdir)
+      rc = launch(
+        name,
+        f"--config.{field}={value}",
+        f"--config.resume_with_changes={field}",
+        f"--config.num_epochs={epochs + 1}",
+      ).wait()
+      after = _snapshot(wdir)
+      rc2 = launch(name, f"--config.num_epochs={epochs + 1}").wait()
+      problem = (
+        f"the change was not refused (exit code {rc})"
+        if rc == 0
+        else "config.json or the checkpoints changed"
+        if after != before
+        else f"the original command then failed (exit code {rc2})"
+        if rc2 != 0
+        else None
+      )
+      what = f"--config.{field}={value} refused (exit {rc}), original command resumed"
+    else:
+      shutil.copytree(ref_dir, wdir)
+      field, value = rng.choice(
+        [
+          ("model.routing_iterations", int(saved["model"]["routing_iterations"]) + 1),
+          ("seed", int(saved["seed"]) + 1),
+          ("optim.learning_rate", float(saved["optim"]["learning_rate"]) * 2),
+        ]
+      )
+      other = json.loads(json.dumps(saved))
+      node = other
+      *parents, leaf = field.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+      with open(os.path.join(wdir, "config.json"), "w") as f:
+        json.dump(other, f, indent=2, sort_keys=True)  # as capsjax writes it.
+      before = _snapshot(wdir)
+      rc = launch(name, f"--config.{field}={value}").wait()
+      lines = [ln for ln in log_tail(name).splitlines() if ln.startswith("capsjax: error:")]
+      problem = (
+        f"resumed silently (exit code {rc})"
+        if rc == 0
+        else f"not one error line naming {field}: {lines}"
+        if len(lines) != 1 or field not in lines[0]
+        else "the workdir changed"
+        if _snapshot(wdir) != before
+        else None
+      )
+      what = f"checkpoints beside a config.json with {field}={value} refused"
+    results[kind][1] += 1
+    results[kind][0] += problem is None
+    say(f"trial {i} ({kind}): {what}: {'FAILED: ' + problem if problem else 'ok'}")
+  summary = ", ".join(f"{k} {ok}/{t}" for k, (ok, t) in results.items() if t)
+  print(f"{n} trials: {summary} as expected", flush=True)
+  return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -517,6 +688,11 @@ def main(argv=None):
     action="store_true",
     help="flip random bytes in random checkpoint files instead of killing runs",
   )
+  p.add_argument(
+    "--guards",
+    action="store_true",
+    help="SIGTERM mid-epoch, refused changes and another run's checkpoints (--n trials)",
+  )
   p.add_argument("--trials", type=int, default=20, help="--corrupt: number of trials")
   p.add_argument(
     "--files",
@@ -560,6 +736,16 @@ def main(argv=None):
         files=args.files,
       )
       bad = counts["silent"] + counts["deleted"]
+    elif args.guards:
+      results = guard_trials(
+        args.n,
+        seed=args.seed,
+        config=args.config,
+        overrides=tuple(args.override),
+        mock_examples=args.mock_examples,
+        root=root,
+      )
+      bad = sum(t - ok for ok, t in results.values())
     else:
       bad = run(
         args.n,

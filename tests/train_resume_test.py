@@ -214,3 +214,15 @@ def test_corruption_script_reports_no_silent_resume(tmp_path, capfd):
   )
   assert counts["silent"] == 0, counts
   assert "5 trials, 0 silent resumes from corrupt data" in capfd.readouterr().out
+
+
+@pytest.mark.slow
+def test_guard_trials_find_every_guard_holding(tmp_path, capfd):
+  # One trial of each kind: a SIGTERM mid-epoch, a refused change, another run's checkpoints.
+  results = fi.guard_trials(
+    3, seed=1, config=CONFIG, overrides=OVERRIDES, mock_examples=48, root=str(tmp_path)
+  )
+  assert results == {"sigterm": [1, 1], "refused": [1, 1], "foreign": [1, 1]}, (
+    capfd.readouterr().out
+  )
+  assert "3 trials: sigterm 1/1, refused 1/1, foreign 1/1 as expected" in capfd.readouterr().out
