@@ -48,25 +48,32 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, src, mon
   assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == good == [4]
 
 
-def test_disk_full_while_saving_keeps_previous_checkpoints(tmp_path, src, monkeypatch):
+def _fail_save_of_step(monkeypatch, step: int, error: Exception):
+  """Makes Orbax's background save of `step` fail with `error` (as a full disk does);
+  returns a function that undoes it."""
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
 
-  workdir = _copy(src, tmp_path)
   orig = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def finalize(self):
-    if self._final_path.name == "12":  # pylint: disable=protected-access
-      raise OSError(errno.ENOSPC, "No space left on device")
+    if self._final_path.name == str(step):  # pylint: disable=protected-access
+      raise error
     return await orig(self)
 
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  return lambda: monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", orig)
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoints(tmp_path, src, monkeypatch):
+  workdir = _copy(src, tmp_path)
+  undo = _fail_save_of_step(monkeypatch, 12, OSError(errno.ENOSPC, "No space left on device"))
   with pytest.raises(
     ckpt_lib.CheckpointSaveError,
     match=r"could not write checkpoint \(step 12\) in .*: the disk is full. "
     r"Earlier checkpoints are kept \(steps \[4, 8\]\)",
   ):
     train.train_and_evaluate(_config(keep_checkpoints=1, num_epochs=3), workdir)
-  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", orig)
+  undo()
   assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [4, 8]
   # With space again, the same command resumes at step 8 and finishes.
   summary = train.train_and_evaluate(_config(keep_checkpoints=1, num_epochs=3), workdir)
@@ -74,17 +81,8 @@ def test_disk_full_while_saving_keeps_previous_checkpoints(tmp_path, src, monkey
 
 
 def test_a_failed_background_save_stops_the_run_before_the_next_epoch(tmp_path, src, monkeypatch):
-  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
-
   workdir = _copy(src, tmp_path)
-  orig = atomicity.AtomicRenameTemporaryPath.finalize
-
-  async def finalize(self):
-    if self._final_path.name == "12":  # pylint: disable=protected-access
-      raise OSError(errno.ENOSPC, "No space left on device")
-    return await orig(self)
-
-  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  _fail_save_of_step(monkeypatch, 12, OSError(errno.ENOSPC, "No space left on device"))
   with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"\(step 12\) .*the disk is full"):
     train.train_and_evaluate(_config(num_epochs=5), workdir)
   # Reported within epoch 4, not at the next save (step 16): epoch 4 was never recorded.
@@ -408,21 +406,16 @@ def test_eval_falls_back_to_the_previous_readable_checkpoint(tmp_path, src, capl
 
 def test_tensorstore_disk_full_says_the_disk_is_full(tmp_path, src, monkeypatch):
   # TensorStore reports ENOSPC as ValueError('RESOURCE_EXHAUSTED: ...'), not OSError.
-  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
-
   workdir = _copy(src, tmp_path)
-  orig = atomicity.AtomicRenameTemporaryPath.finalize
-
-  async def finalize(self):
-    if self._final_path.name == "12":  # pylint: disable=protected-access
-      raise ValueError(
-        'RESOURCE_EXHAUSTED: Error writing "0.conv1.bias.value/0" in OCDBT database at '
-        'local file "12.orbax-checkpoint-tmp/state/": Failed to write 287463 bytes to '
-        "file 11: No space left on device [os_error_code='28']"
-      )
-    return await orig(self)
-
-  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  _fail_save_of_step(
+    monkeypatch,
+    12,
+    ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "0.conv1.bias.value/0" in OCDBT database at '
+      'local file "12.orbax-checkpoint-tmp/state/": Failed to write 287463 bytes to '
+      "file 11: No space left on device [os_error_code='28']"
+    ),
+  )
   with pytest.raises(
     errors.CheckpointSaveError,
     match=r"could not write checkpoint \(step 12\) in .*: the disk is full. "
