@@ -131,9 +131,8 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
       saved = ckpt.save(
         step, state, dict(meta, epoch=epoch, history=history.epochs, **extra), metrics=metrics
       )
-      if (
-        saved and record.pending
-      ):  # a resume's changes hold once a checkpoint under them has landed.
+      # A resume's changes hold once a checkpoint trained under them has landed.
+      if saved and record.pending:
         ckpt.wait()
         record.commit()
 
@@ -174,6 +173,8 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
             bar = loop_lib.EpochBar(
               config, *divmod(step, spe), spe, enabled=config.progress_bar and is_main
             )
+            if step % spe == 0:  # mid-epoch, the means go on from the checkpoint's.
+              means.start_epoch()
           state, values = trainer.advance(state, step)
           for v in values:
             step += 1
@@ -207,7 +208,6 @@ def _train(config, workdir: str, record: workdir_lib.ConfigRecord) -> dict[str, 
           val_metrics, test_metrics = evaluate_epoch(evaluate, state, data, step)
           history.epochs.append(history_entry(epoch, val_metrics, test_metrics))
           record_epoch(writer, history, epoch, step, epoch_s, means, val_metrics, test_metrics)
-          means.start_epoch()
           if is_main:
             print_epoch(epoch, val_metrics, test_metrics)
           # A run that has just stopped early is finished: a signal now must not ask for

@@ -301,6 +301,9 @@ def _train(
             bar = loop_lib.EpochBar(
               config, *divmod(step, spe), spe, enabled=config.progress_bar and is_main
             )
+            if step % spe == 0:  # mid-epoch, the means go on from the checkpoints'.
+              for m in members:
+                m.means.start_epoch()
           state, values = trainer.advance(state, step)
           for v in values:
             step += 1
@@ -349,7 +352,6 @@ def _train(
             epoch_s = epoch_end_t - m.means.epoch_t0
             m.history.epochs.append(train.history_entry(epoch, val_m, test_m))
             train.record_epoch(m.writer, m.history, epoch, step, epoch_s, m.means, val_m, test_m)
-            m.means.start_epoch()
             m.last_test = test_m
             if is_main:
               print(f"{m.name} ", end="")
