@@ -123,8 +123,8 @@ _STORAGE_ERRNOS = {
   errno.ENOSPC: ("the disk is full", "free space"),
   errno.EDQUOT: ("the disk quota is exceeded", "free space"),
   errno.EROFS: ("the file system is read-only", "use a writable directory"),
-  errno.EACCES: ("permission denied", "give this user write permission, or use another directory"),
-  errno.EPERM: ("permission denied", "give this user write permission, or use another directory"),
+  errno.EACCES: ("permission denied", "give this user access to it, or use another directory"),
+  errno.EPERM: ("permission denied", "give this user access to it, or use another directory"),
   errno.ENOTDIR: ("a part of the path is a file, not a directory", "use a path of directories"),
 }
 
