@@ -13,7 +13,7 @@ and `stack_states` packs K of them. The graphdef is the single run's.
 
 Per-member learning rates: the optimizer transform is static inside the graphdef, so each
 step evaluates member m's own optax schedule on member m's count (K static schedules), and
-the member's update is `optax.adam` with a schedule returning that value: the single run's
+the member's update is `optim.adam` with a schedule returning that value: the single run's
 arithmetic. Loss weights that differ between members enter as traced [K] values.
 
 How the members run (`resolve_vmap_size`): vectorised with `jax.vmap`, all at once, on
@@ -41,6 +41,7 @@ import optax
 from capsjax import errors
 from capsjax.data import input_pipeline
 from capsjax import losses
+from capsjax import optim
 from capsjax import parallel
 from capsjax.run import config as run_config
 from capsjax import steps as steps_lib
@@ -167,6 +168,7 @@ class Members:
   loss: dict[str, np.ndarray]
   aug: steps_lib.AugmentSpec
   vmap_size: int
+  optim: Any  # the shared `config.optim` (Adam's epsilon and its convention).
 
   @classmethod
   def from_configs(cls, configs, steps_per_epoch: int, vmap_size: int | None = None) -> Members:
@@ -182,6 +184,7 @@ class Members:
       loss=loss,
       aug=hyper[0][1],
       vmap_size=resolve_vmap_size(vmap_size, len(configs)),
+      optim=configs[0].optim,
     )
 
   @property
@@ -222,9 +225,9 @@ def _member_train_step(graphdef, state, batch, key, active, step_size, logged_lr
   # nnx.merge adopts the state's Variables and the update writes into them: keep the arrays.
   old = jax.tree.map(lambda x: x, state)
   model, optimizer = nnx.merge(graphdef, state)
-  # optax.adam(schedule) is chain(scale_by_adam(), scale_by_learning_rate(schedule)): with a
+  # The single run's Adam is chain(direction, scale_by_learning_rate(schedule)): with a
   # schedule returning the member's own rate, the update is the single run's arithmetic.
-  optimizer.tx = optax.adam(lambda count: step_size)
+  optimizer.tx = optim.adam(lambda count: step_size, members.optim)
   member_graphdef, member = nnx.split((model, optimizer))
   new_state, aux = steps_lib.train_step(
     member_graphdef,

@@ -1,5 +1,14 @@
 """The optax optimizer: Adam with an exponentially decaying learning rate.
 
+Adam's epsilon comes in two conventions (`config.optim.adam_epsilon_convention`):
+  - 'optax' (and PyTorch, and the paper's Algorithm 1): m_hat / (sqrt(v_hat) + eps);
+  - 'keras' (Keras 2.x `Adam.get_updates`, and tf.keras through TensorFlow's ApplyAdam):
+    the bias corrections folded into the step size, lr_t = lr * sqrt(1 - b2^t) /
+    (1 - b1^t), and eps added to the uncorrected sqrt(v): p -= lr_t * m / (sqrt(v) + eps).
+    That is m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t)): at step 1 (b2 = 0.999) an
+    epsilon 31.6x larger, which matters while gradients are as small as eps (CapsNet's
+    class-capsule weights start with gradients of 1e-13 to 1e-9 under Keras' init).
+
 One schedule covers the references' recipes:
   - CapsNet-Keras, CapsNet-Fashion-MNIST and the Fashion seed notebook: Keras'
     `LearningRateScheduler(lambda epoch: lr * decay ** epoch)`, i.e. a staircase per epoch
@@ -13,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from capsjax import errors
@@ -49,12 +60,31 @@ def validate(optim_cfg) -> None:
       f"config.optim.decay_epochs must be a finite number > 0 when optim.decay_steps is 0, got "
       f"{optim_cfg.decay_epochs}"
     )
+  eps, convention = _epsilon(optim_cfg)
+  if not 0 < eps < math.inf:
+    raise errors.ConfigError(f"config.optim.adam_epsilon must be a finite number > 0, got {eps}")
+  if convention not in EPSILON_CONVENTIONS:
+    raise errors.ConfigError(
+      f"config.optim.adam_epsilon_convention must be one of {EPSILON_CONVENTIONS}, got "
+      f"{convention!r}"
+    )
   floor = _floor(optim_cfg)
   if not 0 <= floor <= optim_cfg.learning_rate:
     raise errors.ConfigError(
       f"config.optim.min_learning_rate must be in [0, learning_rate={optim_cfg.learning_rate}], "
       f"got {floor}"
     )
+
+
+EPSILON_CONVENTIONS = ("optax", "keras")
+
+
+def _epsilon(optim_cfg) -> tuple[float, str]:
+  # A saved config.json without the fields trained with optax's Adam and its epsilon.
+  return (
+    float(optim_cfg.get("adam_epsilon", 1e-8)),
+    str(optim_cfg.get("adam_epsilon_convention", "optax")),
+  )
 
 
 def _floor(optim_cfg) -> float:
@@ -84,4 +114,51 @@ def make_schedule(optim_cfg, steps_per_epoch: int) -> optax.Schedule:
 
 def make_optimizer(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam (the paper's optimizer, default betas) on the decaying schedule."""
-  return optax.adam(make_schedule(optim_cfg, steps_per_epoch))
+  return adam(make_schedule(optim_cfg, steps_per_epoch), optim_cfg)
+
+
+def adam(learning_rate, optim_cfg) -> optax.GradientTransformation:
+  """Adam at `learning_rate` (a float or schedule) with `optim_cfg`'s epsilon convention.
+
+  Both conventions are chain(direction, scale_by_learning_rate) with optax's Adam state,
+  so checkpoints, the schedule's step count (`opt_state[1].count`) and ensembles see the
+  same tree either way.
+  """
+  eps, convention = _epsilon(optim_cfg)
+  if convention == "keras":
+    return optax.chain(scale_by_keras_adam(eps=eps), optax.scale_by_learning_rate(learning_rate))
+  return optax.adam(learning_rate, eps=eps)
+
+
+def scale_by_keras_adam(
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+) -> optax.GradientTransformation:
+  """Adam's direction as Keras computes it: sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps).
+
+  With `optax.scale_by_learning_rate(lr)` after it, the update of Keras' `Adam` (see the
+  module docstring): every array shaped like its parameter, t counting from 1. It is
+  `optax.scale_by_adam` with eps / sqrt(1 - b2^t) for eps, the same optax steps in the
+  same order (so XLA compiles it alike in a single run and in an ensemble's member loop),
+  and the same state, `optax.ScaleByAdamState`.
+  """
+
+  def init_fn(params):
+    # Two trees of their own: one array in both would be donated twice by the train step.
+    return optax.ScaleByAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    eps_t = eps / jnp.sqrt(1 - b2 ** count.astype(jnp.float32))
+    direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps_t), mu_hat, nu_hat)
+    return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -112,6 +112,11 @@ def get_base_config() -> config_dict.ConfigDict:
   config.optim.decay_steps = 0  # > 0 overrides decay_epochs (authors: 2000 @ 0.96).
   config.optim.staircase = True
   config.optim.min_learning_rate = 0.0  # floor of the schedule (authors: 1e-6).
+  # Adam's epsilon and where it is added (capsjax.optim): 'optax' (optax, PyTorch, the
+  # paper's Algorithm 1) adds it to sqrt(v_hat); 'keras' adds it to the uncorrected sqrt(v)
+  # and folds the bias corrections into the step size (keras_recipe sets it).
+  config.optim.adam_epsilon = 1e-8
+  config.optim.adam_epsilon_convention = "optax"
 
   # m_plus, m_minus, lam, recon_weight: the paper's values (capsjax.losses.LossWeights).
   # class_loss: 'margin' (Sabour et al.) or 'spread' (EM routing's loss, Hinton et al.
@@ -142,9 +147,12 @@ def keras_recipe(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
   glorot_uniform weights with zero biases, CapsNet-Keras' Length layer (no epsilon; the
   K-MNIST seed's TF2 port overrides it), a learning rate multiplied by a constant each
-  epoch (LearningRateScheduler), and no validation split: they passed the test set as
-  `validation_data`.
+  epoch (LearningRateScheduler), Keras' Adam (`optimizers.Adam(lr=...)`: epsilon added to
+  the uncorrected sqrt(v), keras-team/keras keras/optimizers.py `Adam.get_updates`; 1e-8,
+  the default of the Keras 2.0.x these 2017 projects ran, the K-MNIST seed's tf.keras
+  overrides it), and no validation split: they passed the test set as `validation_data`.
   """
+  config.optim.adam_epsilon_convention = "keras"
   config.model.init = "keras"
   config.model.length_eps = 1e-30
   config.optim.decay_epochs = 1.0

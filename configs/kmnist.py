@@ -33,6 +33,9 @@ def get_config(arg=None):
   # Its Length layer adds K.epsilon() = 1e-7 under the root (capsulelayers.py), unlike
   # Keras 2.0.x CapsNet-Keras'.
   config.model.length_eps = 1e-7
+  # tf.keras' Adam (TF2): epsilon 1e-7 by default, added as in Keras 2.x (TensorFlow's
+  # ApplyAdam: lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)).
+  config.optim.adam_epsilon = 1e-7
   config.published.source = "K-MNIST seed (leopoldmaillard/CapsNet_kmnist)"
   config.published.test_accuracy = 0.9534
   config.published.protocol = "best epoch on test (27 of 50; final 95.13%)"

@@ -56,6 +56,8 @@ LEGACY_DEFAULTS = {
   "augment.shift_fraction": 0.0,
   "augment.fill": "zero",
   "optim.min_learning_rate": 0.0,
+  "optim.adam_epsilon": 1e-8,
+  "optim.adam_epsilon_convention": "optax",
   "model.architecture": "capsnet",
   "model.routing": "dynamic",
   "model.em_final_lambda": 0.01,
