@@ -108,6 +108,8 @@ def test_keras_recipes_use_keras_adam_and_the_rest_optax():
     (kmnist.get_config(), 1e-7),  # tf.keras
   ):
     assert (config.optim.adam_epsilon_convention, config.optim.adam_epsilon) == ("keras", eps)
+  # The CPU demo is PyTorch-style throughout (its figures in RESULTS.md ran with optax's).
+  assert fashion.get_config("quick").optim.adam_epsilon_convention == "optax"
   base = common.get_base_config()
   assert (base.optim.adam_epsilon_convention, base.optim.adam_epsilon) == ("optax", 1e-8)
   # A config.json written before the fields existed trained with optax's Adam.
