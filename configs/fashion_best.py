@@ -5,7 +5,7 @@ Model: the paper's CapsNet unchanged (8,215,568 parameters, 3 iterations of dyna
 routing, masked decoder, margin + 0.392 x per-pixel MSE).
 
 Recipe, and why:
-  - CapsNet-Fashion-MNIST's setting as the base (batch 100, Adam 1e-3, Keras shift 0.1 with
+  - CapsNet-Fashion-MNIST's setting as the base (batch 100, Keras' Adam 1e-3, Keras shift 0.1 with
     nearest fill, horizontal flip, glorot_uniform, Keras' epsilon-free capsule length):
     the best published figure for this model (93.62%, selected on test).
   - Gradients through every routing iteration: CapsNet-Keras removed the u_hat
