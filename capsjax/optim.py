@@ -2,12 +2,14 @@
 
 Adam's epsilon comes in two conventions (`config.optim.adam_epsilon_convention`):
   - 'optax' (and PyTorch, and the paper's Algorithm 1): m_hat / (sqrt(v_hat) + eps);
-  - 'keras' (Keras 2.x `Adam.get_updates`, and tf.keras through TensorFlow's ApplyAdam):
-    the bias corrections folded into the step size, lr_t = lr * sqrt(1 - b2^t) /
-    (1 - b1^t), and eps added to the uncorrected sqrt(v): p -= lr_t * m / (sqrt(v) + eps).
-    That is m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t)): at step 1 (b2 = 0.999) an
-    epsilon 31.6x larger, which matters while gradients are as small as eps (CapsNet's
-    class-capsule weights start with gradients of 1e-13 to 1e-9 under Keras' init).
+  - 'keras' (Keras 2.x `Adam.get_updates` in keras-team/keras keras/optimizers.py, and
+    tf.keras through TensorFlow's ApplyAdam functor, tensorflow/core/kernels/
+    training_ops.cc): the bias corrections folded into the step size, lr_t = lr *
+    sqrt(1 - b2^t) / (1 - b1^t), and eps added to the uncorrected sqrt(v):
+    p -= lr_t * m / (sqrt(v) + eps). That is m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t)):
+    at step 1 (b2 = 0.999) an epsilon 31.6x larger, which matters while gradients are as
+    small as eps, as CapsNet's class-capsule weights' can be at init under Keras' glorot
+    init and epsilon-free capsule length.
 
 One schedule covers the references' recipes:
   - CapsNet-Keras, CapsNet-Fashion-MNIST and the Fashion seed notebook: Keras'
