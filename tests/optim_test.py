@@ -13,6 +13,7 @@ from capsjax import optim
 from capsjax.run import config as run_config
 from configs import capsnet_fashion_mnist
 from configs import common
+from configs import efficient_capsnet
 from configs import fashion
 from configs import kmnist
 
@@ -108,6 +109,16 @@ def test_keras_recipes_use_keras_adam_and_the_rest_optax():
     (kmnist.get_config(), 1e-7),  # tf.keras
   ):
     assert (config.optim.adam_epsilon_convention, config.optim.adam_epsilon) == ("keras", eps)
+  # Efficient-CapsNet trains with tf.keras' Adam, floored at 5e-5 from epoch 76 on.
+  eff = efficient_capsnet.get_config()
+  assert (eff.optim.adam_epsilon_convention, eff.optim.adam_epsilon) == ("keras", 1e-7)
+  lr = optim.make_schedule(eff.optim, steps_per_epoch=10)
+  np.testing.assert_allclose(
+    [float(lr(10 * e)) for e in (0, 10, 75, 76, 149)],
+    [5e-4, 5e-4 * 0.97**10, 5e-4 * 0.97**75, 5e-5, 5e-5],
+    rtol=5e-6,  # float32(0.97) is 3e-8 (relative) off, 75 times over at epoch 75.
+  )
+  assert 5e-4 * 0.97**75 > 5e-5 > 5e-4 * 0.97**76  # where their max(., 5e-5) takes over.
   # The CPU demo is PyTorch-style throughout (its figures in RESULTS.md ran with optax's).
   assert fashion.get_config("quick").optim.adam_epsilon_convention == "optax"
   base = common.get_base_config()
