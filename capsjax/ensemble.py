@@ -52,6 +52,7 @@ LOSS_FIELDS = (
   "m_minus",
   "lam",
   "recon_weight",
+  "class_weight",
   "spread_margin_start",
   "spread_margin_end",
 )

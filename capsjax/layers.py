@@ -118,12 +118,14 @@ class Conv2D(nnx.Module):
     )
     self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,), jnp.float32))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, C_in] -> [B, H', W', C_out] in float32."""
+  def __call__(self, x: jax.Array, *, scale: float = 1.0) -> jax.Array:
+    """x: [B, H, W, C_in] -> scale * conv(x) + bias: [B, H', W', C_out] in float32."""
     y = conv_lib.conv2d(
       x.astype(self.dtype), self.kernel[...].astype(self.dtype), stride=self.stride, impl=self.impl
-    )
-    return y.astype(jnp.float32) + self.bias[...]
+    ).astype(jnp.float32)  # [B, H', W', C_out]
+    if scale != 1.0:
+      y = y * scale
+    return y + self.bias[...]
 
 
 # How each routing's inputs are made from PrimaryCaps' conv output: the nonlinearity the
@@ -151,6 +153,13 @@ class PrimaryCaps(nnx.Module):
   `src/capsule_model.py`, `self.nonlinear_act`) or 'none'. `activation_head=True` adds a
   second conv with the same kernel and stride and one sigmoid output per capsule: the
   input activations of EM routing.
+
+  `preact_scale` multiplies the conv's output before its bias. The authors' code
+  (Sarasra/models research/capsules, models/capsule_model.py L54-65) makes its primary
+  capsules with a capsule layer from one input type to 32 output types and one routing
+  iteration, whose coupling coefficients are a softmax over 32 zero logits
+  (models/layers.py L110-113): its pre-activation is conv(x) / 32 + bias, which
+  `preact_scale=1/32` reproduces.
   """
 
   def __init__(
@@ -166,6 +175,7 @@ class PrimaryCaps(nnx.Module):
     init: str = "torch",
     nonlinearity: str = "squash",
     activation_head: bool = False,
+    preact_scale: float = 1.0,
     rngs: nnx.Rngs,
   ):
     if nonlinearity not in NONLINEARITIES:
@@ -173,6 +183,7 @@ class PrimaryCaps(nnx.Module):
     self.types = types
     self.dim = dim
     self.nonlinearity = nonlinearity
+    self.preact_scale = float(preact_scale)
     conv = functools.partial(
       Conv2D, in_channels, kernel=kernel, stride=stride, impl=impl, dtype=dtype, init=init
     )
@@ -188,7 +199,7 @@ class PrimaryCaps(nnx.Module):
 
     With `activation_head`, returns (u, a) with a: [B, N_in] in (0, 1), in the order of u.
     """
-    y = self.conv(x)  # [B, H', W', types*D_in]
+    y = self.conv(x, scale=self.preact_scale)  # [B, H', W', types*D_in]
     u = y.reshape(y.shape[0], -1, self.dim)  # [B, N_in, D_in]
     if self.nonlinearity == "squash":
       u = caps_ops.squash(u)

@@ -25,6 +25,7 @@ class LossWeights:
   The one place these defaults are written: `margin_loss` and the configs
   (`configs/common.py`, through `config_defaults`) read them from here.
 
+  The total loss is class_weight x class loss + recon_weight x reconstruction.
   `class_loss` picks the loss on the class scores: 'margin' (Sabour et al., Eq. 4, with
   m_plus, m_minus, lam) or 'spread' (Hinton et al. 2018, Eq. 3, for EM routing's
   activations). The spread loss's margin rises linearly from `spread_margin_start` to
@@ -39,6 +40,10 @@ class LossWeights:
   m_minus: float = 0.1
   lam: float = 0.5
   recon_weight: float = 0.392  # x per-pixel MSE on 28x28 == the paper's 0.0005 x SSE.
+  # x the class loss in the total. The authors' code (Sarasra/models research/capsules,
+  # models/layers.py L357-362 and L396) halves the margin loss and averages it over the
+  # classes: the paper's sum / (2K), 0.05 for 10 classes.
+  class_weight: float = 1.0
   class_loss: str = "margin"
   spread_margin_start: float = 0.2
   spread_margin_end: float = 0.9

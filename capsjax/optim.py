@@ -3,9 +3,10 @@
 Adam's epsilon comes in two conventions (`config.optim.adam_epsilon_convention`):
   - 'optax' (and PyTorch, and the paper's Algorithm 1): m_hat / (sqrt(v_hat) + eps);
   - 'keras' (Keras 2.x `Adam.get_updates` in keras-team/keras keras/optimizers.py, and
-    tf.keras through TensorFlow's ApplyAdam functor, tensorflow/core/kernels/
-    training_ops.cc): the bias corrections folded into the step size, lr_t = lr *
-    sqrt(1 - b2^t) / (1 - b1^t), and eps added to the uncorrected sqrt(v):
+    tf.keras and TensorFlow 1's `tf.train.AdamOptimizer` through TensorFlow's ApplyAdam
+    functor, tensorflow/core/kernels/training_ops.cc; tensorflow/python/training/adam.py
+    calls it "epsilon hat"): the bias corrections folded into the step size,
+    lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t), and eps added to the uncorrected sqrt(v):
     p -= lr_t * m / (sqrt(v) + eps). That is m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t)):
     at step 1 (b2 = 0.999) an epsilon 31.6x larger, which matters while gradients are as
     small as eps, as CapsNet's class-capsule weights' can be at init under Keras' glorot

@@ -108,7 +108,7 @@ def compute_losses(
   """
   out = model(images, labels)
   margin, recon = per_example_losses(out, images, labels, weights, step)
-  loss = jnp.mean(margin + weights.recon_weight * recon)
+  loss = jnp.mean(weights.class_weight * margin + weights.recon_weight * recon)
   aux = {
     "loss": loss,
     "class_loss": jnp.mean(margin),
@@ -329,6 +329,6 @@ def metrics_from_sums(totals: dict[str, float], weights: LossWeights) -> dict[st
     "accuracy": totals["correct"] / n,
     "class_loss": class_loss,
     "recon_loss": recon,
-    "loss": class_loss + weights.recon_weight * recon,
+    "loss": weights.class_weight * class_loss + weights.recon_weight * recon,
     "count": n,
   }

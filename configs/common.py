@@ -78,6 +78,9 @@ def get_base_config() -> config_dict.ConfigDict:
   config.model.primary_dim = 8
   config.model.primary_kernel = 9
   config.model.primary_stride = 2
+  # Multiplies PrimaryCaps' conv output before its bias: 1/32 is the authors' code's
+  # primary capsules (conv / 32 + bias; capsjax.layers.PrimaryCaps), 1 the paper's text.
+  config.model.primary_scale = 1.0
   config.model.digit_dim = 16
   config.model.routing_iterations = 3
   config.model.stop_gradient = False  # True: the common "u_hat stopped" variant.
@@ -119,6 +122,8 @@ def get_base_config() -> config_dict.ConfigDict:
   config.optim.adam_epsilon_convention = "optax"
 
   # m_plus, m_minus, lam, recon_weight: the paper's values (capsjax.losses.LossWeights).
+  # class_weight scales the class loss in the total (the authors' code: 1/20, its margin
+  # loss halved and averaged over 10 classes); epochs.csv's class_loss is unscaled.
   # class_loss: 'margin' (Sabour et al.) or 'spread' (EM routing's loss, Hinton et al.
   # 2018), whose margin rises from spread_margin_start to spread_margin_end over the
   # first spread_ramp_fraction of the run's steps (num_epochs x steps per epoch: resuming

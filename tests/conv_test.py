@@ -17,6 +17,7 @@ import pytest
 from capsjax import conv
 from capsjax.run import cpu_runtime
 from capsjax import parallel
+from tests import helpers
 
 LOWERINGS = list(conv.IMPLS)
 
@@ -45,19 +46,6 @@ def tolerance(impl, expected):
   if impl == "winograd":
     return dict(rtol=1e-5, atol=max(1e-4, 1e-5 * float(np.max(np.abs(expected)))))
   return dict(rtol=1e-5, atol=1e-4)
-
-
-def numpy_conv(x, w, stride):
-  """Float64 NumPy VALID conv: [B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, Ho, Wo, C_out]."""
-  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  kh, kw = wn.shape[:2]
-  ho, wo = (xn.shape[1] - kh) // stride + 1, (xn.shape[2] - kw) // stride + 1
-  out = np.zeros((xn.shape[0], ho, wo, wn.shape[3]))
-  for i in range(kh):
-    for j in range(kw):
-      tap = xn[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
-      out += tap @ wn[i, j]
-  return out
 
 
 def reference(x, w, stride):
@@ -158,7 +146,7 @@ def test_reference_matches_numpy(x_shape, w_shape, stride):
   x, w, _ = random_case(x_shape, w_shape, stride)
   np.testing.assert_allclose(
     jax.jit(reference, static_argnums=2)(x, w, stride),
-    numpy_conv(x, w, stride),
+    helpers.numpy_conv(x, w, stride),
     rtol=1e-5,
     atol=1e-4,
   )
@@ -196,7 +184,7 @@ def test_winograd_error_vs_float64():
   this file (measured 2.9e-6 on an AVX-512 EPYC, 4.5e-6 on an AVX2-only one).
   """
   x, w, g = random_case((2, 20, 20, 64), (9, 9, 64, 16), 2, seed=3)
-  exact = numpy_conv(x, w, 2)
+  exact = helpers.numpy_conv(x, w, 2)
   scale = np.abs(exact).max()
   with jax.enable_x64(True):
     y64 = conv.conv2d(
@@ -230,7 +218,9 @@ def test_winograd_core_on_partial_tiles(x_shape, w_shape, stride):
       lambda x, w: conv.conv2d(x, w, stride=stride, impl="winograd"), x, w, g
     )
   )(x, w, g)
-  np.testing.assert_allclose(y, numpy_conv(x, w, stride), rtol=1e-5, atol=1e-5 * np.abs(y).max())
+  np.testing.assert_allclose(
+    y, helpers.numpy_conv(x, w, stride), rtol=1e-5, atol=1e-5 * np.abs(y).max()
+  )
   # dx and dw by the adjoint identities (the conv is bilinear), both sides in float64:
   # <dx, ex> = <g, conv(ex, w)> and <dw, ew> = <g, conv(x, ew)> for random ex, ew.
   xn, wn, gn = (np.asarray(a, np.float64) for a in (x, w, g))
@@ -238,10 +228,14 @@ def test_winograd_core_on_partial_tiles(x_shape, w_shape, stride):
   for _ in range(3):
     ex, ew = rng.standard_normal(xn.shape), rng.standard_normal(wn.shape)
     np.testing.assert_allclose(
-      np.sum(np.asarray(dx, np.float64) * ex), np.sum(gn * numpy_conv(ex, wn, stride)), rtol=1e-4
+      np.sum(np.asarray(dx, np.float64) * ex),
+      np.sum(gn * helpers.numpy_conv(ex, wn, stride)),
+      rtol=1e-4,
     )
     np.testing.assert_allclose(
-      np.sum(np.asarray(dw, np.float64) * ew), np.sum(gn * numpy_conv(xn, ew, stride)), rtol=1e-4
+      np.sum(np.asarray(dw, np.float64) * ew),
+      np.sum(gn * helpers.numpy_conv(xn, ew, stride)),
+      rtol=1e-4,
     )
 
 

@@ -69,3 +69,16 @@ def copy_run(src: str, tmp_path) -> str:
   dst = str(tmp_path / "run")
   shutil.copytree(src, dst)
   return dst
+
+
+def numpy_conv(x, w, stride):
+  """Float64 NumPy VALID conv: [B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, Ho, Wo, C_out]."""
+  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  kh, kw = wn.shape[:2]
+  ho, wo = (xn.shape[1] - kh) // stride + 1, (xn.shape[2] - kw) // stride + 1
+  out = np.zeros((xn.shape[0], ho, wo, wn.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      tap = xn[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+      out += tap @ wn[i, j]
+  return out

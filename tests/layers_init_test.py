@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from capsjax import models
+from tests import helpers
 from configs import common
 
 
@@ -151,3 +152,28 @@ def test_tf_capsule_bias_enters_every_routing_iteration():
 def test_unknown_scheme_is_named():
   with pytest.raises(ValueError, match="config.model.init: must be one of .* got 'xavier'"):
     _model("xavier")
+
+
+def test_primary_scale_reproduces_the_authors_primary_capsules():
+  """The authors' code: a one-iteration routing from 1 input type to 32 types, whose
+  couplings are a softmax over 32 zero logits, then + bias and their norm-based squash."""
+  model = _model("tf", conv1_channels=8, primary_types=32, primary_scale=1 / 32)
+  x = jax.random.uniform(jax.random.key(3), (2, 28, 28, 1))
+  h = np.asarray(jax.nn.relu(model.conv1(x)))
+  u = model.primary_caps(h)  # [B, 6*6*32, 8]
+  route = np.exp(np.zeros(32)) / np.exp(np.zeros(32)).sum()  # softmax of zero logits
+  kernel = np.asarray(model.primary_caps.conv.kernel[...], np.float64)
+  s = helpers.numpy_conv(h, kernel, 2) * route[0] + 0.1  # [B, 6, 6, 256]
+  s = s.reshape(2, -1, 8)
+  norm = np.linalg.norm(s, axis=-1, keepdims=True)
+  v = s / norm * norm**2 / (1 + norm**2)  # Sarasra/models layers.py `_squash`
+  np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+  # 1 (the default) is the paper's conv + bias.
+  plain = _model("tf", conv1_channels=8, primary_types=32)
+  nnx.update(plain, nnx.state(model))
+  assert not np.allclose(plain.primary_caps(h), u, atol=1e-2)
+
+
+def test_primary_scale_must_be_positive():
+  with pytest.raises(ValueError, match="config.model.primary_scale: must be a number > 0, got 0"):
+    _model("tf", primary_scale=0)

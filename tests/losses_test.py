@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from capsjax import losses
+from capsjax import steps
 from capsjax.losses import margin_loss, reconstruction_loss
 
 
@@ -287,9 +288,39 @@ def test_loss_weights_from_a_config_saved_before_the_class_loss_fields():
   w = losses.LossWeights.from_config(old, total_steps=7)
   assert (w.m_plus, w.m_minus, w.lam, w.recon_weight) == (0.8, 0.2, 0.25, 0.0)
   assert (w.class_loss, w.total_steps) == ("margin", 7)
+  assert (w.class_weight, w.total_steps) == (1.0, 7)
   assert set(losses.LossWeights.config_defaults()) == set(old) | {
+    "class_weight",
     "class_loss",
     "spread_margin_start",
     "spread_margin_end",
     "spread_ramp_fraction",
   }
+
+
+def test_class_weight_reproduces_the_authors_loss():
+  """The authors' code (Sarasra/models research/capsules, models/layers.py): a margin loss
+  of 0.5 * present + 0.5 * 0.5 * absent per class, averaged over batch and classes, plus
+  0.0005 x the per-image sum of squared errors averaged over the batch; the config's
+  class_weight 1/20 and recon_weight 0.392 (x the per-pixel mean) give the same total."""
+  rng = np.random.default_rng(2)
+  lengths = rng.uniform(0, 1, (5, 10)).astype(np.float32)
+  labels = rng.integers(0, 10, 5).astype(np.int32)
+  images = rng.uniform(0, 1, (5, 28, 28, 1)).astype(np.float32)
+  recon = rng.uniform(0, 1, (5, 784)).astype(np.float32)
+  t = np.eye(10)[labels]
+  present = t * np.maximum(0, 0.9 - lengths.astype(np.float64)) ** 2
+  absent = (1 - t) * np.maximum(0, lengths - 0.1) ** 2
+  authors = np.mean(0.5 * present + 0.5 * 0.5 * absent)
+  authors += np.mean(0.0005 * np.sum((recon - images.reshape(5, 784)) ** 2, axis=-1))
+
+  def model(x, y):  # a stand-in for a CapsuleModel's output dict
+    return {"class_scores": jnp.asarray(lengths), "reconstruction": jnp.asarray(recon)}
+
+  weights = losses.LossWeights(class_weight=1 / 20, recon_weight=0.392)
+  loss, aux = jax.jit(lambda x, y: steps.compute_losses(model, x, y, weights))(images, labels)
+  np.testing.assert_allclose(loss, authors, rtol=1e-5)
+  # epochs.csv's class_loss stays the paper's (unscaled) sum over classes.
+  np.testing.assert_allclose(aux["class_loss"], np.mean(margin_loss(lengths, labels)), rtol=1e-6)
+  paper, _ = steps.compute_losses(model, images, labels, losses.LossWeights())
+  assert paper > 5 * loss

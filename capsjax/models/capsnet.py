@@ -51,6 +51,7 @@ class CapsNet(common.CapsuleModel):
     primary_dim: int = 8,
     primary_kernel: int = 9,
     primary_stride: int = 2,
+    primary_scale: float = 1.0,
     digit_dim: int = 16,
     routing_iterations: int = 3,
     stop_gradient: bool = False,
@@ -72,6 +73,7 @@ class CapsNet(common.CapsuleModel):
     dim = common.positive_int("primary_dim", primary_dim)
     kp = common.positive_int("primary_kernel", primary_kernel)
     sp = common.positive_int("primary_stride", primary_stride)
+    primary_scale = common.positive_float("primary_scale", primary_scale)
     digit_dim = common.positive_int("digit_dim", digit_dim)
     f = common.check_shared(
       architecture=architecture,
@@ -115,6 +117,7 @@ class CapsNet(common.CapsuleModel):
       init=init,
       nonlinearity=layers.PRIMARY_NONLINEARITY[f.routing],
       activation_head=f.routing == "em",
+      preact_scale=primary_scale,
       rngs=rngs,
     )
     self.digit_caps = layers.RoutedCaps(

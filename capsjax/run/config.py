@@ -65,11 +65,13 @@ LEGACY_DEFAULTS = {
   "loss.spread_margin_start": 0.2,
   "loss.spread_margin_end": 0.9,
   "loss.spread_ramp_fraction": 1.0,
+  "loss.class_weight": 1.0,
 }
 
 # As LEGACY_DEFAULTS, for the model fields of one architecture: a saved
 # `model.architecture` picks the entries (JSON values: tuples are lists).
 LEGACY_MODEL_DEFAULTS = {
+  "capsnet": {"primary_scale": 1.0},
   "matrix_capsnet": {
     "convcaps_types": [],
     "convcaps_kernels": [],
@@ -218,6 +220,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     "m_minus",
     "lam",
     "recon_weight",
+    "class_weight",
     "spread_margin_start",
     "spread_margin_end",
     "spread_ramp_fraction",
