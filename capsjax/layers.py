@@ -27,11 +27,17 @@ from capsjax import caps_ops
 from capsjax import conv as conv_lib
 from capsjax import routing as routing_lib
 
-INITS = ("torch", "keras", "tf")
+INITS = ("torch", "keras", "tf", "he")
 # Truncated-normal stddevs of the authors' code (Sarasra/models, research/capsules):
 # conv1 5e-2 (models/capsule_model.py L181-183), every other weight 0.1
 # (models/layers/variables.py L29); every bias starts at 0.1 (variables.py L52-67).
-_TF_STDDEV = {"conv1": 0.05, "primary": 0.1, "capsule": 0.1, "decoder": 0.1}
+_TF_STDDEV = {
+  "conv1": 0.05,
+  "primary": 0.1,
+  "capsule": 0.1,
+  "decoder": 0.1,
+  "decoder_output": 0.1,
+}
 _ROLES = tuple(_TF_STDDEV)
 
 
@@ -54,8 +60,12 @@ def initializers(scheme: str, role: str, fan_in: int):
       W [N_in, N_out, D_in, D_out] gives the same fan_in + fan_out as Keras' for its
       [N_out, N_in, D_out, D_in]); 'tf': the authors' code (Sarasra/models
       research/capsules), truncated normal (cut at 2 stddev) and biases of 0.1,
-      including a bias on the routed capsules' s_j.
-    role: 'conv1', 'primary', 'capsule' (the routed W) or 'decoder'.
+      including a bias on the routed capsules' s_j; 'he': Efficient-CapsNet's
+      (EscVM/Efficient-CapsNet models/efficient_capsnet_graph_mnist.py L32-38, L60-62):
+      Keras' he_normal kernels (truncated normal, variance 2 / fan_in) with zero biases,
+      glorot_normal for the decoder's sigmoid output layer.
+    role: 'conv1', 'primary', 'capsule' (the routed W), 'decoder' (a hidden layer) or
+      'decoder_output'.
     fan_in: inputs per output unit (kernel_h * kernel_w * C_in for a conv).
 
   Returns:
@@ -74,6 +84,12 @@ def initializers(scheme: str, role: str, fan_in: int):
     return _uniform(bound), _uniform(bound)
   if scheme == "keras":
     return nnx.initializers.glorot_uniform(), (
+      None if role == "capsule" else nnx.initializers.zeros_init()
+    )
+  if scheme == "he":
+    # Flax's he_normal and glorot_normal are Keras' (TF2) VarianceScaling definitions.
+    kernel = nnx.initializers.glorot_normal() if role == "decoder_output" else None
+    return kernel or nnx.initializers.he_normal(), (
       None if role == "capsule" else nnx.initializers.zeros_init()
     )
   return (nnx.initializers.truncated_normal(_TF_STDDEV[role]), nnx.initializers.constant(0.1))
@@ -355,8 +371,9 @@ class Decoder(nnx.Module):
     self.image_shape = tuple(int(d) for d in image_shape)
     sizes = [num_caps * caps_dim, *hidden, math.prod(self.image_shape)]
     layers = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
-      kernel_init, bias_init = initializers(init, "decoder", a)
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+      role = "decoder_output" if i == len(sizes) - 2 else "decoder"
+      kernel_init, bias_init = initializers(init, role, a)
       layers.append(
         nnx.Linear(
           a,

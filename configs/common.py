@@ -89,8 +89,9 @@ def get_base_config() -> config_dict.ConfigDict:
   config.model.conv_impl = "auto"  # or one of capsjax.conv.IMPLS.
   config.model.dtype = "float32"  # 'bfloat16': bf16 matmuls, f32 params/losses.
   # Initialisation scheme (capsjax.layers.initializers): 'torch' (PyTorch's defaults,
-  # W ~ N(0, 0.01^2)), 'keras' (glorot_uniform, zero biases: the Keras references) or 'tf'
-  # (the authors' code: truncated normal, biases 0.1, a bias on the routed capsules).
+  # W ~ N(0, 0.01^2)), 'keras' (glorot_uniform, zero biases: the Keras references), 'tf'
+  # (the authors' code: truncated normal, biases 0.1, a bias on the routed capsules) or
+  # 'he' (Efficient-CapsNet's he_normal, with glorot_normal for the decoder's output).
   config.model.init = "torch"
   # |v| = sqrt(|v|^2 + length_eps): keeps the gradient finite at v = 0. At initialisation
   # |v|^2 is ~5e-10 ('torch') or ~5e-18 ('keras'), so 1e-7 pins every length near 3e-4 and

@@ -1,22 +1,36 @@
 """Efficient-CapsNet's MNIST model (Mazzia, Salvetti & Chiaberge, "Efficient-CapsNet:
-Capsule Network with Self-Attention Routing", Scientific Reports 2021).
+Capsule Network with Self-Attention Routing", Scientific Reports 11:14634, 2021).
 
-Published: **99.74%** MNIST test accuracy with **161K** parameters. Architecture from the
-authors' code (EscVM/Efficient-CapsNet, `models/efficient_capsnet_graph_mnist.py` and
-`utils/layers.py`): Conv 5x5x32, 3x3x64, 3x3x64, 3x3x128 stride 2 (ReLU + BatchNorm each),
-depthwise 9x9 PrimaryCaps giving 16 capsules of 8 dimensions, FCCaps 10x16 with
-self-attention routing; 161,824 trainable parameters without the decoder
-(tests/models_routing_test.py checks the count). Recipe from the authors' `config.json`:
-Adam 5e-4 decayed x0.97 per epoch, batch 16, 150 epochs, reconstruction weight 0.392,
-margin loss. Their Adam is tf.keras' (`tf.keras.optimizers.Adam(learning_rate=...)` in
-`models/model.py` EfficientCapsNet.train: epsilon 1e-7, Keras' convention), and their
-schedule never goes below 5e-5 (`utils/tools.py` learn_scheduler: max(lr * lr_dec^epoch,
-5e-5), reached at epoch 76). Their checkpoint is the best on `validation_data`, which is
-the test split (`utils/tools.py` get_callbacks' ModelCheckpoint(save_best_only=True),
-`utils/dataset.py` get_tf_data), so the published figure is a test-set selection; this
-config selects on test as well (`val_examples = 0`). Not replicated: their MNIST
-augmentation (`utils/pre_process_mnist.py`). BatchNorm keeps running statistics and
-evaluates with them, as Keras' does.
+Source: the authors' code, EscVM/Efficient-CapsNet at 4b337f5.
+
+Published: **99.84%** MNIST test accuracy (0.16% error) in the paper's Table 3, the
+comparison of *ensembles*; the single-model test error of its Table 2 is not quoted
+here (it could not be read from the copies at hand), so a single run of this config is
+expected to land below 99.84%. 161K parameters. The authors' code keeps the best
+test-set checkpoint: its ModelCheckpoint(save_best_only=True) watches `validation_data`,
+which is the test split (`utils/tools.py` get_callbacks, `utils/dataset.py`
+get_tf_data), so the published figure is a test-set selection; this config selects on
+test as well (`val_examples = 0`).
+
+Architecture (`models/efficient_capsnet_graph_mnist.py`, `utils/layers.py`): Conv 5x5x32,
+3x3x64, 3x3x64, 3x3x128 stride 2 (ReLU + BatchNorm each), depthwise 9x9 PrimaryCaps giving
+16 capsules of 8 dimensions, FCCaps 10x16 with self-attention routing; 161,824 trainable
+parameters without the decoder (tests/models_routing_test.py checks the count). Every
+kernel is he_normal with zero biases, the decoder's output layer glorot_normal (L32-38,
+L60-62: `model.init = 'he'`). BatchNorm keeps running statistics and evaluates with them,
+as Keras' does.
+
+Recipe (the authors' `config.json`): Adam 5e-4 decayed x0.97 per epoch, batch 16, 150
+epochs, reconstruction weight 0.392, margin loss. Their Adam is tf.keras'
+(`tf.keras.optimizers.Adam(learning_rate=...)` in `models/model.py`
+EfficientCapsNet.train: epsilon 1e-7, Keras' convention), and their schedule never goes
+below 5e-5 (`utils/tools.py` learn_scheduler: max(lr * lr_dec^epoch, 5e-5), reached at
+epoch 76).
+
+Departures: their MNIST augmentation (`utils/pre_process_mnist.py` L113-127: a rotation
+by N(0, 0.33) x 30 degrees for half the images, a shift of up to the digit's margin, a
+Lanczos "squish" of 1-7 columns and a 4x4 erase) is not implemented; capsjax shifts by
+up to 2 px with zero fill instead. Their images are divided by 256, capsjax's by 255.
 
   python -m capsjax.main --config=configs/efficient_capsnet.py --workdir=/tmp/effcaps
   python -m capsjax.main --config=configs/efficient_capsnet.py:quick --workdir=/tmp/effcaps_q
@@ -47,7 +61,7 @@ def model_config() -> config_dict.ConfigDict:
   m.conv_impl = "auto"
   m.dtype = "float32"
   m.length_eps = 1e-7  # Keras' epsilon in their Length layer.
-  m.init = "keras"  # the decoder's scheme.
+  m.init = "he"  # the decoder's scheme: he_normal, he_normal, glorot_normal.
   m.em_final_lambda = 0.01  # shared field; unused here.
   return m
 
@@ -66,9 +80,10 @@ def get_config(arg=None):
   config.optim.adam_epsilon_convention = "keras"
   config.val_examples = 0
   config.published.source = "Efficient-CapsNet (Mazzia, Salvetti & Chiaberge 2021)"
-  config.published.test_accuracy = 0.9974
+  config.published.test_accuracy = 0.9984
   config.published.protocol = (
-    "paper, MNIST test accuracy; the authors' code keeps the best test-set checkpoint"
+    "paper Table 3, an ensemble's test error (0.16%); the authors' code keeps the best "
+    "test-set checkpoint"
   )
   if arg == "smoke":
     return _smoke(config)

@@ -11,6 +11,7 @@ from flax import nnx
 from capsjax import models
 from tests import helpers
 from configs import common
+from configs import efficient_capsnet
 
 
 def _model(init, **model):
@@ -177,3 +178,23 @@ def test_primary_scale_reproduces_the_authors_primary_capsules():
 def test_primary_scale_must_be_positive():
   with pytest.raises(ValueError, match="config.model.primary_scale: must be a number > 0, got 0"):
     _model("tf", primary_scale=0)
+
+
+def test_he_scheme_is_efficient_capsnets_decoder():
+  """EscVM/Efficient-CapsNet's generator: Dense 512 and 1024 with he_normal, the sigmoid
+  output with glorot_normal (Keras' truncated normals: std sqrt(2 / fan_in) and
+  sqrt(2 / (fan_in + fan_out))), zero biases."""
+  config = efficient_capsnet.get_config()
+  model = models.create_model(
+    config.model,
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    rngs=nnx.Rngs(params=jax.random.key(0)),
+    conv_impl="xla",
+  )
+  expected = (np.sqrt(2 / 160), np.sqrt(2 / 512), np.sqrt(2 / (1024 + 784)))
+  for layer, std in zip(model.decoder.layers, expected, strict=True):
+    k = np.asarray(layer.kernel[...])
+    np.testing.assert_allclose(k.std(), std, rtol=0.03)
+    assert np.abs(k).max() <= 2 * std / 0.87962566 + 1e-7  # cut at two stddevs
+    np.testing.assert_array_equal(layer.bias[...], 0.0)
