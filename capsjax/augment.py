@@ -13,6 +13,9 @@ Two shifts, one per reference family:
     with order-0 interpolation (so rounded to whole pixels) and `fill_mode='nearest'`
     (edge pixels repeated).
 Both take a `fill` of 'zero' or 'nearest'. Never flip characters or digits (K-MNIST, MNIST).
+
+`efficient_capsnet_example` is Efficient-CapsNet's MNIST pipeline (rotate, shift within
+the margins, squish, erase), a transcription of its authors' TensorFlow code.
 """
 
 from __future__ import annotations
@@ -152,6 +155,139 @@ def cutout(key: jax.Array, image: jax.Array, *, size: int) -> jax.Array:
   return cutout_at(image, sample_cutout_center(key, height=h, width=w), size=size)
 
 
+# ----------------------------------------------------------------------------------------
+# Efficient-CapsNet's MNIST augmentation: EscVM/Efficient-CapsNet @4b337f5,
+# utils/pre_process_mnist.py, applied in the order of generate_tf_data (L113-127).
+# ----------------------------------------------------------------------------------------
+def _clipped_normal(key: jax.Array, shape, *, absolute: bool) -> jax.Array:
+  """N(0, 0.33) draws clipped to (-0.9999, 0.9999), or |N(0, 0.33)| capped at 0.9999."""
+  r = 0.33 * jax.random.normal(key, shape, jnp.float32)
+  return jnp.minimum(jnp.abs(r), 0.9999) if absolute else jnp.clip(r, -0.9999, 0.9999)
+
+
+def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
+  """OpenCV's warpAffine(image, getRotationMatrix2D((W/2, H/2), degrees, 1), (W, H)):
+  counter-clockwise by `degrees` about (x, y) = (W/2, H/2), bilinear, zero outside.
+
+  image [H, W, C], degrees [] -> [H, W, C] float32. OpenCV's pixel (x, y) is column x,
+  row y, and M maps a source pixel to its destination; each output pixel reads the source
+  at M^-1 (x, y). OpenCV rounds those positions to 1/32 pixel; this does not, so the two
+  differ by up to ~1/32 of a pixel step in value. `jax.scipy.ndimage.map_coordinates`
+  rather than dm-pix: the sampling is all that is needed, and it is what dm-pix calls.
+  """
+  h, w, _ = image.shape
+  t = jnp.deg2rad(degrees.astype(jnp.float32))
+  a, b = jnp.cos(t), jnp.sin(t)
+  cx, cy = w / 2, h / 2
+  ys, xs = jnp.meshgrid(
+    jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
+  )
+  # M = [[a, b, (1-a) cx - b cy], [-b, a, b cx + (1-a) cy]]: a rotation R about the centre,
+  # so M^-1 (x, y) = R^T ((x, y) - c) + c.
+  dx, dy = xs - cx, ys - cy  # [H, W]
+  src_x = a * dx - b * dy + cx
+  src_y = b * dx + a * dy + cy
+  x = image.astype(jnp.float32)
+
+  def channel(img):  # [H, W]
+    return jax.scipy.ndimage.map_coordinates(img, [src_y, src_x], order=1, cval=0.0)
+
+  return jnp.stack([channel(x[..., i]) for i in range(x.shape[-1])], axis=-1)  # [H, W, C]
+
+
+def random_rotate(key: jax.Array, image: jax.Array) -> jax.Array:
+  """`image_rotate_random` (L70-77): for half the images (a second draw > 0 keeps the
+  original), a rotation by trunc(clip(N(0, 0.33)) x 30) whole degrees (OpenCV's
+  `int(angle)`), so |angle| <= 29."""
+  r = _clipped_normal(key, (2,), absolute=False)  # [2]
+  degrees = jnp.trunc(r[0] * 30.0)
+  return jnp.where(r[1] > 0, image.astype(jnp.float32), rotate(image, degrees))
+
+
+def margin_shift_offset(image: jax.Array, amounts: jax.Array, directions: jax.Array) -> jax.Array:
+  """`image_shift_rand`'s offset (dy, dx), int32 [2] (L31-61).
+
+  Per axis a fraction `amounts` in [0, 1) of the empty margin on the side `directions`
+  picks (0: towards row/column 0, by floor(-a x the margin there); 1: the other way, by
+  floor(a x (1 + the margin there))), so the object stays on the image. amounts:
+  [2] for (x, y); directions: int [2], (for y, for x), as the source indexes them.
+  """
+  h, w = image.shape[:2]
+  mass = jnp.sum(image.astype(jnp.float32), axis=-1)  # [H, W]
+  cols, rows = jnp.sum(mass, axis=0) > 0, jnp.sum(mass, axis=1) > 0  # [W], [H]
+  # Empty rows/columns before the first and after the last non-zero one (an empty image
+  # has margins 0 and stays put).
+  left, right_margin = jnp.argmax(cols), jnp.argmax(cols[::-1])
+  top, bottom_margin = jnp.argmax(rows), jnp.argmax(rows[::-1])
+  ax, ay = amounts[0], amounts[1]
+  x_amts = jnp.stack([jnp.floor(-ax * left), jnp.floor(ax * (1 + right_margin))])
+  y_amts = jnp.stack([jnp.floor(-ay * top), jnp.floor(ay * (1 + bottom_margin))])
+  return jnp.stack([y_amts[directions[0]], x_amts[directions[1]]]).astype(jnp.int32)
+
+
+def random_margin_shift(key: jax.Array, image: jax.Array) -> jax.Array:
+  """`image_shift_rand`: the offset of `margin_shift_offset` with amounts min(|N(0, 0.33)|,
+  0.9999) and uniform directions, applied as the source's `tf.roll` (the margin keeps
+  the object from wrapping)."""
+  k_dir, k_amt = jax.random.split(key)
+  directions = jnp.floor(jax.random.uniform(k_dir, (2,)) * 2).astype(jnp.int32)
+  amounts = _clipped_normal(k_amt, (2,), absolute=True)
+  dy, dx = margin_shift_offset(image, amounts, directions)
+  return jnp.roll(image, (dy, dx), axis=(0, 1))
+
+
+def squish(image: jax.Array, width_mod: jax.Array, offset: jax.Array) -> jax.Array:
+  """`image_squish_random`'s transform (L93-108): the image resized to W - width_mod
+  columns (Lanczos-3 with antialiasing, as `tf.image.resize(..., LANCZOS3,
+  antialias=True)`), placed `offset` columns from the left on a zero image, cut to W.
+
+  One `jax.image.scale_and_translate` (the op behind both libraries' resize): a resize
+  is a scale with translation 0, the placement a translation by `offset`, and output
+  pixels that sample outside the resized image get zero weight, as the padding does.
+  """
+  h, w, c = image.shape
+  scale = (w - width_mod.astype(jnp.float32)) / w
+  return jax.image.scale_and_translate(
+    image.astype(jnp.float32),
+    (h, w, c),
+    spatial_dims=(1,),
+    scale=scale[None],
+    translation=offset.astype(jnp.float32)[None],
+    method="lanczos3",
+    antialias=True,
+  )
+
+
+def random_squish(key: jax.Array, image: jax.Array) -> jax.Array:
+  """`image_squish_random`: width_mod = floor(a0 x W/4 + 1) (1 to 7 columns for W = 28),
+  offset = width_mod // 2 + floor(a1 x 2), a = min(|N(0, 0.33)|, 0.9999)."""
+  w = image.shape[1]
+  a = _clipped_normal(key, (2,), absolute=True)
+  width_mod = jnp.floor(a[0] * (w / 4) + 1).astype(jnp.int32)
+  offset = width_mod // 2 + jnp.floor(a[1] * 2.0).astype(jnp.int32)
+  return squish(image, width_mod, offset)
+
+
+def random_erase(key: jax.Array, image: jax.Array) -> jax.Array:
+  """`image_erase_random` (L79-90): a 4x4 square of zeros with its top-left corner at
+  rows/columns floor(u x (size - 9)) + 4 (4 to 22 for 28 pixels)."""
+  h, w, _ = image.shape
+  u = jax.random.uniform(key, (2,))
+  top = jnp.floor(u[0] * (h - 9)).astype(jnp.int32) + 4
+  left = jnp.floor(u[1] * (w - 9)).astype(jnp.int32) + 4
+  return cutout_at(image, jnp.stack([top + 2, left + 2]), size=4)
+
+
+def efficient_capsnet_example(key: jax.Array, image: jax.Array) -> jax.Array:
+  """Efficient-CapsNet's MNIST training augmentation of one image [H, W, C] (float32):
+  rotate -> shift within the margins -> squish -> erase, each with its own subkey."""
+  k_rot, k_shift, k_squish, k_erase = jax.random.split(key, 4)
+  image = random_rotate(k_rot, image)
+  image = random_margin_shift(k_shift, image)
+  image = random_squish(k_squish, image)
+  return random_erase(k_erase, image)
+
+
 def augment_example(
   key: jax.Array,
   image: jax.Array,
@@ -161,8 +297,13 @@ def augment_example(
   cutout_size: int = 0,
   shift_fraction: float = 0.0,
   fill: str = "zero",
+  efficient_capsnet: bool = False,
 ) -> jax.Array:
-  """shift -> flip -> Cutout on one image [H, W, C], each with its own subkey."""
+  """[Efficient-CapsNet's pipeline ->] shift -> flip -> Cutout on one image [H, W, C],
+  each with its own subkey."""
+  if efficient_capsnet:
+    dtype = image.dtype
+    image = efficient_capsnet_example(jax.random.fold_in(key, 1), image).astype(dtype)
   k_shift, k_flip, k_cut = jax.random.split(key, 3)
   image = random_shift(
     k_shift, image, max_shift=max_shift, shift_fraction=shift_fraction, fill=fill
@@ -181,6 +322,7 @@ def augment_batch(
   cutout_size: int = 0,
   shift_fraction: float = 0.0,
   fill: str = "zero",
+  efficient_capsnet: bool = False,
 ) -> jax.Array:
   """Augments every example of [B, H, W, C] independently; identity when all disabled.
 
@@ -192,6 +334,8 @@ def augment_batch(
     cutout_size: Cutout square side (0 = off).
     shift_fraction: Keras-style shift range as a fraction of the size (0 = off).
     fill: how shifted-in pixels are filled: 'zero' or 'nearest'.
+    efficient_capsnet: Efficient-CapsNet's MNIST pipeline first
+      (`efficient_capsnet_example`).
 
   Returns:
     [B, H, W, C], same dtype.
@@ -199,7 +343,8 @@ def augment_batch(
   if images.ndim != 4:
     raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}.")
   if max_shift == 0 and not shift_fraction and not flip and cutout_size == 0:
-    return images
+    if not efficient_capsnet:
+      return images
   keys = jax.random.split(key, images.shape[0])  # [B] keys
 
   def fn(k, x):
@@ -211,6 +356,7 @@ def augment_batch(
       cutout_size=cutout_size,
       shift_fraction=shift_fraction,
       fill=fill,
+      efficient_capsnet=efficient_capsnet,
     )
 
   return jax.vmap(fn)(keys, images)  # [B, H, W, C]

@@ -170,6 +170,7 @@ class Members:
   aug: steps_lib.AugmentSpec
   vmap_size: int
   optim: Any  # the shared `config.optim` (Adam's epsilon and its convention).
+  steps_per_epoch: int  # the plateau schedule's epoch (`optim.reduce_on_plateau`).
 
   @classmethod
   def from_configs(cls, configs, steps_per_epoch: int, vmap_size: int | None = None) -> Members:
@@ -186,6 +187,7 @@ class Members:
       aug=hyper[0][1],
       vmap_size=resolve_vmap_size(vmap_size, len(configs)),
       optim=configs[0].optim,
+      steps_per_epoch=int(steps_per_epoch),
     )
 
   @property
@@ -228,7 +230,7 @@ def _member_train_step(graphdef, state, batch, key, active, step_size, logged_lr
   model, optimizer = nnx.merge(graphdef, state)
   # The single run's Adam is chain(direction, scale_by_learning_rate(schedule)): with a
   # schedule returning the member's own rate, the update is the single run's arithmetic.
-  optimizer.tx = optim.adam(lambda count: step_size, members.optim)
+  optimizer.tx = optim.adam(lambda count: step_size, members.optim, members.steps_per_epoch)
   member_graphdef, member = nnx.split((model, optimizer))
   new_state, aux = steps_lib.train_step(
     member_graphdef,

@@ -71,6 +71,16 @@ def validate(optim_cfg) -> None:
       f"config.optim.adam_epsilon_convention must be one of {EPSILON_CONVENTIONS}, got "
       f"{convention!r}"
     )
+  patience, factor, min_scale = _plateau(optim_cfg)
+  if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+    raise errors.ConfigError(
+      f"config.optim.plateau_patience must be an int >= 0 (0 = no plateau schedule), got "
+      f"{patience!r}"
+    )
+  if not 0 < factor < 1:
+    raise errors.ConfigError(f"config.optim.plateau_factor must be in (0, 1), got {factor}")
+  if not 0 <= min_scale <= 1:
+    raise errors.ConfigError(f"config.optim.plateau_min_scale must be in [0, 1], got {min_scale}")
   floor = _floor(optim_cfg)
   if not 0 <= floor <= optim_cfg.learning_rate:
     raise errors.ConfigError(
@@ -87,6 +97,15 @@ def _epsilon(optim_cfg) -> tuple[float, str]:
   return (
     float(optim_cfg.get("adam_epsilon", 1e-8)),
     str(optim_cfg.get("adam_epsilon_convention", "optax")),
+  )
+
+
+def _plateau(optim_cfg) -> tuple[int, float, float]:
+  # A saved config.json without the fields had no plateau schedule.
+  return (
+    optim_cfg.get("plateau_patience", 0),
+    float(optim_cfg.get("plateau_factor", 0.1)),
+    float(optim_cfg.get("plateau_min_scale", 0.0)),
   )
 
 
@@ -117,20 +136,68 @@ def make_schedule(optim_cfg, steps_per_epoch: int) -> optax.Schedule:
 
 def make_optimizer(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam (the paper's optimizer, default betas) on the decaying schedule."""
-  return adam(make_schedule(optim_cfg, steps_per_epoch), optim_cfg)
+  return adam(make_schedule(optim_cfg, steps_per_epoch), optim_cfg, steps_per_epoch)
 
 
-def adam(learning_rate, optim_cfg) -> optax.GradientTransformation:
+def adam(learning_rate, optim_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam at `learning_rate` (a float or schedule) with `optim_cfg`'s epsilon convention.
 
   Both conventions are chain(direction, scale_by_learning_rate) with optax's Adam state,
   so checkpoints, the schedule's step count (`opt_state[1].count`) and ensembles see the
-  same tree either way.
+  same tree either way. With `plateau_patience` > 0 a third element scales the updates
+  as PyTorch's ReduceLROnPlateau does (`reduce_on_plateau`); its update takes the
+  training error of the step's batch as `value=`.
   """
   eps, convention = _epsilon(optim_cfg)
   if convention == "keras":
-    return optax.chain(scale_by_keras_adam(eps=eps), optax.scale_by_learning_rate(learning_rate))
-  return optax.adam(learning_rate, eps=eps)
+    direction = scale_by_keras_adam(eps=eps)
+  else:
+    direction = optax.scale_by_adam(eps=eps)  # optax.adam is chain(this, learning rate).
+  patience, factor, min_scale = _plateau(optim_cfg)
+  if not patience:
+    return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(
+    direction,
+    optax.scale_by_learning_rate(learning_rate),
+    reduce_on_plateau(
+      patience=patience, factor=factor, min_scale=min_scale, steps_per_epoch=steps_per_epoch
+    ),
+  )
+
+
+def reduce_on_plateau(
+  *, patience: int, factor: float, min_scale: float, steps_per_epoch: int
+) -> optax.GradientTransformationExtraArgs:
+  """PyTorch's `ReduceLROnPlateau(optimizer, 'max', patience)` on the epoch's training
+  accuracy, as optax's `contrib.reduce_on_plateau` on the training error.
+
+  optax averages the `value=` of each update over `steps_per_epoch` updates (the epoch's
+  mean batch error, 1 - PyTorch's mean batch accuracy) and multiplies every later update
+  by `factor` once the average has not improved for its own `patience` epochs in a row.
+  PyTorch reduces when the bad epochs *exceed* `patience`, so optax's patience is
+  `patience + 1`. PyTorch's improvement test in 'max' mode is acc > best * (1 + 1e-4);
+  `atol=1e-4` on the error asks for error < best_error - 1e-4, the same test to within
+  1e-4 x best_error. Two differences remain: optax applies a reduction to the update
+  that ends the epoch, PyTorch from the next epoch's first step; PyTorch's rate stops
+  falling when a reduction would change it by less than 1e-8, optax's scale at
+  `min_scale`.
+  """
+  return optax.contrib.reduce_on_plateau(
+    factor=factor,
+    patience=patience + 1,
+    rtol=0.0,
+    atol=1e-4,
+    accumulation_size=steps_per_epoch,
+    min_scale=min_scale,
+  )
+
+
+def plateau_scale(opt_state) -> jax.Array | float:
+  """The factor `reduce_on_plateau` applies to the updates (1.0 without it)."""
+  last = opt_state[-1] if isinstance(opt_state, tuple) and opt_state else None
+  if isinstance(last, optax.contrib.ReduceLROnPlateauState):
+    return last.scale
+  return 1.0
 
 
 def scale_by_keras_adam(

@@ -40,6 +40,7 @@ class AugmentSpec:
   cutout_size: int = 0
   shift_fraction: float = 0.0
   fill: str = "zero"
+  efficient_capsnet: bool = False
 
   @classmethod
   def from_config(cls, aug_cfg) -> AugmentSpec:
@@ -49,6 +50,7 @@ class AugmentSpec:
       int(aug_cfg.cutout_size),
       float(aug_cfg.get("shift_fraction", 0.0)),
       str(aug_cfg.get("fill", "zero")),
+      bool(aug_cfg.get("efficient_capsnet", False)),
     )
 
   def __call__(self, key: jax.Array, images: jax.Array) -> jax.Array:
@@ -61,6 +63,7 @@ class AugmentSpec:
       cutout_size=self.cutout_size,
       shift_fraction=self.shift_fraction,
       fill=self.fill,
+      efficient_capsnet=self.efficient_capsnet,
     )
 
 
@@ -149,9 +152,13 @@ def train_step(
   model, optimizer = nnx.merge(graphdef, state)
   step = optimizer.step[...]
   _, aux, grads = _loss_and_grads(model, step, batch, key, weights, aug)
-  aux["learning_rate"] = schedule(step)
   aux["grad_norm"] = optax.tree.norm(grads)
-  optimizer.update(model, grads)
+  # The batch's training error feeds a plateau schedule (`optim.reduce_on_plateau`);
+  # optax's chain drops it for transformations that take no extra arguments.
+  optimizer.update(model, grads, value=1.0 - aux["accuracy"])
+  # The rate this update used: the plateau's scale is read after the update, which
+  # applies a reduction at the end of an epoch to that same update.
+  aux["learning_rate"] = schedule(step) * optim.plateau_scale(optimizer.opt_state)
   return nnx.state((model, optimizer)), aux
 
 

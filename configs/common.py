@@ -121,6 +121,13 @@ def get_base_config() -> config_dict.ConfigDict:
   # and folds the bias corrections into the step size (keras_recipe sets it).
   config.optim.adam_epsilon = 1e-8
   config.optim.adam_epsilon_convention = "optax"
+  # > 0: PyTorch's ReduceLROnPlateau on the epoch's training accuracy with this patience
+  # (yl-1993's matrix-capsule recipe): the rate x plateau_factor after more than
+  # `plateau_patience` epochs without improvement, down to plateau_min_scale x the
+  # schedule (capsjax.optim.reduce_on_plateau). 0: the schedule alone.
+  config.optim.plateau_patience = 0
+  config.optim.plateau_factor = 0.1
+  config.optim.plateau_min_scale = 0.0
 
   # m_plus, m_minus, lam, recon_weight: the paper's values (capsjax.losses.LossWeights).
   # class_weight scales the class loss in the total (the authors' code: 1/20, its margin
@@ -139,6 +146,9 @@ def get_base_config() -> config_dict.ConfigDict:
   config.augment.fill = "zero"  # shifted-in pixels: 'zero' or 'nearest'.
   config.augment.flip = False
   config.augment.cutout_size = 0
+  # Efficient-CapsNet's MNIST pipeline (rotation, shift within the margins, squish, 4x4
+  # erase; capsjax.augment.efficient_capsnet_example) before the others.
+  config.augment.efficient_capsnet = False
 
   # What the recipe's source reports (metadata for reports and sweeps; not run-defining).
   config.published = config_dict.ConfigDict()
@@ -234,6 +244,7 @@ def apply_variant(config: config_dict.ConfigDict, arg) -> config_dict.ConfigDict
     config.augment.shift_fraction = 0.0
     config.augment.flip = False
     config.augment.cutout_size = 0
+    config.augment.efficient_capsnet = False
     return config
   if arg == "smoke":
     smoke_run(config)

@@ -27,10 +27,13 @@ EfficientCapsNet.train: epsilon 1e-7, Keras' convention), and their schedule nev
 below 5e-5 (`utils/tools.py` learn_scheduler: max(lr * lr_dec^epoch, 5e-5), reached at
 epoch 76).
 
-Departures: their MNIST augmentation (`utils/pre_process_mnist.py` L113-127: a rotation
-by N(0, 0.33) x 30 degrees for half the images, a shift of up to the digit's margin, a
-Lanczos "squish" of 1-7 columns and a 4x4 erase) is not implemented; capsjax shifts by
-up to 2 px with zero fill instead. Their images are divided by 256, capsjax's by 255.
+Augmentation: theirs (`utils/pre_process_mnist.py` L113-127: a rotation by
+N(0, 0.33) x 30 degrees for half the images, a shift of up to the digit's margin, a
+Lanczos "squish" of 1-7 columns and a 4x4 erase), `augment.efficient_capsnet = True`
+(capsjax.augment.efficient_capsnet_example), and no other shift.
+
+Departures: their images are divided by 256, capsjax's by 255; OpenCV's rotation rounds
+sample positions to 1/32 pixel, capsjax's does not.
 
   python -m capsjax.main --config=configs/efficient_capsnet.py --workdir=/tmp/effcaps
   python -m capsjax.main --config=configs/efficient_capsnet.py:quick --workdir=/tmp/effcaps_q
@@ -78,6 +81,8 @@ def get_config(arg=None):
   config.optim.min_learning_rate = 5e-5
   config.optim.adam_epsilon = 1e-7
   config.optim.adam_epsilon_convention = "keras"
+  config.augment.max_shift = 0
+  config.augment.efficient_capsnet = True
   config.val_examples = 0
   config.published.source = "Efficient-CapsNet (Mazzia, Salvetti & Chiaberge 2021)"
   config.published.test_accuracy = 0.9984

@@ -212,3 +212,116 @@ def test_shift_arguments_are_checked():
     augment.random_shift(jax.random.key(0), x, shift_fraction=0.7)
   with pytest.raises(ValueError, match="fill must be one of .* got 'wrap'"):
     augment.shift(x, jnp.zeros(2, jnp.int32), max_shift=1, fill="wrap")
+
+
+# ----------------------------------------------------------------------------------------
+# Efficient-CapsNet's MNIST pipeline (EscVM/Efficient-CapsNet utils/pre_process_mnist.py).
+# ----------------------------------------------------------------------------------------
+def _np_warp_affine(img, m):
+  """OpenCV's warpAffine in float64 NumPy: dst(x, y) = bilinear src at M^-1 (x, y), 0
+  outside (pixel (x, y) = column x, row y)."""
+  inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+  out = np.zeros_like(img, np.float64)
+  h, w = img.shape
+  for y in range(h):
+    for x in range(w):
+      sx, sy, _ = inv @ [x, y, 1]
+      x0, y0 = int(np.floor(sx)), int(np.floor(sy))
+      fx, fy = sx - x0, sy - y0
+      for yy, xx, wt in ((y0, x0, (1 - fx) * (1 - fy)), (y0, x0 + 1, fx * (1 - fy)),
+                         (y0 + 1, x0, (1 - fx) * fy), (y0 + 1, x0 + 1, fx * fy)):  # fmt: skip
+        if 0 <= yy < h and 0 <= xx < w:
+          out[y, x] += wt * img[yy, xx]
+  return out
+
+
+def _rotation_matrix(cx, cy, degrees):
+  """OpenCV's getRotationMatrix2D((cx, cy), degrees, 1.0)."""
+  a, b = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+  return np.array([[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy]])
+
+
+@pytest.mark.parametrize("degrees", [0.0, 17.0, -29.0, 90.0])
+def test_rotate_is_opencvs_warp_affine(degrees):
+  img = np.asarray(jax.random.uniform(jax.random.key(0), (H, W)))
+  want = _np_warp_affine(img, _rotation_matrix(W / 2, H / 2, degrees))
+  got = jax.jit(augment.rotate)(jnp.asarray(img)[..., None], jnp.float32(degrees))[..., 0]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  if degrees == 90.0:  # counter-clockwise about (14, 14): dst[y, x] = src[x, 28 - y]
+    np.testing.assert_allclose(got[1:], np.rot90(img)[:-1], atol=1e-5)
+    np.testing.assert_array_equal(got[0], 0.0)
+
+
+def test_random_rotate_rotates_about_half_the_images():
+  """A second draw > 0 keeps the image: half of them, plus those whose angle truncates to
+  0 (|N(0, 0.33)| x 30 < 1: P = 0.080), so 0.54 unchanged."""
+  img = jnp.asarray(_unique_image()) / (H * W)
+  keys = jax.random.split(jax.random.key(1), 2000)
+  out = jax.jit(jax.vmap(augment.random_rotate, in_axes=(0, None)))(keys, img)
+  unchanged = np.mean(np.all(np.asarray(out) == np.asarray(img), axis=(1, 2, 3)))
+  assert 0.50 < unchanged < 0.58
+
+
+def test_margin_shift_offset_by_hand():
+  img = np.zeros((H, W, 1), np.float32)
+  img[5:21, 3:25] = 1.0  # margins: left 3, right 3, top 5, bottom 7
+  offset = augment.margin_shift_offset(
+    jnp.asarray(img), jnp.array([0.5, 0.9999]), jnp.array([1, 0], jnp.int32)
+  )
+  # x: floor(-0.5 * 3) = -2 (towards column 0); y: floor(0.9999 * (1 + 7)) = 7 (down).
+  np.testing.assert_array_equal(offset, [7, -2])
+  offset = augment.margin_shift_offset(
+    jnp.asarray(img), jnp.array([0.9999, 0.5]), jnp.array([0, 1], jnp.int32)
+  )
+  np.testing.assert_array_equal(offset, [-3, 3])  # floor(-0.5*5), floor(0.9999*4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_margin_shift_keeps_the_object_whole(seed):
+  img = np.zeros((H, W, 1), np.float32)
+  img[5:21, 3:25] = np.arange(16 * 22).reshape(16, 22, 1) + 1.0
+  keys = jax.random.split(jax.random.key(seed), 200)
+  out = np.asarray(jax.vmap(augment.random_margin_shift, in_axes=(0, None))(keys, img))
+  for o in out:
+    rows, cols = np.nonzero(o[..., 0])
+    dy, dx = rows.min() - 5, cols.min() - 3
+    assert -5 <= dy <= 7 and -3 <= dx <= 3
+    np.testing.assert_array_equal(np.roll(img, (dy, dx), axis=(0, 1)), o)
+
+
+@pytest.mark.parametrize("width_mod,offset", [(1, 0), (3, 2), (7, 4)])
+def test_squish_is_a_lanczos_resize_placed_at_the_offset(width_mod, offset):
+  img = jax.random.uniform(jax.random.key(2), (H, W, 1))
+  resized = jax.image.resize(img, (H, W - width_mod, 1), "lanczos3", antialias=True)
+  want = np.zeros((H, W + offset, 1), np.float32)  # tf.image.pad_to_bounding_box
+  want[:, offset : offset + W - width_mod] = resized
+  got = augment.squish(img, jnp.int32(width_mod), jnp.int32(offset))
+  np.testing.assert_allclose(got, want[:, :W], atol=1e-5)
+
+
+def test_random_squish_and_erase_ranges():
+  ones = jnp.ones((H, W, 1), jnp.float32)
+  keys = jax.random.split(jax.random.key(3), 3000)
+  squished = np.asarray(jax.vmap(augment.random_squish, in_axes=(0, None))(keys, ones))
+  # Columns left of the offset are empty: offset = width_mod // 2 + {0, 1}, width_mod 1-7.
+  left = np.argmax(squished[:, H // 2, :, 0] > 0.5, axis=1)
+  assert set(left) == {0, 1, 2, 3, 4}
+  erased = np.asarray(jax.vmap(augment.random_erase, in_axes=(0, None))(keys, ones))
+  for e in erased[:300]:
+    rows, cols = np.nonzero(e[..., 0] == 0)
+    assert len(rows) == 16 and rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3
+  corners = [np.argwhere(e[..., 0] == 0).min(axis=0) for e in erased]
+  assert {int(c[0]) for c in corners} == set(range(4, 23))
+  assert {int(c[1]) for c in corners} == set(range(4, 23))
+
+
+def test_efficient_capsnet_batch_is_deterministic_and_per_example():
+  images = jax.random.uniform(jax.random.key(4), (3, H, W, 1))
+  fn = jax.jit(lambda k, x: augment.augment_batch(k, x, efficient_capsnet=True))
+  a, b = fn(jax.random.key(5), images), fn(jax.random.key(5), images)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == images.shape and a.dtype == images.dtype
+  keys = jax.random.split(jax.random.key(5), 3)
+  one = augment.augment_example(keys[1], images[1], efficient_capsnet=True)
+  np.testing.assert_allclose(a[1], one, atol=1e-5)
+  assert not np.allclose(a, images)

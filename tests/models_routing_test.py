@@ -389,6 +389,38 @@ def test_capsule_patches_against_numpy():
     matrix_layers.capsule_patches(x, 8, 1)
 
 
+def test_matrix_capsnet_standardises_and_pads_as_yl_1993():
+  """Normalize((0.1307,), (0.3081,)) then nn.Conv2d(kernel 5, stride 2, padding=2): a
+  14x14 Conv1 grid from 28x28 images, and class capsules routing from 4x4x16 = 256."""
+  config = matrix_capsules_em.get_config().model
+  model = models.create_model(
+    config, image_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(params=0), conv_impl="xla"
+  )
+  assert model.primary_grid == (4, 4, 16) and model.num_primary == 256
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (2, 28, 28, 1)))
+  z = np.pad((x - 0.1307) / 0.3081, ((0, 0), (2, 2), (2, 2), (0, 0)))  # zeros after Normalize
+  want = helpers.numpy_conv(z, model.conv1.kernel[...], 2) + np.asarray(model.conv1.bias[...])
+  assert want.shape == (2, 14, 14, 64)
+  # The model on x is the same parameters without either step on the prepared 32x32 z.
+  plain = dict(config.items(), conv1_padding=0, input_mean=0.0, input_std=1.0)
+  other = models.create_model(
+    plain, image_shape=(32, 32, 1), num_classes=10, rngs=nnx.Rngs(params=1), conv_impl="xla"
+  )
+  nnx.update(other, nnx.state(model))
+  np.testing.assert_allclose(other.conv1(z), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    other(z)["class_scores"], model(x)["class_scores"], rtol=1e-5, atol=1e-6
+  )
+  with pytest.raises(errors.ConfigError, match="config.model.conv1_padding: must be an int >= 0"):
+    models.create_model(
+      dict(config.items(), conv1_padding=-1),
+      image_shape=(28, 28, 1),
+      num_classes=10,
+      rngs=nnx.Rngs(params=0),
+      conv_impl="xla",
+    )
+
+
 def test_matrix_conv_caps_per_cell_routes_each_cell_by_em_on_numpy_votes():
   """Votes M_i W_(ky,kx,t),j built in NumPy; with per_cell, each output cell routed by
   `routing.em` alone, though the 3x3 receptive fields (stride 1) overlap."""

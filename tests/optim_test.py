@@ -61,7 +61,7 @@ def test_keras_convention_is_keras_update_formula(eps, scale):
   regime where the conventions part), against Keras' formula in float64."""
   params, grads = _problem(scale)
   cfg = config_dict.ConfigDict({"adam_epsilon": eps, "adam_epsilon_convention": "keras"})
-  _, moved = _run(optim.adam(1e-3, cfg), jax.tree.map(jnp.asarray, params), grads)
+  _, moved = _run(optim.adam(1e-3, cfg, 1), jax.tree.map(jnp.asarray, params), grads)
   want = _keras_adam(params, grads, 1e-3, eps)
   # float32 arithmetic, as in Keras: 1 - b2^t cancels, so its float32 rounding grows by
   # 1 / (1 - b2^t) (~170x at step 6); at gradients of 1e-7 the two conventions' steps
@@ -79,8 +79,8 @@ def test_the_conventions_differ_where_the_gradients_are_as_small_as_epsilon():
   keras = config_dict.ConfigDict({"adam_epsilon": 1e-8, "adam_epsilon_convention": "keras"})
   plain = config_dict.ConfigDict({"adam_epsilon": 1e-8, "adam_epsilon_convention": "optax"})
   p = jax.tree.map(jnp.asarray, params)
-  k_step = _run(optim.adam(1e-3, keras), p, grads[:1])[1]["w"]
-  o_step = _run(optim.adam(1e-3, plain), p, grads[:1])[1]["w"]
+  k_step = _run(optim.adam(1e-3, keras, 1), p, grads[:1])[1]["w"]
+  o_step = _run(optim.adam(1e-3, plain, 1), p, grads[:1])[1]["w"]
   g = np.abs(grads[0]["w"].astype(np.float64))
   # Step 1 of either: lr * g / (|g| + eps_effective); the ratio follows for each entry.
   ratio = (g + 1e-8 / np.sqrt(1 - 0.999)) / (g + 1e-8)
@@ -92,12 +92,12 @@ def test_optax_convention_is_optax_adam():
   params, grads = _problem(1.0)
   cfg = config_dict.ConfigDict({"adam_epsilon": 1e-8, "adam_epsilon_convention": "optax"})
   p = jax.tree.map(jnp.asarray, params)
-  got, want = _run(optim.adam(1e-3, cfg), p, grads)[0], _run(optax.adam(1e-3), p, grads)[0]
+  got, want = _run(optim.adam(1e-3, cfg, 1), p, grads)[0], _run(optax.adam(1e-3), p, grads)[0]
   for k in params:
     np.testing.assert_array_equal(got[k], want[k])
   # The same state tree either way: a checkpoint has one layout whatever the convention.
   keras = config_dict.ConfigDict({"adam_epsilon": 1e-8, "adam_epsilon_convention": "keras"})
-  assert jax.tree.structure(optim.adam(1e-3, keras).init(p)) == jax.tree.structure(
+  assert jax.tree.structure(optim.adam(1e-3, keras, 1).init(p)) == jax.tree.structure(
     optax.adam(1e-3).init(p)
   )
 
@@ -145,3 +145,80 @@ def test_bad_epsilon_fields_are_named(field, value, message):
   cfg[field] = value
   with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
     optim.validate(cfg)
+
+
+def _torch_reduce_on_plateau(epoch_accuracies, lr, *, patience, factor, min_lr=0.0):
+  """PyTorch's ReduceLROnPlateau(mode='max', threshold=1e-4 'rel', cooldown 0, eps 1e-8)
+  written out: the rate each epoch trains at, stepped with the epoch's mean accuracy."""
+  best, bad, rates = -np.inf, 0, []
+  for acc in epoch_accuracies:
+    rates.append(lr)
+    if acc > best * (1 + 1e-4):
+      best, bad = acc, 0
+    else:
+      bad += 1
+    if bad > patience:
+      new = max(lr * factor, min_lr)
+      if lr - new > 1e-8:
+        lr = new
+      bad = 0
+  return rates
+
+
+def test_plateau_schedule_is_pytorchs_reduce_lr_on_plateau():
+  """yl-1993's matrix-capsule recipe: ReduceLROnPlateau(optimizer, 'max', patience=1) on
+  the epoch's mean training accuracy, stepped after each epoch of 3 steps here."""
+  cfg = common.get_base_config().optim
+  cfg.plateau_patience, cfg.plateau_factor = 1, 0.1
+  steps = 3
+  # Batch accuracies per epoch: improving, flat (two bad epochs -> x0.1), one bad epoch
+  # then better, a rise of 5e-5 (under PyTorch's 1e-4 relative threshold: bad), ...
+  epochs = [
+    [0.5, 0.6, 0.7],
+    [0.7, 0.7, 0.7],
+    [0.6, 0.7, 0.8],
+    [0.7, 0.7, 0.7],
+    [0.8, 0.8, 0.8],
+    [0.8, 0.8, 0.80015],
+    [0.8, 0.8, 0.8],
+    [0.9, 0.9, 0.9],
+    [0.9, 0.9, 0.9],
+    [0.9, 0.9, 0.9],
+  ]
+  # One more epoch gives the rate after the last one.
+  accuracies = [np.mean(e) for e in epochs] + [0.0]
+  expected = _torch_reduce_on_plateau(accuracies, 1.0, patience=1, factor=0.1)
+  np.testing.assert_allclose(sorted(set(expected), reverse=True), [1.0, 0.1, 0.01, 0.001])
+  # A constant gradient makes Adam's direction 1 (to eps): each update is -rate.
+  tx = optim.adam(1.0, cfg, steps)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  grads = {"w": jnp.ones(2)}
+  update = jax.jit(lambda s, v: tx.update(grads, s, params, value=v))
+  for e, accs in enumerate(epochs):
+    for i, acc in enumerate(accs):
+      updates, state = update(state, 1.0 - acc)
+      rate = -float(updates["w"][0])
+      scale = optim.plateau_scale(state)
+      last = i == steps - 1
+      next_rate = expected[e + 1]
+      # optax applies a reduction to the update that ends the epoch; PyTorch from the
+      # next epoch on.
+      want = next_rate if last else expected[e]
+      np.testing.assert_allclose(rate, want, rtol=1e-4, err_msg=f"epoch {e} step {i}")
+      np.testing.assert_allclose(scale, want, rtol=1e-6)
+  assert optim.plateau_scale(optim.adam(1.0, common.get_base_config().optim, 3).init(params)) == 1
+
+
+def test_plateau_fields_are_validated():
+  for field, value, message in (
+    ("plateau_patience", -1, "plateau_patience must be an int >= 0"),
+    ("plateau_patience", 1.5, "plateau_patience must be an int >= 0"),
+    ("plateau_factor", 1.0, "plateau_factor must be in \\(0, 1\\), got 1.0"),
+    ("plateau_min_scale", 2.0, "plateau_min_scale must be in \\[0, 1\\], got 2.0"),
+  ):
+    cfg = common.get_base_config().optim
+    with cfg.ignore_type():
+      cfg[field] = value
+    with pytest.raises(errors.ConfigError, match=message):
+      optim.validate(cfg)

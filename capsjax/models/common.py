@@ -9,6 +9,7 @@ steps, analysis and checkpoints rely on.
 from __future__ import annotations
 
 import abc
+import math
 import dataclasses
 import numbers
 from typing import Sequence
@@ -44,6 +45,20 @@ def positive_float(name: str, value) -> float:
   """`value` as a float if it is a number > 0; else a ConfigError naming the field."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
     raise errors.ConfigError(f"config.model.{name}: must be a number > 0, got {value!r}")
+  return float(value)
+
+
+def non_negative_int(name: str, value) -> int:
+  """`value` as an int if it is an int >= 0; else a ConfigError naming config.model.<name>."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    raise errors.ConfigError(f"config.model.{name}: must be an int >= 0, got {value!r}")
+  return int(value)
+
+
+def finite_float(name: str, value) -> float:
+  """`value` as a float if it is a finite number; else a ConfigError naming the field."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) < math.inf:
+    raise errors.ConfigError(f"config.model.{name}: must be a finite number, got {value!r}")
   return float(value)
 
 

@@ -7,6 +7,7 @@ import math
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from capsjax import errors
@@ -33,6 +34,11 @@ class MatrixCapsNet(common.CapsuleModel):
   configs/matrix_capsules_em.py trains the class activations with the paper's spread loss
   (`config.loss.class_loss='spread'`).
 
+  Images are standardised, (x - input_mean) / input_std, then zero-padded by
+  `conv1_padding` pixels on each side before Conv1, as yl-1993's code does (torchvision's
+  Normalize((0.1307,), (0.3081,)) in train.py L51-55; nn.Conv2d(padding=2) in
+  model/capsules.py L322-323): the padding is zero in the standardised images.
+
   Keywords are the `config.model` fields of configs/matrix_capsules_em.py; `init` is the
   scheme of the convs and decoder, and `length_eps` is unused (fields every architecture
   takes, see `common.check_shared`).
@@ -47,6 +53,9 @@ class MatrixCapsNet(common.CapsuleModel):
     conv1_channels: int = 64,
     conv1_kernel: int = 5,
     conv1_stride: int = 2,
+    conv1_padding: int = 0,
+    input_mean: float = 0.0,
+    input_std: float = 1.0,
     primary_types: int = 8,
     convcaps_types: Sequence[int] = (),
     convcaps_kernels: Sequence[int] = (),
@@ -82,6 +91,9 @@ class MatrixCapsNet(common.CapsuleModel):
     ch1 = common.positive_int("conv1_channels", conv1_channels)
     k1 = common.positive_int("conv1_kernel", conv1_kernel)
     s1 = common.positive_int("conv1_stride", conv1_stride)
+    self.conv1_padding = common.non_negative_int("conv1_padding", conv1_padding)
+    self.input_mean = common.finite_float("input_mean", input_mean)
+    self.input_std = common.positive_float("input_std", input_std)
     types = common.positive_int("primary_types", primary_types)
     cc_types = common.check_sizes("convcaps_types", convcaps_types)
     cc_kernels = common.check_sizes("convcaps_kernels", convcaps_kernels)
@@ -93,7 +105,8 @@ class MatrixCapsNet(common.CapsuleModel):
         f"convcaps_strides={cc_strides} must have one entry per ConvCaps layer (the same length)"
       )
     coordinate_addition = common.check_bool("coordinate_addition", coordinate_addition)
-    grid = common.grid_after((h, w), (k1,), (s1,))
+    pad = 2 * self.conv1_padding
+    grid = common.grid_after((h + pad, w + pad), (k1,), (s1,))
     if min(grid) < 1:
       raise errors.ConfigError(
         f"config.model.conv1_kernel={k1}, conv1_stride={s1}: the "
@@ -147,7 +160,10 @@ class MatrixCapsNet(common.CapsuleModel):
     """images [B, H, W, C] -> EM's `routing.Routed` for the class capsules (poses
     [B, N_out, 16], activations [B, N_out], assignments [B, N_in, N_out])."""
     self.check_images(images)
-    x = jax.nn.relu(self.conv1(images))  # [B, H1, W1, A]
+    x = (images - self.input_mean) / self.input_std  # [B, H, W, C]
+    p = self.conv1_padding
+    x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # [B, H + 2p, W + 2p, C]
+    x = jax.nn.relu(self.conv1(x))  # [B, H1, W1, A]
     p = self.primary_poses(x)  # [B, H1, W1, types*16]
     poses = p.reshape(*p.shape[:3], -1, 16)  # [B, H1, W1, types, 16]
     a = jax.nn.sigmoid(self.primary_activations(x))  # [B, H1, W1, types]

@@ -55,9 +55,13 @@ LEGACY_DEFAULTS = {
   "model.length_eps": 1e-7,
   "augment.shift_fraction": 0.0,
   "augment.fill": "zero",
+  "augment.efficient_capsnet": False,
   "optim.min_learning_rate": 0.0,
   "optim.adam_epsilon": 1e-8,
   "optim.adam_epsilon_convention": "optax",
+  "optim.plateau_patience": 0,
+  "optim.plateau_factor": 0.1,
+  "optim.plateau_min_scale": 0.0,
   "model.architecture": "capsnet",
   "model.routing": "dynamic",
   "model.em_final_lambda": 0.01,
@@ -77,6 +81,9 @@ LEGACY_MODEL_DEFAULTS = {
     "convcaps_kernels": [],
     "convcaps_strides": [],
     "convcaps_per_cell": True,  # no ConvCaps layer then: either value builds that network.
+    "conv1_padding": 0,
+    "input_mean": 0.0,
+    "input_std": 1.0,
   },
 }
 
