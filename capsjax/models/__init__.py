@@ -7,6 +7,9 @@
 
 Every model is called as `model(images, labels=None) -> dict` and exposes its class
 capsules' routing as `model.routed(images) -> routing.Routed` (`common.CapsuleModel`).
+
+`BaselineCNN`, the paper's baseline CNN, is not an architecture of the training driver:
+`experiments.robustness` compares it with CapsNet.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from flax import nnx
 
 from capsjax import errors
 from capsjax.models import common
+from capsjax.models.baseline_cnn import BaselineCNN
 from capsjax.models.capsnet import CapsNet
 from capsjax.models.common import CapsuleModel, check_routing, count_params
 from capsjax.models.efficient_capsnet import EfficientCapsNet
@@ -25,6 +29,7 @@ from capsjax.models.matrix_capsnet import MatrixCapsNet
 
 __all__ = [
   "ARCHITECTURES",
+  "BaselineCNN",
   "CapsNet",
   "CapsuleModel",
   "EfficientCapsNet",
