@@ -124,8 +124,30 @@ def margin_loss(
     [...] per-example loss, dtype of `lengths` (at least float32).
   """
   x, t = _scores_and_targets(lengths, labels, "lengths")
-  present = t * jnp.square(jnp.maximum(0.0, m_plus - x))  # [..., K]
-  absent = lam * (1.0 - t) * jnp.square(jnp.maximum(0.0, x - m_minus))
+  return margin_loss_with_targets(x, t, m_plus=m_plus, m_minus=m_minus, lam=lam)
+
+
+def margin_loss_with_targets(
+  lengths: jax.Array,
+  targets: jax.Array,
+  *,
+  m_plus: float = LossWeights.m_plus,
+  m_minus: float = LossWeights.m_minus,
+  lam: float = LossWeights.lam,
+) -> jax.Array:
+  """Eq. 4 of the paper for any set of present classes, summed over classes.
+
+  Args:
+    lengths: [..., K] capsule lengths |v_k| (float).
+    targets: [..., K] T_k, 1 for a present class and 0 otherwise (one-hot for
+      `margin_loss`, two-hot for overlapping pairs).
+    m_plus, m_minus, lam: the paper's 0.9, 0.1, 0.5.
+
+  Returns:
+    [...] per-example loss.
+  """
+  present = targets * jnp.square(jnp.maximum(0.0, m_plus - lengths))  # [..., K]
+  absent = lam * (1.0 - targets) * jnp.square(jnp.maximum(0.0, lengths - m_minus))
   return jnp.sum(present + absent, axis=-1)  # [...]
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from capsjax import losses
 from capsjax.losses import LossWeights
 
 
@@ -68,9 +69,7 @@ def two_target_margin_loss(
   """
   x, labels = _check_scores(lengths, labels, "lengths", label_axis=True)
   t = pair_targets(labels, x.shape[-1], x.dtype)  # [..., K]
-  present = t * jnp.square(jnp.maximum(0.0, m_plus - x))  # [..., K]
-  absent = lam * (1.0 - t) * jnp.square(jnp.maximum(0.0, x - m_minus))
-  return jnp.sum(present + absent, axis=-1)  # [...]
+  return losses.margin_loss_with_targets(x, t, m_plus=m_plus, m_minus=m_minus, lam=lam)
 
 
 def pair_accuracy(scores: jax.Array, labels: jax.Array) -> jax.Array:
