@@ -196,7 +196,7 @@ def plateau_scale(opt_state) -> jax.Array | float:
   """The factor `reduce_on_plateau` applies to the updates (1.0 without it)."""
   last = opt_state[-1] if isinstance(opt_state, tuple) and opt_state else None
   if isinstance(last, optax.contrib.ReduceLROnPlateauState):
-    return last.scale
+    return last.scale[...]  # an array, or in an nnx.Optimizer the Variable's value
   return 1.0
 
 

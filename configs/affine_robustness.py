@@ -16,7 +16,7 @@ vs 99.22%). `model.name` picks the network: 'capsnet' (CapsNet on the 40x40 canv
   python -m experiments.robustness --config=configs/affine_robustness.py --workdir=runs/affine
   python -m experiments.robustness --config=configs/affine_robustness.py:quick \\
       --models=capsnet,baseline_cnn --workdir=runs/affine_quick
-  --config.dataset=mnist  (with internet) for the paper's setting.
+  --config.dataset=mnist --config.download=True  (with internet) for the paper's setting.
 
 Variants: 'quick' (smaller networks, 10,000 training images, 2 epochs: minutes on a CPU),
 'smoke' (tiny, for tests).

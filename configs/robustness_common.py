@@ -15,6 +15,7 @@ def base_config(*, experiment: str, canvas: int) -> config_dict.ConfigDict:
   config.dataset = "fashion_mnist"
   config.data_dir = config_dict.placeholder(str)
   config.manual_dir = config_dict.placeholder(str)
+  config.download = False  # let TFDS download a missing dataset (MNIST needs internet).
   config.seed = 0
   config.canvas = canvas
   config.num_epochs = 50

@@ -81,7 +81,11 @@ def load_data(config) -> dict[str, np.ndarray]:
   out = {}
   for split, limit in (("train", config.train_examples), ("test", config.eval_examples)):
     x, y = input_pipeline.load_split(
-      config.dataset, split, data_dir=config.data_dir, manual_dir=config.manual_dir
+      config.dataset,
+      split,
+      data_dir=config.data_dir,
+      manual_dir=config.manual_dir,
+      download=config.download,
     )
     if limit:
       x, y = x[:limit], y[:limit]
