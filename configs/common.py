@@ -95,8 +95,9 @@ def get_base_config() -> config_dict.ConfigDict:
   config.model.init = "torch"
   # |v| = sqrt(|v|^2 + length_eps): keeps the gradient finite at v = 0. At initialisation
   # |v|^2 is ~5e-10 ('torch') or ~5e-18 ('keras'), so 1e-7 pins every length near 3e-4 and
-  # scales the margin loss's gradient down; CapsNet-Keras' Length layer (Keras 2.0.x) has
-  # no epsilon, the K-MNIST seed project's TF2 port adds 1e-7.
+  # scales the margin loss's gradient down. CapsNet-Fashion-MNIST's Length layer (2017) has
+  # no epsilon; CapsNet-Keras' has added K.epsilon() = 1e-7 since its 923809b (2018-12),
+  # as the K-MNIST seed project's TF2 port does.
   config.model.length_eps = 1e-7
   # Which class models.create_model builds: 'capsnet' (this skeleton); the
   # Efficient-CapsNet and matrix-capsule configs set their own model fields.
@@ -161,8 +162,9 @@ def get_base_config() -> config_dict.ConfigDict:
 def keras_recipe(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   """What every Keras reference (CapsNet-Keras and its descendants) shares.
 
-  glorot_uniform weights with zero biases, CapsNet-Keras' Length layer (no epsilon; the
-  K-MNIST seed's TF2 port overrides it), a learning rate multiplied by a constant each
+  glorot_uniform weights with zero biases, the 2017 Length layer of CapsNet-Keras and
+  CapsNet-Fashion-MNIST (no epsilon; CapsNet-Keras added 1e-7 in 923809b, 2018-12, and
+  the K-MNIST seed's TF2 port overrides it), a learning rate multiplied by a constant each
   epoch (LearningRateScheduler), Keras' Adam (`optimizers.Adam(lr=...)`: epsilon added to
   the uncorrected sqrt(v), keras-team/keras keras/optimizers.py `Adam.get_updates`; 1e-8,
   the default of the Keras 2.0.x these 2017 projects ran, the K-MNIST seed's tf.keras

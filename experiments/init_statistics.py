@@ -28,12 +28,6 @@ from capsjax import analysis
 from capsjax import models
 from capsjax.run import cpu_runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "A CapsNet config.")
-_DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "The images' dataset.")
-_NUM = flags.DEFINE_integer("num_images", 256, "How many test images (the first ones).")
-_SCALES = flags.DEFINE_list("scales", ["1", "0.03125"], "model.primary_scale values.")
-_SEED = flags.DEFINE_integer("seed", 0, "The initialisation seed.")
-
 
 def statistics(model: models.CapsNet, images: jax.Array) -> dict[str, float]:
   """Mean capsule statistics of a CapsNet on images [B, H, W, C] (see the module doc).
@@ -57,24 +51,35 @@ def statistics(model: models.CapsNet, images: jax.Array) -> dict[str, float]:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  images, _ = analysis.load_test_images(_DATASET.value, _NUM.value, data_dir=config.data_dir)
+  f = flags.FLAGS
+  config = f.config
+  images, _ = analysis.load_test_images(f.dataset, f.num_images, data_dir=config.data_dir)
   images = jnp.asarray(images)
-  print(f"{config.model.init!r} init, seed {_SEED.value}, {len(images)} {_DATASET.value} images")
+  print(f"{config.model.init!r} init, seed {f.seed}, {len(images)} {f.dataset} images")
   print(f"{'primary_scale':>14} {'|s|':>8} {'|u|':>8} {'d|u|/d|s|':>10} {'|v|':>8}")
-  for scale in _SCALES.value:
+  for scale in f.scales:
     model_cfg = config.model.copy_and_resolve_references()
     model_cfg.primary_scale = float(scale)
     model = models.create_model(
       model_cfg,
       image_shape=images.shape[1:],
       num_classes=10,
-      rngs=nnx.Rngs(params=jax.random.key(_SEED.value)),
+      rngs=nnx.Rngs(params=jax.random.key(f.seed)),
       conv_impl=cpu_runtime.resolve_conv_impl(model_cfg.conv_impl),
     )
     st = statistics(model, images)
     print(f"{float(scale):>14.5g} {st['s']:8.3f} {st['u']:8.3f} {st['slope']:10.4f} {st['v']:8.3f}")
 
 
+def _define_flags() -> None:
+  # Defined when run as a script only, as capsjax.main defines --config too.
+  config_flags.DEFINE_config_file("config", "configs/mnist.py", "A CapsNet config.")
+  flags.DEFINE_string("dataset", "fashion_mnist", "The images' dataset.")
+  flags.DEFINE_integer("num_images", 256, "How many test images (the first ones).")
+  flags.DEFINE_list("scales", ["1", "0.03125"], "model.primary_scale values.")
+  flags.DEFINE_integer("seed", 0, "The initialisation seed.")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -28,8 +28,6 @@ from absl import flags
 
 from experiments import sweep
 
-_RESULTS = flags.DEFINE_list("results", [], "experiments.sweep results.csv files.")
-
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
@@ -131,8 +129,10 @@ def markdown(rows: Sequence[dict[str, str]]) -> str:
 
 def main(argv):
   del argv
-  print(markdown(table_rows(read_results(_RESULTS.value))))
+  print(markdown(table_rows(read_results(flags.FLAGS.results))))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: tests import this module beside other flag owners.
+  flags.DEFINE_list("results", [], "experiments.sweep results.csv files.")
   app.run(main)

@@ -391,18 +391,22 @@ def run(config, model_names, workdir: str | None = None) -> list[dict]:
   return rows
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A robustness config file.")
-_MODELS = flags.DEFINE_list("models", [], "Models to compare (default: config.model.name).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results and figures go.")
-
-
 def main(argv):
   del argv
-  config = _CONFIG.value
-  names = _MODELS.value or [config.model.name]
-  rows = run(config, names, _WORKDIR.value)
+  config = flags.FLAGS.config
+  names = flags.FLAGS.models or [config.model.name]
+  rows = run(config, names, flags.FLAGS.workdir)
   print(markdown(rows))
 
 
+def _define_flags() -> None:
+  # Defined when run as a script only: tests import this module beside capsjax.main,
+  # which defines --config too.
+  config_flags.DEFINE_config_file("config", None, "A robustness config file.")
+  flags.DEFINE_list("models", [], "Models to compare (default: config.model.name).")
+  flags.DEFINE_string("workdir", None, "Where results and figures go.")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
