@@ -278,7 +278,9 @@ def test_batch_norm_train_and_eval_against_numpy():
 
 def test_efficient_capsnet_train_step_updates_running_stats_and_eval_ignores_padding():
   config = efficient_capsnet.get_config("smoke")
-  config.augment.update(max_shift=0, shift_fraction=0.0, flip=False, cutout_size=0)
+  config.augment.update(
+    max_shift=0, shift_fraction=0.0, flip=False, cutout_size=0, efficient_capsnet=False
+  )
   info = input_pipeline.dataset_info("mnist")
   graphdef, state = steps_lib.create_model_and_optimizer(config, info, 4, jax.random.key(0))
   train_fn, eval_fn = steps_lib.make_steps(graphdef, config, 4, parallel.make_mesh(1))

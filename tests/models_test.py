@@ -173,7 +173,7 @@ def test_non_int_sizes_are_config_errors(field, value):
     (
       "init",
       "glorot",
-      r"config.model.init: must be one of \('torch', 'keras', 'tf'\), got "
+      r"config.model.init: must be one of \('torch', 'keras', 'tf', 'he'\), got "
       r"'glorot'",
     ),
     ("length_eps", 0.0, r"config.model.length_eps: must be in \(0, 1e-3\], got 0.0"),
