@@ -46,6 +46,7 @@ from capsjax import models
 from capsjax import pair_losses
 from capsjax.data import input_pipeline
 from capsjax.models.baseline_cnn import BaselineCNN
+from capsjax import setup
 from capsjax.run import cpu_runtime
 
 MODELS = ("capsnet", "baseline_cnn")
@@ -80,15 +81,7 @@ def load_data(config) -> dict[str, np.ndarray]:
   """{'train_x', 'train_y', 'test_x', 'test_y'}: uint8 [N, 28, 28, 1] and int32 [N]."""
   out = {}
   for split, limit in (("train", config.train_examples), ("test", config.eval_examples)):
-    x, y = input_pipeline.load_split(
-      config.dataset,
-      split,
-      data_dir=config.data_dir,
-      manual_dir=config.manual_dir,
-      download=config.download,
-    )
-    if limit:
-      x, y = x[:limit], y[:limit]
+    x, y = setup.load_data(config, split, limit)
     out[f"{split}_x"], out[f"{split}_y"] = np.asarray(x), np.asarray(y, np.int32)
   return out
 
@@ -378,7 +371,7 @@ def run(config, model_names, workdir: str | None = None) -> list[dict]:
     seconds = time.time() - start
     params = models.count_params(model)
     for r in evaluate(config, model, data):
-      hard = r["set"] in ("pairs",) or (r["set"] == "affine" and r["strength"] == 1.0)
+      hard = r["set"] == "pairs" or (r["set"] == "affine" and r["strength"] == 1.0)
       published = config.published[name] if hard else 0.0
       rows.append(dict(r, model=name, params=params, train_seconds=seconds, published=published))
     if workdir:
